@@ -1,0 +1,1 @@
+"""Model adapters, block removal, hidden-state capture, data and selectors."""

@@ -1,0 +1,13 @@
+"""Importance metrics on hidden states: pure torch maths, no model code.
+
+``METRICS`` is the registry; entries are lazy ``module:attr`` strings so listing is cheap.
+"""
+
+from estimators.base import Metric
+from estimators.registry import Registry, RegistryError
+
+METRICS: Registry[type[Metric]] = Registry("metric")
+METRICS.register("bi", "estimators.metrics:BlockInfluence")
+METRICS.register("angular", "estimators.metrics:AngularDistance")
+
+__all__ = ["METRICS", "Metric", "Registry", "RegistryError"]

@@ -1,0 +1,63 @@
+"""Metric base class: thin objects over :mod:`estimators.functional`.
+
+Hidden states are one tensor ``states`` of shape ``(L + 1, samples, seq_len, d)``: ``states[i]`` is
+the hidden state *entering* block ``i`` and ``states[L]`` the raw output of the last block (captured
+with hooks, before the final norm). A block's score compares ``states[i]`` with ``states[i + 1]``; a
+span of ``n`` blocks starting at ``l`` compares ``states[l]`` with ``states[l + n]``.
+
+A subclass sets ``name``, ``higher_is_important`` and implements :meth:`pair`. ``version`` enters
+every cell id, so bump it whenever the numbers a metric returns change.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+Tensor = torch.Tensor
+
+
+class Metric:
+    """Base class of block-importance metrics."""
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "1"
+    #: True when a high score marks a block that matters (keep it); False when high means redundant.
+    higher_is_important: ClassVar[bool] = True
+
+    def __init__(self, **params: Any) -> None:
+        self.params = params
+
+    def pair(self, x: Tensor, y: Tensor) -> Tensor:
+        """Score between the same tokens at two depths, ``x`` and ``y`` of shape ``(..., d)``."""
+        raise NotImplementedError
+
+    def _select_tokens(self, states: Tensor) -> Tensor:
+        return states
+
+    @staticmethod
+    def _check_states(states: Tensor) -> None:
+        if states.dim() != 4:
+            raise ValueError(
+                f"states must have shape (L+1, samples, seq_len, d), got {tuple(states.shape)}"
+            )
+        if states.shape[0] < 2:
+            raise ValueError("states must hold at least one block (two depths)")
+
+    def score_spans(self, states: Tensor, n: int = 1) -> Tensor:
+        """Scores of every span of ``n`` consecutive blocks, shape ``(L - n + 1,)``, float64."""
+        self._check_states(states)
+        n_blocks = states.shape[0] - 1
+        if not 1 <= n <= n_blocks:
+            raise ValueError(f"span length n={n} must be in [1, {n_blocks}]")
+        picked = self._select_tokens(states)
+        scores = [self.pair(picked[i], picked[i + n]) for i in range(n_blocks - n + 1)]
+        return torch.stack([s.to(torch.float64).reshape(()) for s in scores])
+
+    def score_blocks(self, states: Tensor) -> Tensor:
+        """One score per block, shape ``(L,)``, float64."""
+        return self.score_spans(states, 1)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "params": dict(self.params)}

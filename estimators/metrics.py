@@ -1,0 +1,41 @@
+"""Built-in cosine-family metrics: ShortGPT's Block Influence and Gromov et al.'s angular distance."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from estimators import functional as F
+from estimators.base import Metric, Tensor
+
+
+class _TokenMetric(Metric):
+    """Shared option: average over every token (``tokens="all"``) or only each sample's last token."""
+
+    def __init__(self, tokens: Literal["all", "last"] = "all") -> None:
+        if tokens not in ("all", "last"):
+            raise ValueError(f"tokens must be 'all' or 'last', got {tokens!r}")
+        super().__init__(tokens=tokens)
+        self.tokens = tokens
+
+    def _select_tokens(self, states: Tensor) -> Tensor:
+        return states[:, :, -1:, :] if self.tokens == "last" else states
+
+
+class BlockInfluence(_TokenMetric):
+    """Block Influence (ShortGPT): 1 - mean cosine of a block's input and output; high = important."""
+
+    name = "bi"
+    higher_is_important = True
+
+    def pair(self, x: Tensor, y: Tensor) -> Tensor:
+        return F.block_influence(x, y)
+
+
+class AngularDistance(_TokenMetric):
+    """Angular distance (Gromov et al.): arccos(cos(x_l, x_l+n)) / pi; high = important."""
+
+    name = "angular"
+    higher_is_important = True
+
+    def pair(self, x: Tensor, y: Tensor) -> Tensor:
+        return F.angular_distance(x, y)
