@@ -1,0 +1,189 @@
+"""The ``bench`` command line: run, report, validate, list.
+
+Exit codes: 0 success, 1 some cells failed, 2 a usage or config error (nothing run, nothing written).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from bench.config import ConfigError, GridConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmark block-pruning methods for LLMs.")
+err = Console(stderr=True)
+out = Console()
+
+GridOpt = Annotated[Path, typer.Option("--grid", "-g", help="grid YAML file")]
+ResultsOpt = Annotated[
+    Optional[Path], typer.Option("--results", "-r", help="results dir (default: results/<grid name>)")
+]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+    return typer.Exit(code)
+
+
+def _load(grid: Path):
+    from bench.grid import validate
+
+    try:
+        config = load_config(grid)
+        cells = validate(config)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    return config, cells
+
+
+def _results_dir(config: GridConfig, results: Path | None) -> Path:
+    return results if results is not None else Path("results") / config.name
+
+
+@app.command()
+def run(
+    grid: GridOpt = Path("configs/quick.yaml"),
+    results: ResultsOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary on stdout")] = False,
+    report: Annotated[bool, typer.Option(help="print and write the leaderboard at the end")] = True,
+) -> None:
+    """Run every unfinished cell of a grid, then print and write the leaderboard."""
+    from bench.progress import Reporter, RichReporter
+    from bench.runner import Runner
+
+    config, cells = _load(grid)
+    results_dir = _results_dir(config, results)
+    reporter = Reporter() if (quiet or as_json) else RichReporter(err)
+    try:
+        runner = Runner(config, results_dir, reporter=reporter)
+    except RuntimeError as exc:  # e.g. CUDA asked for but absent
+        raise _fail(str(exc)) from None
+    summary = runner.run(cells)
+    board = None
+    if report:
+        from bench import report as rep
+
+        board, _ = rep.build(results_dir, {c.cell_id for c in cells})
+        rep.write_reports(board, results_dir, title=f"blockbench leaderboard: {config.name}")
+        if not (quiet or as_json):
+            rep.render_terminal(board, out, title=f"blockbench leaderboard: {config.name}")
+    if as_json:
+        payload = {
+            "grid": config.name, "results": str(results_dir), "cells": summary.total,
+            "skipped": summary.skipped, "ran": summary.ran, "failed": summary.failed,
+            "failures": [
+                {"cell_id": r["cell_id"], "stage": r["stage"], "error": r["error"]}
+                for r in summary.records if r["status"] != "ok"
+            ],
+            "leaderboard": json.loads(board.to_json(orient="records")) if board is not None else None,
+        }
+        print(json.dumps(payload, indent=2))
+    elif not quiet:
+        err.print(
+            f"{summary.total} cells: {summary.skipped} already done, {summary.ran} run, "
+            f"{summary.failed} failed. Records in {results_dir / 'records'}"
+        )
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command("report")
+def report_cmd(
+    results: ResultsOpt = None,
+    grid: Annotated[Optional[Path], typer.Option("--grid", "-g", help="only this grid's cells")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the leaderboard as JSON")] = False,
+) -> None:
+    """Rebuild the leaderboard (terminal, leaderboard.md, leaderboard.csv) from the records."""
+    from bench import report as rep
+
+    cell_ids = None
+    title = "blockbench leaderboard"
+    if grid is not None:
+        config, cells = _load(grid)
+        cell_ids = {c.cell_id for c in cells}
+        results = _results_dir(config, results)
+        title += f": {config.name}"
+    if results is None:
+        raise _fail("give --results DIR or --grid FILE")
+    if not (results / "records").is_dir():
+        raise _fail(f"no records under {str(results)!r} (run 'bench run' first)")
+    board, _ = rep.build(results, cell_ids)
+    paths = rep.write_reports(board, results, title=title)
+    if as_json:
+        print(board.to_json(orient="records", indent=2))
+    else:
+        rep.render_terminal(board, out, title=title)
+        err.print("written: " + ", ".join(str(p) for p in paths))
+
+
+@app.command()
+def validate(grid: GridOpt) -> None:
+    """Check a grid config (keys, names, parameters, sources, budgets) without running it."""
+    config, cells = _load(grid)
+    out.print(
+        f"{grid}: ok: {len(cells)} cells ({len(config.models)} model(s) × {len(config.calibration.seeds)} seed(s) "
+        f"× {len(config.metrics)} metric(s) × {len(config.selectors)} selector(s) × "
+        f"{len(config.budgets.items())} budget(s))"
+    )
+
+
+class ListKind(str, Enum):
+    metrics = "metrics"
+    selectors = "selectors"
+    models = "models"
+
+
+@app.command("list")
+def list_cmd(
+    kind: ListKind,
+    pattern: Annotated[str, typer.Argument(help="shell wildcard, e.g. 'mi_*'")] = "*",
+) -> None:
+    """List registered metrics, selectors or models."""
+    from rich.table import Table
+
+    from estimators.registry import describe
+
+    table = Table(title=kind.value)
+    if kind is ListKind.metrics:
+        from estimators import METRICS
+
+        for col in ("name", "origin", "high means", "description"):
+            table.add_column(col)
+        for name in METRICS.list(pattern):
+            cls = METRICS.get(name)
+            table.add_row(name, METRICS.origin(name), "important" if cls.higher_is_important else "redundant",
+                          describe(cls))
+    elif kind is ListKind.selectors:
+        from algorithms.selectors import SELECTORS
+
+        for col in ("name", "origin", "description"):
+            table.add_column(col)
+        for name in SELECTORS.list(pattern):
+            table.add_row(name, SELECTORS.origin(name), describe(SELECTORS.get(name)))
+    else:
+        from algorithms.zoo import MODELS
+
+        for col in ("name", "blocks", "description"):
+            table.add_column(col)
+        for name in MODELS.list(pattern):
+            recipe = MODELS.get(name)
+            table.add_row(name, str(recipe.n_blocks), recipe.description)
+    out.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as exc:  # pragma: no cover - commands catch their own
+        err.print(f"error: {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

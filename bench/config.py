@@ -1,0 +1,178 @@
+"""Grid configuration: a YAML file validated by pydantic into frozen specs.
+
+Every error is a :class:`ConfigError` whose message names the offending key (``metrics[1].name``)
+and, where it helps, the allowed values. The CLI maps it to exit code 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A grid config that cannot run. The message names the key and the value."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ComponentSpec(_Frozen):
+    """A metric or selector: its registry name and keyword parameters."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    def label(self) -> str:
+        if not self.params:
+            return self.name
+        inner = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        return f"{self.name}({inner})"
+
+
+class ModelSpec(_Frozen):
+    """A model: a zoo name (``smollm2-135m``), a local folder, or a hub id the user can reach."""
+
+    name: str
+    trust_remote_code: bool = False
+
+
+class CalibrationSpec(_Frozen):
+    source: str = "wikipedia"
+    samples: int = Field(8, ge=1)
+    seq_len: int = Field(256, ge=2)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    batch_size: int = Field(4, ge=1)
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds repeat: {seeds}")
+        return seeds
+
+
+class PerplexitySpec(_Frozen):
+    source: str = "wikipedia"
+    seq_len: int = Field(512, ge=2)
+    max_windows: int | None = Field(16, ge=1)
+    batch_size: int = Field(4, ge=1)
+
+
+class BudgetSpec(_Frozen):
+    """How many blocks to remove: shares of the block count, absolute counts, or both."""
+
+    ratios: list[float] = Field(default_factory=list)
+    blocks: list[int] = Field(default_factory=list)
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios_in_range(cls, ratios: list[float]) -> list[float]:
+        for r in ratios:
+            if not 0.0 < r < 1.0:
+                raise ValueError(f"ratio {r} must be strictly between 0 and 1")
+        return ratios
+
+    @field_validator("blocks")
+    @classmethod
+    def _blocks_positive(cls, blocks: list[int]) -> list[int]:
+        for b in blocks:
+            if b < 1:
+                raise ValueError(f"block count {b} must be at least 1")
+        return blocks
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> BudgetSpec:
+        if not self.ratios and not self.blocks:
+            raise ValueError("give at least one of 'ratios' or 'blocks'")
+        return self
+
+    def items(self) -> list[dict[str, float | int]]:
+        return [{"ratio": r} for r in self.ratios] + [{"blocks": b} for b in self.blocks]
+
+
+Device = Literal["auto", "cpu", "cuda"] | str
+DType = Literal["float32", "bfloat16", "float16", "float64"]
+
+
+class GridConfig(_Frozen):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    models: list[ModelSpec] = Field(min_length=1)
+    metrics: list[ComponentSpec] = Field(min_length=1)
+    selectors: list[ComponentSpec] = Field(min_length=1)
+    budgets: BudgetSpec
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    perplexity: PerplexitySpec = Field(default_factory=PerplexitySpec)
+    #: blocks never removed; negative indices count from the end (-1 = last block)
+    protect: list[int] = Field(default_factory=list)
+    device: Device = "auto"
+    dtype: DType = "float32"
+    #: keep captured hidden states on disk under the results dir (safetensors) for reruns
+    cache_hidden_states: bool = True
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _model_shorthand(cls, v: Any) -> Any:
+        return [{"name": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
+
+    @field_validator("metrics", "selectors", mode="before")
+    @classmethod
+    def _component_shorthand(cls, v: Any) -> Any:
+        return [{"name": c} if isinstance(c, str) else c for c in v] if isinstance(v, list) else v
+
+    @field_validator("device")
+    @classmethod
+    def _device_known(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda", "mps") and not v.startswith("cuda:"):
+            raise ValueError(f"device {v!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        return v
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "function-before") or str(part).startswith("function-"):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "<root>"
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        value = err.get("input")
+        shown = "" if isinstance(value, (dict, list)) or err["type"] == "missing" else f" (got {value!r})"
+        lines.append(f"{_loc(err['loc'])}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, *, origin: str = "<config>") -> GridConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: the grid must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return GridConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{origin}: invalid grid config\n{format_validation_error(exc)}") from None
+
+
+def load_config(path: str | Path) -> GridConfig:
+    """Read a grid YAML file (safe loader only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"grid file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: malformed YAML: {exc}") from None
+    return parse_config(data, origin=str(path))

@@ -1,0 +1,174 @@
+"""Expand a grid config into cells, each a frozen spec hashed into a stable id (HELM-style).
+
+A cell is one (model, calibration seed, metric, selector, budget). Its id is a hash of its canonical
+JSON plus the versions of the code that produces its numbers (metric, selector, and the capture /
+data / perplexity protocol), so changing a metric's version invalidates exactly its cells.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from algorithms.selectors import SELECTORS
+from bench.config import ComponentSpec, ConfigError, GridConfig
+from estimators import METRICS
+from estimators.registry import RegistryError
+
+#: bump when hidden-state capture, data windowing or the perplexity protocol change their numbers
+PROTOCOL_VERSION = "1"
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def short_hash(obj: Any, length: int = 16) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
+
+
+@dataclass(frozen=True)
+class Cell:
+    grid: str
+    model: dict[str, Any]
+    calibration: dict[str, Any]  # source, samples, seq_len, seed
+    metric: ComponentSpec
+    selector: ComponentSpec
+    budget: dict[str, float | int]  # {"ratio": r} or {"blocks": k}
+    protect: tuple[int, ...]
+    perplexity: dict[str, Any]
+    dtype: str
+
+    def spec(self) -> dict[str, Any]:
+        """The canonical, JSON-ready description of the cell (without the grid's name)."""
+        return {
+            "model": self.model,
+            "calibration": self.calibration,
+            "metric": self.metric.model_dump(),
+            "selector": self.selector.model_dump(),
+            "budget": self.budget,
+            "protect": list(self.protect),
+            "perplexity": self.perplexity,
+            "dtype": self.dtype,
+        }
+
+    def versions(self) -> dict[str, str]:
+        return {
+            "metric": METRICS.get(self.metric.name).version,
+            "selector": SELECTORS.get(self.selector.name).version,
+            "protocol": PROTOCOL_VERSION,
+        }
+
+    @cached_property
+    def cell_id(self) -> str:
+        return short_hash({"spec": self.spec(), "versions": self.versions()})
+
+    @property
+    def budget_label(self) -> str:
+        return f"{self.budget['ratio']:.0%}" if "ratio" in self.budget else f"{self.budget['blocks']} blocks"
+
+    def resolve_k(self, n_blocks: int) -> int:
+        """Blocks to remove: ``floor(ratio * n_blocks + 0.5)`` (at least 1), or the absolute count."""
+        if "ratio" in self.budget:
+            k = max(1, int(self.budget["ratio"] * n_blocks + 0.5))
+        else:
+            k = int(self.budget["blocks"])
+        free = n_blocks - len(self.resolve_protected(n_blocks))
+        if k >= n_blocks or k > free:
+            raise ConfigError(
+                f"budget {self.budget} asks to remove {k} blocks but the model has {n_blocks} "
+                f"({free} removable)"
+            )
+        return k
+
+    def resolve_protected(self, n_blocks: int) -> frozenset[int]:
+        out = set()
+        for p in self.protect:
+            if not -n_blocks <= p < n_blocks:
+                raise ConfigError(f"protect: block {p} is out of range for a model of {n_blocks} blocks")
+            out.add(p % n_blocks)
+        return frozenset(out)
+
+
+def expand(config: GridConfig) -> list[Cell]:
+    """All cells, ordered so a model and then its hidden states per seed are loaded once."""
+    cells = []
+    for model in config.models:
+        for seed in config.calibration.seeds:
+            calibration = {
+                "source": config.calibration.source,
+                "samples": config.calibration.samples,
+                "seq_len": config.calibration.seq_len,
+                "seed": seed,
+            }
+            for metric in config.metrics:
+                for selector in config.selectors:
+                    for budget in config.budgets.items():
+                        cells.append(
+                            Cell(
+                                grid=config.name,
+                                model=model.model_dump(),
+                                calibration=calibration,
+                                metric=metric,
+                                selector=selector,
+                                budget=budget,
+                                protect=tuple(config.protect),
+                                perplexity={
+                                    "source": config.perplexity.source,
+                                    "seq_len": config.perplexity.seq_len,
+                                    "max_windows": config.perplexity.max_windows,
+                                },
+                                dtype=config.dtype,
+                            )
+                        )
+    ids = [c.cell_id for c in cells]
+    if len(set(ids)) != len(ids):
+        raise ConfigError("the grid lists the same cell twice (a metric, selector or budget repeats)")
+    return cells
+
+
+def _check_component(kind: str, registry, index: int, spec: ComponentSpec) -> None:
+    key = f"{kind}[{index}]"
+    try:
+        cls = registry.get(spec.name)
+    except RegistryError as exc:
+        raise ConfigError(f"{key}.name: {exc}") from None
+    try:
+        cls(**spec.params)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{key}.params: {exc}") from None
+
+
+def validate(config: GridConfig) -> list[Cell]:
+    """Check names, parameters, sources, models and budgets without running anything."""
+    from algorithms.data import DataError, check_source
+    from algorithms.zoo import model_block_count
+
+    for i, m in enumerate(config.metrics):
+        _check_component("metrics", METRICS, i, m)
+    for i, s in enumerate(config.selectors):
+        _check_component("selectors", SELECTORS, i, s)
+    for key, source in (("calibration.source", config.calibration.source),
+                        ("perplexity.source", config.perplexity.source)):
+        try:
+            check_source(source)
+        except DataError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+    cells = expand(config)
+    for i, model in enumerate(config.models):
+        try:
+            n_blocks = model_block_count(model.name)
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"models[{i}].name: {exc}") from None
+        if n_blocks is None:
+            continue  # a hub id: its size is known once loaded
+        for cell in cells:
+            if cell.model["name"] == model.name:
+                try:
+                    cell.resolve_k(n_blocks)
+                except ConfigError as exc:
+                    raise ConfigError(f"budgets: {exc} (models[{i}] = {model.name!r})") from None
+    return cells

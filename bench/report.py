@@ -1,0 +1,118 @@
+"""Leaderboards from result records: a pandas frame, rendered to the terminal, Markdown and CSV.
+
+One row per (model, metric, selector, budget) with mean ± std over calibration seeds, ranked by mean
+pruned perplexity *within* each (model, budget): perplexities of models with different tokenizers
+are not comparable, so ranks never cross models.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from bench.store import ResultStore
+
+GROUP = ["model", "budget", "metric", "selector"]
+
+
+def records_frame(records: list[dict]) -> pd.DataFrame:
+    """One row per successful record."""
+    rows = []
+    for r in records:
+        if r.get("status") != "ok":
+            continue
+        rows.append({
+            "cell_id": r["cell_id"],
+            **{k: r["labels"][k] for k in ("model", "metric", "selector", "budget", "seed")},
+            "k": r["k"],
+            "n_blocks": r["model"]["n_blocks"],
+            "removed": " ".join(str(b) for b in r["removed_blocks"]),
+            "ppl_dense": r["ppl"]["dense"],
+            "ppl_pruned": r["ppl"]["pruned"],
+            "params_kept": r["parameters"]["kept_share"],
+            "scoring_s": r["timings"]["scoring"],
+            "evaluations": r["selector_result"]["evaluations"],
+        })
+    return pd.DataFrame(rows)
+
+
+def leaderboard(records: list[dict]) -> pd.DataFrame:
+    df = records_frame(records)
+    if df.empty:
+        return df
+    agg = df.groupby(GROUP, sort=False).agg(
+        seeds=("seed", "nunique"),
+        k=("k", "first"),
+        n_blocks=("n_blocks", "first"),
+        ppl_dense=("ppl_dense", "mean"),
+        ppl_mean=("ppl_pruned", "mean"),
+        ppl_std=("ppl_pruned", "std"),
+        params_kept=("params_kept", "mean"),
+        scoring_s=("scoring_s", "mean"),
+        evaluations=("evaluations", "mean"),
+        distinct_sets=("removed", "nunique"),
+        typical_removed=("removed", lambda s: Counter(s).most_common(1)[0][0]),
+    ).reset_index()
+    agg["ppl_std"] = agg["ppl_std"].fillna(0.0)
+    agg["rank"] = agg.groupby(["model", "budget"])["ppl_mean"].rank(method="min").astype(int)
+    return agg.sort_values(["model", "budget", "rank", "metric", "selector"]).reset_index(drop=True)
+
+
+def _display(board: pd.DataFrame) -> pd.DataFrame:
+    out = pd.DataFrame({
+        "rank": board["rank"],
+        "model": board["model"],
+        "budget": [f"{b} ({k}/{n})" for b, k, n in zip(board["budget"], board["k"], board["n_blocks"])],
+        "metric": board["metric"],
+        "selector": board["selector"],
+        "ppl (pruned)": [f"{m:.2f} ± {s:.2f}" for m, s in zip(board["ppl_mean"], board["ppl_std"])],
+        "ppl (dense)": board["ppl_dense"].map(lambda v: f"{v:.2f}"),
+        "params kept": board["params_kept"].map(lambda v: f"{v:.1%}"),
+        "seeds": board["seeds"],
+        "distinct sets": board["distinct_sets"],
+        "scoring s": board["scoring_s"].map(lambda v: f"{v:.3f}"),
+        "typical removed": board["typical_removed"],
+    })
+    return out
+
+
+def render_terminal(board: pd.DataFrame, console: Console, title: str = "blockbench leaderboard") -> None:
+    if board.empty:
+        console.print("no finished cells yet")
+        return
+    shown = _display(board)
+    table = Table(title=title, show_lines=False)
+    for col in shown.columns:
+        table.add_column(col, justify="right" if col in ("rank", "seeds", "distinct sets") else "left")
+    for row in shown.itertuples(index=False):
+        table.add_row(*(str(v) for v in row))
+    console.print(table)
+
+
+def write_reports(board: pd.DataFrame, out_dir: Path, *, title: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md_path, csv_path = out_dir / "leaderboard.md", out_dir / "leaderboard.csv"
+    from bench.store import _atomic_write
+
+    csv_bytes = board.to_csv(index=False).encode()
+    _atomic_write(csv_path, lambda fh: fh.write(csv_bytes))
+    body = _display(board).to_markdown(index=False) if not board.empty else "_no finished cells yet_"
+    md = (
+        f"# {title}\n\nPerplexity on held-out Wikipedia text (mean ± std over calibration seeds); "
+        "rank within each model and budget, lower perplexity first.\n\n"
+        f"{body}\n"
+    ).encode()
+    _atomic_write(md_path, lambda fh: fh.write(md))
+    return [md_path, csv_path]
+
+
+def build(results_dir: str | Path, cell_ids: set[str] | None = None) -> tuple[pd.DataFrame, list[dict]]:
+    """Leaderboard of the records in ``results_dir`` (restricted to ``cell_ids`` when given)."""
+    records = ResultStore(results_dir).records()
+    if cell_ids is not None:
+        records = [r for r in records if r["cell_id"] in cell_ids]
+    return leaderboard(records), records

@@ -1,0 +1,357 @@
+"""Run a grid: cells in model → calibration seed order, with every expensive stage cached and shared.
+
+Stages per cell and what is shared:
+
+- model: loaded once per model (and only if some cell of it is unfinished);
+- hidden states: captured once per (model, calibration source, samples, seq_len, seed), kept in
+  memory for the group and on disk (``cache/hidden``) for reruns;
+- scores: once per (hidden states, metric) (``cache/scores``);
+- selection: per cell (cheap for one-shot selectors);
+- perplexity: once per (model, removed block set) (``cache/eval``), the dense model included,
+  however many cells chose that set.
+
+A cell that raises is written as a failed record (stage, error, traceback) and the grid goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import itertools
+import platform
+import subprocess
+import time
+import traceback
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from algorithms.selectors import SELECTORS, SelectionProblem
+from bench import __version__
+from bench.config import GridConfig
+from bench.grid import PROTOCOL_VERSION, Cell, expand, short_hash
+from bench.progress import Reporter
+from bench.store import ResultStore
+from estimators import METRICS
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} was asked for but CUDA is not available")
+    return torch.device(device)
+
+
+class Timer:
+    """Wall-clock timings per stage; synchronises CUDA so GPU work is inside the interval."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: dict[str, float] = {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+            text=True, timeout=5, check=False,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Machine, package versions and commit, recorded in every record (asv-style)."""
+    versions = {}
+    for pkg in ("torch", "transformers", "numpy", "safetensors"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "host": platform.node(),
+        "machine": platform.machine(),
+        "system": platform.platform(),
+        "cpu_count": __import__("os").cpu_count(),
+        "python": platform.python_version(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "blockbench": __version__,
+        "git_commit": _git_commit(),
+        "packages": versions,
+    }
+
+
+@dataclass
+class RunSummary:
+    total: int
+    skipped: int
+    ran: int = 0
+    failed: int = 0
+    records: list[dict] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+class _StageError(Exception):
+    def __init__(self, stage: str, exc: BaseException) -> None:
+        super().__init__(str(exc))
+        self.stage = stage
+        self.exc = exc
+        self.tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+class _Lazy:
+    """A value computed on first use; a failure is remembered and re-raised for later users."""
+
+    def __init__(self, stage: str, fn) -> None:
+        self.stage, self.fn = stage, fn
+        self.value = None
+        self.error: _StageError | None = None
+        self.done = False
+
+    def get(self):
+        if self.error is not None:
+            raise self.error
+        if not self.done:
+            try:
+                self.value = self.fn()
+                self.done = True
+            except Exception as exc:  # noqa: BLE001 - recorded in the cell's record
+                self.error = _StageError(self.stage, exc)
+                raise self.error from exc
+        return self.value
+
+
+class Runner:
+    def __init__(self, config: GridConfig, results_dir: str | Path, reporter: Reporter | None = None) -> None:
+        self.config = config
+        self.store = ResultStore(results_dir)
+        self.reporter = reporter or Reporter()
+        self.device = resolve_device(config.device)
+        self.dtype = DTYPES[config.dtype]
+        self.env = environment(self.device)
+        #: how often each expensive stage really ran in this process (tests read it)
+        self.counters = {"model_loads": 0, "captures": 0, "scorings": 0, "evaluations": 0}
+
+    # ------------------------------------------------------------------ expensive shared stages
+    def _load_model(self, spec: dict) -> dict:
+        from algorithms.zoo import load_model
+
+        start = time.perf_counter()
+        model, tokenizer, info = load_model(
+            spec["name"], device=str(self.device), dtype=self.dtype, trust_remote_code=spec["trust_remote_code"]
+        )
+        self.counters["model_loads"] += 1
+        return {"model": model, "tokenizer": tokenizer, "info": info, "seconds": time.perf_counter() - start}
+
+    def _hidden_states(self, loaded: dict, calibration: dict) -> dict:
+        from algorithms.capture import capture_hidden_states
+        from algorithms.data import calibration_batch, source_fingerprint
+
+        key = short_hash({
+            "model": loaded["info"]["fingerprint"], "calibration": calibration,
+            "source": source_fingerprint(calibration["source"]), "dtype": self.config.dtype,
+            "protocol": PROTOCOL_VERSION,
+        })
+        cached = self.store.get_tensors("hidden", key) if self.config.cache_hidden_states else None
+        if cached is not None:
+            tensors, meta = cached
+            return {"key": key, "states": tensors["states"], "stats": {k: float(v) for k, v in meta.items()},
+                    "seconds": 0.0, "cached": True}
+        ids = calibration_batch(
+            loaded["tokenizer"], calibration["source"], samples=calibration["samples"],
+            seq_len=calibration["seq_len"], seed=calibration["seed"],
+        )
+        timer = Timer(self.device)
+        with timer.stage("capture"):
+            states, stats = capture_hidden_states(
+                loaded["model"], ids, batch_size=self.config.calibration.batch_size
+            )
+        self.counters["captures"] += 1
+        if not torch.isfinite(states).all():
+            bad = sorted({int(i) for i in (~torch.isfinite(states)).nonzero()[:, 0].tolist()})
+            raise FloatingPointError(f"hidden states contain NaN or inf at depths {bad}")
+        stats["capture_seconds"] = timer.times["capture"]
+        if self.config.cache_hidden_states:
+            self.store.put_tensors("hidden", key, {"states": states}, {k: repr(v) for k, v in stats.items()})
+        return {"key": key, "states": states, "stats": stats, "seconds": timer.times["capture"], "cached": False}
+
+    def _scores(self, hidden: dict, metric_spec) -> dict:
+        cls = METRICS.get(metric_spec.name)
+        key = short_hash({"hidden": hidden["key"], "metric": metric_spec.model_dump(), "version": cls.version})
+        cached = self.store.get_json("scores", key)
+        if cached is not None:
+            return {**cached, "scores": torch.tensor(cached["scores"], dtype=torch.float64), "cached": True}
+        metric = cls(**metric_spec.params)
+        states = hidden["states"]
+        timer = Timer(self.device)
+        with timer.stage("scoring"):
+            scores = metric.score_blocks(states.to(self.device)).cpu()
+        self.counters["scorings"] += 1
+        if not torch.isfinite(scores).all():
+            bad = [i for i, s in enumerate(scores.tolist()) if s != s or abs(s) == float("inf")]
+            raise FloatingPointError(f"metric {metric_spec.name!r} gave non-finite scores for blocks {bad}")
+        out = {"scores": scores.tolist(), "seconds": timer.times["scoring"], "device": str(self.device),
+               "higher_is_important": cls.higher_is_important}
+        self.store.put_json("scores", key, out)
+        return {**out, "scores": scores, "cached": False}
+
+    def _evaluate(self, loaded: dict, removed: tuple[int, ...], memo: dict) -> dict:
+        from algorithms.blocks import count_parameters, pruned_copy
+        from algorithms.data import heldout_windows, source_fingerprint
+        from algorithms.perplexity import perplexity
+
+        ppl_spec = self.config.perplexity
+        key = short_hash({
+            "model": loaded["info"]["fingerprint"], "removed": list(removed), "dtype": self.config.dtype,
+            "perplexity": ppl_spec.model_dump(exclude={"batch_size"}),
+            "source": source_fingerprint(ppl_spec.source), "protocol": PROTOCOL_VERSION,
+        })
+        if key in memo:
+            return {**memo[key], "cached": True}
+        cached = self.store.get_json("eval", key)
+        if cached is not None:
+            memo[key] = cached
+            return {**cached, "cached": True}
+        windows = heldout_windows(
+            loaded["tokenizer"], ppl_spec.source, seq_len=ppl_spec.seq_len, max_windows=ppl_spec.max_windows
+        )
+        model = pruned_copy(loaded["model"], removed) if removed else loaded["model"]
+        timer = Timer(self.device)
+        try:
+            with timer.stage("perplexity"):
+                result = perplexity(model, windows, batch_size=ppl_spec.batch_size)
+            result["parameters"] = count_parameters(model)
+        finally:
+            if removed:
+                del model
+        self.counters["evaluations"] += 1
+        result["seconds"] = timer.times["perplexity"]
+        result["removed"] = list(removed)
+        self.store.put_json("eval", key, result)
+        memo[key] = result
+        return {**result, "cached": False}
+
+    # ------------------------------------------------------------------ one cell
+    def _run_cell(self, cell: Cell, model: _Lazy, hidden: _Lazy, eval_memo: dict) -> dict:
+        record: dict[str, Any] = {
+            "schema": 1, "cell_id": cell.cell_id, "grid": cell.grid, "spec": cell.spec(),
+            "versions": cell.versions(), "env": self.env,
+            "labels": {"model": cell.model["name"], "metric": cell.metric.label(),
+                       "selector": cell.selector.label(), "budget": cell.budget_label,
+                       "seed": cell.calibration["seed"]},
+        }
+        stage = "load_model"
+        try:
+            self.reporter.stage(f"{cell.model['name']}: loading model")
+            loaded = model.get()
+            info = loaded["info"]
+            n_blocks = info["n_blocks"]
+            record["model"] = {k: info[k] for k in ("name", "fingerprint", "n_blocks", "architecture", "parameters")}
+            stage = "budget"
+            k = cell.resolve_k(n_blocks)
+            protected = cell.resolve_protected(n_blocks)
+            stage = "capture"
+            self.reporter.stage(f"{cell.model['name']}: hidden states, seed {cell.calibration['seed']}")
+            hs = hidden.get()
+            stage = "scoring"
+            self.reporter.stage(f"{cell.metric.label()}: scoring")
+            scored = self._scores(hs, cell.metric)
+            stage = "selection"
+            selector = SELECTORS.get(cell.selector.name)(**cell.selector.params)
+            problem = SelectionProblem(
+                n_blocks=n_blocks, k=k, scores=scored["scores"],
+                higher_is_important=scored["higher_is_important"], protected=protected,
+                seed=cell.calibration["seed"],
+            )
+            t0 = time.perf_counter()
+            chosen = selector(problem)
+            selection_seconds = time.perf_counter() - t0
+            removed = tuple(chosen.blocks)
+            stage = "evaluation"
+            self.reporter.stage(f"{cell.metric.label()}/{cell.selector.label()}: perplexity")
+            dense = self._evaluate(loaded, (), eval_memo)
+            pruned = self._evaluate(loaded, removed, eval_memo)
+        except Exception as exc:  # noqa: BLE001 - one failing cell never stops the grid
+            err = exc.exc if isinstance(exc, _StageError) else exc
+            tb = exc.tb if isinstance(exc, _StageError) else traceback.format_exc()
+            record.update({
+                "status": "failed", "stage": exc.stage if isinstance(exc, _StageError) else stage,
+                "error": f"{type(err).__name__}: {err}", "traceback": tb,
+                "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            })
+            return record
+        record.update({
+            "status": "ok",
+            "k": k,
+            "removed_blocks": list(removed),
+            "scores": scored["scores"].tolist(),
+            "higher_is_important": scored["higher_is_important"],
+            "selector_result": {"evaluations": chosen.evaluations, "info": chosen.info},
+            "calibration_stats": {k2: v for k2, v in hs["stats"].items()},
+            "ppl": {"dense": dense["ppl"], "pruned": pruned["ppl"], "tokens": pruned["tokens"]},
+            "parameters": {"dense": dense["parameters"], "pruned": pruned["parameters"],
+                           "kept_share": pruned["parameters"] / dense["parameters"]},
+            "timings": {
+                "load_model": loaded["seconds"], "capture": hs["seconds"], "scoring": scored["seconds"],
+                "selection": selection_seconds, "perplexity_dense": dense["seconds"],
+                "perplexity_pruned": pruned["seconds"],
+            },
+            "cache_hits": {"hidden": hs["cached"], "scores": scored["cached"], "eval": pruned["cached"]},
+            "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        })
+        return record
+
+    # ------------------------------------------------------------------ the grid
+    def run(self, cells: list[Cell] | None = None) -> RunSummary:
+        cells = cells if cells is not None else expand(self.config)
+        pending = [c for c in cells if not self.store.is_done(c.cell_id)]
+        summary = RunSummary(total=len(cells), skipped=len(cells) - len(pending))
+        self.reporter.start(len(pending), summary.skipped)
+        try:
+            for _, model_cells in itertools.groupby(pending, key=lambda c: c.model["name"]):
+                model_cells = list(model_cells)
+                model = _Lazy("load_model", lambda spec=model_cells[0].model: self._load_model(spec))
+                eval_memo: dict = {}
+                for _, group in itertools.groupby(model_cells, key=lambda c: short_hash(c.calibration)):
+                    group = list(group)
+                    hidden = _Lazy(
+                        "capture",
+                        lambda cal=group[0].calibration: self._hidden_states(model.get(), cal),
+                    )
+                    for cell in group:
+                        record = self._run_cell(cell, model, hidden, eval_memo)
+                        self.store.write_record(record)
+                        summary.records.append(record)
+                        summary.ran += 1
+                        summary.failed += record["status"] != "ok"
+                        self.reporter.cell_done(cell, record)
+                    del hidden
+                del model
+        finally:
+            self.reporter.finish()
+        return summary

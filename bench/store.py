@@ -1,0 +1,133 @@
+"""The result store: one JSON record per cell, and content-addressed caches, under one results dir.
+
+Layout::
+
+    RESULTS/records/<cell_id>.json          one per finished (or failed) cell
+    RESULTS/cache/hidden/<key>.safetensors  captured hidden states per (model, calibration, seed)
+    RESULTS/cache/scores/<key>.json         metric scores per (hidden states, metric)
+    RESULTS/cache/eval/<key>.json           perplexity per (model, removed block set)
+    RESULTS/leaderboard.{md,csv}            written by ``bench report``
+
+Every file is written to a temporary name in the same folder and renamed into place, so a reader
+(or a rerun after ``kill -9``) sees either the whole file or none. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: tensors to lists, non-finite floats to None (strict JSON has no NaN)."""
+    if isinstance(obj, torch.Tensor):
+        return _clean(obj.tolist())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, data: Any) -> None:
+    payload = json.dumps(_clean(data), indent=2, sort_keys=True, allow_nan=False).encode()
+    _atomic_write(path, lambda fh: fh.write(payload + b"\n"))
+
+
+def read_json(path: Path) -> Any | None:
+    """The parsed file, or None when it is missing or unreadable (a cache miss, never a crash)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+class ResultStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.records_dir = self.root / "records"
+        self.cache_dir = self.root / "cache"
+
+    # records ---------------------------------------------------------------------------------
+    def record_path(self, cell_id: str) -> Path:
+        return self.records_dir / f"{cell_id}.json"
+
+    def read_record(self, cell_id: str) -> dict | None:
+        return read_json(self.record_path(cell_id))
+
+    def is_done(self, cell_id: str) -> bool:
+        record = self.read_record(cell_id)
+        return bool(record) and record.get("status") == "ok"
+
+    def write_record(self, record: dict) -> Path:
+        path = self.record_path(record["cell_id"])
+        write_json(path, record)
+        return path
+
+    def records(self) -> list[dict]:
+        if not self.records_dir.is_dir():
+            return []
+        out = []
+        for path in sorted(self.records_dir.glob("*.json")):
+            record = read_json(path)
+            if isinstance(record, dict) and "cell_id" in record:
+                out.append(record)
+        return out
+
+    # caches ----------------------------------------------------------------------------------
+    def cache_path(self, kind: str, key: str, suffix: str = ".json") -> Path:
+        return self.cache_dir / kind / f"{key}{suffix}"
+
+    def get_json(self, kind: str, key: str) -> Any | None:
+        return read_json(self.cache_path(kind, key))
+
+    def put_json(self, kind: str, key: str, data: Any) -> None:
+        write_json(self.cache_path(kind, key), data)
+
+    def get_tensors(self, kind: str, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        path = self.cache_path(kind, key, ".safetensors")
+        if not path.is_file():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+            return load_file(str(path)), meta
+        except Exception:  # noqa: BLE001 - a damaged cache file is a miss; it is rebuilt
+            return None
+
+    def put_tensors(self, kind: str, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        path = self.cache_path(kind, key, ".safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
