@@ -9,5 +9,9 @@ from estimators.registry import Registry, RegistryError
 METRICS: Registry[type[Metric]] = Registry("metric")
 METRICS.register("bi", "estimators.metrics:BlockInfluence")
 METRICS.register("angular", "estimators.metrics:AngularDistance")
+METRICS.register("mi_gauss", "estimators.mi:GaussianMI")
+METRICS.register("mi_ksg", "estimators.mi:KSGMI")
+METRICS.register("hsic", "estimators.kernel:HSIC")
+METRICS.register("cka_linear", "estimators.kernel:LinearCKA")
 
 __all__ = ["METRICS", "Metric", "Registry", "RegistryError"]

@@ -13,7 +13,8 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
-from typing import Any, Generic, Iterator, TypeVar
+from collections.abc import Iterator
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 

@@ -1,0 +1,67 @@
+"""Kernel dependence metrics: thin :class:`Metric` classes over :mod:`estimators.functional_kernel`.
+
+Orientation, as for MI (:mod:`estimators.mi`): HSIC and CKA measure how strongly a block's output
+depends on (is similar to) its input. A block that changes little scores high and is the one to
+prune, so ``higher_is_important = False``.
+"""
+
+from __future__ import annotations
+
+from estimators import functional_kernel as F
+from estimators.base import Metric, Tensor
+from estimators.mi import check_bool, check_float, check_int
+
+
+class HSIC(Metric):
+    """Gaussian-kernel HSIC (unbiased, Song et al. 2012) between a block's input and output.
+
+    ``normalized`` (default True here, unlike the functional) divides by
+    ``sqrt(HSIC(X, X) HSIC(Y, Y))`` so scores compare across depths whose hidden-state scale differs.
+    ``sigma=None`` is the median heuristic per side. Above ``n_exact`` tokens the kernels are
+    approximated with ``rff_features`` random Fourier features (``None`` keeps it exact).
+    """
+
+    name = "hsic"
+    version = "1"
+    higher_is_important = False
+
+    def __init__(
+        self,
+        sigma: float | None = None,
+        normalized: bool = True,
+        unbiased: bool = True,
+        rff_features: int | None = 1024,
+        n_exact: int = 4096,
+        chunk_size: int = 1024,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            sigma=check_float("sigma", sigma, positive=True, optional=True),
+            normalized=check_bool("normalized", normalized),
+            unbiased=check_bool("unbiased", unbiased),
+            rff_features=check_int("rff_features", rff_features, 1, optional=True),
+            n_exact=check_int("n_exact", n_exact, 0),
+            chunk_size=check_int("chunk_size", chunk_size, 1),
+            seed=check_int("seed", seed, 0),
+        )
+
+    def pair(self, x: Tensor, y: Tensor) -> Tensor:
+        return F.hsic(x, y, **self.params)
+
+
+class LinearCKA(Metric):
+    """Linear CKA (centred features) between a block's input and output; 1 = same up to rotation/scale.
+
+    High similarity = redundant block, so ``higher_is_important`` is False. ``debiased`` uses
+    unbiased HSIC terms (removes the ``O(d/N)`` floor of the plain estimator).
+    """
+
+    name = "cka_linear"
+    version = "1"
+    higher_is_important = False
+
+    def __init__(self, debiased: bool = False) -> None:
+        super().__init__(debiased=check_bool("debiased", debiased))
+
+    def pair(self, x: Tensor, y: Tensor) -> Tensor:
+        return F.cka_linear(x, y, **self.params)

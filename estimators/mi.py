@@ -1,0 +1,108 @@
+"""Mutual-information metrics: thin :class:`Metric` classes over :mod:`estimators.functional_mi`.
+
+Orientation. A block's score is the MI between its input and output (a span's: between the states
+entering and leaving it). A block that changes little keeps its output almost a copy of its input,
+so the MI is *high*; a block that rewrites the stream lowers it. High MI therefore marks a redundant
+block (MI-PRUN prunes the blocks of highest input/output MI), and ``higher_is_important = False``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from estimators import functional_mi as F
+from estimators.base import Metric, Tensor
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a bool, else a ``ValueError`` naming the parameter."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -> int | None:
+    """``value`` if it is an int ``>= minimum`` (or None when ``optional``), else a ``ValueError``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"an int >= {minimum}" + (" or None" if optional else "")
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return value
+
+
+def check_float(name: str, value: Any, *, positive: bool, optional: bool = False) -> float | None:
+    """``value`` as a float if it is a number ``> 0`` (``positive``) or ``>= 0``, else a ``ValueError``."""
+    if value is None and optional:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    if not ok or (value <= 0 if positive else value < 0) or value == float("inf"):
+        allowed = ("a finite number > 0" if positive else "a finite number >= 0") + (
+            " or None" if optional else ""
+        )
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return float(value)
+
+
+class GaussianMI(Metric):
+    """Gaussian (log-determinant) MI between a block's input and output, Wishart bias-corrected.
+
+    High MI = the block barely changes the stream = redundant, so ``higher_is_important`` is False.
+    Needs ``N >= 2 (dx + dy)`` tokens, or ``max_dim`` to project each side onto fewer dimensions.
+    """
+
+    name = "mi_gauss"
+    version = "1"
+    higher_is_important = False
+
+    def __init__(self, bias_correction: bool = True, max_dim: int | None = None, seed: int = 0) -> None:
+        super().__init__(
+            bias_correction=check_bool("bias_correction", bias_correction),
+            max_dim=check_int("max_dim", max_dim, 1, optional=True),
+            seed=check_int("seed", seed, 0),
+        )
+
+    def pair(self, x: Tensor, y: Tensor) -> Tensor:
+        return F.mi_gauss(x, y, **self.params)
+
+
+class KSGMI(Metric):
+    """Kraskov–Stögbauer–Grassberger kNN MI between a block's input and output.
+
+    Each side is projected to ``proj_dim`` dims (seeded Gaussian matrix) and at most ``n_tokens``
+    tokens are used. High MI = redundant block, so ``higher_is_important`` is False.
+    ``chunk_size`` only bounds memory: results do not depend on it.
+    """
+
+    name = "mi_ksg"
+    version = "1"
+    higher_is_important = False
+
+    def __init__(
+        self,
+        k: int = 3,
+        algorithm: int = 1,
+        proj_dim: int | None = 5,
+        n_tokens: int | None = 4096,
+        chunk_size: int = 512,
+        jitter: float = 1e-10,
+        seed: int = 0,
+    ) -> None:
+        k = check_int("k", k, 1)
+        if algorithm not in (1, 2) or isinstance(algorithm, bool):
+            raise ValueError(f"algorithm must be 1 or 2, got {algorithm!r}")
+        n_tokens = check_int("n_tokens", n_tokens, 1, optional=True)
+        if n_tokens is not None and n_tokens <= k:
+            raise ValueError(f"n_tokens must exceed k={k}, got {n_tokens}")
+        super().__init__(
+            k=k,
+            algorithm=algorithm,
+            proj_dim=check_int("proj_dim", proj_dim, 1, optional=True),
+            n_tokens=n_tokens,
+            chunk_size=check_int("chunk_size", chunk_size, 1),
+            jitter=check_float("jitter", jitter, positive=False),
+            seed=check_int("seed", seed, 0),
+        )
+
+    def pair(self, x: Tensor, y: Tensor) -> Tensor:
+        return F.mi_ksg(x, y, **self.params)
