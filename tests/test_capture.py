@@ -1,0 +1,38 @@
+"""Hook capture equals the model's own residual stream, and the last depth is the raw block output."""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from algorithms.capture import capture_hidden_states
+
+
+def tiny_llama(layers=4):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_capture_matches_output_hidden_states_and_skips_final_norm():
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(1))
+    states, stats = capture_hidden_states(model, ids, batch_size=2)
+    assert states.shape == (5, 3, 10, 32) and states.dtype == torch.float32
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+    for depth in range(4):
+        torch.testing.assert_close(states[depth], out.hidden_states[depth])
+    # transformers' last hidden state is after the final norm; ours is the raw output of block 3
+    assert not torch.allclose(states[4], out.hidden_states[4])
+    with torch.no_grad():
+        torch.testing.assert_close(model.model.norm(states[4]), out.hidden_states[4])
+    # the free calibration loss equals a direct computation
+    logits = out.logits[:, :-1].reshape(-1, 97)
+    nll = torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1)).item()
+    assert abs(stats["calib_nll"] - nll) < 1e-5
+
+
+def test_hooks_are_removed():
+    model = tiny_llama()
+    capture_hidden_states(model, torch.zeros(1, 4, dtype=torch.long))
+    assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in model.model.layers)
