@@ -7,8 +7,9 @@ scores are already oriented as *redundancy* (high = safe to remove) so no select
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 

@@ -9,7 +9,7 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -22,12 +22,12 @@ out = Console()
 
 GridOpt = Annotated[Path, typer.Option("--grid", "-g", help="grid YAML file")]
 ResultsOpt = Annotated[
-    Optional[Path], typer.Option("--results", "-r", help="results dir (default: results/<grid name>)")
+    Path | None, typer.Option("--results", "-r", help="results dir (default: results/<grid name>)")
 ]
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+    typer.echo(f"error: {message}", err=True)  # plain text: never wrapped or styled
     return typer.Exit(code)
 
 
@@ -96,7 +96,7 @@ def run(
 @app.command("report")
 def report_cmd(
     results: ResultsOpt = None,
-    grid: Annotated[Optional[Path], typer.Option("--grid", "-g", help="only this grid's cells")] = None,
+    grid: Annotated[Path | None, typer.Option("--grid", "-g", help="only this grid's cells")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the leaderboard as JSON")] = False,
 ) -> None:
     """Rebuild the leaderboard (terminal, leaderboard.md, leaderboard.csv) from the records."""

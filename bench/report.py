@@ -66,10 +66,10 @@ def _display(board: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({
         "rank": board["rank"],
         "model": board["model"],
-        "budget": [f"{b} ({k}/{n})" for b, k, n in zip(board["budget"], board["k"], board["n_blocks"])],
+        "budget": [f"{b} ({k}/{n})" for b, k, n in zip(board["budget"], board["k"], board["n_blocks"], strict=True)],
         "metric": board["metric"],
         "selector": board["selector"],
-        "ppl (pruned)": [f"{m:.2f} ± {s:.2f}" for m, s in zip(board["ppl_mean"], board["ppl_std"])],
+        "ppl (pruned)": [f"{m:.2f} ± {s:.2f}" for m, s in zip(board["ppl_mean"], board["ppl_std"], strict=True)],
         "ppl (dense)": board["ppl_dense"].map(lambda v: f"{v:.2f}"),
         "params kept": board["params_kept"].map(lambda v: f"{v:.1%}"),
         "seeds": board["seeds"],

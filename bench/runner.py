@@ -222,6 +222,7 @@ class Runner:
 
     def _evaluate(self, loaded: dict, removed: tuple[int, ...], memo: dict) -> dict:
         from algorithms.blocks import count_parameters, pruned_copy
+
         from algorithms.data import heldout_windows, source_fingerprint
         from algorithms.perplexity import perplexity
 
@@ -341,7 +342,7 @@ class Runner:
                     group = list(group)
                     hidden = _Lazy(
                         "capture",
-                        lambda cal=group[0].calibration: self._hidden_states(model.get(), cal),
+                        lambda cal=group[0].calibration, m=model: self._hidden_states(m.get(), cal),
                     )
                     for cell in group:
                         record = self._run_cell(cell, model, hidden, eval_memo)
@@ -350,8 +351,6 @@ class Runner:
                         summary.ran += 1
                         summary.failed += record["status"] != "ok"
                         self.reporter.cell_done(cell, record)
-                    del hidden
-                del model
         finally:
             self.reporter.finish()
         return summary

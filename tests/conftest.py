@@ -1,0 +1,21 @@
+import pytest
+import yaml
+
+SMALL_GRID = {
+    "name": "e2e",
+    "models": ["smollm2-135m"],
+    "metrics": ["bi", "angular"],
+    "selectors": ["topk"],
+    "budgets": {"blocks": [4]},
+    "calibration": {"source": "wikipedia", "samples": 4, "seq_len": 128, "seeds": [0, 1]},
+    "perplexity": {"source": "wikipedia", "seq_len": 256, "max_windows": 4},
+    "device": "cpu",
+}
+
+
+@pytest.fixture
+def small_grid(tmp_path):
+    """A 4-cell grid on the real SmolLM2-135M, written to a YAML file."""
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(SMALL_GRID))
+    return path

@@ -1,0 +1,60 @@
+"""CLI behaviour that needs no model: exit codes and messages."""
+
+import yaml
+from typer.testing import CliRunner
+
+from bench.cli import app
+from tests.conftest import SMALL_GRID
+
+cli = CliRunner()
+
+
+def write(tmp_path, data):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_validate_ok(tmp_path):
+    result = cli.invoke(app, ["validate", "--grid", str(write(tmp_path, SMALL_GRID))])
+    assert result.exit_code == 0, result.output
+    assert "4 cells" in result.stdout
+
+
+def test_unknown_metric_suggests_and_exits_2_writing_nothing(tmp_path):
+    bad = {**SMALL_GRID, "metrics": ["bi", "angualr"]}
+    results = tmp_path / "out"
+    result = cli.invoke(app, ["run", "--grid", str(write(tmp_path, bad)), "--results", str(results)])
+    assert result.exit_code == 2
+    assert "metrics[1].name" in result.output and "Did you mean 'angular'" in result.output
+    assert not results.exists()
+
+
+def test_bad_params_and_budget_and_model_name(tmp_path):
+    cases = [
+        ({"metrics": [{"name": "angular", "params": {"tokens": "first"}}]}, "metrics[0].params"),
+        ({"selectors": [{"name": "topk", "params": {"depth": 2}}]}, "selectors[0].params"),
+        ({"budgets": {"blocks": [30]}}, "remove 30 blocks but the model has 30"),
+        ({"models": ["smollm2-13m"]}, "smollm2-135m"),
+        ({"calibration": {**SMALL_GRID["calibration"], "source": "/no/such/file.txt"}}, "calibration.source"),
+        ({"unknown_key": 1}, "unknown_key: unknown key"),
+    ]
+    for override, message in cases:
+        result = cli.invoke(app, ["validate", "--grid", str(write(tmp_path, {**SMALL_GRID, **override}))])
+        assert result.exit_code == 2, (override, result.output)
+        assert message in " ".join(result.output.split()), (override, result.output)
+
+
+def test_missing_grid_file_exits_2(tmp_path):
+    result = cli.invoke(app, ["run", "--grid", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_list_metrics_and_selectors():
+    result = cli.invoke(app, ["list", "metrics"])
+    assert result.exit_code == 0 and "bi" in result.stdout and "angular" in result.stdout
+    assert "important" in result.stdout
+    result = cli.invoke(app, ["list", "selectors"])
+    assert result.exit_code == 0 and "topk" in result.stdout
+    result = cli.invoke(app, ["list", "widgets"])
+    assert result.exit_code == 2

@@ -1,0 +1,130 @@
+"""The spine end to end on the real SmolLM2-135M: run, records, resume, report, CLI exit codes."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from bench import report
+from bench.cli import app
+from bench.config import load_config
+from bench.grid import expand
+from bench.runner import Runner
+from estimators import METRICS
+from estimators.base import Metric
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """Run the small grid once; later tests inspect and rerun it."""
+    import yaml
+
+    from tests.conftest import SMALL_GRID
+
+    root = tmp_path_factory.mktemp("e2e")
+    grid = root / "grid.yaml"
+    grid.write_text(yaml.safe_dump(SMALL_GRID))
+    config = load_config(grid)
+    runner = Runner(config, root / "results")
+    summary = runner.run()
+    return {"grid": grid, "config": config, "results": root / "results", "summary": summary, "runner": runner}
+
+
+def test_first_run_writes_one_good_record_per_cell(first_run):
+    summary, runner = first_run["summary"], first_run["runner"]
+    assert (summary.total, summary.ran, summary.failed) == (4, 4, 0)
+    assert runner.counters["model_loads"] == 1
+    assert runner.counters["captures"] == 2  # once per seed, shared by both metrics
+    assert runner.counters["scorings"] == 4
+    records = {r["cell_id"]: r for r in summary.records}
+    distinct_sets = {tuple(r["removed_blocks"]) for r in records.values()}
+    assert runner.counters["evaluations"] == 1 + len(distinct_sets)  # dense once, each set once
+    for r in records.values():
+        assert r["status"] == "ok"
+        assert r["model"]["n_blocks"] == 30
+        assert len(r["scores"]) == 30 and len(r["removed_blocks"]) == r["k"] == 4
+        # measured here: about 22 at 512-token windows; shorter 256-token windows read somewhat higher
+        assert 10 < r["ppl"]["dense"] < 60
+        assert r["ppl"]["pruned"] > r["ppl"]["dense"]
+        assert 0.8 < r["parameters"]["kept_share"] < 1.0
+        assert set(r["timings"]) >= {"load_model", "capture", "scoring", "selection", "perplexity_pruned"}
+        assert r["env"]["packages"]["torch"] and r["env"]["python"]
+        on_disk = json.loads((first_run["results"] / "records" / f"{r['cell_id']}.json").read_text())
+        assert on_disk["removed_blocks"] == r["removed_blocks"]
+
+
+def test_bi_finds_first_and_last_blocks_least_redundant(first_run):
+    for r in first_run["summary"].records:
+        if r["labels"]["metric"] != "bi":
+            continue
+        scores = r["scores"]
+        ranked = sorted(range(30), key=lambda i: scores[i], reverse=True)
+        assert 0 in ranked[:2] and 29 in ranked[:3], ranked[:5]
+        assert 0 not in r["removed_blocks"] and 29 not in r["removed_blocks"]
+
+
+def test_rerun_recomputes_nothing(first_run):
+    runner = Runner(first_run["config"], first_run["results"])
+    summary = runner.run()
+    assert (summary.skipped, summary.ran) == (4, 0)
+    assert runner.counters == {"model_loads": 0, "captures": 0, "scorings": 0, "evaluations": 0}
+
+
+def test_deleting_one_record_recomputes_exactly_that_cell(first_run):
+    cells = expand(first_run["config"])
+    victim = cells[2]
+    path = first_run["results"] / "records" / f"{victim.cell_id}.json"
+    before = json.loads(path.read_text())
+    path.unlink()
+    runner = Runner(first_run["config"], first_run["results"])
+    summary = runner.run()
+    assert (summary.skipped, summary.ran) == (3, 1)
+    assert [r["cell_id"] for r in summary.records] == [victim.cell_id]
+    # hidden states, scores and perplexities come from the caches
+    assert runner.counters == {"model_loads": 1, "captures": 0, "scorings": 0, "evaluations": 0}
+    after = json.loads(path.read_text())
+    assert after["removed_blocks"] == before["removed_blocks"]
+    assert after["ppl"] == before["ppl"]
+
+
+def test_leaderboard_from_records(first_run):
+    board, records = report.build(first_run["results"])
+    assert len(records) == 4 and len(board) == 2
+    assert set(board["metric"]) == {"bi", "angular"}
+    assert (board["seeds"] == 2).all()
+    assert sorted(board["rank"]) == [1, 2] or list(board["rank"]) == [1, 1]
+    paths = report.write_reports(board, first_run["results"], title="t")
+    md = paths[0].read_text()
+    assert "ppl (pruned)" in md and "bi" in md and "angular" in md
+
+
+class NaNMetric(Metric):
+    """Always NaN: the cell must fail with that reason and the grid go on."""
+
+    name = "nan_metric"
+
+    def pair(self, x, y):
+        import torch
+
+        return torch.tensor(float("nan"))
+
+
+def test_cli_run_report_and_a_failing_cell(first_run, tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.setattr(METRICS, "_entries", {**METRICS._entries, "nan_metric": NaNMetric})
+    monkeypatch.setattr(METRICS, "_origins", {**METRICS._origins, "nan_metric": "test"})
+    grid = yaml.safe_load(first_run["grid"].read_text())
+    grid["metrics"] = ["bi", "nan_metric"]
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    cli = CliRunner()
+    result = cli.invoke(app, ["run", "--grid", str(path), "--results", str(first_run["results"]), "--json"])
+    assert result.exit_code == 1, result.output
+    payload = json.loads(result.stdout)
+    assert payload["skipped"] == 2 and payload["failed"] == 2  # bi cells were done; nan cells fail
+    assert all("non-finite scores" in f["error"] and f["stage"] == "scoring" for f in payload["failures"])
+    result = cli.invoke(app, ["report", "--results", str(first_run["results"])])
+    assert result.exit_code == 0 and "bi" in result.stdout
