@@ -19,6 +19,8 @@ from bench.config import ConfigError, GridConfig, load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmark block-pruning methods for LLMs.")
 err = Console(stderr=True)
 out = Console()
+if not out.is_terminal:  # piped or captured: no terminal width to respect, so never squeeze the table
+    out = Console(width=200)
 
 GridOpt = Annotated[Path, typer.Option("--grid", "-g", help="grid YAML file")]
 ResultsOpt = Annotated[

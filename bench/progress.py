@@ -42,6 +42,8 @@ class RichReporter(Reporter):
     def start(self, total: int, skipped: int) -> None:
         if skipped:
             self.console.print(f"{skipped} finished cell(s) found in the results dir: skipped")
+        if total == 0:
+            return
         self.progress.start()
         self.task = self.progress.add_task("", total=total)
 
@@ -58,4 +60,5 @@ class RichReporter(Reporter):
             self.progress.advance(self.task)
 
     def finish(self) -> None:
-        self.progress.stop()
+        if self.task is not None:
+            self.progress.stop()

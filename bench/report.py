@@ -62,6 +62,18 @@ def leaderboard(records: list[dict]) -> pd.DataFrame:
     return agg.sort_values(["model", "budget", "rank", "metric", "selector"]).reset_index(drop=True)
 
 
+def compact_blocks(blocks: str) -> str:
+    """``"3 12 13 14 26"`` → ``"3,12-14,26"``."""
+    nums = [int(b) for b in blocks.split()]
+    runs: list[list[int]] = []
+    for b in nums:
+        if runs and b == runs[-1][-1] + 1:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in runs)
+
+
 def _display(board: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({
         "rank": board["rank"],
@@ -75,7 +87,7 @@ def _display(board: pd.DataFrame) -> pd.DataFrame:
         "seeds": board["seeds"],
         "distinct sets": board["distinct_sets"],
         "scoring s": board["scoring_s"].map(lambda v: f"{v:.3f}"),
-        "typical removed": board["typical_removed"],
+        "typical removed": board["typical_removed"].map(compact_blocks),
     })
     return out
 
@@ -84,10 +96,13 @@ def render_terminal(board: pd.DataFrame, console: Console, title: str = "blockbe
     if board.empty:
         console.print("no finished cells yet")
         return
-    shown = _display(board)
-    table = Table(title=title, show_lines=False)
+    shown = _display(board).drop(columns=["params kept", "distinct sets"])
+    shown = shown.rename(columns={"ppl (pruned)": "ppl pruned", "ppl (dense)": "dense", "scoring s": "score s",
+                                  "typical removed": "removed"})
+    table = Table(title=title, show_lines=False, pad_edge=False)
     for col in shown.columns:
-        table.add_column(col, justify="right" if col in ("rank", "seeds", "distinct sets") else "left")
+        table.add_column(col, justify="right" if col in ("rank", "seeds", "dense", "score s") else "left",
+                         no_wrap=col != "removed", overflow="fold")
     for row in shown.itertuples(index=False):
         table.add_row(*(str(v) for v in row))
     console.print(table)
