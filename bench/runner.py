@@ -207,10 +207,13 @@ class Runner:
         if cached is not None:
             return {**cached, "scores": torch.tensor(cached["scores"], dtype=torch.float64), "cached": True}
         metric = cls(**metric_spec.params)
-        states = hidden["states"]
         timer = Timer(self.device)
+        if "device_states" not in hidden:  # one host-to-device copy per group, shared by every metric
+            with timer.stage("to_device"):
+                hidden["device_states"] = hidden["states"].to(self.device)
+            hidden["to_device_seconds"] = timer.times["to_device"]
         with timer.stage("scoring"):
-            scores = metric.score_blocks(states.to(self.device)).cpu()
+            scores = metric.score_blocks(hidden["device_states"]).cpu()
         self.counters["scorings"] += 1
         if not torch.isfinite(scores).all():
             bad = [i for i, s in enumerate(scores.tolist()) if s != s or abs(s) == float("inf")]
