@@ -1,0 +1,40 @@
+"""Every registered metric on real SmolLM2-135M hidden states: finite scores for every block and span."""
+
+import pytest
+import torch
+
+from algorithms.capture import capture_hidden_states
+from algorithms.data import calibration_batch
+from algorithms.zoo import load_model
+from estimators import METRICS
+
+pytestmark = pytest.mark.slow
+
+# 8 x 128 = 1024 tokens; Gaussian MI at width 576 needs N >= 2 (dx + dy) = 2304, so it projects to 128
+PARAMS = {"mi_gauss": {"max_dim": 128}, "mi_ksg": {"n_tokens": 1024}}
+
+
+@pytest.fixture(scope="module")
+def states():
+    model, tokenizer, _ = load_model("smollm2-135m")
+    ids = calibration_batch(tokenizer, "wikipedia", samples=8, seq_len=128, seed=0)
+    states, _ = capture_hidden_states(model, ids)
+    return states
+
+
+@pytest.mark.parametrize("name", METRICS.list())
+def test_every_metric_scores_every_block_and_span(states, name):
+    metric = METRICS.get(name)(**PARAMS.get(name, {}))
+    blocks = metric.score_blocks(states)
+    assert blocks.shape == (30,) and blocks.dtype == torch.float64
+    assert torch.isfinite(blocks).all(), blocks
+    assert blocks.std() > 0  # blocks differ
+    for n in (2, 5):
+        spans = metric.score_spans(states, n)
+        assert spans.shape == (31 - n,) and torch.isfinite(spans).all()
+
+
+def test_gaussian_mi_refuses_too_few_tokens_at_full_width(states):
+    with pytest.raises(ValueError, match="1024"):
+        METRICS.get("mi_gauss")().score_blocks(states)
+
