@@ -144,9 +144,8 @@ def _check_component(kind: str, registry, index: int, spec: ComponentSpec) -> No
 
 def validate(config: GridConfig) -> list[Cell]:
     """Check names, parameters, sources, models and budgets without running anything."""
-    from algorithms.zoo import model_block_count
-
     from algorithms.data import DataError, check_source
+    from algorithms.zoo import model_block_count
 
     for i, m in enumerate(config.metrics):
         _check_component("metrics", METRICS, i, m)

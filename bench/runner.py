@@ -225,7 +225,6 @@ class Runner:
 
     def _evaluate(self, loaded: dict, removed: tuple[int, ...], memo: dict) -> dict:
         from algorithms.blocks import count_parameters, pruned_copy
-
         from algorithms.data import heldout_windows, source_fingerprint
         from algorithms.perplexity import perplexity
 
