@@ -16,8 +16,10 @@ falls in the held-out share (default 20%), otherwise to the *calibration* part, 
 overlap and the split does not depend on document order.
 
 Windowing protocol (shared by calibration and perplexity): documents of one part are joined with a
-blank line, tokenised once without special tokens (no BOS), and cut into consecutive non-overlapping
-windows of ``seq_len`` tokens. Calibration draws ``samples`` windows with a seeded generator;
+blank line, tokenised once without special tokens, and cut into consecutive non-overlapping windows
+of ``seq_len`` tokens. When the tokenizer adds a BOS token by default (Gemma, Llama 2/3: these models
+read text badly without it; Gemma-3-270M's perplexity goes from 57 to 23), every window starts with
+BOS followed by ``seq_len - 1`` text tokens; otherwise (SmolLM2, GPT-2) no BOS is added. Calibration draws ``samples`` windows with a seeded generator;
 perplexity takes the first ``max_windows`` windows in order.
 """
 
@@ -178,12 +180,26 @@ def _token_stream(tokenizer, source: str, part: Part) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def default_bos(tokenizer) -> int | None:
+    """The BOS id when the tokenizer adds one by default (Gemma, Llama 2/3), else None (SmolLM2, GPT-2)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
 def _windows(tokenizer, source: str, part: Part, seq_len: int) -> torch.Tensor:
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
     stream = _token_stream(tokenizer, source, part)
-    n = stream.numel() // seq_len
-    return stream[: n * seq_len].view(n, seq_len)
+    bos = default_bos(tokenizer)
+    width = seq_len - 1 if bos is not None else seq_len
+    n = stream.numel() // width
+    windows = stream[: n * width].view(n, width)
+    if bos is not None:
+        windows = torch.cat([torch.full((n, 1), bos, dtype=windows.dtype), windows], dim=1)
+    return windows
 
 
 def calibration_batch(tokenizer, source: str, *, samples: int, seq_len: int, seed: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Perplexity on fixed windows, with one documented protocol.
 
 Protocol: the windows come from :func:`algorithms.data.heldout_windows` (non-overlapping, stride =
-window length, no BOS token added). Each window is scored on its own (no context carried over); every
+window length; a BOS token leads each window when the tokenizer adds one by default). Each window is scored on its own (no context carried over); every
 token but the first in a window is predicted, so ``W`` windows of ``T`` tokens give ``W * (T - 1)``
 predictions. Perplexity is ``exp`` of the mean negative log-likelihood over all of them, accumulated
 in float64.

@@ -19,7 +19,7 @@ from estimators import METRICS
 from estimators.registry import RegistryError
 
 #: bump when hidden-state capture, data windowing or the perplexity protocol change their numbers
-PROTOCOL_VERSION = "1"
+PROTOCOL_VERSION = "2"  # 2: BOS leads each window for tokenizers that add one
 
 
 def canonical_json(obj: Any) -> str:

@@ -83,3 +83,23 @@ def test_source_fingerprint_tracks_content(tmp_path):
     data.load_documents.cache_clear()
     f.write_text("alpha beta\n\ngamma epsilon")
     assert data.source_fingerprint(str(f)) != first
+
+
+class BosTokenizer(CharTokenizer):
+    """Adds BOS (id 1) by default, as Gemma's and Llama 3's tokenizers do."""
+
+    bos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=True, return_attention_mask=False):
+        ids = super().__call__(text)["input_ids"]
+        return {"input_ids": ([1] if add_special_tokens else []) + ids}
+
+
+def test_bos_leads_every_window_when_the_tokenizer_adds_one():
+    plain = data.heldout_windows(TOK, "wikipedia", seq_len=32, max_windows=3)
+    with_bos = data.heldout_windows(BosTokenizer(), "wikipedia", seq_len=32, max_windows=3)
+    assert with_bos.shape == (3, 32)
+    assert (with_bos[:, 0] == 1).all()
+    # the text tokens continue without gaps: 31 per window
+    assert torch.equal(with_bos[:, 1:].reshape(-1), plain.reshape(-1)[:93])
+    assert data.default_bos(TOK) is None and data.default_bos(BosTokenizer()) == 1
