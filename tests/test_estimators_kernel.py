@@ -203,33 +203,6 @@ def test_median_bandwidth():
 
 # ----------------------------------------------------------------------------- metric classes
 
-KERNEL_METRICS = ["hsic", "cka_linear"]
-
-
-@pytest.mark.parametrize("name", KERNEL_METRICS)
-def test_scores_per_block_and_span(name):
-    g = torch.Generator().manual_seed(8)
-    states = torch.randn(5, 4, 64, 16, generator=g)  # L=4 blocks, N=256 tokens, d=16
-    metric = METRICS.get(name)()
-    blocks = metric.score_blocks(states)
-    spans = metric.score_spans(states, 3)
-    assert blocks.shape == (4,) and spans.shape == (2,)
-    assert blocks.dtype == spans.dtype == torch.float64
-    assert torch.isfinite(blocks).all() and torch.isfinite(spans).all()
-
-
-@pytest.mark.parametrize("name", KERNEL_METRICS)
-def test_near_identity_block_scores_as_redundant(name):
-    g = torch.Generator().manual_seed(9)
-    s0 = torch.randn(4, 128, 16, generator=g)
-    s1 = s0 + 0.1 * torch.randn(4, 128, 16, generator=g)  # block 0 barely changes the stream
-    s2 = 0.3 * s1 + torch.randn(4, 128, 16, generator=g)  # block 1 rewrites it
-    metric = METRICS.get(name)()
-    scores = metric.score_blocks(torch.stack([s0, s1, s2]))
-    assert metric.higher_is_important is False
-    assert scores[0] > scores[1] > 0
-
-
 @pytest.mark.parametrize(
     "name, params, message",
     [
