@@ -178,14 +178,14 @@ class Runner:
             "protocol": PROTOCOL_VERSION,
         })
         cached = self.store.get_tensors("hidden", key) if self.config.cache_hidden_states else None
-        if cached is not None:
-            tensors, meta = cached
-            return {"key": key, "states": tensors["states"], "stats": {k: float(v) for k, v in meta.items()},
-                    "seconds": 0.0, "cached": True}
-        ids = calibration_batch(
+        ids = calibration_batch(  # cheap; kept for the true-loss objective of search selectors
             loaded["tokenizer"], calibration["source"], samples=calibration["samples"],
             seq_len=calibration["seq_len"], seed=calibration["seed"],
         )
+        if cached is not None:
+            tensors, meta = cached
+            return {"key": key, "states": tensors["states"], "stats": {k: float(v) for k, v in meta.items()},
+                    "seconds": 0.0, "cached": True, "ids": ids}
         timer = Timer(self.device)
         with timer.stage("capture"):
             states, stats = capture_hidden_states(
@@ -198,7 +198,8 @@ class Runner:
         stats["capture_seconds"] = timer.times["capture"]
         if self.config.cache_hidden_states:
             self.store.put_tensors("hidden", key, {"states": states}, {k: repr(v) for k, v in stats.items()})
-        return {"key": key, "states": states, "stats": stats, "seconds": timer.times["capture"], "cached": False}
+        return {"key": key, "states": states, "stats": stats, "seconds": timer.times["capture"], "cached": False,
+                "ids": ids}
 
     def _scores(self, hidden: dict, metric_spec) -> dict:
         cls = METRICS.get(metric_spec.name)
@@ -286,10 +287,26 @@ class Runner:
             scored = self._scores(hs, cell.metric)
             stage = "selection"
             selector = SELECTORS.get(cell.selector.name)(**cell.selector.params)
+            # objectives for search selectors: one factory per (calibration group, metric), kept in the
+            # group's hidden-state dict; factories of one group share the true-loss cache
+            factories = hs.setdefault("objective_factories", {})
+            if cell.metric.label() not in factories:
+                from algorithms.objectives import ObjectiveFactory
+
+                factories[cell.metric.label()] = ObjectiveFactory(
+                    model=loaded["model"], input_ids=hs["ids"],
+                    states=lambda: hs["device_states"] if "device_states" in hs
+                    else hs.setdefault("device_states", hs["states"].to(self.device)),
+                    metric=METRICS.get(cell.metric.name)(**cell.metric.params),
+                    higher_is_important=scored["higher_is_important"], block_scores=scored["scores"],
+                    batch_size=self.config.calibration.batch_size, fingerprint=hs["key"],
+                    share=next(iter(factories.values()), None),
+                )
             problem = SelectionProblem(
                 n_blocks=n_blocks, k=k, scores=scored["scores"],
                 higher_is_important=scored["higher_is_important"], protected=protected,
-                seed=cell.calibration["seed"],
+                seed=cell.calibration["seed"], objectives=factories[cell.metric.label()],
+                workdir=self.store.root / "optuna",
             )
             t0 = time.perf_counter()
             chosen = selector(problem)

@@ -1,0 +1,268 @@
+"""Objectives: the value of removing a set of blocks, for selectors that search.
+
+Convention: an objective is a *loss*, LOWER = better set to remove. Every objective is memoised by the
+``frozenset`` of blocks; :attr:`Objective.evaluations` counts the distinct sets really computed (a
+cache hit is free). Selectors query through :meth:`Objective.counter`, a view that counts the distinct
+sets *that selector* asked for, so a selector's reported cost does not depend on what other cells
+sharing the cache asked before it.
+
+Kinds built by :class:`ObjectiveFactory`:
+
+``proxy_sum``
+    ``loss(S) = -sum_{i in S} redundancy_i`` where ``redundancy`` is the single-block score oriented
+    so that high = removable. Additive, so ``topk`` is optimal for it.
+``proxy_span``
+    ``S`` is split into maximal runs of consecutive blocks ``[l, l + n)``; ``loss(S) = sum over runs
+    of importance(l, n)``, where ``importance`` is ``metric.score_spans(states, n)[l]`` oriented with
+    the metric's ``higher_is_important`` (lower = more removable). It compares the state entering a
+    run with the state leaving it, as Gromov et al.'s span method and MI-PRUN's data-processing
+    argument do. Span scores are computed lazily, once per run length ``n``. For singleton runs it
+    equals ``proxy_sum``.
+``loss``
+    The calibration loss of the model with ``S`` skipped (:func:`algorithms.masking.skip_blocks`,
+    no copy): mean next-token NLL over the calibration ``input_ids`` (the protocol of
+    :mod:`algorithms.perplexity`), or its ``exp`` (perplexity) with ``true_loss="ppl"``. Runs in
+    ``inference_mode`` on the model's device, ``batch_size`` sequences at a time.
+
+Any other callable ``frozenset[int] -> float`` can stand in for a kind (``custom={"loss": fn}``), which
+is how the tests build objectives with a known optimum.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+#: the kinds a selector's ``objective`` parameter may name
+OBJECTIVE_KINDS = ("proxy_sum", "proxy_span", "loss")
+PROXY_KINDS = ("proxy_sum", "proxy_span")
+
+
+def runs(blocks: Iterable[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive indices as ``(start, length)``, in order: ``{1,2,5} -> [(1,2),(5,1)]``."""
+    out: list[tuple[int, int]] = []
+    for b in sorted(blocks):
+        if out and out[-1][0] + out[-1][1] == b:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((b, 1))
+    return out
+
+
+def _key(blocks: Iterable[int]) -> frozenset[int]:
+    return frozenset(int(b) for b in blocks)
+
+
+class Objective:
+    """A memoised loss over block sets (lower = better to remove).
+
+    ``fn`` receives a ``frozenset[int]`` and returns a number; NaN is stored as ``+inf`` (a set that
+    breaks the model is never preferred) so that comparisons stay total.
+    """
+
+    def __init__(self, fn: Callable[[frozenset[int]], float], name: str = "custom") -> None:
+        self.fn = fn
+        self.name = name
+        self.cache: dict[frozenset[int], float] = {}
+        self.evaluations = 0  #: distinct sets really computed (cache misses)
+
+    def __call__(self, blocks: Iterable[int]) -> float:
+        key = _key(blocks)
+        value = self.cache.get(key)
+        if value is None:
+            value = float(self.fn(key))
+            if math.isnan(value):
+                value = math.inf
+            self.cache[key] = value
+            self.evaluations += 1
+        return value
+
+    def cached(self, blocks: Iterable[int]) -> float | None:
+        """The memoised value of ``blocks`` without computing it (None when unknown)."""
+        return self.cache.get(_key(blocks))
+
+    def seed(self, blocks: Iterable[int], value: float) -> None:
+        """Store a value known from elsewhere (e.g. a resumed Optuna study); not counted."""
+        self.cache.setdefault(_key(blocks), float(value))
+
+    def counter(self) -> CountingObjective:
+        return CountingObjective(self)
+
+    def __repr__(self) -> str:
+        return f"Objective({self.name!r}, evaluations={self.evaluations})"
+
+
+class CountingObjective:
+    """A view of an :class:`Objective` that counts the distinct sets a selector queried through it.
+
+    Sets marked with :meth:`prepaid` (values known from elsewhere, e.g. a resumed Optuna study) are
+    memoised and never counted.
+    """
+
+    def __init__(self, objective: Objective) -> None:
+        self.objective = objective
+        self.name = objective.name
+        self.seen: set[frozenset[int]] = set()
+        self.prepaid_sets: set[frozenset[int]] = set()
+        self._computed_before = objective.evaluations
+
+    def __call__(self, blocks: Iterable[int]) -> float:
+        key = _key(blocks)
+        self.seen.add(key)
+        return self.objective(key)
+
+    def prepaid(self, blocks: Iterable[int], value: float) -> None:
+        """Memoise a value known from elsewhere; querying that set later costs nothing."""
+        key = _key(blocks)
+        self.objective.seed(key, value)
+        self.prepaid_sets.add(key)
+
+    @property
+    def evaluations(self) -> int:
+        """Distinct sets this view asked for, prepaid ones excluded (the cost on a cold cache)."""
+        return len(self.seen - self.prepaid_sets)
+
+    @property
+    def computed(self) -> int:
+        """Sets really computed since the view was made (fewer when a shared cache already held some)."""
+        return self.objective.evaluations - self._computed_before
+
+
+class ObjectiveFactory:
+    """Builds and memoises the objectives of one (model, calibration batch, metric).
+
+    Every argument is optional; asking for a kind whose inputs are missing raises a ``ValueError``
+    naming them. ``states`` may be a tensor or a zero-argument callable returning one (so a runner can
+    defer a host-to-device copy until a span objective is really needed). ``block_scores`` (raw metric
+    orientation) seeds the length-1 span scores, so ``proxy_sum`` agrees exactly with the scores a
+    selection problem carries. ``share`` is another factory whose ``loss`` objective (which does not
+    depend on the metric) is reused, so cells with different metrics on the same model and
+    calibration batch share true-loss evaluations. ``fingerprint`` identifies model + calibration
+    data (it enters Optuna study names).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: Any = None,
+        input_ids: torch.Tensor | None = None,
+        states: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+        metric: Any = None,
+        higher_is_important: bool | None = None,
+        block_scores: torch.Tensor | None = None,
+        batch_size: int = 4,
+        true_loss: str = "nll",
+        custom: Mapping[str, Callable[[frozenset[int]], float]] | None = None,
+        share: ObjectiveFactory | None = None,
+        span_scores: Callable[[int], torch.Tensor] | None = None,
+        fingerprint: str | None = None,
+    ) -> None:
+        if true_loss not in ("nll", "ppl"):
+            raise ValueError(f"true_loss must be 'nll' or 'ppl', got {true_loss!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if higher_is_important is None and metric is not None:
+            higher_is_important = bool(type(metric).higher_is_important)
+        self.model = model
+        self.input_ids = input_ids
+        self._states = states
+        self.metric = metric
+        self.higher_is_important = higher_is_important
+        self.batch_size = batch_size
+        self.true_loss = true_loss
+        self.custom = dict(custom or {})
+        self.fingerprint = fingerprint
+        self._span_fn = span_scores
+        self._objectives: dict[str, Objective] = {}
+        #: model-level objectives (``loss``), shared with ``share`` when it wraps the same model and ids
+        same = share is not None and share.model is model and share.input_ids is input_ids
+        self._shared: dict[str, Objective] = share._shared if same else {}
+        self._spans: dict[int, list[float]] = {}
+        if block_scores is not None:
+            self._spans[1] = [float(v) for v in torch.as_tensor(block_scores, dtype=torch.float64).tolist()]
+
+    # ------------------------------------------------------------------ public
+    def get(self, kind: str) -> Objective:
+        """The memoised objective of ``kind`` (``proxy_sum``, ``proxy_span``, ``loss`` or a custom name)."""
+        if kind == "loss" and kind not in self.custom:
+            if kind not in self._shared:
+                self._shared[kind] = self._build(kind)
+            return self._shared[kind]
+        if kind not in self._objectives:
+            self._objectives[kind] = self._build(kind)
+        return self._objectives[kind]
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies these objectives (enters study names and records)."""
+        return {
+            "fingerprint": self.fingerprint,
+            "metric": self.metric.describe() if hasattr(self.metric, "describe") else None,
+            "higher_is_important": self.higher_is_important,
+            "true_loss": self.true_loss,
+            "custom": sorted(self.custom),
+        }
+
+    def span_importance(self, start: int, length: int) -> float:
+        """Importance of the run ``[start, start + length)`` (lower = more removable)."""
+        raw = self._span_scores(length)[start]
+        return raw if self.higher_is_important else -raw
+
+    # ------------------------------------------------------------------ builders
+    def _build(self, kind: str) -> Objective:
+        if kind in self.custom:
+            return Objective(self.custom[kind], name=kind)
+        if kind == "proxy_sum":
+            self._need("proxy_sum", states_or_scores=True)
+            return Objective(lambda s: sum(self.span_importance(b, 1) for b in s), name=kind)
+        if kind == "proxy_span":
+            self._need("proxy_span", states_or_scores=False)
+            return Objective(lambda s: sum(self.span_importance(start, n) for start, n in runs(s)), name=kind)
+        if kind == "loss":
+            missing = [n for n, v in (("model", self.model), ("input_ids", self.input_ids)) if v is None]
+            if missing:
+                raise ValueError(f"objective 'loss' needs {' and '.join(missing)}; this factory has none")
+            return Objective(self._calibration_loss, name=kind)
+        raise ValueError(f"unknown objective {kind!r}; known: {', '.join(OBJECTIVE_KINDS + tuple(self.custom))}")
+
+    def _need(self, kind: str, *, states_or_scores: bool) -> None:
+        if self.higher_is_important is None:
+            raise ValueError(f"objective {kind!r} needs the metric's orientation (higher_is_important)")
+        if states_or_scores and 1 in self._spans:
+            return
+        if self._span_fn is None and (self._states is None or self.metric is None):
+            raise ValueError(f"objective {kind!r} needs hidden states and a metric; this factory lacks them")
+
+    def _span_scores(self, n: int) -> list[float]:
+        if n not in self._spans and self._span_fn is not None:
+            self._spans[n] = [float(v) for v in torch.as_tensor(self._span_fn(n)).tolist()]
+        if n not in self._spans:
+            states = self._states() if callable(self._states) else self._states
+            if states is None or self.metric is None:
+                raise ValueError(f"span scores of length {n} need hidden states and a metric")
+            self._states = states  # resolve a lazy callable once
+            with torch.inference_mode():
+                self._spans[n] = [float(v) for v in self.metric.score_spans(states, n).cpu().tolist()]
+        return self._spans[n]
+
+    def _calibration_loss(self, blocks: frozenset[int]) -> float:
+        from algorithms.masking import skip_blocks
+
+        model, ids_all = self.model, self.input_ids
+        device = next(model.parameters()).device
+        total_nll, total_tokens = 0.0, 0
+        with torch.inference_mode(), skip_blocks(model, sorted(blocks)):
+            for start in range(0, ids_all.shape[0], self.batch_size):
+                ids = ids_all[start : start + self.batch_size].to(device)
+                logits = model(input_ids=ids, use_cache=False).logits[:, :-1, :].float()
+                nll = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+                )
+                total_nll += float(nll.double())
+                total_tokens += ids[:, 1:].numel()
+        mean_nll = total_nll / total_tokens
+        if self.true_loss == "ppl":
+            return math.exp(mean_nll) if mean_nll < 700 else math.inf
+        return mean_nll
