@@ -36,6 +36,7 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
             "params_kept": r["parameters"]["kept_share"],
             "scoring_s": r["timings"]["scoring"],
             "evaluations": r["selector_result"]["evaluations"],
+            "proxy_span": r["selector_result"].get("proxies", {}).get("proxy_span"),
         })
     return pd.DataFrame(rows)
 
@@ -54,6 +55,7 @@ def leaderboard(records: list[dict]) -> pd.DataFrame:
         params_kept=("params_kept", "mean"),
         scoring_s=("scoring_s", "mean"),
         evaluations=("evaluations", "mean"),
+        proxy_span=("proxy_span", "mean"),
         distinct_sets=("removed", "nunique"),
         typical_removed=("removed", lambda s: Counter(s).most_common(1)[0][0]),
     ).reset_index()
@@ -84,6 +86,8 @@ def _display(board: pd.DataFrame) -> pd.DataFrame:
         "ppl (pruned)": [f"{m:.2f} ± {s:.2f}" for m, s in zip(board["ppl_mean"], board["ppl_std"], strict=True)],
         "ppl (dense)": board["ppl_dense"].map(lambda v: f"{v:.2f}"),
         "params kept": board["params_kept"].map(lambda v: f"{v:.1%}"),
+        "span loss": board["proxy_span"].map(lambda v: f"{v:.4f}"),
+        "evals": board["evaluations"].map(lambda v: f"{v:.0f}"),
         "seeds": board["seeds"],
         "distinct sets": board["distinct_sets"],
         "scoring s": board["scoring_s"].map(lambda v: f"{v:.3f}"),
@@ -96,7 +100,7 @@ def render_terminal(board: pd.DataFrame, console: Console, title: str = "blockbe
     if board.empty:
         console.print("no finished cells yet")
         return
-    shown = _display(board).drop(columns=["params kept", "distinct sets"])
+    shown = _display(board).drop(columns=["params kept", "distinct sets", "span loss"])
     shown = shown.rename(columns={"ppl (pruned)": "ppl pruned", "ppl (dense)": "dense", "scoring s": "score s",
                                   "typical removed": "removed"})
     table = Table(title=title, show_lines=False, pad_edge=False)
@@ -117,8 +121,11 @@ def write_reports(board: pd.DataFrame, out_dir: Path, *, title: str) -> list[Pat
     _atomic_write(csv_path, lambda fh: fh.write(csv_bytes))
     body = _display(board).to_markdown(index=False) if not board.empty else "_no finished cells yet_"
     md = (
-        f"# {title}\n\nPerplexity on held-out Wikipedia text (mean ± std over calibration seeds); "
-        "rank within each model and budget, lower perplexity first.\n\n"
+        f"# {title}\n\nPerplexity on held-out text (mean ± std over calibration seeds); rank within each "
+        "model and budget, lower perplexity first. `span loss`: the chosen set's proxy span objective "
+        "(sum over its contiguous runs of the metric's span importance; lower = the set the metric "
+        "calls more removable), the common yardstick for selectors. `evals`: objective evaluations "
+        "the selector used.\n\n"
         f"{body}\n"
     ).encode()
     _atomic_write(md_path, lambda fh: fh.write(md))

@@ -37,6 +37,8 @@ from bench.progress import Reporter
 from bench.store import ResultStore
 from estimators import METRICS
 
+#: objectives every chosen set is scored on in its record (lower = better set to remove)
+PROXY_OBJECTIVES = ("proxy_sum", "proxy_span")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -312,6 +314,8 @@ class Runner:
             chosen = selector(problem)
             selection_seconds = time.perf_counter() - t0
             removed = tuple(chosen.blocks)
+            # every selector's choice scored on the same cheap proxies, so selectors compare on equal terms
+            proxies = {kind: factories[cell.metric.label()].get(kind)(removed) for kind in PROXY_OBJECTIVES}
             stage = "evaluation"
             self.reporter.stage(f"{cell.metric.label()}/{cell.selector.label()}: perplexity")
             dense = self._evaluate(loaded, (), eval_memo)
@@ -331,7 +335,7 @@ class Runner:
             "removed_blocks": list(removed),
             "scores": scored["scores"].tolist(),
             "higher_is_important": scored["higher_is_important"],
-            "selector_result": {"evaluations": chosen.evaluations, "info": chosen.info},
+            "selector_result": {"evaluations": chosen.evaluations, "info": chosen.info, "proxies": proxies},
             "calibration_stats": {k2: v for k2, v in hs["stats"].items()},
             "ppl": {"dense": dense["ppl"], "pruned": pruned["ppl"], "tokens": pruned["tokens"]},
             "parameters": {"dense": dense["parameters"], "pruned": pruned["parameters"],
