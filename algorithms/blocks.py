@@ -113,23 +113,28 @@ def _validate(blocks: Iterable[int], n: int) -> list[int]:
     return sorted(blocks)
 
 
-def remove_blocks(model: nn.Module, blocks: Iterable[int]) -> nn.Module:
-    """Remove ``blocks`` (indices in the model's *current* numbering) in place; return the model."""
+def removal_changes(model: nn.Module, blocks: Iterable[int]) -> list[tuple[object, str, object]]:
+    """The attribute assignments ``(object, name, value)`` that remove ``blocks`` from ``model``.
+
+    The single source of the removal rules: :func:`remove_blocks` applies them for good and
+    :func:`algorithms.masking.skip_blocks` applies them for the duration of a ``with`` block.
+    """
     path = block_path(model)
     layers: nn.ModuleList = _resolve(model, path)
     n = len(layers)
     drop = _validate(blocks, n)
     if not drop:
-        return model
+        return []
     keep = [i for i in range(n) if i not in drop]
+    changes: list[tuple[object, str, object]] = []
     for new_idx, old_idx in enumerate(keep):
         for module in layers[old_idx].modules():
             for attr in _LAYER_INDEX_ATTRS:
                 if isinstance(getattr(module, attr, None), int):
-                    setattr(module, attr, new_idx)
+                    changes.append((module, attr, new_idx))
     parent_path, _, attr = path.rpartition(".")
     parent = _resolve(model, parent_path) if parent_path else model
-    setattr(parent, attr, nn.ModuleList([layers[i] for i in keep]))
+    changes.append((parent, attr, nn.ModuleList([layers[i] for i in keep])))
     for cfg in _configs(model):
         previous = list(getattr(cfg, "blockbench_removed_blocks", None) or [])
         # map current indices back to the dense model's numbering
@@ -139,9 +144,16 @@ def remove_blocks(model: nn.Module, blocks: Iterable[int]) -> nn.Module:
             if key.startswith("_") or key == "blockbench_removed_blocks":
                 continue
             if isinstance(value, (list, tuple)) and len(value) == n and n > 1:
-                setattr(cfg, key, type(value)(value[i] for i in keep))
-        cfg.num_hidden_layers = len(keep)
-        cfg.blockbench_removed_blocks = removed_dense
+                changes.append((cfg, key, type(value)(value[i] for i in keep)))
+        changes.append((cfg, "num_hidden_layers", len(keep)))
+        changes.append((cfg, "blockbench_removed_blocks", removed_dense))
+    return changes
+
+
+def remove_blocks(model: nn.Module, blocks: Iterable[int]) -> nn.Module:
+    """Remove ``blocks`` (indices in the model's *current* numbering) in place; return the model."""
+    for obj, attr, value in removal_changes(model, blocks):
+        setattr(obj, attr, value)
     return model
 
 

@@ -45,6 +45,7 @@ def leaderboard(records: list[dict]) -> pd.DataFrame:
     df = records_frame(records)
     if df.empty:
         return df
+    df = df.sort_values(["seed", "cell_id"], kind="stable")  # "typical" set: ties go to the lowest seed
     agg = df.groupby(GROUP, sort=False).agg(
         seeds=("seed", "nunique"),
         k=("k", "first"),

@@ -227,8 +227,9 @@ class Runner:
         return {**out, "scores": scores, "cached": False}
 
     def _evaluate(self, loaded: dict, removed: tuple[int, ...], memo: dict) -> dict:
-        from algorithms.blocks import count_parameters, pruned_copy
+        from algorithms.blocks import count_parameters
         from algorithms.data import heldout_windows, source_fingerprint
+        from algorithms.masking import skip_blocks
         from algorithms.perplexity import perplexity
 
         ppl_spec = self.config.perplexity
@@ -246,15 +247,11 @@ class Runner:
         windows = heldout_windows(
             loaded["tokenizer"], ppl_spec.source, seq_len=ppl_spec.seq_len, max_windows=ppl_spec.max_windows
         )
-        model = pruned_copy(loaded["model"], removed) if removed else loaded["model"]
         timer = Timer(self.device)
-        try:
-            with timer.stage("perplexity"):
-                result = perplexity(model, windows, batch_size=ppl_spec.batch_size)
+        # the blocks are masked in place for the evaluation (bit-identical to removal, no model copy)
+        with skip_blocks(loaded["model"], removed) as model, timer.stage("perplexity"):
+            result = perplexity(model, windows, batch_size=ppl_spec.batch_size)
             result["parameters"] = count_parameters(model)
-        finally:
-            if removed:
-                del model
         self.counters["evaluations"] += 1
         result["seconds"] = timer.times["perplexity"]
         result["removed"] = list(removed)
