@@ -80,6 +80,7 @@ def run(
         payload = {
             "grid": config.name, "results": str(results_dir), "cells": summary.total,
             "skipped": summary.skipped, "ran": summary.ran, "failed": summary.failed,
+            "elsewhere": summary.elsewhere,
             "failures": [
                 {"cell_id": r["cell_id"], "stage": r["stage"], "error": r["error"]}
                 for r in summary.records if r["status"] != "ok"
@@ -90,7 +91,9 @@ def run(
     elif not quiet:
         err.print(
             f"{summary.total} cells: {summary.skipped} already done, {summary.ran} run, "
-            f"{summary.failed} failed. Records in {results_dir / 'records'}"
+            f"{summary.failed} failed"
+            + (f", {summary.elsewhere} left to another process" if summary.elsewhere else "")
+            + f". Records in {results_dir / 'records'}"
         )
     raise typer.Exit(summary.exit_code)
 

@@ -21,6 +21,7 @@ class Reporter:
     def start(self, total: int, skipped: int) -> None: ...
     def stage(self, text: str) -> None: ...
     def cell_done(self, cell: Any, record: dict) -> None: ...
+    def cell_skipped(self, cell: Any) -> None: ...
     def finish(self) -> None: ...
 
 
@@ -56,6 +57,10 @@ class RichReporter(Reporter):
             self.console.print(
                 f"[red]cell {record['cell_id']} failed[/red] in {record.get('stage')}: {record.get('error')}"
             )
+        if self.task is not None:
+            self.progress.advance(self.task)
+
+    def cell_skipped(self, cell: Any) -> None:
         if self.task is not None:
             self.progress.advance(self.task)
 

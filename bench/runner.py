@@ -111,6 +111,8 @@ class RunSummary:
     skipped: int
     ran: int = 0
     failed: int = 0
+    #: cells left to another ``bench run`` process working on the same results dir
+    elsewhere: int = 0
     records: list[dict] = field(default_factory=list)
 
     @property
@@ -365,8 +367,13 @@ class Runner:
                         lambda cal=group[0].calibration, m=model: self._hidden_states(m.get(), cal),
                     )
                     for cell in group:
-                        record = self._run_cell(cell, model, hidden, eval_memo)
-                        self.store.write_record(record)
+                        with self.store.claim(cell.cell_id) as mine:
+                            if not mine or self.store.is_done(cell.cell_id):
+                                summary.elsewhere += 1  # another process runs or just ran it
+                                self.reporter.cell_skipped(cell)
+                                continue
+                            record = self._run_cell(cell, model, hidden, eval_memo)
+                            self.store.write_record(record)
                         summary.records.append(record)
                         summary.ran += 1
                         summary.failed += record["status"] != "ok"

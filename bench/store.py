@@ -14,12 +14,19 @@ Every file is written to a temporary name in the same folder and renamed into pl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+try:  # POSIX advisory locks; released by the kernel when the process dies, even by kill -9
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no cross-process locking
+    fcntl = None
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -86,6 +93,26 @@ class ResultStore:
         path = self.record_path(record["cell_id"])
         write_json(path, record)
         return path
+
+    @contextlib.contextmanager
+    def claim(self, cell_id: str) -> Iterator[bool]:
+        """Hold an exclusive lock on a cell while it runs: yields False when another process has it.
+
+        Two ``bench run`` processes on one results dir thus never run the same cell twice; a lock
+        held by a process that died is free again at once.
+        """
+        self.records_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.records_dir / f".{cell_id}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    yield False
+                    return
+            yield True
+        finally:
+            os.close(fd)
 
     def records(self) -> list[dict]:
         if not self.records_dir.is_dir():

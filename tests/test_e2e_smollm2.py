@@ -1,17 +1,24 @@
 """The spine end to end on the real SmolLM2-135M: run, records, resume, report, CLI exit codes."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from bench import report
 from bench.cli import app
-from bench.config import load_config
+from bench.config import load_config, parse_config
 from bench.grid import expand
 from bench.runner import Runner
 from estimators import METRICS
 from estimators.base import Metric
+from tests.conftest import SMALL_GRID
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +26,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     """Run the small grid once; later tests inspect and rerun it."""
-    import yaml
 
     from tests.conftest import SMALL_GRID
 
@@ -112,7 +118,6 @@ class NaNMetric(Metric):
 
 
 def test_cli_run_report_and_a_failing_cell(first_run, tmp_path, monkeypatch):
-    import yaml
 
     monkeypatch.setattr(METRICS, "_entries", {**METRICS._entries, "nan_metric": NaNMetric})
     monkeypatch.setattr(METRICS, "_origins", {**METRICS._origins, "nan_metric": "test"})
@@ -128,3 +133,35 @@ def test_cli_run_report_and_a_failing_cell(first_run, tmp_path, monkeypatch):
     assert all("non-finite scores" in f["error"] and f["stage"] == "scoring" for f in payload["failures"])
     result = cli.invoke(app, ["report", "--results", str(first_run["results"])])
     assert result.exit_code == 0 and "bi" in result.stdout
+
+
+def test_kill_minus_9_then_rerun_loses_nothing(first_run, tmp_path):
+    """kill -9 mid-grid, rerun: finished records untouched, the leaderboard equals an uninterrupted run's."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump(SMALL_GRID))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.cli", "run", "--grid", str(grid), "--results", str(killed), "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    records = killed / "records"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (records.is_dir() and list(records.glob("*.json"))):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {p.name: p.read_text() for p in records.glob("*.json")}
+    assert 1 <= len(before) < 4, "the run must be killed mid-grid"
+    for text in before.values():
+        json.loads(text)  # every record on disk is whole
+
+    config = parse_config(SMALL_GRID)
+    summary = Runner(config, killed).run()
+    assert summary.skipped == len(before) and summary.ran == 4 - len(before) and summary.failed == 0
+    assert {p.name: p.read_text() for p in records.glob("*.json") if p.name in before} == before
+
+    ids = {c.cell_id for c in expand(config)}
+    board_killed, _ = report.build(killed, ids)
+    board_clean, _ = report.build(first_run["results"], ids)  # the uninterrupted run
+    cols = ["model", "budget", "metric", "selector", "ppl_mean", "ppl_std", "typical_removed", "seeds"]
+    assert board_killed[cols].to_dict("records") == board_clean[cols].to_dict("records")
