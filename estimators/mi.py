@@ -65,6 +65,14 @@ class GaussianMI(Metric):
     def pair(self, x: Tensor, y: Tensor) -> Tensor:
         return F.mi_gauss(x, y, **self.params)
 
+    def check_input(self, n_tokens: int, width: int) -> None:
+        d = min(width, self.params["max_dim"] or width)
+        if n_tokens < 4 * d:
+            raise ValueError(
+                f"mi_gauss needs N >= 2*(dx+dy) = {4 * d} tokens at width {d}, but the calibration gives "
+                f"{n_tokens} (samples x seq_len): raise samples or seq_len, or set max_dim <= {n_tokens // 4}"
+            )
+
 
 class KSGMI(Metric):
     """Kraskov–Stögbauer–Grassberger kNN MI between a block's input and output.

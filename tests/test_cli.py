@@ -58,3 +58,12 @@ def test_list_metrics_and_selectors():
     assert result.exit_code == 0 and "topk" in result.stdout
     result = cli.invoke(app, ["list", "widgets"])
     assert result.exit_code == 2
+
+
+def test_too_few_tokens_for_gaussian_mi_is_a_config_error(tmp_path):
+    bad = {**SMALL_GRID, "metrics": ["bi", "mi_gauss"]}  # 4 x 128 = 512 tokens < 2 * (576 + 576)
+    result = cli.invoke(app, ["validate", "--grid", str(write(tmp_path, bad))])
+    assert result.exit_code == 2
+    assert "metrics[1].params: mi_gauss needs N >= 2*(dx+dy) = 2304 tokens" in result.output
+    ok = {**SMALL_GRID, "metrics": [{"name": "mi_gauss", "params": {"max_dim": 128}}]}
+    assert cli.invoke(app, ["validate", "--grid", str(write(tmp_path, ok))]).exit_code == 0
