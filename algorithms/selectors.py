@@ -121,6 +121,10 @@ class Selector:
     def select(self, problem: SelectionProblem) -> SelectionResult:
         raise NotImplementedError
 
+    def check_size(self, n_free: int, k: int) -> None:
+        """Raise ``ValueError`` when picking ``k`` of ``n_free`` blocks is out of reach (``bench validate``
+        calls it before anything runs). Default: anything goes."""
+
     def __call__(self, problem: SelectionProblem) -> SelectionResult:
         result = self.select(problem)
         blocks = sorted(int(b) for b in result.blocks)
@@ -267,14 +271,18 @@ class Exhaustive(SearchSelector):
         self.max_combinations = max_combinations
         self.params["max_combinations"] = max_combinations
 
+    def check_size(self, n_free: int, k: int) -> None:
+        count = math.comb(n_free, k)
+        if count > self.max_combinations:
+            raise ValueError(
+                f"selector 'exhaustive': C({n_free}, {k}) = {count:,} combinations exceeds "
+                f"max_combinations={self.max_combinations:,}; lower k or raise max_combinations"
+            )
+
     def select(self, problem: SelectionProblem) -> SelectionResult:
         free = problem.candidates
         count = math.comb(len(free), problem.k)
-        if count > self.max_combinations:
-            raise ValueError(
-                f"selector 'exhaustive': C({len(free)}, {problem.k}) = {count:,} combinations exceeds "
-                f"max_combinations={self.max_combinations:,}; lower k or raise max_combinations"
-            )
+        self.check_size(len(free), problem.k)
         f = self._objective(problem)
         best, best_value = None, math.inf
         for combo in itertools.combinations(free, problem.k):

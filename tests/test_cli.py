@@ -67,3 +67,16 @@ def test_too_few_tokens_for_gaussian_mi_is_a_config_error(tmp_path):
     assert "metrics[1].params: mi_gauss needs N >= 2*(dx+dy) = 2304 tokens" in result.output
     ok = {**SMALL_GRID, "metrics": [{"name": "mi_gauss", "params": {"max_dim": 128}}]}
     assert cli.invoke(app, ["validate", "--grid", str(write(tmp_path, ok))]).exit_code == 0
+
+
+def test_exhaustive_too_large_and_text_too_short_are_config_errors(tmp_path):
+    big = {**SMALL_GRID, "selectors": ["topk", "exhaustive"], "budgets": {"blocks": [10]}}
+    result = cli.invoke(app, ["validate", "--grid", str(write(tmp_path, big))])
+    assert result.exit_code == 2
+    assert "selectors[1]: selector 'exhaustive': C(30, 10) = 30,045,015 combinations" in " ".join(result.output.split())
+    long = {**SMALL_GRID, "calibration": {**SMALL_GRID["calibration"], "source": "news", "samples": 500,
+                                          "seq_len": 2048}}
+    result = cli.invoke(app, ["validate", "--grid", str(write(tmp_path, long))])
+    assert result.exit_code == 2
+    assert "calibration: calibration text of 'news' is too short" in " ".join(result.output.split())
+    assert "samples=500 requested" in " ".join(result.output.split())

