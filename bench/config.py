@@ -6,6 +6,7 @@ and, where it helps, the allowed values. The CLI maps it to exit code 2.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,6 +64,37 @@ class PerplexitySpec(_Frozen):
     batch_size: int = Field(4, ge=1)
 
 
+class AccuracySpec(_Frozen):
+    """Zero-shot (or few-shot) accuracy through lm-evaluation-harness on local copies of the tasks."""
+
+    tasks: list[str] = Field(min_length=1)
+    limit: int | None = Field(100, ge=1)  #: docs per task, a seeded sample
+    num_fewshot: int = Field(0, ge=0)
+    batch_size: int = Field(8, ge=1)
+    seed: int = 0
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        from algorithms.accuracy import SUPPORTED_TASKS
+
+        for t in tasks:
+            if t not in SUPPORTED_TASKS:
+                close = difflib.get_close_matches(t, SUPPORTED_TASKS, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown task {t!r}.{hint} Known: {', '.join(SUPPORTED_TASKS)}")
+        return tasks
+
+
+class SpeedSpec(_Frozen):
+    """Prefill latency and decode throughput of the dense and every pruned model, as ratios."""
+
+    prompt_lengths: list[int] = Field(default_factory=lambda: [128, 512], min_length=1)
+    decode_tokens: int = Field(32, ge=1)
+    repeats: int = Field(5, ge=1)
+    warmup: int = Field(1, ge=0)
+
+
 class BudgetSpec(_Frozen):
     """How many blocks to remove: shares of the block count, absolute counts, or both."""
 
@@ -108,6 +140,8 @@ class GridConfig(_Frozen):
     budgets: BudgetSpec
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     perplexity: PerplexitySpec = Field(default_factory=PerplexitySpec)
+    accuracy: AccuracySpec | None = None
+    speed: SpeedSpec | None = None
     #: blocks never removed; negative indices count from the end (-1 = last block)
     protect: list[int] = Field(default_factory=list)
     device: Device = "auto"

@@ -42,10 +42,15 @@ class Cell:
     protect: tuple[int, ...]
     perplexity: dict[str, Any]
     dtype: str
+    accuracy: dict[str, Any] | None = None
+    speed: dict[str, Any] | None = None
 
     def spec(self) -> dict[str, Any]:
-        """The canonical, JSON-ready description of the cell (without the grid's name)."""
-        return {
+        """The canonical, JSON-ready description of the cell (without the grid's name).
+
+        ``accuracy`` and ``speed`` enter only when configured, so adding neither keeps old ids."""
+        extra = {k: v for k, v in (("accuracy", self.accuracy), ("speed", self.speed)) if v is not None}
+        return extra | {
             "model": self.model,
             "calibration": self.calibration,
             "metric": self.metric.model_dump(),
@@ -123,6 +128,8 @@ def expand(config: GridConfig) -> list[Cell]:
                                     "max_windows": config.perplexity.max_windows,
                                 },
                                 dtype=config.dtype,
+                                accuracy=config.accuracy.model_dump() if config.accuracy else None,
+                                speed=config.speed.model_dump() if config.speed else None,
                             )
                         )
     ids = [c.cell_id for c in cells]

@@ -42,6 +42,14 @@ PROXY_OBJECTIVES = ("proxy_sum", "proxy_span")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
+def accuracy_score(tasks: dict[str, dict[str, float]]) -> float:
+    """Mean over tasks of each task's headline number: ``acc_norm`` where lm-eval reports it (the
+    length-normalised score the pruning literature quotes for HellaSwag, ARC, PIQA, OpenBookQA),
+    else ``acc``."""
+    values = [t["acc_norm"] if t.get("acc_norm") is not None else t["acc"] for t in tasks.values()]
+    return sum(values) / len(values)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -159,7 +167,7 @@ class Runner:
         self.dtype = DTYPES[config.dtype]
         self.env = environment(self.device)
         #: how often each expensive stage really ran in this process (tests read it)
-        self.counters = {"model_loads": 0, "captures": 0, "scorings": 0, "evaluations": 0}
+        self.counters = {"model_loads": 0, "captures": 0, "scorings": 0, "evaluations": 0, "accuracy_runs": 0}
 
     # ------------------------------------------------------------------ expensive shared stages
     def _load_model(self, spec: dict) -> dict:
@@ -261,6 +269,51 @@ class Runner:
         memo[key] = result
         return {**result, "cached": False}
 
+    def _eval_key(self, loaded: dict, removed: tuple[int, ...], spec) -> str:
+        return short_hash({"model": loaded["info"]["fingerprint"], "removed": list(removed),
+                           "dtype": self.config.dtype, "spec": spec.model_dump(), "protocol": PROTOCOL_VERSION})
+
+    def _accuracy(self, loaded: dict, removed: tuple[int, ...], memo: dict) -> dict:
+        """lm-eval accuracy of the model without ``removed``: once per block set (dense included)."""
+        from algorithms.accuracy import evaluate_tasks
+        from algorithms.masking import skip_blocks
+
+        spec = self.config.accuracy
+        key = "acc-" + self._eval_key(loaded, removed, spec)
+        if key in memo:
+            return memo[key]
+        result = self.store.get_json("accuracy", key)
+        if result is None:
+            timer = Timer(self.device)
+            with skip_blocks(loaded["model"], removed) as model, timer.stage("accuracy"):
+                tasks = evaluate_tasks(model, loaded["tokenizer"], list(spec.tasks), limit=spec.limit,
+                                       num_fewshot=spec.num_fewshot, batch_size=spec.batch_size, seed=spec.seed)
+            self.counters["accuracy_runs"] += 1
+            result = {"tasks": tasks, "score": accuracy_score(tasks), "seconds": timer.times["accuracy"]}
+            self.store.put_json("accuracy", key, result)
+        memo[key] = result
+        return result
+
+    def _speed(self, loaded: dict, removed: tuple[int, ...]) -> dict:
+        """Speedup of the pruned over the dense model, measured back to back in this process."""
+        from algorithms.masking import skip_blocks
+        from algorithms.speed import measure_speed, speedup
+
+        spec = self.config.speed
+        key = "speed-" + self._eval_key(loaded, removed, spec)
+        if (cached := self.store.get_json("speed", key)) is not None:
+            return cached
+        options = {"prompt_lengths": tuple(spec.prompt_lengths), "decode_tokens": spec.decode_tokens,
+                   "repeats": spec.repeats, "warmup": spec.warmup}
+        dense = measure_speed(loaded["model"], **options)  # right before the pruned model, never stored
+        with skip_blocks(loaded["model"], removed) as model:
+            pruned = measure_speed(model, **options)
+        n = loaded["info"]["n_blocks"]
+        dense["n_blocks"], pruned["n_blocks"] = n, n - len(removed)
+        result = {"speedup": speedup(dense, pruned), "dense": dense, "pruned": pruned}
+        self.store.put_json("speed", key, result)
+        return result
+
     # ------------------------------------------------------------------ one cell
     def _run_cell(self, cell: Cell, model: _Lazy, hidden: _Lazy, eval_memo: dict) -> dict:
         record: dict[str, Any] = {
@@ -319,6 +372,20 @@ class Runner:
             self.reporter.stage(f"{cell.metric.label()}/{cell.selector.label()}: perplexity")
             dense = self._evaluate(loaded, (), eval_memo)
             pruned = self._evaluate(loaded, removed, eval_memo)
+            extra: dict[str, Any] = {}
+            if self.config.accuracy is not None:
+                stage = "accuracy"
+                self.reporter.stage(f"{cell.metric.label()}/{cell.selector.label()}: accuracy")
+                acc_dense = self._accuracy(loaded, (), eval_memo)
+                acc_pruned = self._accuracy(loaded, removed, eval_memo)
+                extra["accuracy"] = {
+                    "dense": acc_dense, "pruned": acc_pruned,
+                    "retained": acc_pruned["score"] / acc_dense["score"] if acc_dense["score"] else None,
+                }
+            if self.config.speed is not None:
+                stage = "speed"
+                self.reporter.stage(f"{cell.metric.label()}/{cell.selector.label()}: speed")
+                extra["speed"] = self._speed(loaded, removed)
         except Exception as exc:  # noqa: BLE001 - one failing cell never stops the grid
             err = exc.exc if isinstance(exc, _StageError) else exc
             tb = exc.tb if isinstance(exc, _StageError) else traceback.format_exc()
@@ -345,6 +412,7 @@ class Runner:
                 "perplexity_pruned": pruned["seconds"],
             },
             "cache_hits": {"hidden": hs["cached"], "scores": scored["cached"], "eval": pruned["cached"]},
+            **extra,
             "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         })
         return record

@@ -75,7 +75,8 @@ def test_rerun_recomputes_nothing(first_run):
     runner = Runner(first_run["config"], first_run["results"])
     summary = runner.run()
     assert (summary.skipped, summary.ran) == (4, 0)
-    assert runner.counters == {"model_loads": 0, "captures": 0, "scorings": 0, "evaluations": 0}
+    assert runner.counters == {"model_loads": 0, "captures": 0, "scorings": 0, "evaluations": 0,
+                               "accuracy_runs": 0}
 
 
 def test_deleting_one_record_recomputes_exactly_that_cell(first_run):
@@ -89,7 +90,8 @@ def test_deleting_one_record_recomputes_exactly_that_cell(first_run):
     assert (summary.skipped, summary.ran) == (3, 1)
     assert [r["cell_id"] for r in summary.records] == [victim.cell_id]
     # hidden states, scores and perplexities come from the caches
-    assert runner.counters == {"model_loads": 1, "captures": 0, "scorings": 0, "evaluations": 0}
+    assert runner.counters == {"model_loads": 1, "captures": 0, "scorings": 0, "evaluations": 0,
+                               "accuracy_runs": 0}
     after = json.loads(path.read_text())
     assert after["removed_blocks"] == before["removed_blocks"]
     assert after["ppl"] == before["ppl"]
