@@ -389,6 +389,8 @@ class Runner:
         except Exception as exc:  # noqa: BLE001 - one failing cell never stops the grid
             err = exc.exc if isinstance(exc, _StageError) else exc
             tb = exc.tb if isinstance(exc, _StageError) else traceback.format_exc()
+            if isinstance(err, torch.OutOfMemoryError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()  # give the next cell the memory back
             record.update({
                 "status": "failed", "stage": exc.stage if isinstance(exc, _StageError) else stage,
                 "error": f"{type(err).__name__}: {err}", "traceback": tb,

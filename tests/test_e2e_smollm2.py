@@ -119,6 +119,29 @@ class NaNMetric(Metric):
         return torch.tensor(float("nan"))
 
 
+class OOMMetric(Metric):
+    """Runs out of memory: the cell is recorded as failed and the next cell still runs."""
+
+    name = "oom_metric"
+
+    def pair(self, x, y):
+        import torch
+
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def test_out_of_memory_in_one_cell_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(METRICS, "_entries", {**METRICS._entries, "oom_metric": OOMMetric})
+    monkeypatch.setattr(METRICS, "_origins", {**METRICS._origins, "oom_metric": "test"})
+    config = parse_config({**SMALL_GRID, "metrics": ["oom_metric", "bi"]})
+    summary = Runner(config, tmp_path).run()
+    failed = [r for r in summary.records if r["status"] != "ok"]
+    assert summary.ran == 4 and len(failed) == 2
+    assert all(r["stage"] == "scoring" and "OutOfMemoryError" in r["error"] for r in failed)
+    assert all(r["labels"]["metric"] == "bi" for r in summary.records if r["status"] == "ok")
+    assert summary.exit_code == 1
+
+
 def test_cli_run_report_and_a_failing_cell(first_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(METRICS, "_entries", {**METRICS._entries, "nan_metric": NaNMetric})
