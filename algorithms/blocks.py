@@ -1,38 +1,78 @@
 """Find a decoder-only model's block list and remove blocks from it correctly.
 
-Removal is where other tools go wrong, so it does four things:
+Removing a block is more than deleting it from the ``nn.ModuleList``. :func:`removal_changes` lists
+every attribute assignment that removal needs, and :func:`remove_blocks` applies them:
 
-1. keeps the surviving blocks, in order, in a new ``nn.ModuleList``;
-2. renumbers every ``layer_idx`` (attention modules index the KV cache with it: a stale one makes
-   ``generate()`` read another layer's keys);
-3. sets ``num_hidden_layers`` (Llama-style models loop over ``layers[:num_hidden_layers]``) and
-   slices every per-layer config list such as Gemma-3's and Qwen2's ``layer_types`` (the forward pass
-   and ``DynamicCache(config=...)`` read them by position; a stale one breaks masks and reloads);
-4. records the removed blocks, in the dense model's numbering, as ``config.blockbench_removed_blocks``.
+1. the surviving blocks, in order, go into a new ``nn.ModuleList``;
+2. every ``layer_idx``-style attribute inside them is renumbered to the block's new position
+   (attention modules index the KV cache with it: a stale one makes ``generate()`` read another
+   layer's keys, or index past the end of a cache built for fewer layers);
+3. every config that describes the block list gets ``num_hidden_layers`` set and each per-layer
+   list sliced to the kept blocks (Gemma-3's and Qwen2's ``layer_types``: the forward pass picks the
+   mask by ``config.layer_types[i]`` and ``DynamicCache(config=...)`` builds sliding or full cache
+   layers from it), plus the few fields that encode per-layer facts differently (Qwen2's
+   ``max_window_layers``, GPT-Neo's ``attention_types``), so that a saved model reloads identically;
+4. values cached from the config at ``__init__`` are kept consistent (``has_sliding_layers`` on
+   Qwen2-style models; GPT-2's per-layer attention scale when ``scale_attn_by_inverse_layer_idx``
+   is set, which is folded into the query weights so the renumbered block still computes the same);
+5. the removed blocks, numbered as in the dense model, are recorded as
+   ``config.blockbench_removed_blocks``, so a saved pruned model says what was removed.
+
+Indices given to :func:`remove_blocks` are positions in the model *as it is now*. When a model is
+pruned twice, the second call's indices are mapped back to the dense model through the first
+record: the current block ``j`` is the ``j``-th dense index not in ``blockbench_removed_blocks``.
+The record is always the sorted union, in dense numbering.
 """
 
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Iterable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
+M = TypeVar("M", bound=nn.Module)
+#: one attribute assignment: ``setattr(obj, name, value)``
+Change = tuple[Any, str, Any]
+
 #: dotted paths of the block list in the architectures we know (checked in order)
 KNOWN_PATHS = (
-    "model.layers",  # Llama, Mistral, Qwen2, Gemma, Gemma-3, Phi-3, OLMo, ...
-    "model.language_model.layers",  # multimodal wrappers around a text model
-    "transformer.h",  # GPT-2, GPT-J, Falcon, Bloom, CodeGen
+    "model.layers",  # Llama, Mistral, Qwen2, Gemma, Gemma-3 (text), Phi, Phi-3, OLMo, Granite, ...
+    "model.language_model.layers",  # multimodal wrappers around a text model (Gemma-3, LLaVA, ...)
+    "transformer.h",  # GPT-2, GPT-J, GPT-Neo, Falcon, Bloom, CodeGen
     "model.decoder.layers",  # OPT
     "gpt_neox.layers",  # GPT-NeoX, Pythia
     "transformer.layers",
-    "layers",
+    "layers",  # a bare base model (LlamaModel, ...)
+    "h",  # a bare GPT-2-style base model
+    "decoder.layers",  # a bare OPTModel's decoder
 )
-_LAYER_INDEX_ATTRS = ("layer_idx", "layer_id", "layer_number")
+#: attributes through which modules inside a block know their block's position
+LAYER_INDEX_ATTRS = ("layer_idx", "layer_id", "layer_number")
+#: list-valued config fields that are never per-layer, even when their length happens to match
+_NOT_PER_LAYER = frozenset(
+    {
+        "architectures",
+        "bad_words_ids",
+        "begin_suppress_tokens",
+        "blockbench_removed_blocks",
+        "bos_token_id",
+        "decoder_start_token_id",
+        "eos_token_id",
+        "forced_decoder_ids",
+        "pad_token_id",
+        "sep_token_id",
+        "suppress_tokens",
+    }
+)
+#: int config fields meaning "the first k layers are special" (Qwen2: layers < k use full attention)
+_PREFIX_COUNT_ATTRS = ("max_window_layers",)
 
 
-def _resolve(obj, path: str):
+def _resolve(obj: Any, path: str) -> Any:
     for part in path.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
@@ -40,83 +80,251 @@ def _resolve(obj, path: str):
     return obj
 
 
-def _n_layers(model) -> int | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "num_hidden_layers", None) if config is not None else None
+def _layer_count(config: Any) -> int | None:
+    """``config.num_hidden_layers`` when it is an int, else ``None``."""
+    n = getattr(config, "num_hidden_layers", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
+def _expected_blocks(config: Any) -> int | None:
+    """The block count a model's config states (its own, or its decoder text config's), or ``None``."""
+    if config is None:
+        return None
+    n = _layer_count(config)
+    return n if n is not None else _layer_count(_text_config(config))
+
+
+def _text_config(config: Any) -> Any:
+    """The decoder text config of a composite (multimodal) config, the config itself otherwise."""
+    getter = getattr(config, "get_text_config", None)
+    if callable(getter):
+        try:
+            return getter(decoder=True)
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def _n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def block_path(model: nn.Module) -> str:
-    """Dotted attribute path of the block ``ModuleList`` (e.g. ``"model.layers"``)."""
-    expected = _n_layers(model)
+    """Dotted attribute path of the block ``ModuleList`` (e.g. ``"model.layers"``).
+
+    Known paths are tried first; otherwise the ``nn.ModuleList`` holding the most parameters among
+    those of ``config.num_hidden_layers`` entries (any length when there is no config).
+    """
+    expected = _expected_blocks(getattr(model, "config", None))
+
+    def fits(mod: object) -> bool:
+        return isinstance(mod, nn.ModuleList) and len(mod) > 0 and (expected is None or len(mod) == expected)
+
     for path in KNOWN_PATHS:
-        found = _resolve(model, path)
-        if isinstance(found, nn.ModuleList) and len(found) > 0 and (expected is None or len(found) == expected):
+        if fits(_resolve(model, path)):
             return path
-    candidates = [
-        (len(mod), name)
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (expected is None or len(mod) == expected)
-    ]
+    candidates = [(name, mod) for name, mod in model.named_modules() if name and fits(mod)]
     if not candidates:
+        wanted = f"{expected} entries (config.num_hidden_layers)" if expected is not None else "any length"
         raise ValueError(
-            f"cannot find the block list of {type(model).__name__}: no nn.ModuleList of "
-            f"{expected if expected is not None else 'any'} blocks"
+            f"cannot find the block list of {type(model).__name__}: no nn.ModuleList of {wanted}; "
+            f"known paths tried: {', '.join(KNOWN_PATHS)}"
         )
-    return max(candidates, key=lambda c: (c[0], -c[1].count(".")))[1]
+    return max(candidates, key=lambda c: (_n_params(c[1]), -c[0].count(".")))[0]
 
 
 def get_blocks(model: nn.Module) -> nn.ModuleList:
+    """The block ``ModuleList`` itself."""
     return _resolve(model, block_path(model))
 
 
 def num_blocks(model: nn.Module) -> int:
+    """How many blocks the model has now."""
     return len(get_blocks(model))
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of parameters, each tensor counted once (tied embeddings are shared)."""
-    seen: set[int] = set()
+    """Number of parameters, each tensor counted once (tied weights, even as distinct ``Parameter``
+    objects over the same memory, count once)."""
+    seen: set[object] = set()
     total = 0
-    for p in model.parameters():  # parameters() already skips duplicates of the same Parameter
-        if id(p) not in seen:
-            seen.add(id(p))
+    for p in model.parameters():
+        if p.device.type == "meta" or p.numel() == 0:
+            key: object = id(p)
+        else:
+            key = (p.device, p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape), p.stride())
+        if key not in seen:
+            seen.add(key)
             total += p.numel()
     return total
 
 
-def _configs(model: nn.Module) -> list:
-    """Every distinct config object reachable from the model's modules (they are usually one)."""
-    out, ids = [], set()
-    for module in model.modules():
+def _validate(blocks: Iterable[int] | int, n: int) -> list[int]:
+    """Sorted, checked block indices; ``ValueError`` naming the bad value and the block count."""
+    if isinstance(blocks, int) and not isinstance(blocks, bool):
+        blocks = [blocks]
+    try:
+        given = list(blocks)
+    except TypeError:
+        raise ValueError(f"blocks must be an iterable of block indices, not {blocks!r}") from None
+    out: list[int] = []
+    for b in given:
+        if isinstance(b, bool) or (isinstance(b, torch.Tensor) and b.is_floating_point()):
+            raise ValueError(f"block index {b!r} is not an integer (the model has {n} blocks)")
+        try:
+            i = operator.index(b)
+        except TypeError:
+            raise ValueError(f"block index {b!r} is not an integer (the model has {n} blocks)") from None
+        if not 0 <= i < n:
+            raise ValueError(f"block index {i} is out of range for a model of {n} blocks (valid: 0..{n - 1})")
+        if i in out:
+            raise ValueError(f"block index {i} is given twice (the model has {n} blocks)")
+        out.append(i)
+    if len(out) == n:
+        raise ValueError(f"cannot remove all {n} blocks: at least one must stay")
+    return sorted(out)
+
+
+def _path_modules(model: nn.Module, path: str) -> list[nn.Module]:
+    """The model and every module on the way to the block list (its owners)."""
+    modules = [model]
+    obj: Any = model
+    for part in path.split(".")[:-1]:
+        obj = getattr(obj, part)
+        modules.append(obj)
+    return modules
+
+
+def _configs(model: nn.Module, path: str, layers: nn.ModuleList, n: int) -> list[Any]:
+    """Every distinct config that describes this block list: those of the modules that own it and of
+    the modules inside the blocks (and their text configs), with ``num_hidden_layers == n``. A vision
+    tower's config is never touched."""
+    held: dict[int, Any] = {}
+    for module in [*_path_modules(model, path), *(m for block in layers for m in block.modules())]:
         cfg = getattr(module, "config", None)
-        if cfg is not None and hasattr(cfg, "num_hidden_layers") and id(cfg) not in ids:
-            ids.add(id(cfg))
-            out.append(cfg)
-    return out
+        if cfg is not None:
+            held.setdefault(id(cfg), cfg)
+    out: dict[int, Any] = {}
+    for cfg in held.values():
+        for candidate in (cfg, _text_config(cfg)):
+            if candidate is not None and _layer_count(candidate) == n:
+                out.setdefault(id(candidate), candidate)
+    return list(out.values())
 
 
-def _validate(blocks: Iterable[int], n: int) -> list[int]:
-    blocks = list(blocks)
-    for b in blocks:
-        if isinstance(b, bool) or not isinstance(b, (int,)) and not (
-            isinstance(b, torch.Tensor) and b.dim() == 0 and not b.is_floating_point()
-        ):
-            raise ValueError(f"block index {b!r} is not an integer")
-    blocks = [int(b) for b in blocks]
-    if bad := [b for b in blocks if not 0 <= b < n]:
-        raise ValueError(f"block index {bad[0]} is out of range for a model of {n} blocks")
-    if len(set(blocks)) != len(blocks):
-        dup = next(b for b in blocks if blocks.count(b) > 1)
-        raise ValueError(f"block index {dup} is given twice")
-    if len(blocks) >= n:
-        raise ValueError(f"cannot remove all {n} blocks")
-    return sorted(blocks)
+def _renumber(block: nn.Module, old: int, new: int) -> list[Change]:
+    """Renumber the layer-index attributes inside ``block`` (at position ``old``) to position ``new``.
+
+    0-based indices (``value == old``) become ``new``; 1-based ones (``value == old + 1``, as in
+    Megatron-style ``layer_number``) become ``new + 1``. Anything else would be a reference to another
+    layer, which removal cannot keep right, so it is refused.
+    """
+    changes: list[Change] = []
+    for name, module in block.named_modules():
+        for attr in LAYER_INDEX_ATTRS:
+            value = getattr(module, attr, None)
+            if not isinstance(value, int) or isinstance(value, bool):
+                continue
+            offset = value - old
+            if offset != 0 and not (attr == "layer_number" and offset == 1):
+                where = f"block {old}" + (f" ({name})" if name else "")
+                raise ValueError(
+                    f"{type(module).__name__} in {where} has {attr}={value}, which is not its block's "
+                    "position: cannot renumber it safely"
+                )
+            changes.append((module, attr, new + offset))
+        changes.extend(_gpt2_inverse_layer_scale(module, old, new))
+    return changes
 
 
-def removal_changes(model: nn.Module, blocks: Iterable[int]) -> list[tuple[object, str, object]]:
+def _gpt2_inverse_layer_scale(module: nn.Module, old: int, new: int) -> list[Change]:
+    """GPT-2 with ``scale_attn_by_inverse_layer_idx`` bakes ``1 / (layer_idx + 1)`` into
+    ``attn.scaling`` at ``__init__``. Keep what the block computes, but make it consistent with the new
+    ``layer_idx`` (so a saved model reloads identically): set the scale a fresh block at ``new`` would
+    have and multiply the query projection by ``(new + 1) / (old + 1)`` to compensate."""
+    if not getattr(module, "scale_attn_by_inverse_layer_idx", False) or old == new:
+        return []
+    scaling = getattr(module, "scaling", None)
+    if not isinstance(scaling, float):
+        return []
+    ratio = (new + 1) / (old + 1)
+    changes: list[Change] = [(module, "scaling", scaling * (old + 1) / (new + 1))]
+    if getattr(module, "is_cross_attention", False):
+        proj, width = module.q_attn, None  # the whole q_attn is the query
+    else:
+        proj, width = module.c_attn, module.split_size  # query = first split_size output columns
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            param = getattr(proj, name, None)
+            if param is None:
+                continue
+            value = param.detach().clone()
+            if width is None:
+                value.mul_(ratio)
+            else:
+                value[..., :width].mul_(ratio)  # Conv1D weight is (in, out): output columns are last
+            changes.append((proj, name, nn.Parameter(value, requires_grad=param.requires_grad)))
+    return changes
+
+
+def _run_length(types: list[str]) -> list[list[Any]]:
+    """GPT-Neo's compressed ``attention_types`` for an explicit per-layer list."""
+    runs: list[list[Any]] = []
+    for t in types:
+        if runs and runs[-1][0] == [t]:
+            runs[-1][1] += 1
+        else:
+            runs.append([[t], 1])
+    return runs
+
+
+def _config_changes(cfg: Any, keep: list[int], drop: list[int], n: int) -> list[Change]:
+    """Slice the per-layer fields of one config, set its layer count and record the removal."""
+    if getattr(cfg, "is_heterogeneous", False):
+        raise ValueError(
+            f"{type(cfg).__name__} has per-layer overrides (per_layer_config): block removal does not "
+            "support heterogeneous configs"
+        )
+    changes: list[Change] = []
+    sliced: dict[str, Any] = {}
+    for key, value in list(vars(cfg).items()):
+        if key.startswith("_") or key in _NOT_PER_LAYER:
+            continue
+        if isinstance(value, (list, tuple)) and len(value) == n:
+            sliced[key] = type(value)(value[i] for i in keep)
+            changes.append((cfg, key, sliced[key]))
+    if "attention_layers" in sliced and isinstance(vars(cfg).get("attention_types"), (list, tuple)):
+        changes.append((cfg, "attention_types", _run_length(list(sliced["attention_layers"]))))
+    for key in _PREFIX_COUNT_ATTRS:
+        k = vars(cfg).get(key)
+        if isinstance(k, int) and not isinstance(k, bool) and 0 <= k < n:
+            changes.append((cfg, key, sum(1 for i in keep if i < k)))
+    changes.append((cfg, "num_hidden_layers", len(keep)))
+    changes.append((cfg, "blockbench_removed_blocks", _record(cfg, drop, n)))
+    return changes
+
+
+def _record(cfg: Any, drop: list[int], n: int) -> list[int]:
+    """The removed blocks in dense numbering after dropping ``drop`` (current numbering) from ``n``.
+
+    The current block ``j`` is the ``j``-th dense index not already in ``blockbench_removed_blocks``.
+    """
+    previous = sorted(getattr(cfg, "blockbench_removed_blocks", None) or [])
+    dense_kept = [i for i in range(n + len(previous)) if i not in set(previous)]
+    if len(dense_kept) != n:
+        raise ValueError(
+            f"config.blockbench_removed_blocks={previous} does not fit a model of {n} blocks left: "
+            "it should list distinct dense indices"
+        )
+    return sorted(previous + [dense_kept[i] for i in drop])
+
+
+def removal_changes(model: nn.Module, blocks: Iterable[int] | int) -> list[Change]:
     """The attribute assignments ``(object, name, value)`` that remove ``blocks`` from ``model``.
 
-    The single source of the removal rules: :func:`remove_blocks` applies them for good and
+    ``blocks`` are indices in the model's current numbering. Everything is checked and computed
+    before anything is assigned, so a bad index leaves the model as it was. This is the single source
+    of the removal rules: :func:`remove_blocks` applies the changes for good and
     :func:`algorithms.masking.skip_blocks` applies them for the duration of a ``with`` block.
     """
     path = block_path(model)
@@ -126,38 +334,42 @@ def removal_changes(model: nn.Module, blocks: Iterable[int]) -> list[tuple[objec
     if not drop:
         return []
     keep = [i for i in range(n) if i not in drop]
-    changes: list[tuple[object, str, object]] = []
-    for new_idx, old_idx in enumerate(keep):
-        for module in layers[old_idx].modules():
-            for attr in _LAYER_INDEX_ATTRS:
-                if isinstance(getattr(module, attr, None), int):
-                    changes.append((module, attr, new_idx))
+    changes: list[Change] = []
+    for new, old in enumerate(keep):
+        changes.extend(_renumber(layers[old], old, new))
     parent_path, _, attr = path.rpartition(".")
     parent = _resolve(model, parent_path) if parent_path else model
     changes.append((parent, attr, nn.ModuleList([layers[i] for i in keep])))
-    for cfg in _configs(model):
-        previous = list(getattr(cfg, "blockbench_removed_blocks", None) or [])
-        # map current indices back to the dense model's numbering
-        dense_kept = [i for i in range(n + len(previous)) if i not in set(previous)]
-        removed_dense = sorted(previous + [dense_kept[i] for i in drop])
-        for key, value in list(vars(cfg).items()):
-            if key.startswith("_") or key == "blockbench_removed_blocks":
-                continue
-            if isinstance(value, (list, tuple)) and len(value) == n and n > 1:
-                changes.append((cfg, key, type(value)(value[i] for i in keep)))
-        changes.append((cfg, "num_hidden_layers", len(keep)))
-        changes.append((cfg, "blockbench_removed_blocks", removed_dense))
+    configs = _configs(model, path, layers, n)
+    for cfg in configs:
+        changes.extend(_config_changes(cfg, keep, drop, n))
+    root = getattr(model, "config", None)  # a multimodal wrapper's config says what was removed too
+    if root is not None and not any(root is c for c in configs) and hasattr(root, "to_dict"):
+        changes.append((root, "blockbench_removed_blocks", _record(root, drop, n)))
+    # flags computed from config.layer_types at __init__ (Qwen2Model, Qwen3Model, ... has_sliding_layers)
+    for module in _path_modules(model, path):
+        cfg = getattr(module, "config", None)
+        if isinstance(getattr(module, "has_sliding_layers", None), bool) and any(cfg is c for c in configs):
+            types = vars(cfg).get("layer_types")
+            if isinstance(types, (list, tuple)) and len(types) == n:
+                changes.append(
+                    (module, "has_sliding_layers", "sliding_attention" in [types[i] for i in keep])
+                )
     return changes
 
 
-def remove_blocks(model: nn.Module, blocks: Iterable[int]) -> nn.Module:
-    """Remove ``blocks`` (indices in the model's *current* numbering) in place; return the model."""
+def remove_blocks(model: M, blocks: Iterable[int] | int) -> M:
+    """Remove ``blocks`` (0-based indices in the model's current numbering) in place; return the model.
+
+    Raises ``ValueError`` for an index that is not an integer, out of range or repeated, and for
+    removing every block; the model is unchanged then.
+    """
     for obj, attr, value in removal_changes(model, blocks):
         setattr(obj, attr, value)
     return model
 
 
-def pruned_copy(model: nn.Module, blocks: Iterable[int]) -> nn.Module:
+def pruned_copy(model: M, blocks: Iterable[int] | int) -> M:
     """A deep copy of ``model`` with ``blocks`` removed; ``model`` itself is untouched."""
-    clone = copy.deepcopy(model)
-    return remove_blocks(clone, blocks)
+    drop = _validate(blocks, num_blocks(model))  # fail before paying for the copy
+    return remove_blocks(copy.deepcopy(model), drop)
