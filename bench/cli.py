@@ -103,6 +103,8 @@ def report_cmd(
     results: ResultsOpt = None,
     grid: Annotated[Path | None, typer.Option("--grid", "-g", help="only this grid's cells")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the leaderboard as JSON")] = False,
+    rank_by: Annotated[str, typer.Option(help="auto (accuracy when measured, else perplexity), accuracy or ppl")]
+    = "auto",
 ) -> None:
     """Rebuild the leaderboard (terminal, leaderboard.md, leaderboard.csv) from the records."""
     from bench import report as rep
@@ -118,7 +120,12 @@ def report_cmd(
         raise _fail("give --results DIR or --grid FILE")
     if not (results / "records").is_dir():
         raise _fail(f"no records under {str(results)!r} (run 'bench run' first)")
-    board, _ = rep.build(results, cell_ids)
+    if rank_by not in rep.RANK_BY:
+        raise _fail(f"--rank-by must be one of {', '.join(rep.RANK_BY)}, got {rank_by!r}")
+    try:
+        board, _ = rep.build(results, cell_ids, rank_by=rank_by)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
     paths = rep.write_reports(board, results, title=title)
     if as_json:
         print(board.to_json(orient="records", indent=2))

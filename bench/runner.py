@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from algorithms.accuracy import accuracy_score
 from algorithms.selectors import SELECTORS, SelectionProblem
 from bench import __version__
 from bench.config import GridConfig
@@ -40,14 +41,6 @@ from estimators import METRICS
 #: objectives every chosen set is scored on in its record (lower = better set to remove)
 PROXY_OBJECTIVES = ("proxy_sum", "proxy_span")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-def accuracy_score(tasks: dict[str, dict[str, float]]) -> float:
-    """Mean over tasks of each task's headline number: ``acc_norm`` where lm-eval reports it (the
-    length-normalised score the pruning literature quotes for HellaSwag, ARC, PIQA, OpenBookQA),
-    else ``acc``."""
-    values = [t["acc_norm"] if t.get("acc_norm") is not None else t["acc"] for t in tasks.values()]
-    return sum(values) / len(values)
 
 
 def resolve_device(device: str) -> torch.device:

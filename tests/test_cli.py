@@ -80,3 +80,40 @@ def test_exhaustive_too_large_and_text_too_short_are_config_errors(tmp_path):
     assert result.exit_code == 2
     assert "calibration: calibration text of 'news' is too short" in " ".join(result.output.split())
     assert "samples=500 requested" in " ".join(result.output.split())
+
+
+def test_bad_accuracy_and_speed_sections_name_the_key(tmp_path):
+    cases = [
+        ({"accuracy": {"tasks": ["piqa", "hellaswg"]}}, "accuracy.tasks", "Did you mean 'hellaswag'"),
+        ({"accuracy": {"tasks": []}}, "accuracy.tasks", "at least 1"),
+        ({"accuracy": {"tasks": ["piqa"], "limit": 0}}, "accuracy.limit", "greater than or equal to 1"),
+        ({"accuracy": {"tasks": ["piqa"], "shots": 5}}, "accuracy.shots", "unknown key"),
+        ({"speed": {"prompt_lengths": []}}, "speed.prompt_lengths", "at least 1"),
+        ({"speed": {"decode_tokens": 0}}, "speed.decode_tokens", "greater than or equal to 1"),
+    ]
+    for override, key, message in cases:
+        result = cli.invoke(app, ["validate", "--grid", str(write(tmp_path, {**SMALL_GRID, **override}))])
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2, (override, result.output)
+        assert key in text and message in text, (override, text)
+    ok = {**SMALL_GRID, "accuracy": {"tasks": ["piqa", "boolq"], "limit": 50}, "speed": {"repeats": 3}}
+    assert cli.invoke(app, ["validate", "--grid", str(write(tmp_path, ok))]).exit_code == 0
+
+
+def test_report_rank_by_accuracy_without_accuracy_is_refused(tmp_path):
+    import json
+
+    record = {
+        "status": "ok", "cell_id": "c1", "k": 4, "removed_blocks": [3, 4, 5, 6],
+        "labels": {"model": "m", "metric": "bi", "selector": "topk", "budget": "4 blocks", "seed": 0},
+        "model": {"n_blocks": 30}, "ppl": {"dense": 20.0, "pruned": 30.0},
+        "parameters": {"kept_share": 0.9}, "timings": {"scoring": 0.1},
+        "selector_result": {"evaluations": 1, "proxies": {"proxy_span": 0.5}},
+    }
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "c1.json").write_text(json.dumps(record))
+    result = cli.invoke(app, ["report", "--results", str(tmp_path), "--rank-by", "accuracy"])
+    assert result.exit_code == 2 and "accuracy" in result.output
+    result = cli.invoke(app, ["report", "--results", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "lower perplexity first" in (tmp_path / "leaderboard.md").read_text()
