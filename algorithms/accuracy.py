@@ -390,6 +390,9 @@ def evaluate_tasks(
 
     data = ensure_eval_data()
 
+    # everything is local: never let datasets or the hub client reach for the network (read at import)
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager

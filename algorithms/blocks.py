@@ -27,6 +27,7 @@ The record is always the sorted union, in dense numbering.
 from __future__ import annotations
 
 import copy
+import itertools
 import operator
 from collections.abc import Iterable
 from typing import Any, TypeVar
@@ -143,20 +144,31 @@ def num_blocks(model: nn.Module) -> int:
     return len(get_blocks(model))
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters, each tensor counted once (tied weights, even as distinct ``Parameter``
-    objects over the same memory, count once)."""
+def _unique_tensors(tensors) -> list[torch.Tensor]:
+    """Each tensor once: tied weights, even as distinct ``Parameter`` objects over the same memory."""
     seen: set[object] = set()
-    total = 0
-    for p in model.parameters():
+    unique = []
+    for p in tensors:
         if p.device.type == "meta" or p.numel() == 0:
             key: object = id(p)
         else:
             key = (p.device, p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape), p.stride())
         if key not in seen:
             seen.add(key)
-            total += p.numel()
-    return total
+            unique.append(p)
+    return unique
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters, each tensor counted once (tied weights, even as distinct ``Parameter``
+    objects over the same memory, count once)."""
+    return sum(p.numel() for p in _unique_tensors(model.parameters()))
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers, each tensor counted once."""
+    tensors = _unique_tensors(itertools.chain(model.parameters(), model.buffers()))
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _validate(blocks: Iterable[int] | int, n: int) -> list[int]:

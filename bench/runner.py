@@ -289,21 +289,17 @@ class Runner:
 
     def _speed(self, loaded: dict, removed: tuple[int, ...]) -> dict:
         """Speedup of the pruned over the dense model, measured back to back in this process."""
-        from algorithms.masking import skip_blocks
-        from algorithms.speed import measure_speed, speedup
+        from algorithms.speed import compare_speed
 
         spec = self.config.speed
         key = "speed-" + self._eval_key(loaded, removed, spec)
         if (cached := self.store.get_json("speed", key)) is not None:
             return cached
-        options = {"prompt_lengths": tuple(spec.prompt_lengths), "decode_tokens": spec.decode_tokens,
-                   "repeats": spec.repeats, "warmup": spec.warmup}
-        dense = measure_speed(loaded["model"], **options)  # right before the pruned model, never stored
-        with skip_blocks(loaded["model"], removed) as model:
-            pruned = measure_speed(model, **options)
+        # dense and pruned interleaved in this process: a ratio, never a stored absolute time
+        result = compare_speed(loaded["model"], removed, prompt_lengths=tuple(spec.prompt_lengths),
+                               decode_tokens=spec.decode_tokens, repeats=spec.repeats, warmup=spec.warmup)
         n = loaded["info"]["n_blocks"]
-        dense["n_blocks"], pruned["n_blocks"] = n, n - len(removed)
-        result = {"speedup": speedup(dense, pruned), "dense": dense, "pruned": pruned}
+        result["dense"]["n_blocks"], result["pruned"]["n_blocks"] = n, n - len(removed)
         self.store.put_json("speed", key, result)
         return result
 

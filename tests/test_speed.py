@@ -1,0 +1,144 @@
+"""Speed measurement (algorithms.speed): structure, the decode loop against generate(), exact ratios.
+
+Timings are never asserted against thresholds (they are benchmarks, not tests); what is asserted is
+what must hold on any machine: counts, sizes, ratios computed exactly, state restored.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from algorithms.blocks import count_parameters, num_blocks, pruned_copy, weight_bytes
+from algorithms.speed import _decode, compare_speed, expected_ceiling, measure_speed, speedup
+
+FAST = {"prompt_lengths": (8, 16), "decode_tokens": 4, "repeats": 2, "warmup": 1}
+
+
+def tiny_llama(layers=6, tie=False):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=tie)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_measure_speed_reports_every_figure_as_plain_json():
+    model = tiny_llama()
+    model.train()
+    result = measure_speed(model, **FAST)
+    assert model.training  # restored
+    json.loads(json.dumps(result))
+    assert result["device"] == "cpu" and result["dtype"] == "float32"
+    assert result["params"] == sum(p.numel() for p in model.parameters())
+    assert result["weight_bytes"] == 4 * result["params"] + sum(b.numel() * b.element_size() for b in model.buffers())
+    assert result["peak_bytes"] is None and result["peak_bytes_source"] is None  # CPU: no allocator statistic
+    assert set(result["prefill"]) == {"8", "16"}
+    for stats in result["prefill"].values():
+        assert 0 < stats["min_s"] <= stats["median_s"] <= stats["max_s"] and stats["iqr_s"] >= 0
+    decode = result["decode"]
+    assert (decode["prompt_length"], decode["tokens"]) == (8, 4)
+    assert 0 < decode["tokens_per_s"]["min"] <= decode["tokens_per_s"]["median"] <= decode["tokens_per_s"]["max"]
+    assert (result["repeats"], result["warmup"]) == (2, 1)
+
+
+def test_tied_weights_count_once():
+    model = tiny_llama(tie=True)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    untied = tiny_llama(tie=False)
+    head = untied.lm_head.weight
+    assert count_parameters(model) == count_parameters(untied) - head.numel()
+    assert weight_bytes(model) == weight_bytes(untied) - head.numel() * head.element_size()
+
+
+def test_decode_loop_is_greedy_decoding_with_the_cache():
+    model = tiny_llama()
+    prompt = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        run, produced = _decode(model, prompt, steps=6, extra={})
+        run()
+        first = list(produced)
+        run()  # every repeat decodes the same tokens from the same cache state
+        assert produced == first and len(first) == 6
+        reference = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                   max_new_tokens=7, min_new_tokens=7, pad_token_id=0)
+    # the prefill predicts the first new token, each of the 6 decoding steps one more
+    assert reference[0, 9:].tolist() == first
+
+
+def test_compare_speed_measures_the_model_without_the_blocks_and_restores_it():
+    model = tiny_llama(layers=6)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = compare_speed(model, [1, 2], **FAST)
+    assert num_blocks(model) == 6 and model.config.num_hidden_layers == 6
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    rebuilt = pruned_copy(model, [1, 2])  # block removal's own answer for the smaller model
+    assert result["pruned"]["params"] == count_parameters(rebuilt)
+    assert result["pruned"]["weight_bytes"] == weight_bytes(rebuilt)
+    assert result["dense"]["params"] == count_parameters(model)
+    ratios = result["speedup"]
+    assert ratios["params"] == result["pruned"]["params"] / result["dense"]["params"] < 1
+    assert set(ratios["prefill"]) == {"8", "16"}
+    assert all(v > 0 and math.isfinite(v) for v in ratios["prefill"].values())
+    json.dumps(result)
+
+
+def _fake(prefill, tps, params=100, nbytes=400, tokens=32):
+    return {"prefill": {k: {"median_s": v} for k, v in prefill.items()}, "params": params, "weight_bytes": nbytes,
+            "decode": {"tokens": tokens, "tokens_per_s": {"median": tps}}}
+
+
+def test_speedup_ratios_are_exact():
+    dense = _fake({"128": 0.2, "512": 0.9}, tps=30.0, params=135, nbytes=540)
+    pruned = _fake({"128": 0.1, "512": 0.5}, tps=40.0, params=108, nbytes=432)
+    ratios = speedup(dense, pruned)
+    assert ratios["prefill"] == {"128": pytest.approx(2.0), "512": pytest.approx(1.8)}
+    assert ratios["prefill_mean"] == pytest.approx(math.sqrt(2.0 * 1.8))  # geometric mean
+    assert ratios["decode"] == pytest.approx(40 / 30)
+    assert ratios["params"] == pytest.approx(0.8) and ratios["weight_memory"] == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="prompt lengths differ"):
+        speedup(dense, _fake({"128": 0.1}, tps=40.0))
+    with pytest.raises(ValueError, match="decode lengths differ"):
+        speedup(dense, _fake({"128": 0.1, "512": 0.5}, tps=40.0, tokens=8))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"prompt_lengths": ()}, "prompt_lengths"),
+    ({"prompt_lengths": (8, 0)}, r"prompt_lengths\[1\]"),
+    ({"prompt_lengths": (8, 8)}, "repeated"),
+    ({"decode_tokens": 0}, "decode_tokens"),
+    ({"repeats": 0}, "repeats"),
+    ({"warmup": -1}, "warmup"),
+    ({"repeats": 2.5}, "repeats"),
+])
+def test_bad_options_are_refused_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        measure_speed(tiny_llama(layers=2), **{**FAST, **kwargs})
+
+
+def test_expected_ceiling():
+    assert expected_ceiling(30, 8) == pytest.approx(30 / 22)
+    assert expected_ceiling(30, 0) == 1.0
+    for bad in (30, -1, 2.0):
+        with pytest.raises(ValueError, match="n_removed"):
+            expected_ceiling(30, bad)
+
+
+@pytest.mark.slow
+def test_smollm2_with_a_quarter_of_its_blocks_removed():
+    from algorithms import zoo
+
+    model, _, _ = zoo.load_model("smollm2-135m")
+    removed = [12, 13, 14, 15, 16, 17, 25]  # 7 of 30 blocks (configs/paper.yaml's 25%)
+    result = compare_speed(model, removed, prompt_lengths=(64, 256), decode_tokens=8, repeats=3, warmup=1)
+    ratios = result["speedup"]
+    block = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert result["dense"]["params"] - result["pruned"]["params"] == 7 * block
+    assert result["pruned"]["weight_bytes"] < result["dense"]["weight_bytes"]
+    for value in [*ratios["prefill"].values(), ratios["prefill_mean"], ratios["decode"]]:
+        assert math.isfinite(value) and value > 0
+    print(f"\nSmolLM2-135M without 7/30 blocks: prefill x{ratios['prefill_mean']:.2f} "
+          f"({', '.join(f'{k}: x{v:.2f}' for k, v in ratios['prefill'].items())}), decode x{ratios['decode']:.2f}, "
+          f"params {ratios['params']:.1%}; ceiling x{expected_ceiling(30, 7):.2f}")
