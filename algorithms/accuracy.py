@@ -105,6 +105,12 @@ _TASKS: dict[str, _TaskData] = {
 SUPPORTED_TASKS: tuple[str, ...] = tuple(_TASKS)
 
 
+def task_info(task: str) -> dict[str, Any]:
+    """Documents, scored split and lm-eval task YAML of a supported task (``bench list tasks``)."""
+    spec = _TASKS[_check_tasks([task])[0]]
+    return {"rows": spec.rows, "split": spec.split, "yaml": spec.yaml}
+
+
 # ----------------------------------------------------------------------------------------- data
 
 

@@ -149,6 +149,7 @@ class ListKind(str, Enum):
     metrics = "metrics"
     selectors = "selectors"
     models = "models"
+    tasks = "tasks"
 
 
 @app.command("list")
@@ -156,29 +157,32 @@ def list_cmd(
     kind: ListKind,
     pattern: Annotated[str, typer.Argument(help="shell wildcard, e.g. 'mi_*'")] = "*",
 ) -> None:
-    """List registered metrics, selectors or models."""
+    """List registered metrics, selectors (built-in and plugins), zoo models or accuracy tasks."""
     from rich.table import Table
 
     from estimators.registry import describe
 
     table = Table(title=kind.value)
-    if kind is ListKind.metrics:
-        from estimators import METRICS
-
-        for col in ("name", "origin", "high means", "description"):
+    broken: dict[str, str] = {}
+    if kind in (ListKind.metrics, ListKind.selectors):
+        if kind is ListKind.metrics:
+            from estimators import METRICS as registry
+        else:
+            from algorithms.selectors import SELECTORS as registry
+        columns = ["name", "origin", "high means", "description"] if kind is ListKind.metrics else \
+            ["name", "origin", "description"]
+        for col in columns:
             table.add_column(col)
-        for name in METRICS.list(pattern):
-            cls = METRICS.get(name)
-            table.add_row(name, METRICS.origin(name), "important" if cls.higher_is_important else "redundant",
-                          describe(cls))
-    elif kind is ListKind.selectors:
-        from algorithms.selectors import SELECTORS
-
-        for col in ("name", "origin", "description"):
-            table.add_column(col)
-        for name in SELECTORS.list(pattern):
-            table.add_row(name, SELECTORS.origin(name), describe(SELECTORS.get(name)))
-    else:
+        for name in registry.list(pattern):
+            if (why := registry.error(name)) is not None:  # a broken plugin: shown, never fatal
+                table.add_row(name, registry.origin(name), *([""] if kind is ListKind.metrics else []),
+                              f"[red]broken: {why}[/red]")
+                continue
+            obj = registry.get(name)
+            sign = ["important" if obj.higher_is_important else "redundant"] if kind is ListKind.metrics else []
+            table.add_row(name, registry.origin(name), *sign, describe(obj))
+        broken = {k: v for k, v in registry.errors().items() if k not in registry.list(pattern)}
+    elif kind is ListKind.models:
         from algorithms.zoo import MODELS
 
         for col in ("name", "blocks", "description"):
@@ -186,7 +190,19 @@ def list_cmd(
         for name in MODELS.list(pattern):
             recipe = MODELS.get(name)
             table.add_row(name, str(recipe.n_blocks), recipe.description)
+    else:
+        import fnmatch
+
+        from algorithms.accuracy import SUPPORTED_TASKS, task_info
+
+        for col in ("name", "documents", "split", "lm-eval task file"):
+            table.add_column(col)
+        for name in sorted(t for t in SUPPORTED_TASKS if fnmatch.fnmatchcase(t, pattern)):
+            info = task_info(name)
+            table.add_row(name, f"{info['rows']:,}", info["split"], info["yaml"])
     out.print(table)
+    for name, why in broken.items():  # e.g. a plugin that clashes with a built-in name
+        err.print(f"[red]plugin not loaded:[/red] {name}: {why}")
 
 
 def main() -> None:

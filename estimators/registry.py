@@ -4,6 +4,14 @@ Entries are either objects or lazy ``"module:attr"`` strings that are imported o
 listing what exists never imports heavy code. Unknown names fail with a did-you-mean message.
 ``list(pattern)`` accepts shell wildcards as timm's ``list_models`` does.
 
+Plugins: a registry with an ``entry_point_group`` (``blockbench.metrics``, ``blockbench.selectors``)
+also holds every entry point of that group from the installed distributions, read on first use and
+imported only when asked for, with the distribution as its origin. A plugin that fails to import, or
+whose object fails the registry's ``check``, raises :class:`RegistryError` naming it and its
+distribution when it is asked for; it never breaks listing or other entries (:meth:`Registry.error`
+says what is wrong with it). A name claimed twice (two distributions, or a plugin and a built-in) is
+an error that names both; a built-in keeps its name.
+
 It lives in ``estimators`` because that is the bottom layer: ``algorithms`` and ``bench`` build
 their own registries from this class without importing upwards.
 """
@@ -13,7 +21,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -33,10 +41,55 @@ class RegistryError(KeyError):
 class Registry(Generic[T]):
     """Maps names to objects, resolving lazy ``module:attr`` entries on first access."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, *, entry_point_group: str | None = None,
+                 check: Callable[[Any], str | None] | None = None) -> None:
         self.kind = kind
+        self.entry_point_group = entry_point_group
+        self._check = check  #: returns why an object is unfit, or None
         self._entries: dict[str, T | str] = {}
         self._origins: dict[str, str] = {}
+        self._errors: dict[str, str] = {}  #: broken entries: name -> why
+        self._plugins_read = entry_point_group is None
+
+    def _read_plugins(self) -> None:
+        if self._plugins_read:
+            return
+        self._plugins_read = True
+        from importlib.metadata import entry_points
+
+        seen: set[tuple[str, str, str]] = set()
+        for ep in entry_points(group=self.entry_point_group):
+            dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "an unknown distribution"
+            if (ep.name, ep.value, dist) in seen:  # one distribution seen twice on sys.path
+                continue
+            seen.add((ep.name, ep.value, dist))
+            origin = f"plugin: {dist}"
+            if ep.name in self._entries:
+                first = self._origins[ep.name]
+                message = f"{self.kind} {ep.name!r} is registered twice: by {first} and by {origin}"
+                if first == "built-in":  # the built-in keeps its name; the plugin is reported
+                    self._errors.setdefault(f"{ep.name} ({dist})", message)
+                    continue
+                self._errors[ep.name] = message
+                self._origins[ep.name] = f"{first}; {origin}"
+                continue
+            self._entries[ep.name] = ep.value
+            self._origins[ep.name] = origin
+
+    def error(self, name: str) -> str | None:
+        """Why the entry ``name`` cannot be used (None when it can); imports it to find out."""
+        try:
+            self.get(name)
+        except RegistryError as exc:
+            return exc.message
+        return None
+
+    def errors(self) -> dict[str, str]:
+        """Every broken entry with its reason (plugins that failed to load, clashing names)."""
+        self._read_plugins()
+        for name in list(self._entries):
+            self.error(name)
+        return dict(sorted(self._errors.items()))
 
     def register(self, name: str, target: T | str | None = None, *, origin: str = "built-in"):
         """Register ``target`` under ``name``; usable as a decorator when ``target`` is omitted."""
@@ -55,12 +108,25 @@ class Registry(Generic[T]):
         return _add(target)
 
     def get(self, name: str) -> T:
+        self._read_plugins()
+        if name in self._errors:
+            raise RegistryError(self._errors[name])
         if name not in self._entries:
             raise RegistryError(self.unknown_message(name))
         entry = self._entries[name]
         if isinstance(entry, str):
-            module_name, _, attr = entry.partition(":")
-            obj = getattr(importlib.import_module(module_name), attr)
+            try:
+                module_name, _, attr = entry.partition(":")
+                obj = importlib.import_module(module_name)
+                for part in attr.split("."):
+                    obj = getattr(obj, part)
+                why = self._check(obj) if self._check is not None else None
+            except Exception as exc:  # noqa: BLE001 - a broken plugin is reported, never fatal elsewhere
+                why = f"{type(exc).__name__}: {exc}"
+            if why is not None:
+                self._errors[name] = (f"{self.kind} {name!r} from {self._origins[name]} ({entry}) cannot be "
+                                      f"used: {why}")
+                raise RegistryError(self._errors[name])
             self._entries[name] = obj
             return obj
         return entry
@@ -71,18 +137,23 @@ class Registry(Generic[T]):
         return f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(sorted(self._entries))}"
 
     def origin(self, name: str) -> str:
+        self._read_plugins()
         return self._origins[name]
 
     def list(self, pattern: str = "*") -> list[str]:
+        """Names matching the wildcard ``pattern`` (broken plugins included: :meth:`error` says why)."""
+        self._read_plugins()
         return sorted(n for n in self._entries if fnmatch.fnmatchcase(n, pattern))
 
     def __contains__(self, name: object) -> bool:
+        self._read_plugins()
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.list())
 
     def __len__(self) -> int:
+        self._read_plugins()
         return len(self._entries)
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid

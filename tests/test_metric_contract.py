@@ -1,41 +1,68 @@
-"""The contract every registered metric meets, built-in or plugin: shapes, dtype, finiteness,
-orientation on a near-identity block, and clear errors for bad parameters."""
+"""The contract every registered metric and selector meets, built-in or plugin, through the same
+published helpers a plugin author uses (estimators.testing, algorithms.testing)."""
 
 import pytest
-import torch
 
+from algorithms import testing as selector_contract
+from algorithms.selectors import SELECTORS
 from estimators import METRICS
-from estimators.base import Metric
+from estimators import testing as metric_contract
 
 
 @pytest.mark.parametrize("name", METRICS.list())
 def test_scores_per_block_and_span(name):
-    g = torch.Generator().manual_seed(7)
-    states = torch.randn(5, 4, 64, 16, generator=g)  # L=4 blocks, N=256 tokens, d=16
-    metric = METRICS.get(name)()
-    assert isinstance(metric, Metric) and metric.name == name
-    blocks = metric.score_blocks(states)
-    spans = metric.score_spans(states, 2)
-    assert blocks.shape == (4,) and spans.shape == (3,)
-    assert blocks.dtype == spans.dtype == torch.float64
-    assert torch.isfinite(blocks).all() and torch.isfinite(spans).all()
-    # a span of one block is the block itself
-    torch.testing.assert_close(metric.score_spans(states, 1), blocks)
+    metric_contract.check_scores_per_block_and_span(name)
+    assert METRICS.get(name)().name == name
 
 
 @pytest.mark.parametrize("name", METRICS.list())
 def test_near_identity_block_is_the_more_redundant(name):
-    g = torch.Generator().manual_seed(8)
-    s0 = torch.randn(4, 128, 16, generator=g)
-    s1 = s0 + 0.1 * torch.randn(4, 128, 16, generator=g)  # block 0 barely changes the stream
-    s2 = 0.3 * s1 + torch.randn(4, 128, 16, generator=g)  # block 1 rewrites it
-    metric = METRICS.get(name)()
-    scores = metric.score_blocks(torch.stack([s0, s1, s2]))
-    redundancy = -scores if metric.higher_is_important else scores
-    assert redundancy[0] > redundancy[1], (name, scores)
+    metric_contract.check_orientation(name)
 
 
 @pytest.mark.parametrize("name", METRICS.list())
 def test_unknown_parameter_is_refused(name):
-    with pytest.raises((TypeError, ValueError), match="no_such_option"):
-        METRICS.get(name)(no_such_option=1)
+    metric_contract.check_unknown_parameter_refused(name)
+
+
+SELECTOR_PARAMS = {"optuna": {"trials": 12}, "iterative": {"objective": "proxy_sum"}}
+
+
+@pytest.mark.parametrize("name", SELECTORS.list())
+def test_selector_contract(name):
+    selector_contract.check_selector(name, **SELECTOR_PARAMS.get(name, {}))
+    assert SELECTORS.get(name).name == name
+
+
+def test_the_contract_catches_a_wrong_sign_and_a_silent_option():
+    from estimators.metrics import BlockInfluence
+
+    class WrongSign(BlockInfluence):
+        name = "wrong_sign"
+        higher_is_important = False  # BI is high for important blocks: this lies
+
+    with pytest.raises(AssertionError, match="check the sign"):
+        metric_contract.check_orientation(WrongSign)
+
+    from estimators.base import Metric
+
+    class Lenient(BlockInfluence):
+        name = "lenient"
+
+        def __init__(self, **params):
+            Metric.__init__(self, **params)
+            self.tokens = "all"
+
+    with pytest.raises(AssertionError, match="accepted an unknown parameter"):
+        metric_contract.check_unknown_parameter_refused(Lenient)
+
+    from algorithms.selectors import SelectionResult, Selector
+
+    class Protected(Selector):
+        name = "protected"
+
+        def select(self, problem):
+            return SelectionResult(blocks=list(range(problem.k)))  # ignores protected blocks
+
+    with pytest.raises(RuntimeError, match="protected or invalid"):
+        selector_contract.check_selector(Protected)
