@@ -13,7 +13,9 @@ removed blocks are really gone from the forward pass):
   statistic isolates one model).
 
 Each measurement runs ``warmup`` untimed times, then ``repeats`` timed times; the median, min, max and
-inter-quartile range are kept. On CUDA the intervals are CUDA events with synchronisation. Prompts are
+inter-quartile range are kept. On CUDA the intervals are CUDA events with synchronisation. On a CPU
+shared with other busy processes, use ``torch.set_num_threads(1)``: with more intra-op threads than
+free cores, a small matmul was measured 50x slower and its timings swung by several times. Prompts are
 fixed token ids drawn from the vocabulary with a seeded generator, the same for every model.
 
 :func:`compare_speed` measures the dense model and the model without a block set *in the same process,
@@ -48,12 +50,18 @@ def _summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "iqr": q[2] - q[0]}
 
 
-def _timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> list[float]:
-    """Seconds per call of ``fn`` after ``warmup`` untimed calls (CUDA events on GPU)."""
+def _timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int,
+           setup: Callable[[], Any] | None = None) -> list[float]:
+    """Seconds per call of ``fn`` after ``warmup`` untimed calls (CUDA events on GPU); ``setup``, when
+    given, runs untimed before every call."""
     for _ in range(warmup):
+        if setup is not None:
+            setup()
         fn()
     times = []
     for _ in range(repeats):
+        if setup is not None:
+            setup()
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize(device)
@@ -80,29 +88,40 @@ def _prefill_kwargs(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def _decode(model: torch.nn.Module, prompt: torch.Tensor, steps: int, extra: dict[str, Any]):
-    """Prefill ``prompt``, then a callable that greedily decodes ``steps`` tokens from a fresh copy of
-    the cache state (so every timed repeat decodes the same tokens from the same position)."""
+    """Prefill ``prompt``; return ``(reset, run, produced)``: ``reset`` (untimed) gives ``run`` a fresh
+    copy of the cache state after the prompt, ``run`` greedily decodes ``steps`` tokens from it (so
+    every timed repeat decodes the same tokens from the same position, and copying the cache is not
+    timed), and ``produced`` holds the token ids of the last ``run``. The tokens stay on the device
+    until the last step (no host synchronisation per step)."""
     import copy
 
     out = model(prompt, use_cache=True, **extra)
     cache = out.past_key_values
     first = out.logits[:, -1:].argmax(-1)
     produced: list[int] = []
+    state: dict[str, Any] = {}
+
+    def reset() -> None:
+        state["past"] = copy.deepcopy(cache)
 
     def run() -> None:
-        past = copy.deepcopy(cache)
+        past = state.pop("past", None)
+        if past is None:  # called without reset()
+            past = copy.deepcopy(cache)
         token = first
-        produced.clear()
+        tokens = []
         for _ in range(steps):
             step = model(token, past_key_values=past, use_cache=True)
             past = step.past_key_values
             token = step.logits[:, -1:].argmax(-1)
-            produced.append(int(token))
+            tokens.append(token)
+        produced[:] = torch.cat(tokens, dim=1)[0].tolist()
 
-    return run, produced
+    return reset, run, produced
 
 
-def _check_options(prompt_lengths: Sequence[int], decode_tokens: int, repeats: int, warmup: int) -> list[int]:
+def _check_options(prompt_lengths: Sequence[int], decode_tokens: int, repeats: int, warmup: int,
+                   threads: int | None = None) -> list[int]:
     lengths = list(prompt_lengths)
     if not lengths:
         raise ValueError("prompt_lengths must name at least one prompt length")
@@ -113,6 +132,8 @@ def _check_options(prompt_lengths: Sequence[int], decode_tokens: int, repeats: i
     _check_positive("decode_tokens", decode_tokens)
     _check_positive("repeats", repeats)
     _check_positive("warmup", warmup, minimum=0)
+    if threads is not None:
+        _check_positive("threads", threads)
     return lengths
 
 
@@ -130,7 +151,7 @@ def _measure(
     caches, clock changes) does not favour whichever variant is measured first."""
     device = next(model.parameters()).device
     extra = _prefill_kwargs(model)
-    plans: dict[str, list[tuple[str, Callable[[], Any]]]] = {}
+    plans: dict[str, list[tuple[str, Callable[[], Any], Callable[[], Any] | None]]] = {}
     static: dict[str, dict[str, Any]] = {}
     produced: dict[str, list[int]] = {}
     for name, enter in variants.items():  # build each variant's calls (and its decode cache) in its state
@@ -138,12 +159,12 @@ def _measure(
             calls = []
             for length in lengths:
                 ids = _prompt(m, length, seed, device)
-                calls.append((str(length), lambda m=m, ids=ids: m(ids, use_cache=True, **extra)))
-            run, produced[name] = _decode(m, _prompt(m, lengths[0], seed, device), decode_tokens, extra)
-            calls.append(("decode", run))
+                calls.append((str(length), lambda m=m, ids=ids: m(ids, use_cache=True, **extra), None))
+            reset, run, produced[name] = _decode(m, _prompt(m, lengths[0], seed, device), decode_tokens, extra)
+            calls.append(("decode", run, reset))
             plans[name] = calls
             static[name] = {"params": count_parameters(m), "weight_bytes": weight_bytes(m)}
-    times: dict[str, dict[str, list[float]]] = {name: {key: [] for key, _ in plans[name]} for name in variants}
+    times: dict[str, dict[str, list[float]]] = {name: {key: [] for key, *_ in plans[name]} for name in variants}
     peaks: dict[str, int] = dict.fromkeys(variants, 0)
     order = list(variants)
     for round_ in range(warmup + repeats):
@@ -152,8 +173,8 @@ def _measure(
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                     torch.cuda.reset_peak_memory_stats(device)
-                for key, fn in plans[name]:
-                    seconds = _timed(fn, device, repeats=1, warmup=0)[0]
+                for key, fn, setup in plans[name]:
+                    seconds = _timed(fn, device, repeats=1, warmup=0, setup=setup)[0]
                     if round_ >= warmup:
                         times[name][key].append(seconds)
                 if device.type == "cuda":
@@ -166,6 +187,7 @@ def _measure(
         out[name] = {
             "device": str(device),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(),  # intra-op CPU threads: oversubscribed, timings mean little
             **static[name],
             "peak_bytes": peak,
             "peak_bytes_source": "torch.cuda.max_memory_allocated" if peak is not None else None,
@@ -180,14 +202,18 @@ def _measure(
 
 
 @contextlib.contextmanager
-def _evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
-    was_training = model.training
+def _evaluation_mode(model: torch.nn.Module, threads: int | None = None) -> Iterator[None]:
+    """Eval mode and inference mode, with ``threads`` intra-op CPU threads when given; all restored."""
+    was_training, was_threads = model.training, torch.get_num_threads()
     model.eval()
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
             yield
     finally:
         model.train(was_training)
+        torch.set_num_threads(was_threads)
 
 
 def measure_speed(
@@ -197,18 +223,22 @@ def measure_speed(
     repeats: int = 5,
     warmup: int = 1,
     seed: int = 0,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Prefill latency per prompt length, decode tokens/s, parameters and memory of ``model`` as it is.
 
     Returns plain JSON-ready values::
 
-        {"device", "dtype", "params", "weight_bytes", "peak_bytes", "peak_bytes_source",
+        {"device", "dtype", "threads", "params", "weight_bytes", "peak_bytes", "peak_bytes_source",
          "prefill": {"128": {"median_s", "min_s", "max_s", "iqr_s"}, ...},
          "decode": {"prompt_length", "tokens", "tokens_per_s": {"median", "min", "max", "iqr"}},
          "repeats", "warmup"}
+
+    ``threads`` sets torch's intra-op CPU threads for the measurement (restored after); ``None`` keeps
+    the current setting. One thread is the steadiest choice on a CPU shared with other work.
     """
-    lengths = _check_options(prompt_lengths, decode_tokens, repeats, warmup)
-    with _evaluation_mode(model):
+    lengths = _check_options(prompt_lengths, decode_tokens, repeats, warmup, threads)
+    with _evaluation_mode(model, threads):
         return _measure(model, {"model": lambda: contextlib.nullcontext(model)}, lengths, decode_tokens,
                         repeats, warmup, seed)["model"]
 
@@ -221,16 +251,17 @@ def compare_speed(
     repeats: int = 5,
     warmup: int = 1,
     seed: int = 0,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """The dense ``model`` and the model without ``removed`` blocks, measured interleaved in this
     process: ``{"dense": ..., "pruned": ..., "speedup": speedup(dense, pruned)}`` (each side as
     :func:`measure_speed` returns it)."""
     from algorithms.masking import skip_blocks
 
-    lengths = _check_options(prompt_lengths, decode_tokens, repeats, warmup)
+    lengths = _check_options(prompt_lengths, decode_tokens, repeats, warmup, threads)
     removed = sorted(set(removed))
     variants = {"dense": lambda: contextlib.nullcontext(model), "pruned": lambda: skip_blocks(model, removed)}
-    with _evaluation_mode(model):
+    with _evaluation_mode(model, threads):
         result = _measure(model, variants, lengths, decode_tokens, repeats, warmup, seed)
     return {**result, "speedup": speedup(result["dense"], result["pruned"])}
 
@@ -238,20 +269,23 @@ def compare_speed(
 def speedup(dense: dict[str, Any], pruned: dict[str, Any]) -> dict[str, Any]:
     """Ratios of a pruned over a dense measurement from :func:`measure_speed` (same process, same options).
 
-    ``prefill[length]`` = dense median latency / pruned median latency (> 1 is faster),
-    ``prefill_mean`` their geometric mean over lengths, ``decode`` = pruned / dense median tokens/s,
-    ``params`` and ``weight_memory`` = pruned / dense (< 1 is smaller).
+    ``prefill[length]`` = dense / pruned fastest latency (> 1 is faster), ``prefill_mean`` their
+    geometric mean over lengths, ``decode`` = pruned / dense best tokens/s, ``params`` and
+    ``weight_memory`` = pruned / dense (< 1 is smaller). Ratios use each side's fastest repeat, not
+    its median: interference from other processes only ever adds time, so the minimum is the
+    estimate least disturbed by it (as ``timeit`` advises); the medians and spreads stay in the
+    measurements.
     """
     if set(dense["prefill"]) != set(pruned["prefill"]):
         raise ValueError(f"prompt lengths differ: dense {sorted(dense['prefill'])}, pruned {sorted(pruned['prefill'])}")
     if dense["decode"]["tokens"] != pruned["decode"]["tokens"]:
         raise ValueError(f"decode lengths differ: dense {dense['decode']['tokens']}, pruned {pruned['decode']['tokens']}")
-    prefill = {length: dense["prefill"][length]["median_s"] / pruned["prefill"][length]["median_s"]
+    prefill = {length: dense["prefill"][length]["min_s"] / pruned["prefill"][length]["min_s"]
                for length in dense["prefill"]}
     return {
         "prefill": prefill,
         "prefill_mean": math.exp(sum(math.log(v) for v in prefill.values()) / len(prefill)),
-        "decode": pruned["decode"]["tokens_per_s"]["median"] / dense["decode"]["tokens_per_s"]["median"],
+        "decode": pruned["decode"]["tokens_per_s"]["max"] / dense["decode"]["tokens_per_s"]["max"],
         "params": pruned["params"] / dense["params"],
         "weight_memory": pruned["weight_bytes"] / dense["weight_bytes"],
     }

@@ -1,4 +1,4 @@
-"""The ``bench`` command line: run, report, validate, list.
+"""The ``bench`` command line: run, report, stability, validate, list, baseline save, check.
 
 Exit codes: 0 success, 1 some cells failed, 2 a usage or config error (nothing run, nothing written).
 """
@@ -98,15 +98,11 @@ def run(
     raise typer.Exit(summary.exit_code)
 
 
-@app.command("report")
-def report_cmd(
-    results: ResultsOpt = None,
-    grid: Annotated[Path | None, typer.Option("--grid", "-g", help="only this grid's cells")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print the leaderboard as JSON")] = False,
-    rank_by: Annotated[str, typer.Option(help="auto (accuracy when measured, else perplexity), accuracy or ppl")]
-    = "auto",
-) -> None:
-    """Rebuild the leaderboard (terminal, leaderboard.md, leaderboard.csv) from the records."""
+GridFilterOpt = Annotated[Path | None, typer.Option("--grid", "-g", help="only this grid's cells")]
+
+
+def _board(results: Path | None, grid: Path | None, rank_by: str = "auto"):
+    """The leaderboard of ``results`` (only ``grid``'s cells when given), its folder and its title."""
     from bench import report as rep
 
     cell_ids = None
@@ -126,7 +122,26 @@ def report_cmd(
         board, _ = rep.build(results, cell_ids, rank_by=rank_by)
     except ValueError as exc:
         raise _fail(str(exc)) from None
+    return board, results, title
+
+
+@app.command("report")
+def report_cmd(
+    results: ResultsOpt = None,
+    grid: GridFilterOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the leaderboard as JSON")] = False,
+    rank_by: Annotated[str, typer.Option(help="auto (accuracy when measured, else perplexity), accuracy or ppl")]
+    = "auto",
+    html: Annotated[bool, typer.Option("--html", help="also write report.html (one self-contained file with the "
+                                                      "tables and figures inline) and figures/*.png")] = False,
+) -> None:
+    """Rebuild the leaderboard (terminal, leaderboard.md, leaderboard.csv) from the records."""
+    from bench import report as rep
+
+    board, results, title = _board(results, grid, rank_by)
     paths = rep.write_reports(board, results, title=title)
+    if html:
+        paths += _write_html(results, _grid_records(results, grid), board, title)
     if as_json:
         print(board.to_json(orient="records", indent=2))
     else:
@@ -134,15 +149,160 @@ def report_cmd(
         err.print("written: " + ", ".join(str(p) for p in paths))
 
 
+def _grid_records(results: Path, grid: Path | None) -> list[dict]:
+    """The records under ``results`` (only ``grid``'s cells when given; the grid is already validated)."""
+    from bench.grid import expand
+    from bench.store import ResultStore
+
+    records = ResultStore(results).records()
+    if grid is not None:
+        ids = {c.cell_id for c in expand(load_config(grid))}
+        records = [r for r in records if r["cell_id"] in ids]
+    return records
+
+
+def _write_html(results: Path, records: list[dict], board, title: str, frame=None) -> list[Path]:
+    """``report.html`` and ``figures/*.png`` under ``results``, with the stability table (``bench.html_report``)."""
+    from bench import html_report
+
+    paths = html_report.write_html_report(results, records, board, title=title, frame=frame)
+    return [paths["html"], *(p for k, p in paths.items() if k != "html")]
+
+
+@app.command("stability")
+def stability_cmd(
+    grid: GridOpt,
+    results: ResultsOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the stability table as JSON")] = False,
+    html: Annotated[bool, typer.Option("--html/--no-html", help="write report.html and figures/*.png")] = True,
+) -> None:
+    """A stability study: run the grid over every calibration seed (and every calibration variant of its
+    `stability:` section), reusing finished records, then write stability.md/.csv, the leaderboard and
+    report.html with the figures."""
+    from bench import report as rep
+    from bench import stability
+    from bench.progress import Reporter, RichReporter
+    from bench.runner import Runner
+
+    config, cells = _load(grid)
+    seeds = config.calibration.seeds
+    if len(seeds) < 2:
+        raise _fail(f"calibration.seeds: a stability study needs at least 2 seeds to compare, got {seeds}")
+    results_dir = _results_dir(config, results)
+    reporter = Reporter() if (quiet or as_json) else RichReporter(err)
+    try:
+        runner = Runner(config, results_dir, reporter=reporter)
+    except RuntimeError as exc:  # e.g. CUDA asked for but absent
+        raise _fail(str(exc)) from None
+    summary = runner.run(cells)
+    title = f"blockbench stability: {config.name}"
+    board, records = rep.build(results_dir, {c.cell_id for c in cells})
+    paths = rep.write_reports(board, results_dir, title=f"blockbench leaderboard: {config.name}")
+    frame = stability.stability_frame(records)
+    paths += stability.write_stability_reports(frame, results_dir, title=title)
+    if html:
+        paths += _write_html(results_dir, records, board, title, frame)
+    if as_json:
+        payload = {
+            "grid": config.name, "results": str(results_dir), "cells": summary.total, "skipped": summary.skipped,
+            "ran": summary.ran, "failed": summary.failed,
+            "stability": json.loads(frame.to_json(orient="records", double_precision=15)),
+            "files": [str(p) for p in paths],
+        }
+        print(json.dumps(payload, indent=2))
+    elif not quiet:
+        from rich.table import Table
+
+        shown = stability.display(frame)
+        table = Table(title=title)
+        for col in shown.columns:
+            table.add_column(col, justify="right" if col in ("runs", "distinct sets", "blocks ever removed") else "left",
+                             no_wrap=col != "always removed", overflow="fold")
+        for row in shown.itertuples(index=False):
+            table.add_row(*(str(v) for v in row))
+        out.print(table if not shown.empty else "no finished cells yet")
+        err.print(f"{summary.total} cells: {summary.skipped} already done, {summary.ran} run, {summary.failed} failed. "
+                  "written: " + ", ".join(str(p) for p in paths))
+    raise typer.Exit(summary.exit_code)
+
+
 @app.command()
 def validate(grid: GridOpt) -> None:
     """Check a grid config (keys, names, parameters, sources, budgets) without running it."""
     config, cells = _load(grid)
+    n_variants = len(config.calibration_variants())
     out.print(
-        f"{grid}: ok: {len(cells)} cells ({len(config.models)} model(s) × {len(config.calibration.seeds)} seed(s) "
+        f"{grid}: ok: {len(cells)} cells ({len(config.models)} model(s) × "
+        + (f"{n_variants} calibration variant(s) × " if config.stability is not None else "")
+        + f"{len(config.calibration.seeds)} seed(s) "
         f"× {len(config.metrics)} metric(s) × {len(config.selectors)} selector(s) × "
         f"{len(config.budgets.items())} budget(s))"
     )
+
+
+baseline_app = typer.Typer(no_args_is_help=True, help="Store the numbers `bench check` compares against.")
+app.add_typer(baseline_app, name="baseline")
+
+
+@baseline_app.command("save")
+def baseline_save(
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="baseline JSON file to write")],
+    results: ResultsOpt = None,
+    grid: GridFilterOpt = None,
+) -> None:
+    """Save the current leaderboard's accuracy, perplexity and speedups as a baseline."""
+    from bench import gate
+    from bench.runner import environment, resolve_device
+
+    board, results, _ = _board(results, grid)
+    try:
+        payload = gate.save_baseline(board, out_file, grid=grid.stem if grid else None,
+                                     env=environment(resolve_device("cpu")))
+    except gate.GateError as exc:
+        raise _fail(str(exc)) from None
+    err.print(f"baseline of {len(payload['rows'])} rows written to {out_file}")
+
+
+@app.command()
+def check(
+    baseline: Annotated[Path, typer.Option("--baseline", "-b", help="baseline JSON from 'bench baseline save'")],
+    results: ResultsOpt = None,
+    grid: GridFilterOpt = None,
+    fail: Annotated[str, typer.Option(help="tolerances, NAME:VALUE[%] for acc, ppl, speedup")] = "acc:1%,ppl:5%,speedup:5%",
+    as_json: Annotated[bool, typer.Option("--json", help="print the comparison as JSON")] = False,
+) -> None:
+    """Compare results with a baseline; exit 1 on a regression past a tolerance or a missing cell."""
+    from rich.table import Table
+
+    from bench import gate
+
+    try:
+        tolerances = gate.parse_fail(fail)
+        stored = gate.load_baseline(baseline)
+    except gate.GateError as exc:
+        raise _fail(str(exc)) from None
+    board, results, _ = _board(results, grid)
+    table = gate.compare(stored, board, tolerances)
+    bad = gate.failed(table)
+    if as_json:
+        print(table.to_json(orient="records", indent=2))
+    else:
+        view = Table(title=f"bench check against {baseline}")
+        for col in table.columns:
+            view.add_column(col, justify="left" if col in ("cell", "measure", "status") else "right")
+        for row in table.itertuples(index=False):
+            style = {"regression": "red", "missing": "red", "improved": "green"}.get(row.status, "")
+            cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in row]
+            view.add_row(*cells, style=style)
+        out.print(view)
+        moved = table[table["status"].isin(["regression", "missing"])]
+        for row in moved.itertuples(index=False):
+            err.print(f"[red]{row.status}[/red]: {row.cell} {row.measure}: baseline {row.baseline:.4g}, "
+                      f"now {row.current if row.current is None else format(row.current, '.4g')} "
+                      f"(tolerance {row.tolerance})")
+        err.print(f"{len(moved)} of {len(table)} checks failed" if bad else f"all {len(table)} checks passed")
+    raise typer.Exit(1 if bad else 0)
 
 
 class ListKind(str, Enum):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -93,6 +93,9 @@ class SpeedSpec(_Frozen):
     decode_tokens: int = Field(32, ge=1)
     repeats: int = Field(5, ge=1)
     warmup: int = Field(1, ge=0)
+    #: intra-op CPU threads while timing (restored after); leave unset to keep torch's default. 1 is the
+    #: steadiest on a CPU shared with other work: oversubscribed threads swing timings by several times
+    threads: int | None = Field(None, ge=1)
 
 
 class BudgetSpec(_Frozen):
@@ -127,6 +130,42 @@ class BudgetSpec(_Frozen):
         return [{"ratio": r} for r in self.ratios] + [{"blocks": b} for b in self.blocks]
 
 
+class StabilitySpec(_Frozen):
+    """Calibration variants for a stability study: every combination of these sources, sample counts and
+    window lengths, each run with every seed of ``calibration.seeds``. A list left out is the main
+    calibration's single value, so ``stability: {samples: [8, 32]}`` varies the sample count only."""
+
+    samples: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=1)
+    seq_lens: list[Annotated[int, Field(ge=2)]] | None = Field(None, min_length=1)
+    sources: list[str] | None = Field(None, min_length=1)
+
+    @field_validator("samples", "seq_lens", "sources")
+    @classmethod
+    def _unique(cls, values: list | None) -> list | None:
+        if values is not None and len(set(values)) != len(values):
+            repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+            raise ValueError(f"{', '.join(map(repr, repeated))} listed twice in {values}")
+        return values
+
+    def variants(self, calibration: CalibrationSpec) -> list[tuple[dict[str, Any], dict[str, str]]]:
+        """Each variant's ``{source, samples, seq_len}`` with the config keys it comes from (for errors),
+        in the order sources × samples × seq_lens."""
+        out = []
+        sources = self.sources or [calibration.source]
+        samples = self.samples or [calibration.samples]
+        seq_lens = self.seq_lens or [calibration.seq_len]
+        for i, source in enumerate(sources):
+            for j, n in enumerate(samples):
+                for m, seq_len in enumerate(seq_lens):
+                    keys = {
+                        "source": f"stability.sources[{i}]" if self.sources else "calibration.source",
+                        "samples": f"stability.samples[{j}]" if self.samples else "calibration.samples",
+                        "seq_len": f"stability.seq_lens[{m}]" if self.seq_lens else "calibration.seq_len",
+                    }
+                    out.append(({"source": source, "samples": n, "seq_len": seq_len}, keys))
+        return out
+
+
 Device = Literal["auto", "cpu", "cuda"] | str
 DType = Literal["float32", "bfloat16", "float16", "float64"]
 
@@ -142,12 +181,24 @@ class GridConfig(_Frozen):
     perplexity: PerplexitySpec = Field(default_factory=PerplexitySpec)
     accuracy: AccuracySpec | None = None
     speed: SpeedSpec | None = None
+    #: calibration variants (sources × samples × seq_lens) for a stability study; see ``bench stability``
+    stability: StabilitySpec | None = None
     #: blocks never removed; negative indices count from the end (-1 = last block)
     protect: list[int] = Field(default_factory=list)
     device: Device = "auto"
     dtype: DType = "float32"
     #: keep captured hidden states on disk under the results dir (safetensors) for reruns
     cache_hidden_states: bool = True
+
+    def calibration_variants(self) -> list[tuple[dict[str, Any], dict[str, str]]]:
+        """``{source, samples, seq_len}`` of each calibration variant and the keys naming its values:
+        the main calibration alone without a ``stability:`` section."""
+        if self.stability is None:
+            cal = self.calibration
+            keys = {"source": "calibration.source", "samples": "calibration.samples",
+                    "seq_len": "calibration.seq_len"}
+            return [({"source": cal.source, "samples": cal.samples, "seq_len": cal.seq_len}, keys)]
+        return self.stability.variants(self.calibration)
 
     @field_validator("models", mode="before")
     @classmethod

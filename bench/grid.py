@@ -8,6 +8,7 @@ data / perplexity protocol), so changing a metric's version invalidates exactly 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass
 from functools import cached_property
@@ -99,39 +100,41 @@ class Cell:
         return frozenset(out)
 
 
+def calibration_label(calibration: dict[str, Any]) -> str:
+    """A calibration variant in words, seed left out: ``wikipedia/8×256`` (source/samples×seq_len)."""
+    return f"{calibration['source']}/{calibration['samples']}×{calibration['seq_len']}"
+
+
 def expand(config: GridConfig) -> list[Cell]:
-    """All cells, ordered so a model and then its hidden states per seed are loaded once."""
+    """All cells, ordered so a model and then its hidden states per calibration variant and seed are
+    loaded once. A grid's calibration variants (its ``stability:`` section) are ordinary cells whose
+    calibration differs; without that section the one variant is ``calibration`` itself."""
     cells = []
-    for model in config.models:
-        for seed in config.calibration.seeds:
-            calibration = {
-                "source": config.calibration.source,
-                "samples": config.calibration.samples,
-                "seq_len": config.calibration.seq_len,
-                "seed": seed,
-            }
-            for metric in config.metrics:
-                for selector in config.selectors:
-                    for budget in config.budgets.items():
-                        cells.append(
-                            Cell(
-                                grid=config.name,
-                                model=model.model_dump(),
-                                calibration=calibration,
-                                metric=metric,
-                                selector=selector,
-                                budget=budget,
-                                protect=tuple(config.protect),
-                                perplexity={
-                                    "source": config.perplexity.source,
-                                    "seq_len": config.perplexity.seq_len,
-                                    "max_windows": config.perplexity.max_windows,
-                                },
-                                dtype=config.dtype,
-                                accuracy=config.accuracy.model_dump() if config.accuracy else None,
-                                speed=config.speed.model_dump() if config.speed else None,
-                            )
-                        )
+    variants = [variant for variant, _ in config.calibration_variants()]
+    perplexity = {
+        "source": config.perplexity.source,
+        "seq_len": config.perplexity.seq_len,
+        "max_windows": config.perplexity.max_windows,
+    }
+    for model, variant, seed, metric, selector, budget in itertools.product(
+        config.models, variants, config.calibration.seeds, config.metrics, config.selectors,
+        config.budgets.items(),
+    ):
+        cells.append(
+            Cell(
+                grid=config.name,
+                model=model.model_dump(),
+                calibration={**variant, "seed": seed},
+                metric=metric,
+                selector=selector,
+                budget=budget,
+                protect=tuple(config.protect),
+                perplexity=perplexity,
+                dtype=config.dtype,
+                accuracy=config.accuracy.model_dump() if config.accuracy else None,
+                speed=config.speed.model_dump(exclude_none=True) if config.speed else None,  # ids kept without threads
+            )
+        )
     ids = [c.cell_id for c in cells]
     if len(set(ids)) != len(ids):
         raise ConfigError("the grid lists the same cell twice (a metric, selector or budget repeats)")
@@ -165,6 +168,12 @@ def validate(config: GridConfig) -> list[Cell]:
             check_source(source)
         except DataError as exc:
             raise ConfigError(f"{key}: {exc}") from None
+    stability_sources = config.stability.sources if config.stability is not None else None
+    for i, source in enumerate(stability_sources or []):
+        try:
+            check_source(source)
+        except DataError as exc:
+            raise ConfigError(f"stability.sources[{i}]: {exc}") from None
     cells = expand(config)
     for i, model in enumerate(config.models):
         try:
@@ -174,12 +183,14 @@ def validate(config: GridConfig) -> list[Cell]:
         if n_blocks is None:
             continue  # a hub id: its size is known once loaded
         width = model_width(model.name)
-        n_tokens = config.calibration.samples * config.calibration.seq_len
-        for j, spec in enumerate(config.metrics):
-            try:
-                METRICS.get(spec.name)(**spec.params).check_input(n_tokens, width)
-            except ValueError as exc:
-                raise ConfigError(f"metrics[{j}].params: {exc} (models[{i}] = {model.name!r})") from None
+        for variant, keys in config.calibration_variants():
+            n_tokens = variant["samples"] * variant["seq_len"]
+            for j, spec in enumerate(config.metrics):
+                try:
+                    METRICS.get(spec.name)(**spec.params).check_input(n_tokens, width)
+                except ValueError as exc:
+                    raise ConfigError(f"metrics[{j}].params: {exc} (models[{i}] = {model.name!r}"
+                                      f"{_variant_note(config, variant, keys)})") from None
         for cell in cells:
             if cell.model["name"] == model.name:
                 try:
@@ -197,6 +208,14 @@ def validate(config: GridConfig) -> list[Cell]:
     return cells
 
 
+def _variant_note(config: GridConfig, variant: dict[str, Any], keys: dict[str, str]) -> str:
+    """``; calibration variant news/32×256: stability.sources[1] = 'news', ...`` for a stability grid."""
+    if config.stability is None:
+        return ""
+    parts = ", ".join(f"{keys[k]} = {variant[k]!r}" for k in ("source", "samples", "seq_len"))
+    return f"; calibration variant {calibration_label(variant)}: {parts}"
+
+
 def _check_text_length(config: GridConfig, index: int, name: str) -> None:
     """Refuse a calibration set longer than its text, when the tokenizer is on disk already (a zoo
     model not yet built is checked when it runs, rather than downloaded by ``validate``)."""
@@ -209,11 +228,15 @@ def _check_text_length(config: GridConfig, index: int, name: str) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    cal, ppl = config.calibration, config.perplexity
-    try:
-        calibration_batch(tokenizer, cal.source, samples=cal.samples, seq_len=cal.seq_len, seed=0)
-    except DataError as exc:
-        raise ConfigError(f"calibration: {exc} (models[{index}] = {name!r})") from None
+    ppl = config.perplexity
+    for variant, keys in config.calibration_variants():
+        try:
+            calibration_batch(tokenizer, variant["source"], samples=variant["samples"],
+                              seq_len=variant["seq_len"], seed=0)
+        except DataError as exc:
+            where = keys["samples"] if config.stability is not None else "calibration"
+            raise ConfigError(f"{where}: {exc} (models[{index}] = {name!r}"
+                              f"{_variant_note(config, variant, keys)})") from None
     try:
         heldout_windows(tokenizer, ppl.source, seq_len=ppl.seq_len, max_windows=ppl.max_windows)
     except DataError as exc:

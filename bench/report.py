@@ -12,6 +12,7 @@ the pruned over the dense model, measured back to back).
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from algorithms.accuracy import headline
+from bench.grid import calibration_label
 from bench.store import ResultStore
 
 GROUP = ["model", "budget", "metric", "selector"]
@@ -40,6 +42,15 @@ def _optional_columns(r: dict) -> dict:
     return row
 
 
+def _calibration(r: dict) -> str:
+    """The record's calibration variant (source/samples×seq_len); records written before it was a label
+    carry it in their spec."""
+    if label := r["labels"].get("calibration"):
+        return label
+    cal = r.get("spec", {}).get("calibration")
+    return calibration_label(cal) if cal else "?"
+
+
 def records_frame(records: list[dict]) -> pd.DataFrame:
     """One row per successful record."""
     rows = []
@@ -49,6 +60,7 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
         rows.append({
             "cell_id": r["cell_id"],
             **{k: r["labels"][k] for k in ("model", "metric", "selector", "budget", "seed")},
+            "calibration": _calibration(r),
             "k": r["k"],
             "n_blocks": r["model"]["n_blocks"],
             "removed": " ".join(str(b) for b in r["removed_blocks"]),
@@ -80,7 +92,9 @@ def leaderboard(records: list[dict], rank_by: str = "auto") -> pd.DataFrame:
             optional[col] = (col, "mean")
     if has_acc:
         optional["acc_std"] = ("acc_pruned", "std")
-    agg = df.groupby(GROUP, sort=False).agg(
+    # a grid with several calibration variants (a stability study) gets one row per variant
+    group = GROUP + ["calibration"] if df["calibration"].nunique() > 1 else GROUP
+    agg = df.groupby(group, sort=False).agg(
         seeds=("seed", "nunique"),
         k=("k", "first"),
         n_blocks=("n_blocks", "first"),
@@ -96,13 +110,34 @@ def leaderboard(records: list[dict], rank_by: str = "auto") -> pd.DataFrame:
         **optional,
     ).reset_index()
     agg["ppl_std"] = agg["ppl_std"].fillna(0.0)
+    agg = _join_stability(agg, df, records, group)
     if has_acc:
         agg["acc_std"] = agg["acc_std"].fillna(0.0)
     by_acc = rank_by == "accuracy" or (rank_by == "auto" and has_acc)
     key, ascending = ("acc_pruned", False) if by_acc else ("ppl_mean", True)
-    agg["rank"] = agg.groupby(["model", "budget"])[key].rank(method="min", ascending=ascending).astype(int)
+    within = ["model", "budget"] + (["calibration"] if "calibration" in group else [])
+    agg["rank"] = agg.groupby(within)[key].rank(method="min", ascending=ascending).astype(int)
     agg.attrs["ranked_by"] = "accuracy" if by_acc else "ppl"
-    return agg.sort_values(["model", "budget", "rank", "metric", "selector"]).reset_index(drop=True)
+    # calibration variants in natural order: wikipedia/8×128 before wikipedia/32×128
+    return agg.sort_values([*within, "rank", "metric", "selector"],
+                           key=lambda col: col.map(_natural) if col.name == "calibration" else col
+                           ).reset_index(drop=True)
+
+
+def _natural(label: str) -> tuple:
+    """Sort key with the numbers in a label compared as numbers."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(label)))
+
+
+def _join_stability(agg: pd.DataFrame, df: pd.DataFrame, records: list[dict], group: list[str]) -> pd.DataFrame:
+    """``jaccard`` (mean pairwise overlap of the removed sets) and ``tau`` (mean Kendall τ of the block
+    scores) over the seeds of each row, for rows with two seeds or more: "accurate but erratic" shows."""
+    from bench.stability import group_stability
+
+    ok = [r for r in records if r.get("status") == "ok"]
+    stab = group_stability(df, {r["cell_id"]: r["removed_blocks"] for r in ok},
+                           {r["cell_id"]: r.get("scores") for r in ok}, group)
+    return agg if stab.empty else agg.merge(stab, on=group, how="left")
 
 
 def compact_blocks(blocks: str) -> str:
@@ -125,6 +160,8 @@ def _display(board: pd.DataFrame) -> pd.DataFrame:
         "metric": board["metric"],
         "selector": board["selector"],
     })
+    if "calibration" in board:  # several calibration variants: one row each
+        out.insert(3, "calibration", board["calibration"])
     if "acc_pruned" in board:
         out["acc"] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(board["acc_pruned"], board["acc_std"], strict=True)]
         out["acc (dense)"] = board["acc_dense"].map(lambda v: f"{v:.3f}")
@@ -141,6 +178,9 @@ def _display(board: pd.DataFrame) -> pd.DataFrame:
     out["evals"] = board["evaluations"].map(lambda v: f"{v:.0f}")
     out["seeds"] = board["seeds"]
     out["distinct sets"] = board["distinct_sets"]
+    for col, label in (("jaccard", "jaccard"), ("tau", "τ")):  # stability over seeds (bench.stability)
+        if col in board:
+            out[label] = board[col].map(lambda v: "–" if pd.isna(v) else f"{v:.2f}")
     out["scoring s"] = board["scoring_s"].map(lambda v: f"{v:.3f}")
     out["typical removed"] = board["typical_removed"].map(compact_blocks)
     return out
@@ -179,6 +219,10 @@ def write_reports(board: pd.DataFrame, out_dir: Path, *, title: str) -> list[Pat
     if "acc_pruned" in board:
         notes += ("`acc`: mean over tasks of lm-eval's acc_norm (acc where a task has no acc_norm), "
                   "pruned model, mean ± std over seeds; `retained`: pruned / dense. ")
+    if "jaccard" in board:
+        notes += ("`jaccard`: mean overlap |A ∩ B| / |A ∪ B| of the removed block sets of two seeds (1 = every "
+                  "seed removes the same blocks); `τ`: mean Kendall rank correlation of the block scores of two "
+                  "seeds (`bench stability` for the full study). ")
     if "prefill_speedup" in board:
         notes += ("`prefill ×`, `decode ×`: speedup of the pruned over the dense model, measured back to back "
                   "in one process (geometric mean over prompt lengths for prefill; decode in tokens/s). ")

@@ -33,7 +33,7 @@ from algorithms.accuracy import accuracy_score
 from algorithms.selectors import SELECTORS, SelectionProblem
 from bench import __version__
 from bench.config import GridConfig
-from bench.grid import PROTOCOL_VERSION, Cell, expand, short_hash
+from bench.grid import PROTOCOL_VERSION, Cell, calibration_label, expand, short_hash
 from bench.progress import Reporter
 from bench.store import ResultStore
 from estimators import METRICS
@@ -297,7 +297,8 @@ class Runner:
             return cached
         # dense and pruned interleaved in this process: a ratio, never a stored absolute time
         result = compare_speed(loaded["model"], removed, prompt_lengths=tuple(spec.prompt_lengths),
-                               decode_tokens=spec.decode_tokens, repeats=spec.repeats, warmup=spec.warmup)
+                               decode_tokens=spec.decode_tokens, repeats=spec.repeats, warmup=spec.warmup,
+                               threads=spec.threads)
         n = loaded["info"]["n_blocks"]
         result["dense"]["n_blocks"], result["pruned"]["n_blocks"] = n, n - len(removed)
         self.store.put_json("speed", key, result)
@@ -310,7 +311,7 @@ class Runner:
             "versions": cell.versions(), "env": self.env,
             "labels": {"model": cell.model["name"], "metric": cell.metric.label(),
                        "selector": cell.selector.label(), "budget": cell.budget_label,
-                       "seed": cell.calibration["seed"]},
+                       "seed": cell.calibration["seed"], "calibration": calibration_label(cell.calibration)},
         }
         stage = "load_model"
         try:
@@ -323,7 +324,8 @@ class Runner:
             k = cell.resolve_k(n_blocks)
             protected = cell.resolve_protected(n_blocks)
             stage = "capture"
-            self.reporter.stage(f"{cell.model['name']}: hidden states, seed {cell.calibration['seed']}")
+            self.reporter.stage(f"{cell.model['name']}: hidden states, {calibration_label(cell.calibration)}, "
+                                f"seed {cell.calibration['seed']}")
             hs = hidden.get()
             stage = "scoring"
             self.reporter.stage(f"{cell.metric.label()}: scoring")

@@ -203,8 +203,17 @@ def _scale_and_jitter(z: Tensor, jitter: float, generator: torch.Generator) -> T
     return z
 
 
-def _maxnorm_rows(rows: Tensor, z: Tensor) -> Tensor:
-    """Chebyshev distances from each of ``rows`` (c, p) to every point of ``z`` (N, p): (c, N)."""
+def _maxnorm_rows(rows: Tensor, z: Tensor, fused: bool = False) -> Tensor:
+    """Chebyshev distances from each of ``rows`` (c, p) to every point of ``z`` (N, p): (c, N).
+
+    Both paths compute ``max_c |rows_c - z_c|`` exactly (a subtraction, then exact abs and max), so
+    they agree bit for bit on finite inputs; ``torch.cdist`` skips NaNs where the loop propagates
+    them, so callers ask for ``fused`` only on finite inputs. ``fused`` runs ``torch.cdist(p=inf)``,
+    one kernel, 2-15x faster on the CPU than a pass per coordinate; on CUDA the per-coordinate
+    kernels are kept (the fused path is not measured there).
+    """
+    if fused:
+        return torch.cdist(rows, z, p=math.inf)
     dist = (rows[:, :1] - z[:, 0]).abs_()
     for c in range(1, z.shape[1]):
         torch.maximum(dist, (rows[:, c : c + 1] - z[:, c]).abs_(), out=dist)
@@ -221,24 +230,26 @@ def ksg_counts(x: Tensor, y: Tensor, k: int, algorithm: int, chunk_size: int) ->
     n = x.shape[0]
     nx = torch.empty(n, dtype=torch.int64, device=x.device)
     ny = torch.empty(n, dtype=torch.int64, device=x.device)
+    fused = x.device.type == "cpu" and bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    joint_buffer = torch.empty(min(chunk_size, n), n, dtype=dtype, device=x.device)  # reused by every chunk
     for rows in _row_chunks(n, chunk_size):
-        dist_x = _maxnorm_rows(x[rows], x)
-        dist_y = _maxnorm_rows(y[rows], y)
+        dist_x = _maxnorm_rows(x[rows], x, fused)
+        dist_y = _maxnorm_rows(y[rows], y, fused)
         local = torch.arange(rows.stop - rows.start, device=x.device)
         dist_x[local, local + rows.start] = math.inf  # a point is not its own neighbour
         dist_y[local, local + rows.start] = math.inf
-        joint = torch.maximum(dist_x, dist_y)
+        joint = torch.maximum(dist_x, dist_y, out=joint_buffer[: rows.stop - rows.start])
         radius, idx = torch.topk(joint, k, dim=1, largest=False, sorted=True)
-        del joint
         if algorithm == 1:
             eps = radius[:, -1:]
-            nx[rows] = (dist_x < eps).sum(1)
-            ny[rows] = (dist_y < eps).sum(1)
+            nx[rows] = torch.count_nonzero(dist_x < eps, dim=1)
+            ny[rows] = torch.count_nonzero(dist_y < eps, dim=1)
         else:
             eps_x = dist_x.gather(1, idx).amax(1, keepdim=True)
             eps_y = dist_y.gather(1, idx).amax(1, keepdim=True)
-            nx[rows] = (dist_x <= eps_x).sum(1)
-            ny[rows] = (dist_y <= eps_y).sum(1)
+            nx[rows] = torch.count_nonzero(dist_x <= eps_x, dim=1)
+            ny[rows] = torch.count_nonzero(dist_y <= eps_y, dim=1)
     return nx, ny
 
 

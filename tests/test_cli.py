@@ -69,7 +69,7 @@ def test_too_few_tokens_for_gaussian_mi_is_a_config_error(tmp_path):
     assert cli.invoke(app, ["validate", "--grid", str(write(tmp_path, ok))]).exit_code == 0
 
 
-def test_exhaustive_too_large_and_text_too_short_are_config_errors(tmp_path):
+def test_exhaustive_too_large_and_text_too_short_are_config_errors(tmp_path, smollm2_on_disk):
     big = {**SMALL_GRID, "selectors": ["topk", "exhaustive"], "budgets": {"blocks": [10]}}
     result = cli.invoke(app, ["validate", "--grid", str(write(tmp_path, big))])
     assert result.exit_code == 2
@@ -90,6 +90,7 @@ def test_bad_accuracy_and_speed_sections_name_the_key(tmp_path):
         ({"accuracy": {"tasks": ["piqa"], "shots": 5}}, "accuracy.shots", "unknown key"),
         ({"speed": {"prompt_lengths": []}}, "speed.prompt_lengths", "at least 1"),
         ({"speed": {"decode_tokens": 0}}, "speed.decode_tokens", "greater than or equal to 1"),
+        ({"speed": {"threads": 0}}, "speed.threads", "greater than or equal to 1"),
     ]
     for override, key, message in cases:
         result = cli.invoke(app, ["validate", "--grid", str(write(tmp_path, {**SMALL_GRID, **override}))])

@@ -32,6 +32,7 @@ def test_measure_speed_reports_every_figure_as_plain_json():
     assert model.training  # restored
     json.loads(json.dumps(result))
     assert result["device"] == "cpu" and result["dtype"] == "float32"
+    assert result["threads"] == torch.get_num_threads()
     assert result["params"] == sum(p.numel() for p in model.parameters())
     assert result["weight_bytes"] == 4 * result["params"] + sum(b.numel() * b.element_size() for b in model.buffers())
     assert result["peak_bytes"] is None and result["peak_bytes_source"] is None  # CPU: no allocator statistic
@@ -42,6 +43,19 @@ def test_measure_speed_reports_every_figure_as_plain_json():
     assert (decode["prompt_length"], decode["tokens"]) == (8, 4)
     assert 0 < decode["tokens_per_s"]["min"] <= decode["tokens_per_s"]["median"] <= decode["tokens_per_s"]["max"]
     assert (result["repeats"], result["warmup"]) == (2, 1)
+
+
+def test_threads_apply_during_the_measurement_only():
+    before = torch.get_num_threads()
+    seen = []
+    model = tiny_llama(layers=2)
+    hook = model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    try:
+        result = measure_speed(model, **FAST, threads=1)
+    finally:
+        hook.remove()
+    assert result["threads"] == 1 and set(seen) == {1}
+    assert torch.get_num_threads() == before  # restored
 
 
 def test_tied_weights_count_once():
@@ -57,15 +71,32 @@ def test_decode_loop_is_greedy_decoding_with_the_cache():
     model = tiny_llama()
     prompt = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
-        run, produced = _decode(model, prompt, steps=6, extra={})
+        reset, run, produced = _decode(model, prompt, steps=6, extra={})
+        reset()
         run()
         first = list(produced)
+        reset()
         run()  # every repeat decodes the same tokens from the same cache state
         assert produced == first and len(first) == 6
+        run()  # without reset(): still a fresh copy, never the cache the last run extended
+        assert produced == first
         reference = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                    max_new_tokens=7, min_new_tokens=7, pad_token_id=0)
     # the prefill predicts the first new token, each of the 6 decoding steps one more
     assert reference[0, 9:].tolist() == first
+
+
+def test_every_timed_decode_makes_exactly_decode_tokens_single_token_steps():
+    model = tiny_llama()
+    steps = []
+    hook = model.register_forward_pre_hook(lambda _m, args: steps.append(args[0].shape[1]))
+    try:
+        measure_speed(model, **{**FAST, "decode_tokens": 5, "repeats": 3, "warmup": 2})
+    finally:
+        hook.remove()
+    # 5 one-token steps in each of the 2 warm-up and 3 timed runs; the rest are full prompts (8 or 16)
+    assert steps.count(1) == 5 * (2 + 3)
+    assert set(steps) == {1, 8, 16}
 
 
 def test_compare_speed_measures_the_model_without_the_blocks_and_restores_it():
@@ -86,8 +117,10 @@ def test_compare_speed_measures_the_model_without_the_blocks_and_restores_it():
 
 
 def _fake(prefill, tps, params=100, nbytes=400, tokens=32):
-    return {"prefill": {k: {"median_s": v} for k, v in prefill.items()}, "params": params, "weight_bytes": nbytes,
-            "decode": {"tokens": tokens, "tokens_per_s": {"median": tps}}}
+    """Measurements whose medians are 3x slower than their best repeat (interference): ratios use the best."""
+    return {"prefill": {k: {"min_s": v, "median_s": 3 * v * (1 + len(k))} for k, v in prefill.items()},
+            "params": params, "weight_bytes": nbytes,
+            "decode": {"tokens": tokens, "tokens_per_s": {"max": tps, "median": tps / 3 / tokens}}}
 
 
 def test_speedup_ratios_are_exact():
@@ -112,6 +145,7 @@ def test_speedup_ratios_are_exact():
     ({"repeats": 0}, "repeats"),
     ({"warmup": -1}, "warmup"),
     ({"repeats": 2.5}, "repeats"),
+    ({"threads": 0}, "threads"),
 ])
 def test_bad_options_are_refused_by_name(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -132,10 +166,16 @@ def test_smollm2_with_a_quarter_of_its_blocks_removed():
 
     model, _, _ = zoo.load_model("smollm2-135m")
     removed = [12, 13, 14, 15, 16, 17, 25]  # 7 of 30 blocks (configs/paper.yaml's 25%)
-    result = compare_speed(model, removed, prompt_lengths=(64, 256), decode_tokens=8, repeats=3, warmup=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the 2 test cores are shared: oversubscribed threads make the timings noise
+    try:
+        result = compare_speed(model, removed, prompt_lengths=(64, 256), decode_tokens=8, repeats=3, warmup=1)
+    finally:
+        torch.set_num_threads(threads)
     ratios = result["speedup"]
     block = sum(p.numel() for p in model.model.layers[0].parameters())
     assert result["dense"]["params"] - result["pruned"]["params"] == 7 * block
+    assert ratios["params"] == result["pruned"]["params"] / result["dense"]["params"] < 1
     assert result["pruned"]["weight_bytes"] < result["dense"]["weight_bytes"]
     for value in [*ratios["prefill"].values(), ratios["prefill_mean"], ratios["decode"]]:
         assert math.isfinite(value) and value > 0

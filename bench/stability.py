@@ -1,0 +1,271 @@
+"""How much does the chosen block set depend on the calibration sample? Statistics over result records.
+
+A stability study reruns scoring and selection for every calibration seed (and, with a grid's
+``stability:`` section, every calibration variant: source × samples × seq_len). Per (model,
+calibration variant, metric, selector, budget) this module reports, over the runs of that group:
+
+- ``jaccard_mean`` / ``jaccard_std``: |A ∩ B| / |A ∪ B| of the removed block sets, over all pairs of runs
+  (1 = every seed removes the same blocks, 0 = no two seeds share a block);
+- ``frequency``: for each block, the share of runs that removed it; ``always``: the blocks every run removed;
+- ``tau_mean`` / ``rho_mean`` (and std): Kendall's τ and Spearman's ρ between the metric's block-score
+  vectors of two runs, over all pairs (scipy.stats), i.e. whether the *ranking* of blocks is stable even
+  where the cut-off at k changes the set;
+- ``ppl_*`` and ``acc_*``: mean, sample std and a percentile-bootstrap interval of the mean (seeded) of the
+  pruned model's perplexity and, when measured, accuracy;
+- ``distinct_sets``: how many different block sets the runs produced.
+
+Pair statistics are means over the n(n−1)/2 pairs with the population std of the pair values (0 for two
+runs); they need at least two runs and are NaN otherwise. When a grid has several calibration variants,
+rows with calibration ``all`` pool every variant and seed of a method: how much the choice moves with the
+calibration data as a whole. Everything here is a pure function of the records.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+#: one stability row per these keys
+KEY = ["model", "calibration", "metric", "selector", "budget"]
+#: calibration label of the rows that pool every calibration variant
+POOLED = "all"
+CONFIDENCE = 0.95
+N_RESAMPLES = 9999
+
+
+# ---------------------------------------------------------------------------------------- block sets
+def jaccard(a: Iterable[int], b: Iterable[int]) -> float:
+    """|a ∩ b| / |a ∪ b|; two empty sets are identical (1.0)."""
+    a, b = set(a), set(b)
+    return 1.0 if not (a or b) else len(a & b) / len(a | b)
+
+
+def pairwise_jaccard(sets: Sequence[Iterable[int]]) -> list[float]:
+    """Jaccard overlap of every pair of sets (n(n−1)/2 values)."""
+    return [jaccard(a, b) for a, b in itertools.combinations(sets, 2)]
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=0))
+
+
+def jaccard_stats(sets: Sequence[Iterable[int]]) -> dict[str, float]:
+    """Mean and std of the pairwise Jaccard overlaps (NaN with fewer than two sets)."""
+    mean, std = _mean_std(pairwise_jaccard(sets))
+    return {"jaccard_mean": mean, "jaccard_std": std}
+
+
+def selection_frequency(sets: Sequence[Iterable[int]], n_blocks: int) -> np.ndarray:
+    """Share of the sets that contain each block ``0 .. n_blocks-1``."""
+    if not sets:
+        raise ValueError("selection_frequency needs at least one block set")
+    counts = np.zeros(n_blocks, dtype=np.float64)
+    for s in sets:
+        for b in set(s):
+            if not 0 <= b < n_blocks:
+                raise ValueError(f"block {b} is out of range for {n_blocks} blocks")
+            counts[b] += 1
+    return counts / len(sets)
+
+
+def distinct_sets(sets: Sequence[Iterable[int]]) -> int:
+    return len({frozenset(s) for s in sets})
+
+
+# ---------------------------------------------------------------------------------------- score rankings
+def rank_correlations(score_vectors: Sequence[Sequence[float]]) -> dict[str, float]:
+    """Kendall's τ (tau-b) and Spearman's ρ between every pair of block-score vectors: mean and std.
+
+    NaN with fewer than two vectors, or for a pair where a vector is constant (no ranking to compare)."""
+    vectors = [np.asarray(v, dtype=np.float64) for v in score_vectors]
+    if len({v.shape for v in vectors}) > 1:
+        raise ValueError(f"score vectors differ in length: {sorted({len(v) for v in vectors})}")
+    taus, rhos = [], []
+    with warnings.catch_warnings():  # a constant vector: scipy warns and returns NaN, which we keep
+        warnings.simplefilter("ignore")
+        for a, b in itertools.combinations(vectors, 2):
+            taus.append(float(stats.kendalltau(a, b).statistic))
+            rhos.append(float(stats.spearmanr(a, b).statistic))
+    tau_mean, tau_std = _mean_std(taus)
+    rho_mean, rho_std = _mean_std(rhos)
+    return {"tau_mean": tau_mean, "tau_std": tau_std, "rho_mean": rho_mean, "rho_std": rho_std}
+
+
+# ---------------------------------------------------------------------------------------- outcomes
+def summarize(values: Sequence[float], *, confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES,
+              seed: int = 0) -> dict[str, float]:
+    """Mean, sample std (ddof=1) and a percentile-bootstrap interval of the mean, seeded (scipy.stats).
+
+    With fewer than two values the std and the interval are NaN. With few runs the interval is wide and
+    coarse (three seeds: the bootstrap means take only ten values), which is the honest answer."""
+    arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+    out = {"mean": float(arr.mean()) if arr.size else math.nan, "std": math.nan,
+           "ci_low": math.nan, "ci_high": math.nan, "n": int(arr.size)}
+    if arr.size >= 2:
+        out["std"] = float(arr.std(ddof=1))
+        ci = stats.bootstrap((arr,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
+                             method="percentile", vectorized=True, rng=np.random.default_rng(seed))
+        out["ci_low"], out["ci_high"] = float(ci.confidence_interval.low), float(ci.confidence_interval.high)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- records → table
+def _runs(records: list[dict]) -> pd.DataFrame:
+    """One row per successful record: the leaderboard's columns plus the block set and the score vector."""
+    from bench.report import records_frame
+
+    df = records_frame(records)
+    if df.empty:
+        return df
+    by_id = {r["cell_id"]: r for r in records if r.get("status") == "ok"}
+    df["removed_set"] = [tuple(by_id[c]["removed_blocks"]) for c in df["cell_id"]]
+    df["scores"] = [tuple(by_id[c]["scores"]) for c in df["cell_id"]]
+    df["higher_is_important"] = [bool(by_id[c]["higher_is_important"]) for c in df["cell_id"]]
+    cal = [by_id[c].get("spec", {}).get("calibration", {}) for c in df["cell_id"]]
+    df["_source"] = [str(c.get("source", "")) for c in cal]
+    df["_samples"] = [int(c.get("samples", 0)) for c in cal]
+    df["_seq_len"] = [int(c.get("seq_len", 0)) for c in cal]
+    return df.sort_values(["model", "budget", "metric", "selector", "_source", "_samples", "_seq_len", "seed",
+                           "cell_id"], kind="stable").reset_index(drop=True)
+
+
+def _group_row(g: pd.DataFrame, seed: int) -> dict:
+    sets = list(g["removed_set"])
+    n_blocks = int(g["n_blocks"].iloc[0])
+    freq = selection_frequency(sets, n_blocks)
+    row = {
+        "k": int(g["k"].iloc[0]), "n_blocks": n_blocks, "runs": len(g), "seeds": int(g["seed"].nunique()),
+        "distinct_sets": distinct_sets(sets), **jaccard_stats(sets), **rank_correlations(list(g["scores"])),
+    }
+    for name, col in (("ppl", "ppl_pruned"), ("acc", "acc_pruned")):
+        if col in g and g[col].notna().any():
+            s = summarize(list(g[col]), seed=seed)
+            row.update({f"{name}_{k}": v for k, v in s.items() if k != "n"})
+    row["always"] = " ".join(str(b) for b in np.flatnonzero(freq == 1.0))
+    row["ever"] = int((freq > 0).sum())
+    row["frequency"] = tuple(round(float(f), 6) for f in freq)
+    return row
+
+
+def stability_frame(records: list[dict], *, pooled: bool = True, seed: int = 0) -> pd.DataFrame:
+    """One row per (model, calibration variant, metric, selector, budget) with the statistics above, plus,
+    when the records hold several calibration variants and ``pooled``, one ``all`` row per method."""
+    runs = _runs(records)
+    if runs.empty:
+        return pd.DataFrame(columns=KEY)
+    rows = []
+    for keys, g in runs.groupby(KEY, sort=False):
+        rows.append(dict(zip(KEY, keys, strict=True)) | _group_row(g, seed))
+    if pooled and runs["calibration"].nunique() > 1:
+        rest = [k for k in KEY if k != "calibration"]
+        for keys, g in runs.groupby(rest, sort=False):
+            rows.append(dict(zip(rest, keys, strict=True)) | {"calibration": POOLED} | _group_row(g, seed))
+    frame = pd.DataFrame(rows)
+    order = {c: i for i, c in enumerate(dict.fromkeys(list(runs["calibration"]) + [POOLED]))}
+    frame["_order"] = frame["calibration"].map(order)
+    frame = frame.sort_values(["model", "budget", "metric", "selector", "_order"], kind="stable")
+    return frame.drop(columns="_order").reset_index(drop=True)
+
+
+def group_stability(runs: pd.DataFrame, sets: dict[str, Sequence[int]],
+                    scores: dict[str, Sequence[float] | None], group: list[str]) -> pd.DataFrame:
+    """Mean pairwise Jaccard and Kendall τ per ``group`` of a records frame (its ``cell_id`` column keys
+    ``sets`` and ``scores``), for groups of two runs or more: the leaderboard's stability columns. τ is NaN
+    where a record has no scores."""
+    rows = []
+    for keys, g in runs.groupby(group, sort=False):
+        if len(g) < 2:
+            continue
+        ids = list(g["cell_id"])
+        vectors = [scores.get(c) for c in ids]
+        rows.append(dict(zip(group, keys, strict=True)) | {
+            "jaccard": jaccard_stats([sets[c] for c in ids])["jaccard_mean"],
+            "tau": math.nan if any(v is None for v in vectors) else rank_correlations(vectors)["tau_mean"],
+        })
+    return pd.DataFrame(rows, columns=[*group, "jaccard", "tau"])
+
+
+# ---------------------------------------------------------------------------------------- rendering
+def _pm(mean: float, std: float, digits: int) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    if std is None or (isinstance(std, float) and math.isnan(std)):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _ci(low: float, high: float, digits: int) -> str:
+    return "–" if low is None or math.isnan(low) else f"[{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def display(frame: pd.DataFrame) -> pd.DataFrame:
+    """The stability table as strings, for Markdown, HTML and the terminal."""
+    from bench.report import compact_blocks
+
+    if frame.empty:
+        return pd.DataFrame()
+    out = pd.DataFrame({
+        "model": frame["model"],
+        "calibration": frame["calibration"],
+        "budget": [f"{b} ({k}/{n})" for b, k, n in zip(frame["budget"], frame["k"], frame["n_blocks"], strict=True)],
+        "metric": frame["metric"],
+        "selector": frame["selector"],
+        "runs": frame["runs"],
+        "distinct sets": frame["distinct_sets"],
+        "jaccard": [_pm(m, s, 2) for m, s in zip(frame["jaccard_mean"], frame["jaccard_std"], strict=True)],
+        "τ": [_pm(m, s, 2) for m, s in zip(frame["tau_mean"], frame["tau_std"], strict=True)],
+        "ρ": [_pm(m, s, 2) for m, s in zip(frame["rho_mean"], frame["rho_std"], strict=True)],
+    })
+    if "acc_mean" in frame:
+        out["acc"] = [_pm(m, s, 3) for m, s in zip(frame["acc_mean"], frame["acc_std"], strict=True)]
+        out[f"acc {CONFIDENCE:.0%} CI"] = [_ci(lo, hi, 3) for lo, hi in
+                                          zip(frame["acc_ci_low"], frame["acc_ci_high"], strict=True)]
+    out["ppl (pruned)"] = [_pm(m, s, 2) for m, s in zip(frame["ppl_mean"], frame["ppl_std"], strict=True)]
+    out[f"ppl {CONFIDENCE:.0%} CI"] = [_ci(lo, hi, 2) for lo, hi in
+                                      zip(frame["ppl_ci_low"], frame["ppl_ci_high"], strict=True)]
+    out["always removed"] = frame["always"].map(lambda s: compact_blocks(s) if s else "–")
+    out["blocks ever removed"] = frame["ever"]
+    return out
+
+
+NOTES = (
+    "Over the runs of each row (calibration seeds; `all` pools every calibration variant): `jaccard`, mean ± std "
+    "over pairs of runs of |A ∩ B| / |A ∪ B| of the removed block sets (1 = always the same set); `τ`, `ρ`: "
+    "Kendall's and Spearman's rank correlation between the metric's block scores of two runs, mean ± std over "
+    f"pairs; perplexity (and accuracy) mean ± sample std with a {CONFIDENCE:.0%} percentile-bootstrap interval "
+    "of the mean (seeded); `always removed`: blocks every run removed; `blocks ever removed`: blocks any run "
+    "removed."
+)
+
+
+def frequency_text(freq: Sequence[float]) -> str:
+    """``"12:1 13:0.67"``: each block some run removed, with the share of runs."""
+    return " ".join(f"{b}:{f:.3g}" for b, f in enumerate(freq) if f > 0)
+
+
+def write_stability_reports(frame: pd.DataFrame, out_dir: Path, *, title: str) -> list[Path]:
+    """``stability.md`` (the table with its notes) and ``stability.csv`` (every number, the selection
+    frequency as ``block:share`` pairs) under ``out_dir``, each written atomically."""
+    from bench.store import _atomic_write
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md_path, csv_path = out_dir / "stability.md", out_dir / "stability.csv"
+    csv = frame.copy()
+    if "frequency" in csv:
+        csv["frequency"] = csv["frequency"].map(frequency_text)
+    csv_bytes = csv.to_csv(index=False).encode()
+    _atomic_write(csv_path, lambda fh: fh.write(csv_bytes))
+    body = display(frame).to_markdown(index=False) if not frame.empty else "_no finished cells yet_"
+    md = f"# {title}\n\n{NOTES}\n\n{body}\n".encode()
+    _atomic_write(md_path, lambda fh: fh.write(md))
+    return [md_path, csv_path]

@@ -1,0 +1,321 @@
+"""Stability studies: the statistics on hand-built inputs, the config and CLI errors, and a real study on
+SmolLM2-135M (2 metrics, 3 seeds, 2 calibration sources) that writes the figures and the HTML report."""
+
+import base64
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from bench import html_report, report
+from bench.cli import app
+from bench.config import parse_config
+from bench.grid import calibration_label, expand
+from bench.stability import (
+    POOLED,
+    distinct_sets,
+    jaccard,
+    jaccard_stats,
+    pairwise_jaccard,
+    rank_correlations,
+    selection_frequency,
+    stability_frame,
+    summarize,
+)
+from tests.conftest import SMALL_GRID
+
+cli = CliRunner()
+
+
+# ---------------------------------------------------------------------------------------- hand-built inputs
+def test_jaccard_identical_disjoint_and_partial():
+    assert jaccard([1, 2, 3], [3, 2, 1]) == 1.0
+    assert jaccard([1, 2], [3, 4]) == 0.0
+    assert jaccard([1, 2, 3], [2, 3, 4]) == 0.5  # 2 shared of 4
+    assert jaccard([], []) == 1.0
+    assert pairwise_jaccard([[1, 2], [1, 2], [3, 4]]) == [1.0, 0.0, 0.0]
+
+
+def test_jaccard_stats_over_pairs():
+    same = jaccard_stats([[12, 13, 14], [14, 13, 12], [12, 13, 14]])
+    assert same == {"jaccard_mean": 1.0, "jaccard_std": 0.0}
+    apart = jaccard_stats([[0, 1], [2, 3], [4, 5]])
+    assert apart == {"jaccard_mean": 0.0, "jaccard_std": 0.0}
+    mixed = jaccard_stats([[1, 2], [1, 2], [3, 4]])  # pairs: 1, 0, 0
+    assert mixed["jaccard_mean"] == pytest.approx(1 / 3)
+    assert mixed["jaccard_std"] == pytest.approx(math.sqrt(2) / 3)  # population std of (1, 0, 0)
+    one = jaccard_stats([[1, 2]])
+    assert math.isnan(one["jaccard_mean"]) and math.isnan(one["jaccard_std"])
+
+
+def test_selection_frequency_and_distinct_sets():
+    sets = [(1, 2), (2, 3), (4, 2)]
+    np.testing.assert_allclose(selection_frequency(sets, 5), [0, 1 / 3, 1, 1 / 3, 1 / 3])
+    assert distinct_sets(sets) == 3 and distinct_sets([(1, 2), (2, 1), (1, 3)]) == 2
+    with pytest.raises(ValueError, match="block 7 is out of range for 5 blocks"):
+        selection_frequency([(7,)], 5)
+    with pytest.raises(ValueError, match="at least one"):
+        selection_frequency([], 5)
+
+
+def test_rank_correlations_known_values():
+    same = rank_correlations([[0.1, 0.5, 0.2, 0.9], [0.1, 0.5, 0.2, 0.9], [1, 5, 2, 9]])
+    assert same["tau_mean"] == pytest.approx(1.0) and same["rho_mean"] == pytest.approx(1.0)
+    assert same["tau_std"] == pytest.approx(0.0)
+    reversed_ = rank_correlations([[1, 2, 3, 4, 5], [5, 4, 3, 2, 1]])
+    assert reversed_["tau_mean"] == pytest.approx(-1.0) and reversed_["rho_mean"] == pytest.approx(-1.0)
+    # one swapped neighbour pair among 4: 5 concordant, 1 discordant pair -> tau = 4/6;
+    # rho = 1 - 6 * sum(d^2) / (n (n^2 - 1)) = 1 - 6 * 2 / 60 = 0.8
+    swap = rank_correlations([[1, 2, 3, 4], [1, 3, 2, 4]])
+    assert swap["tau_mean"] == pytest.approx(2 / 3) and swap["rho_mean"] == pytest.approx(0.8)
+    assert math.isnan(rank_correlations([[1, 2, 3]])["tau_mean"])
+    with pytest.raises(ValueError, match="differ in length"):
+        rank_correlations([[1, 2, 3], [1, 2]])
+
+
+def test_summarize_mean_std_and_seeded_bootstrap():
+    values = [80.0, 84.0, 85.0, 83.0, 90.0]
+    s = summarize(values, seed=0)
+    assert s["mean"] == pytest.approx(84.4) and s["std"] == pytest.approx(np.std(values, ddof=1))
+    assert s["n"] == 5
+    assert min(values) <= s["ci_low"] < s["mean"] < s["ci_high"] <= max(values)
+    assert summarize(values, seed=0) == s  # seeded: the same interval every time
+    narrow = summarize(values, confidence=0.5, seed=0)
+    assert s["ci_low"] <= narrow["ci_low"] and narrow["ci_high"] <= s["ci_high"]
+    flat = summarize([47.5, 47.5, 47.5])
+    assert (flat["std"], flat["ci_low"], flat["ci_high"]) == (0.0, 47.5, 47.5)
+    single = summarize([3.0])
+    assert single["mean"] == 3.0 and all(math.isnan(single[k]) for k in ("std", "ci_low", "ci_high"))
+
+
+def _record(i, *, removed, scores, ppl, seed, metric="bi", selector="topk", source="wikipedia", samples=8,
+            acc=None):
+    cal = {"source": source, "samples": samples, "seq_len": 64, "seed": seed}
+    r = {
+        "status": "ok", "cell_id": f"cell{i:03d}", "spec": {"calibration": cal},
+        "labels": {"model": "m", "metric": metric, "selector": selector, "budget": "2 blocks", "seed": seed,
+                   "calibration": calibration_label(cal)},
+        "k": len(removed), "model": {"n_blocks": 6}, "removed_blocks": list(removed), "scores": list(scores),
+        "higher_is_important": True, "ppl": {"dense": 10.0, "pruned": ppl}, "parameters": {"kept_share": 0.7},
+        "timings": {"scoring": 0.1}, "selector_result": {"evaluations": 0, "proxies": {"proxy_span": 0.1}},
+    }
+    if acc is not None:
+        r["accuracy"] = {"dense": {"score": 0.6}, "pruned": {"score": acc, "tasks": {}}, "retained": acc / 0.6}
+    return r
+
+
+def _hand_built():
+    """bi: the same set and ranking for all three seeds; angular: three disjoint sets."""
+    bi = [_record(i, removed=(2, 3), scores=[6, 5, 1, 2, 4, 3], ppl=20.0 + i, seed=i, acc=0.5) for i in range(3)]
+    angular = [
+        _record(10 + i, metric="angular", removed=rem, scores=sc, ppl=p, seed=i, acc=a)
+        for i, (rem, sc, p, a) in enumerate([((0, 1), [1, 2, 3, 4, 5, 6], 30.0, 0.4),
+                                             ((2, 3), [6, 5, 1, 2, 4, 3], 40.0, 0.45),
+                                             ((4, 5), [6, 5, 4, 3, 2, 1], 50.0, 0.5)])
+    ]
+    return bi + angular
+
+
+def test_stability_frame_on_hand_built_records():
+    frame = stability_frame(_hand_built()).set_index("metric")
+    assert list(frame["calibration"]) == ["wikipedia/8×64"] * 2  # one variant: no pooled rows
+    bi, ang = frame.loc["bi"], frame.loc["angular"]
+    assert (bi["jaccard_mean"], bi["distinct_sets"]) == (1.0, 1)
+    assert bi["tau_mean"] == pytest.approx(1.0) and bi["rho_mean"] == pytest.approx(1.0)
+    assert bi["always"] == "2 3" and bi["ever"] == 2 and bi["frequency"] == (0, 0, 1, 1, 0, 0)
+    assert (ang["jaccard_mean"], ang["distinct_sets"], ang["always"], ang["ever"]) == (0.0, 3, "", 6)
+    assert ang["frequency"] == pytest.approx((1 / 3,) * 6, abs=1e-6)
+    assert ang["tau_mean"] < 0.5  # rankings 1: ascending, 3: descending
+    assert ang["ppl_mean"] == 40.0 and ang["ppl_std"] == pytest.approx(10.0)
+    assert ang["ppl_ci_low"] < 40.0 < ang["ppl_ci_high"]
+    assert ang["acc_mean"] == pytest.approx(0.45) and bi["acc_mean"] == 0.5 and bi["acc_std"] == 0.0
+
+
+def test_pooled_rows_across_calibration_variants_and_leaderboard_columns():
+    wiki = [_record(i, removed=(2, 3), scores=[6, 5, 1, 2, 4, 3], ppl=20.0, seed=i) for i in range(2)]
+    news = [_record(5 + i, removed=(1, 2), scores=[6, 1, 2, 5, 4, 3], ppl=30.0, seed=i, source="news")
+            for i in range(2)]
+    frame = stability_frame(wiki + news)
+    assert list(frame["calibration"]) == ["news/8×64", "wikipedia/8×64", POOLED]
+    pooled = frame.iloc[-1]
+    assert pooled["runs"] == 4 and pooled["seeds"] == 2 and pooled["distinct_sets"] == 2
+    # pairs: 2 within-variant (J = 1) and 4 across (J = |{2}| / |{1, 2, 3}| = 1/3)
+    assert pooled["jaccard_mean"] == pytest.approx((2 * 1 + 4 / 3) / 6)
+    assert pooled["always"] == "2" and pooled["ppl_mean"] == 25.0
+    assert frame.iloc[0]["jaccard_mean"] == frame.iloc[1]["jaccard_mean"] == 1.0
+
+    board = report.leaderboard(wiki + news)
+    assert list(board["calibration"]) == ["news/8×64", "wikipedia/8×64"]
+    assert list(board["rank"]) == [1, 1]  # ranks are within a calibration variant
+    assert list(board["jaccard"]) == [1.0, 1.0] and list(board["tau"]) == pytest.approx([1.0, 1.0])
+    md = report._display(board).to_markdown(index=False)
+    assert "calibration" in md and "jaccard" in md and "τ" in md
+
+    one = report.leaderboard(wiki)  # one variant: the quick-grid layout, no calibration column
+    assert "calibration" not in one and one["jaccard"].tolist() == [1.0]
+    single = report.leaderboard(wiki[:1])  # one seed: no stability columns at all
+    assert "jaccard" not in single and "tau" not in single
+
+
+def test_html_report_is_self_contained(tmp_path):
+    records = _hand_built()
+    board = report.leaderboard(records)
+    paths = html_report.write_html_report(tmp_path, records, board, title="hand <built>")
+    page = paths["html"].read_text()
+    images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    assert len(images) == len(html_report.FIGURES) == 4
+    for name, data in zip(html_report.FIGURES, images, strict=True):
+        assert base64.b64decode(data) == paths[name].read_bytes()
+        assert paths[name].read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert "http" not in page and "<script" not in page and "<link" not in page
+    assert "hand &lt;built&gt;" in page  # escaped
+    assert "Leaderboard" in page and "Stability over calibration samples" in page
+    assert page.count("<table") == 2
+
+
+# ---------------------------------------------------------------------------------------- config and CLI
+def _write(tmp_path, data):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_stability_variants_expand_into_cells_and_keep_the_main_ids():
+    plain = parse_config(SMALL_GRID)
+    study = parse_config({**SMALL_GRID, "stability": {"samples": [4, 8], "sources": ["wikipedia", "news"]}})
+    cells = expand(study)
+    assert len(cells) == 4 * len(expand(plain))
+    assert {calibration_label(c.calibration) for c in cells} == {
+        "wikipedia/4×128", "wikipedia/8×128", "news/4×128", "news/8×128"}
+    assert {c.cell_id for c in expand(plain)} <= {c.cell_id for c in cells}  # finished records are reused
+    # cells of one variant and seed are adjacent: hidden states are captured once per group
+    groups = [(c.calibration["source"], c.calibration["samples"], c.calibration["seed"]) for c in cells]
+    starts = [g for i, g in enumerate(groups) if i == 0 or groups[i - 1] != g]
+    assert len(starts) == len(set(groups)) == 4 * 2
+
+
+@pytest.mark.parametrize(("stability", "message"), [
+    ({"samples": [8, 0]}, "stability.samples[1]: Input should be greater than or equal to 1 (got 0)"),
+    ({"seq_lens": [128, 1]}, "stability.seq_lens[1]: Input should be greater than or equal to 2 (got 1)"),
+    ({"samples": [8, 8]}, "stability.samples: 8 listed twice"),
+    ({"sources": []}, "stability.sources: List should have at least 1 item"),
+    ({"seeds": [0, 1]}, "stability.seeds: unknown key"),
+    ({"sources": ["wikipedia", "/no/such/corpus.txt"]}, "stability.sources[1]: text source '/no/such/corpus.txt'"),
+    ({"sources": ["news"], "samples": [4, 5000]}, "stability.samples[1]: calibration text of 'news' is too short"),
+])
+def test_bad_stability_sections_exit_2_naming_the_key(tmp_path, stability, message, smollm2_on_disk):
+    results = tmp_path / "out"
+    grid = _write(tmp_path, {**SMALL_GRID, "stability": stability})
+    for command in (["validate", "--grid", str(grid)],
+                    ["stability", "--grid", str(grid), "--results", str(results)],
+                    ["run", "--grid", str(grid), "--results", str(results)]):
+        result = cli.invoke(app, command)
+        assert result.exit_code == 2, (command, result.output)
+        assert message in " ".join(result.output.split()), result.output
+    assert not results.exists()
+
+
+def test_too_few_tokens_in_one_variant_names_it(tmp_path):
+    grid = {**SMALL_GRID, "metrics": [{"name": "mi_gauss", "params": {"max_dim": 64}}],
+            "calibration": {**SMALL_GRID["calibration"], "samples": 4, "seq_len": 128},
+            "stability": {"samples": [4, 1]}}  # 1 x 128 = 128 tokens < 2 * (64 + 64)
+    result = cli.invoke(app, ["validate", "--grid", str(_write(tmp_path, grid))])
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "metrics[0].params: mi_gauss needs N >= 2*(dx+dy) = 256 tokens" in text
+    assert "calibration variant wikipedia/1×128" in text and "stability.samples[1] = 1" in text
+
+
+def test_stability_needs_two_seeds_and_writes_nothing(tmp_path):
+    results = tmp_path / "out"
+    grid = _write(tmp_path, {**SMALL_GRID, "calibration": {**SMALL_GRID["calibration"], "seeds": [0]}})
+    result = cli.invoke(app, ["stability", "--grid", str(grid), "--results", str(results)])
+    assert result.exit_code == 2
+    assert "calibration.seeds: a stability study needs at least 2 seeds to compare, got [0]" in result.output
+    assert not results.exists()
+
+
+# ---------------------------------------------------------------------------------------- a real study
+STUDY = {**SMALL_GRID, "name": "stability-e2e", "calibration": {**SMALL_GRID["calibration"], "seeds": [0, 1, 2]},
+         "stability": {"sources": ["wikipedia", "news"]}}  # 2 metrics x 3 seeds x 2 sources = 12 cells
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stability")
+    grid = root / "grid.yaml"
+    grid.write_text(yaml.safe_dump(STUDY))
+    result = cli.invoke(app, ["stability", "--grid", str(grid), "--results", str(root / "results"), "--json"])
+    return {"grid": grid, "results": root / "results", "result": result}
+
+
+@pytest.mark.slow
+def test_real_study_writes_tables_figures_and_html(study):
+    result, results = study["result"], study["results"]
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert (payload["cells"], payload["ran"], payload["failed"]) == (12, 12, 0)
+    for name in ("stability.md", "stability.csv", "leaderboard.md", "report.html"):
+        assert (results / name).is_file(), name
+    page = (results / "report.html").read_text()
+    images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    assert len(images) == 4
+    for name, data in zip(html_report.FIGURES, images, strict=True):
+        png = (results / "figures" / f"{name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 5000 and base64.b64decode(data) == png
+    assert "http" not in page and "<script" not in page
+    assert "wikipedia/4×128" in page and "news/4×128" in page
+    md = (results / "stability.md").read_text()
+    assert "| smollm2-135m | all" in md and "news/4×128" in md
+
+
+@pytest.mark.slow
+def test_real_study_statistics_match_the_records(study):
+    from bench.store import ResultStore
+
+    records = [r for r in ResultStore(study["results"]).records() if r["status"] == "ok"]
+    assert len(records) == 12
+    rows = json.loads(study["result"].stdout)["stability"]
+    assert len(rows) == 2 * 2 + 2  # (2 variants + pooled) x 2 metrics
+    for row in rows:
+        mine = [r for r in records if r["labels"]["metric"] == row["metric"]
+                and (row["calibration"] == POOLED or r["labels"]["calibration"] == row["calibration"])]
+        assert row["runs"] == len(mine) == (6 if row["calibration"] == POOLED else 3)
+        sets = [frozenset(r["removed_blocks"]) for r in mine]
+        pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1:]]
+        assert row["jaccard_mean"] == pytest.approx(np.mean([len(a & b) / len(a | b) for a, b in pairs]))
+        assert row["distinct_sets"] == len(set(sets))
+        counts = np.zeros(30)
+        for s in sets:
+            counts[list(s)] += 1
+        assert row["frequency"] == pytest.approx(list(counts / len(sets)), abs=1e-6)
+        assert row["always"] == " ".join(str(b) for b in range(30) if counts[b] == len(sets))
+        ppl = [r["ppl"]["pruned"] for r in mine]
+        assert row["ppl_mean"] == pytest.approx(np.mean(ppl)) and row["ppl_std"] == pytest.approx(np.std(ppl, ddof=1))
+        assert row["ppl_ci_low"] <= row["ppl_mean"] <= row["ppl_ci_high"]
+        assert min(ppl) - 1e-9 <= row["ppl_ci_low"] and row["ppl_ci_high"] <= max(ppl) + 1e-9
+        assert 0.0 <= row["jaccard_mean"] <= 1.0 and 1 <= row["distinct_sets"] <= row["runs"]
+        # the two cosine metrics rank SmolLM2's blocks consistently across calibration samples
+        assert 0.5 < row["tau_mean"] <= 1.0 and 0.5 < row["rho_mean"] <= 1.0
+        assert row["k"] == 4 and row["ever"] >= 4
+
+
+@pytest.mark.slow
+def test_real_study_reruns_nothing_and_report_html_rebuilds(study):
+    result = cli.invoke(app, ["stability", "--grid", str(study["grid"]), "--results", str(study["results"]),
+                              "--json", "--no-html"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert (payload["skipped"], payload["ran"]) == (12, 0)
+    assert payload["stability"] == json.loads(study["result"].stdout)["stability"]
+    html = study["results"] / "report.html"
+    html.unlink()
+    result = cli.invoke(app, ["report", "--grid", str(study["grid"]), "--results", str(study["results"]), "--html"])
+    assert result.exit_code == 0, result.output
+    assert html.read_text().count("data:image/png;base64,") == 4
+    board = (study["results"] / "leaderboard.csv").read_text().splitlines()[0].split(",")
+    assert {"calibration", "jaccard", "tau"} <= set(board)
