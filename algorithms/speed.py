@@ -94,9 +94,16 @@ def _decode(model: torch.nn.Module, prompt: torch.Tensor, steps: int, extra: dic
     timed), and ``produced`` holds the token ids of the last ``run``. The tokens stay on the device
     until the last step (no host synchronisation per step)."""
     import copy
+    import inspect
+
+    # transformers renamed ``past_key_values`` to ``cache`` (5.24); the old name still works, with a warning
+    keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def cache_of(output: Any) -> Any:
+        return output[keyword] if keyword in output.keys() else output.past_key_values
 
     out = model(prompt, use_cache=True, **extra)
-    cache = out.past_key_values
+    cache = cache_of(out)
     first = out.logits[:, -1:].argmax(-1)
     produced: list[int] = []
     state: dict[str, Any] = {}
@@ -111,8 +118,8 @@ def _decode(model: torch.nn.Module, prompt: torch.Tensor, steps: int, extra: dic
         token = first
         tokens = []
         for _ in range(steps):
-            step = model(token, past_key_values=past, use_cache=True)
-            past = step.past_key_values
+            step = model(token, use_cache=True, **{keyword: past})
+            past = cache_of(step)
             token = step.logits[:, -1:].argmax(-1)
             tokens.append(token)
         produced[:] = torch.cat(tokens, dim=1)[0].tolist()
