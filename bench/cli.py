@@ -55,11 +55,19 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary on stdout")] = False,
     report: Annotated[bool, typer.Option(help="print and write the leaderboard at the end")] = True,
+    executor: Annotated[str, typer.Option(help="local (this process) or ray (tasks on a Ray cluster)")] = "local",
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (e.g. auto); none: start a local one")]
+    = None,
 ) -> None:
     """Run every unfinished cell of a grid, then print and write the leaderboard."""
+    from bench.executors import EXECUTORS, ExecutorError
     from bench.progress import Reporter, RichReporter
     from bench.runner import Runner
 
+    if executor not in EXECUTORS:
+        raise _fail(f"--executor: unknown executor {executor!r}; choose from {', '.join(EXECUTORS)}")
+    if address is not None and executor != "ray":
+        raise _fail("--address: only used with --executor ray")
     config, cells = _load(grid)
     results_dir = _results_dir(config, results)
     reporter = Reporter() if (quiet or as_json) else RichReporter(err)
@@ -67,7 +75,10 @@ def run(
         runner = Runner(config, results_dir, reporter=reporter)
     except RuntimeError as exc:  # e.g. CUDA asked for but absent
         raise _fail(str(exc)) from None
-    summary = runner.run(cells)
+    try:
+        summary = runner.run(cells, executor=executor, address=address)
+    except ExecutorError as exc:  # Ray missing or its cluster unreachable
+        raise _fail(str(exc)) from None
     board = None
     if report:
         from bench import report as rep

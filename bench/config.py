@@ -166,6 +166,14 @@ class StabilitySpec(_Frozen):
         return out
 
 
+class ResourcesSpec(_Frozen):
+    """What each task of the Ray executor (``bench run --executor ray``) asks of the cluster; the local
+    executor ignores it. A GPU grid sets ``num_gpus: 1`` so Ray places one task per GPU."""
+
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0)
+
+
 Device = Literal["auto", "cpu", "cuda"] | str
 DType = Literal["float32", "bfloat16", "float16", "float64"]
 
@@ -181,6 +189,8 @@ class GridConfig(_Frozen):
     perplexity: PerplexitySpec = Field(default_factory=PerplexitySpec)
     accuracy: AccuracySpec | None = None
     speed: SpeedSpec | None = None
+    #: per-task resources for the Ray executor (not part of any cell id)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     #: calibration variants (sources × samples × seq_lens) for a stability study; see ``bench stability``
     stability: StabilitySpec | None = None
     #: blocks never removed; negative indices count from the end (-1 = last block)

@@ -11,6 +11,7 @@ Stages per cell and what is shared:
   however many cells chose that set.
 
 A cell that raises is written as a failed record (stage, error, traceback) and the grid goes on.
+``Runner.run(executor="ray")`` runs the same stages as Ray tasks (:mod:`bench.executors`).
 """
 
 from __future__ import annotations
@@ -304,15 +305,43 @@ class Runner:
         self.store.put_json("speed", key, result)
         return result
 
-    # ------------------------------------------------------------------ one cell
-    def _run_cell(self, cell: Cell, model: _Lazy, hidden: _Lazy, eval_memo: dict) -> dict:
-        record: dict[str, Any] = {
+    # ------------------------------------------------------------------ one cell, in three parts
+    # A cell is (1) selected: model, hidden states, scores, selection; (2) its block set and the dense
+    # model are evaluated, once per distinct set (perplexity, accuracy, speed); (3) completed into its
+    # record. The local executor runs the three in a row; the Ray executor (bench.executors) runs (1)
+    # as one task per calibration group and (2) as one task per distinct set, and (3) on the driver.
+
+    def _header(self, cell: Cell) -> dict[str, Any]:
+        return {
             "schema": 1, "cell_id": cell.cell_id, "grid": cell.grid, "spec": cell.spec(),
             "versions": cell.versions(), "env": self.env,
             "labels": {"model": cell.model["name"], "metric": cell.metric.label(),
                        "selector": cell.selector.label(), "budget": cell.budget_label,
                        "seed": cell.calibration["seed"], "calibration": calibration_label(cell.calibration)},
         }
+
+    @staticmethod
+    def _failed(record: dict[str, Any], exc: BaseException, stage: str) -> dict[str, Any]:
+        """``record`` marked failed at ``stage`` (a ``_StageError`` names its own stage)."""
+        err = exc.exc if isinstance(exc, _StageError) else exc
+        tb = exc.tb if isinstance(exc, _StageError) else traceback.format_exc()
+        if isinstance(err, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # give the next cell the memory back
+        return Runner._failure(record, exc.stage if isinstance(exc, _StageError) else stage,
+                               f"{type(err).__name__}: {err}", tb)
+
+    @staticmethod
+    def _failure(record: dict[str, Any], stage: str, error: str, tb: str) -> dict[str, Any]:
+        """A failed record: what ``record`` knew (the chosen blocks, when selection was done) and why."""
+        return {
+            **{k: v for k, v in record.items() if k not in ("timings", "cache_hits")},
+            "status": "failed", "stage": stage, "error": error, "traceback": tb,
+            "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        }
+
+    def _select(self, cell: Cell, model: _Lazy, hidden: _Lazy) -> dict[str, Any]:
+        """Part 1: the cell's header with the chosen blocks (``status: selected``), or a failed record."""
+        record = self._header(cell)
         stage = "load_model"
         try:
             self.reporter.stage(f"{cell.model['name']}: loading model")
@@ -359,63 +388,100 @@ class Runner:
             removed = tuple(chosen.blocks)
             # every selector's choice scored on the same cheap proxies, so selectors compare on equal terms
             proxies = {kind: factories[cell.metric.label()].get(kind)(removed) for kind in PROXY_OBJECTIVES}
-            stage = "evaluation"
-            self.reporter.stage(f"{cell.metric.label()}/{cell.selector.label()}: perplexity")
-            dense = self._evaluate(loaded, (), eval_memo)
-            pruned = self._evaluate(loaded, removed, eval_memo)
-            extra: dict[str, Any] = {}
-            if self.config.accuracy is not None:
-                stage = "accuracy"
-                self.reporter.stage(f"{cell.metric.label()}/{cell.selector.label()}: accuracy")
-                acc_dense = self._accuracy(loaded, (), eval_memo)
-                acc_pruned = self._accuracy(loaded, removed, eval_memo)
-                extra["accuracy"] = {
-                    "dense": acc_dense, "pruned": acc_pruned,
-                    "retained": acc_pruned["score"] / acc_dense["score"] if acc_dense["score"] else None,
-                }
-            if self.config.speed is not None:
-                stage = "speed"
-                self.reporter.stage(f"{cell.metric.label()}/{cell.selector.label()}: speed")
-                extra["speed"] = self._speed(loaded, removed)
         except Exception as exc:  # noqa: BLE001 - one failing cell never stops the grid
-            err = exc.exc if isinstance(exc, _StageError) else exc
-            tb = exc.tb if isinstance(exc, _StageError) else traceback.format_exc()
-            if isinstance(err, torch.OutOfMemoryError) and torch.cuda.is_available():
-                torch.cuda.empty_cache()  # give the next cell the memory back
-            record.update({
-                "status": "failed", "stage": exc.stage if isinstance(exc, _StageError) else stage,
-                "error": f"{type(err).__name__}: {err}", "traceback": tb,
-                "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-            })
-            return record
+            return self._failed(record, exc, stage)
         record.update({
-            "status": "ok",
+            "status": "selected",
             "k": k,
             "removed_blocks": list(removed),
             "scores": scored["scores"].tolist(),
             "higher_is_important": scored["higher_is_important"],
             "selector_result": {"evaluations": chosen.evaluations, "info": chosen.info, "proxies": proxies},
             "calibration_stats": {k2: v for k2, v in hs["stats"].items()},
-            "ppl": {"dense": dense["ppl"], "pruned": pruned["ppl"], "tokens": pruned["tokens"]},
-            "parameters": {"dense": dense["parameters"], "pruned": pruned["parameters"],
-                           "kept_share": pruned["parameters"] / dense["parameters"]},
-            "timings": {
-                "load_model": loaded["seconds"], "capture": hs["seconds"], "scoring": scored["seconds"],
-                "selection": selection_seconds, "perplexity_dense": dense["seconds"],
-                "perplexity_pruned": pruned["seconds"],
-            },
-            "cache_hits": {"hidden": hs["cached"], "scores": scored["cached"], "eval": pruned["cached"]},
+            "timings": {"load_model": loaded["seconds"], "capture": hs["seconds"], "scoring": scored["seconds"],
+                        "selection": selection_seconds},
+            "cache_hits": {"hidden": hs["cached"], "scores": scored["cached"]},
+        })
+        return record
+
+    def _evaluate_set(self, loaded: dict, removed: tuple[int, ...], memo: dict) -> dict[str, Any]:
+        """Part 2: perplexity, and accuracy and speed when the grid asks, of the model without
+        ``removed`` (``()``: the dense model, never timed for speed). Raises ``_StageError``."""
+        stage = "evaluation"
+        try:
+            self.reporter.stage(f"blocks {list(removed) or 'none'}: perplexity")
+            out: dict[str, Any] = {"ppl": self._evaluate(loaded, removed, memo)}
+            if self.config.accuracy is not None:
+                stage = "accuracy"
+                self.reporter.stage(f"blocks {list(removed) or 'none'}: accuracy")
+                out["accuracy"] = self._accuracy(loaded, removed, memo)
+            if self.config.speed is not None and removed:
+                stage = "speed"
+                self.reporter.stage(f"blocks {list(removed)}: speed")
+                out["speed"] = self._speed(loaded, removed)
+        except _StageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - recorded in the records of the cells that chose the set
+            raise _StageError(stage, exc) from exc
+        return out
+
+    def _complete(self, selected: dict[str, Any], dense: dict[str, Any], pruned: dict[str, Any]) -> dict[str, Any]:
+        """Part 3: the finished record from part 1 and the part-2 results of the dense model and the set."""
+        record = {k: v for k, v in selected.items() if k not in ("timings", "cache_hits")}
+        ppl_dense, ppl_pruned = dense["ppl"], pruned["ppl"]
+        extra: dict[str, Any] = {}
+        if "accuracy" in pruned:
+            acc_dense, acc_pruned = dense["accuracy"], pruned["accuracy"]
+            extra["accuracy"] = {
+                "dense": acc_dense, "pruned": acc_pruned,
+                "retained": acc_pruned["score"] / acc_dense["score"] if acc_dense["score"] else None,
+            }
+        if "speed" in pruned:
+            extra["speed"] = pruned["speed"]
+        record.update({
+            "status": "ok",
+            "ppl": {"dense": ppl_dense["ppl"], "pruned": ppl_pruned["ppl"], "tokens": ppl_pruned["tokens"]},
+            "parameters": {"dense": ppl_dense["parameters"], "pruned": ppl_pruned["parameters"],
+                           "kept_share": ppl_pruned["parameters"] / ppl_dense["parameters"]},
+            "timings": {**selected["timings"], "perplexity_dense": ppl_dense["seconds"],
+                        "perplexity_pruned": ppl_pruned["seconds"]},
+            "cache_hits": {**selected["cache_hits"], "eval": ppl_pruned["cached"]},
             **extra,
             "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         })
         return record
 
+    def _run_cell(self, cell: Cell, model: _Lazy, hidden: _Lazy, eval_memo: dict) -> dict:
+        """All three parts in this process."""
+        selected = self._select(cell, model, hidden)
+        if selected["status"] != "selected":
+            return selected
+        try:
+            loaded = model.get()
+            dense = self._evaluate_set(loaded, (), eval_memo)
+            pruned = self._evaluate_set(loaded, tuple(selected["removed_blocks"]), eval_memo)
+        except _StageError as exc:
+            return self._failed(selected, exc, exc.stage)
+        return self._complete(selected, dense, pruned)
+
     # ------------------------------------------------------------------ the grid
-    def run(self, cells: list[Cell] | None = None) -> RunSummary:
+    def run(self, cells: list[Cell] | None = None, executor: str = "local", address: str | None = None) -> RunSummary:
+        """Run the unfinished ``cells`` (all the grid's by default) in this process (``executor="local"``)
+        or as Ray tasks (``"ray"``, on the cluster at ``address``; see :mod:`bench.executors`)."""
         cells = cells if cells is not None else expand(self.config)
         pending = [c for c in cells if not self.store.is_done(c.cell_id)]
         summary = RunSummary(total=len(cells), skipped=len(cells) - len(pending))
+        if executor not in ("local", "ray"):
+            raise ValueError(f"executor {executor!r}: choose local or ray")
         self.reporter.start(len(pending), summary.skipped)
+        if executor == "ray":
+            from bench.executors import run_ray
+
+            try:
+                run_ray(self, pending, summary, address)
+            finally:
+                self.reporter.finish()
+            return summary
         try:
             for _, model_cells in itertools.groupby(pending, key=lambda c: c.model["name"]):
                 model_cells = list(model_cells)
