@@ -321,3 +321,25 @@ def test_cuda_matches_cpu():
         gpu = fn(x.float().cuda(), y.float().cuda())
         assert gpu.device.type == "cuda"
         assert gpu.item() == pytest.approx(cpu.item(), abs=1e-5)
+
+
+def test_logdet_falls_back_to_eigenvalues_on_one_thread_and_restores_the_count():
+    # a PSD matrix of rank 3 in 5 dims: Cholesky fails, the eigenvalue path floors the zero eigenvalues
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    singular = a @ a.T
+    assert int(torch.linalg.cholesky_ex(singular)[1]) != 0
+    threads = torch.get_num_threads()
+    seen = []
+    real = torch.linalg.eigvalsh
+    try:
+        torch.linalg.eigvalsh = lambda c: (seen.append(torch.get_num_threads()), real(c))[1]
+        value = F._logdet_psd(singular)
+    finally:
+        torch.linalg.eigvalsh = real
+    eig = real(singular)
+    floor = eig.max() * 5 * torch.finfo(torch.float64).eps
+    assert value == pytest.approx(float(torch.log(eig.clamp_min(floor)).sum()), rel=1e-12)
+    assert seen == [1] and torch.get_num_threads() == threads
+    full_rank = singular + torch.eye(5, dtype=torch.float64)  # Cholesky path: exact log-det
+    assert float(F._logdet_psd(full_rank)) == pytest.approx(float(torch.logdet(full_rank)), rel=1e-12)
