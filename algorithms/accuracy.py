@@ -327,12 +327,18 @@ def _quiet_lm_eval(verbose: bool) -> Iterator[None]:
     logger = logging.getLogger("lm_eval")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    import datasets  # its "Generating split" / "Map" bars while lm-eval reads the arrow files
+
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
     try:
         yield
     finally:
         logger.setLevel(level)
         for module in patched:
             module.tqdm = tqdm
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _as_float(value: Any) -> float:
