@@ -48,6 +48,20 @@ def _results_dir(config: GridConfig, results: Path | None) -> Path:
     return results if results is not None else Path("results") / config.name
 
 
+def _runner(config: GridConfig, results: Path | None, *, quiet: bool):
+    """A runner on ``results`` (default ``results/<grid name>``) with a live display unless ``quiet``;
+    returns it and its results folder. A device that is asked for but absent is a usage error."""
+    from bench.progress import Reporter, RichReporter
+    from bench.runner import Runner
+
+    results_dir = _results_dir(config, results)
+    try:
+        runner = Runner(config, results_dir, reporter=Reporter() if quiet else RichReporter(err))
+    except RuntimeError as exc:  # e.g. CUDA asked for but absent
+        raise _fail(str(exc)) from None
+    return runner, results_dir
+
+
 @app.command()
 def run(
     grid: GridOpt = Path("configs/quick.yaml"),
@@ -61,20 +75,13 @@ def run(
 ) -> None:
     """Run every unfinished cell of a grid, then print and write the leaderboard."""
     from bench.executors import EXECUTORS, ExecutorError
-    from bench.progress import Reporter, RichReporter
-    from bench.runner import Runner
 
     if executor not in EXECUTORS:
         raise _fail(f"--executor: unknown executor {executor!r}; choose from {', '.join(EXECUTORS)}")
     if address is not None and executor != "ray":
         raise _fail("--address: only used with --executor ray")
     config, cells = _load(grid)
-    results_dir = _results_dir(config, results)
-    reporter = Reporter() if (quiet or as_json) else RichReporter(err)
-    try:
-        runner = Runner(config, results_dir, reporter=reporter)
-    except RuntimeError as exc:  # e.g. CUDA asked for but absent
-        raise _fail(str(exc)) from None
+    runner, results_dir = _runner(config, results, quiet=quiet or as_json)
     try:
         summary = runner.run(cells, executor=executor, address=address)
     except ExecutorError as exc:  # Ray missing or its cluster unreachable
@@ -193,19 +200,12 @@ def stability_cmd(
     report.html with the figures."""
     from bench import report as rep
     from bench import stability
-    from bench.progress import Reporter, RichReporter
-    from bench.runner import Runner
 
     config, cells = _load(grid)
     seeds = config.calibration.seeds
     if len(seeds) < 2:
         raise _fail(f"calibration.seeds: a stability study needs at least 2 seeds to compare, got {seeds}")
-    results_dir = _results_dir(config, results)
-    reporter = Reporter() if (quiet or as_json) else RichReporter(err)
-    try:
-        runner = Runner(config, results_dir, reporter=reporter)
-    except RuntimeError as exc:  # e.g. CUDA asked for but absent
-        raise _fail(str(exc)) from None
+    runner, results_dir = _runner(config, results, quiet=quiet or as_json)
     summary = runner.run(cells)
     title = f"blockbench stability: {config.name}"
     board, records = rep.build(results_dir, {c.cell_id for c in cells})

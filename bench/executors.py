@@ -72,14 +72,18 @@ def evaluate_set(config_json: dict[str, Any], results_dir: str, model_spec: dict
 
     runner = _worker_runner(config_json, results_dir)
     try:
-        loaded = runner._load_model(model_spec)
-    except Exception as exc:  # noqa: BLE001 - reported in the records of the cells that need it
-        return {"error": {"stage": "load_model", "exc": f"{type(exc).__name__}: {exc}",
-                          "traceback": traceback.format_exc()}}
-    try:
+        try:
+            loaded = runner._load_model(model_spec)
+        except Exception as exc:  # noqa: BLE001 - reported in the records of the cells that need it
+            raise _StageError("load_model", exc) from exc
         return {"result": runner._evaluate_set(loaded, tuple(removed), {})}
     except _StageError as exc:
-        return {"error": {"stage": exc.stage, "exc": f"{type(exc.exc).__name__}: {exc.exc}", "traceback": exc.tb}}
+        return _error(exc.stage, exc.exc, exc.tb)
+
+
+def _error(stage: str, exc: BaseException, tb: str) -> dict[str, Any]:
+    """An evaluation that failed, as the driver turns it into failed records."""
+    return {"error": {"stage": stage, "exc": f"{type(exc).__name__}: {exc}", "traceback": tb}}
 
 
 def _check_reachable(address: str | None) -> None:
@@ -172,9 +176,8 @@ def run_ray(runner: Runner, pending: list[Cell], summary: RunSummary, address: s
                     key = eval_refs.pop(ref)
                     try:
                         evaluated[key] = ray.get(ref)
-                    except Exception as exc:  # noqa: BLE001
-                        evaluated[key] = {"error": {"stage": "evaluation", "exc": f"{type(exc).__name__}: {exc}",
-                                                    "traceback": traceback.format_exc()}}
+                    except Exception as exc:  # noqa: BLE001 - the task itself died
+                        evaluated[key] = _error("evaluation", exc, traceback.format_exc())
                 still = []
                 for record in waiting:
                     dense_key, pruned_key = record["_keys"]

@@ -152,11 +152,16 @@ def compact_blocks(blocks: str) -> str:
     return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in runs)
 
 
+def budget_labels(frame: pd.DataFrame) -> list[str]:
+    """``25% (8/30)``: each row's budget with the blocks it removes out of the model's."""
+    return [f"{b} ({k}/{n})" for b, k, n in zip(frame["budget"], frame["k"], frame["n_blocks"], strict=True)]
+
+
 def _display(board: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({
         "rank": board["rank"],
         "model": board["model"],
-        "budget": [f"{b} ({k}/{n})" for b, k, n in zip(board["budget"], board["k"], board["n_blocks"], strict=True)],
+        "budget": budget_labels(board),
         "metric": board["metric"],
         "selector": board["selector"],
     })

@@ -210,14 +210,14 @@ def _ci(low: float, high: float, digits: int) -> str:
 
 def display(frame: pd.DataFrame) -> pd.DataFrame:
     """The stability table as strings, for Markdown, HTML and the terminal."""
-    from bench.report import compact_blocks
+    from bench.report import budget_labels, compact_blocks
 
     if frame.empty:
         return pd.DataFrame()
     out = pd.DataFrame({
         "model": frame["model"],
         "calibration": frame["calibration"],
-        "budget": [f"{b} ({k}/{n})" for b, k, n in zip(frame["budget"], frame["k"], frame["n_blocks"], strict=True)],
+        "budget": budget_labels(frame),
         "metric": frame["metric"],
         "selector": frame["selector"],
         "runs": frame["runs"],
