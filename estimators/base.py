@@ -7,6 +7,12 @@ span of ``n`` blocks starting at ``l`` compares ``states[l]`` with ``states[l + 
 
 A subclass sets ``name``, ``higher_is_important`` and implements :meth:`pair`. ``version`` enters
 every cell id, so bump it whenever the numbers a metric returns change.
+
+Scoring every block touches each depth twice (as the output of block ``i - 1`` and the input of block
+``i``). A metric with per-depth work (a kernel matrix, a standardisation, a projection) overrides
+:meth:`prepare` and :meth:`compare` as well, so :meth:`score_spans` does that work once per depth:
+``L + 1`` preparations for ``L`` blocks instead of ``2L``. ``pair(x, y)`` must equal
+``compare(prepare(x), prepare(y))``; ``estimators.testing.check_metric`` checks it.
 """
 
 from __future__ import annotations
@@ -33,6 +39,16 @@ class Metric:
         """Score between the same tokens at two depths, ``x`` and ``y`` of shape ``(..., d)``."""
         raise NotImplementedError
 
+    def prepare(self, z: Tensor) -> Any:
+        """Per-depth work on the (token-selected) states ``z`` of one depth, shared by every pair that
+        uses that depth. Default: none, the states themselves."""
+        return z
+
+    def compare(self, a: Any, b: Any) -> Tensor:
+        """Score between two prepared depths. Default: :meth:`pair` on the states :meth:`prepare`
+        passed through."""
+        return self.pair(a, b)
+
     def check_input(self, n_tokens: int, width: int) -> None:
         """Raise ``ValueError`` when states of ``n_tokens`` tokens and ``width`` features cannot be
         scored (``bench validate`` calls it before anything runs). Default: anything goes."""
@@ -43,9 +59,7 @@ class Metric:
     @staticmethod
     def _check_states(states: Tensor) -> None:
         if states.dim() != 4:
-            raise ValueError(
-                f"states must have shape (L+1, samples, seq_len, d), got {tuple(states.shape)}"
-            )
+            raise ValueError(f"states must have shape (L+1, samples, seq_len, d), got {tuple(states.shape)}")
         if states.shape[0] < 2:
             raise ValueError("states must hold at least one block (two depths)")
 
@@ -56,7 +70,17 @@ class Metric:
         if not 1 <= n <= n_blocks:
             raise ValueError(f"span length n={n} must be in [1, {n_blocks}]")
         picked = self._select_tokens(states)
-        scores = [self.pair(picked[i], picked[i + n]) for i in range(n_blocks - n + 1)]
+        prepared: dict[int, Any] = {}  # depth -> prepare(depth); at most n + 1 alive at a time
+
+        def depth(i: int) -> Any:
+            if i not in prepared:
+                prepared[i] = self.prepare(picked[i])
+            return prepared[i]
+
+        scores = []
+        for i in range(n_blocks - n + 1):
+            scores.append(self.compare(depth(i), depth(i + n)))
+            del prepared[i]  # depth i was the output of span i - n (done) and the input of span i
         return torch.stack([s.to(torch.float64).reshape(()) for s in scores])
 
     def score_blocks(self, states: Tensor) -> Tensor:

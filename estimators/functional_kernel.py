@@ -1,9 +1,11 @@
 """Kernel dependence measures between hidden states at two depths: HSIC and linear CKA (pure torch).
 
-All HSIC variants here reduce to a few sums over an ``N x N`` pair of kernel matrices ``K``, ``L``
-(see :class:`_GramStats`), gathered in row chunks so memory stays ``O(chunk_size * N)``, or, for
-kernels given by explicit features ``K = Phi Phi^T`` (linear kernel, random Fourier features), in
-``O(N * D + D^2)`` without any ``N x N`` matrix. Matmuls run with TF32 off; sums are float64.
+All HSIC variants here reduce to a few sums over a pair of ``N x N`` kernel matrices ``K``, ``L``
+(see :class:`_PairSums`): from the explicit matrices (Gaussian kernel, exact), or, for kernels given by
+features ``K = Phi Phi^T`` (linear kernel, random Fourier features), in ``O(N * D + D^2)`` without any
+``N x N`` matrix. Each depth's kernel, row sums and self-HSIC are computed once
+(:func:`hsic_side`, :func:`linear_side`) and shared by every pair that uses the depth
+(:func:`hsic_compare`): scoring L blocks builds L + 1 kernels, not 2L. Matmuls run with TF32 off.
 
 Estimators (Song et al., 2012, "Feature selection via dependence maximization via HSIC"):
 
@@ -15,17 +17,18 @@ Estimators (Song et al., 2012, "Feature selection via dependence maximization vi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
-from estimators.functional_mi import flatten_tokens, no_tf32
+from estimators.functional_mi import flatten_states, flatten_tokens, no_tf32, sample_tokens
 
 Tensor = torch.Tensor
 
 #: Points used by the median heuristic (a seeded subsample when there are more).
-MEDIAN_POINTS = 1024
+MEDIAN_POINTS = 512
 
 
 def _row_chunks(n: int, chunk_size: int) -> Iterator[slice]:
@@ -61,102 +64,105 @@ class _PairSums:
         return value / (n - 1) ** 2
 
 
-RowsFn = Callable[[slice], Tensor]
+@dataclass
+class Kernel:
+    """One symmetric ``n x n`` kernel matrix ``K`` as the HSIC sums need it: its off-diagonal row
+    sums, its diagonal, and either its strict upper triangle (``upper``: row blocks, block ``k``
+    holding rows ``a_k:b_k`` from column ``a_k`` on, zero on and below the diagonal) or features
+    ``feats`` with ``K = feats feats^T`` (no ``n x n`` matrix)."""
+
+    rows: Tensor  # off-diagonal row sums, (n,) float64
+    diag: Tensor  # (n,) float64
+    upper: list[Tensor] | None = None
+    feats: Tensor | None = None  # (n, D)
 
 
-def _gram_sums(
-    fns: list[RowsFn], pairs: list[tuple[int, int]], n: int, chunk_size: int, device: torch.device
-) -> list[_PairSums]:
-    """Exact sums for kernel matrices given by row blocks (``fn(rows)`` is ``(c, n)`` float64).
+def _feature_kernel(feats: Tensor, chunk_size: int) -> Kernel:
+    """``K = feats feats^T``: ``K 1 = feats (feats^T 1)`` and ``diag K = ||feats_i||^2``, in O(n D)."""
+    totals = sum(feats[rows].to(torch.float64).sum(0) for rows in _row_chunks(feats.shape[0], chunk_size))
+    diag = (feats * feats).sum(1).to(torch.float64)
+    rows = torch.cat([feats[r].to(torch.float64) @ totals for r in _row_chunks(feats.shape[0], chunk_size)])
+    return Kernel(rows - diag, diag, feats=feats)
 
-    Each kernel's rows are computed once per chunk, whatever the number of pairs using it.
+
+@lru_cache(maxsize=8)
+def _on_or_below_diagonal(size: int, device: torch.device) -> Tensor:
+    return torch.ones(size, size, dtype=torch.bool, device=device).tril()
+
+
+def _gaussian_kernel(z: Tensor, sigma: float, chunk_size: int) -> Kernel:
+    """The Gaussian kernel ``exp(-||z_i - z_j||^2 / (2 sigma^2))`` of ``z`` (n, d), in ``z``'s dtype.
+
+    Only the upper triangle is built, ``chunk_size`` rows at a time: one matmul per row block that
+    also folds in ``-||z_j||^2`` (``addmm``), then ``-||z_i||^2``, the clamp at 0 and ``exp`` in place.
+    The diagonal is exactly 1. Row sums add each block's row and column sums (symmetry).
     """
-    products = [torch.zeros((), dtype=torch.float64, device=device) for _ in pairs]
-    row_sums = [torch.empty(n, dtype=torch.float64, device=device) for _ in fns]
-    diags = [torch.empty(n, dtype=torch.float64, device=device) for _ in fns]
-    for rows in _row_chunks(n, chunk_size):
-        local = torch.arange(rows.stop - rows.start, device=device)
-        blocks = []
-        for fn, row_sum, diag in zip(fns, row_sums, diags, strict=True):
-            block = fn(rows)
-            diag[rows] = block[local, local + rows.start]
-            block[local, local + rows.start] = 0.0
-            row_sum[rows] = block.sum(1)
-            blocks.append(block)
-        for product, (a, b) in zip(products, pairs, strict=True):
-            product += (blocks[a] * blocks[b]).sum()
-    return [
-        _PairSums(p, row_sums[a], row_sums[b], diags[a], diags[b])
-        for p, (a, b) in zip(products, pairs, strict=True)
-    ]
+    n = z.shape[0]
+    scale = 0.5 / sigma**2
+    sq = torch.linalg.vecdot(z, z) * scale  # ||z_i||^2 / (2 sigma^2), in the matmul's precision
+    rows = torch.zeros(n, dtype=torch.float64, device=z.device)
+    upper = []
+    for chunk in _row_chunks(n, chunk_size):
+        a, b = chunk.start, chunk.stop
+        # -(||z_i||^2 + ||z_j||^2 - 2 z_i.z_j) / (2 sigma^2), clamped at 0 against cancellation
+        block = torch.addmm(sq[None, a:], z[a:b], z[a:].T, beta=-1.0, alpha=2.0 * scale)
+        block.sub_(sq[a:b, None]).clamp_(max=0.0).exp_()
+        block[:, : b - a].masked_fill_(_on_or_below_diagonal(b - a, z.device)[: b - a, : b - a], 0.0)
+        rows[a:b] += block.sum(1).to(torch.float64)
+        rows[a:] += block.sum(0).to(torch.float64)
+        upper.append(block)
+    return Kernel(rows, torch.ones(n, dtype=torch.float64, device=z.device), upper=upper)
 
 
-def _feature_sums(
-    fns: list[RowsFn], pairs: list[tuple[int, int]], n: int, chunk_size: int, device: torch.device
-) -> list[_PairSums]:
-    """The same sums for kernels ``K = Phi Phi^T`` given by feature rows, in two chunked passes.
-
-    ``sum_ij K_ij L_ij = ||Phi^T Psi||_F^2`` and ``K 1 = Phi (Phi^T 1)``; the diagonal terms
-    ``||phi_i||^2`` are taken out. Memory is ``O(chunk_size * D + D^2)``: no ``n x n`` matrix.
-    """
-    totals: list[Tensor] = []
-    for rows in _row_chunks(n, chunk_size):
-        sums = [fn(rows).to(torch.float64).sum(0) for fn in fns]
-        totals = sums if not totals else [t + s for t, s in zip(totals, sums, strict=True)]
-    cross = [
-        torch.zeros(totals[a].numel(), totals[b].numel(), dtype=torch.float64, device=device)
-        for a, b in pairs
-    ]
-    row_sums = [torch.empty(n, dtype=torch.float64, device=device) for _ in fns]
-    diags = [torch.empty(n, dtype=torch.float64, device=device) for _ in fns]
-    for rows in _row_chunks(n, chunk_size):
-        feats = [fn(rows) for fn in fns]
-        for feat, total, row_sum, diag in zip(feats, totals, row_sums, diags, strict=True):
-            diag[rows] = (feat * feat).sum(1).to(torch.float64)
-            row_sum[rows] = (feat.to(torch.float64) @ total) - diag[rows]
-        for c, (a, b) in zip(cross, pairs, strict=True):
-            c += (feats[a].T @ feats[b]).to(torch.float64)
-    return [
-        _PairSums((c * c).sum() - diags[a] @ diags[b], row_sums[a], row_sums[b], diags[a], diags[b])
-        for c, (a, b) in zip(cross, pairs, strict=True)
-    ]
+def _pair_sums(a: Kernel, b: Kernel, chunk_size: int) -> _PairSums:
+    """The sums behind every HSIC estimate of the kernel pair ``(a, b)`` (both explicit or both features)."""
+    if a.upper is not None and b.upper is not None:
+        # sum_{i != j} A_ij B_ij = 2 sum_{i < j}: float32 dot products per row, float64 across rows
+        if [t.shape for t in a.upper] != [t.shape for t in b.upper]:
+            raise ValueError("HSIC sides were built with different token counts or chunk sizes")
+        ab = 2.0 * sum(
+            torch.linalg.vecdot(s, t).to(torch.float64).sum() for s, t in zip(a.upper, b.upper, strict=True)
+        )
+    elif a.feats is not None and b.feats is not None:
+        # sum_{i != j} K_ij L_ij = ||Phi^T Psi||_F^2 - sum_i ||phi_i||^2 ||psi_i||^2
+        cross = sum(
+            (a.feats[r].T @ b.feats[r]).to(torch.float64) for r in _row_chunks(a.feats.shape[0], chunk_size)
+        )
+        ab = (cross * cross).sum() - a.diag @ b.diag
+    else:
+        raise ValueError("HSIC sides differ in kind: one exact, one approximated (different token counts?)")
+    return _PairSums(ab, a.rows, b.rows, a.diag, b.diag)
 
 
 def _normalise(xy: Tensor, xx: Tensor, yy: Tensor) -> Tensor:
     return xy / (xx * yy).clamp_min(torch.finfo(torch.float64).tiny).sqrt()
 
 
+@lru_cache(maxsize=4)
+def _upper_pairs(m: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    i, j = torch.triu_indices(m, m, offset=1, device=device)
+    return i, j
+
+
 def median_bandwidth(x: Tensor, *, seed: int = 0, max_points: int = MEDIAN_POINTS) -> float:
     """Median heuristic: the median Euclidean distance between distinct points of ``x`` (N, d).
 
-    Uses a seeded subsample of ``max_points`` points when N is larger. Falls back to 1.0 when all
-    points coincide.
+    Uses a seeded subsample of ``max_points`` points when N is larger, and ``x``'s precision
+    (squared distances by the matmul identity, TF32 off). Falls back to 1.0 when all points coincide.
     """
     if x.shape[0] > max_points:
         pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:max_points]
         x = x[pick.to(x.device)]
-    x = x.to(torch.float64)
+    x = x - x.mean(0)  # the identity below cancels less on centred points
+    sq = torch.linalg.vecdot(x, x)
     with no_tf32():
-        dist = torch.cdist(x, x)  # float64, so the matmul form's cancellation is harmless
-    i, j = torch.triu_indices(x.shape[0], x.shape[0], offset=1, device=x.device)
-    median = float(dist[i, j].median()) if i.numel() else 0.0
+        d2 = (sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)).clamp_min(0.0)
+    i, j = _upper_pairs(x.shape[0], x.device)
+    median = math.sqrt(float(d2[i, j].median())) if i.numel() else 0.0
     return median if median > 0 else 1.0
 
 
-def _gaussian_rows(z: Tensor, sq_norms: Tensor, sigma: float) -> Callable[[slice], Tensor]:
-    """Rows ``exp(-||z_i - z_j||^2 / (2 sigma^2))`` of the Gaussian kernel matrix, float64."""
-
-    def rows_fn(rows: slice) -> Tensor:
-        cross = (z[rows] @ z.T).to(torch.float64)
-        sq = (sq_norms[rows, None] + sq_norms[None, :] - 2.0 * cross).clamp_min(0.0)
-        return torch.exp(sq / (-2.0 * sigma**2))
-
-    return rows_fn
-
-
-def _fourier_features(
-    z: Tensor, sigma: float, n_features: int, generator: torch.Generator
-) -> Callable[[slice], Tensor]:
+def _fourier_features(z: Tensor, sigma: float, n_features: int, generator: torch.Generator) -> Tensor:
     """Random Fourier features ``sqrt(2/D) cos(z W + b)``, ``W ~ N(0, 1/sigma^2)``, ``b ~ U[0, 2 pi)``.
 
     ``E[phi(a) . phi(b)] = exp(-||a - b||^2 / (2 sigma^2))``. Features are float64: HSIC is a small
@@ -164,12 +170,81 @@ def _fourier_features(
     """
     w = (torch.randn(z.shape[1], n_features, generator=generator, dtype=torch.float64) / sigma).to(z.device)
     b = (torch.rand(n_features, generator=generator, dtype=torch.float64) * 2 * math.pi).to(z.device)
-    scale = math.sqrt(2.0 / n_features)
+    return math.sqrt(2.0 / n_features) * torch.cos(z.to(torch.float64) @ w + b)
 
-    def rows_fn(rows: slice) -> Tensor:
-        return scale * torch.cos(z[rows].to(torch.float64) @ w + b)
 
-    return rows_fn
+@dataclass
+class KernelSide:
+    """One depth's share of an HSIC estimate, computed once however many pairs use that depth.
+
+    ``first`` is the kernel this depth brings as the ``x`` of a pair, ``second`` as its ``y``: the same
+    matrix when exact; two independent random-feature draws when approximated, so that no pair (nor the
+    self term ``first`` vs ``second``) multiplies an approximation by itself, whose ``E[K^2] = K^2 + Var``
+    would swamp HSIC in high dimensions. ``self_hsic`` is ``HSIC(Z, Z)`` when normalising.
+    """
+
+    first: Kernel
+    second: Kernel
+    unbiased: bool
+    chunk_size: int
+    self_hsic: Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return self.first.rows.numel()
+
+
+def hsic_side(
+    z: Tensor,
+    *,
+    sigma: float | None = None,
+    normalized: bool = False,
+    unbiased: bool = True,
+    rff_features: int | None = 1024,
+    n_exact: int = 4096,
+    n_tokens: int | None = 2048,
+    chunk_size: int = 128,
+    seed: int = 0,
+) -> KernelSide:
+    """The per-depth part of :func:`hsic` for states ``z`` of shape ``(..., d)`` (same parameters)."""
+    if sigma is not None and not sigma > 0:
+        raise ValueError(f"sigma must be positive or None, got {sigma!r}")
+    if rff_features is not None and rff_features < 1:
+        raise ValueError(f"rff_features must be a positive int or None, got {rff_features!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if n_tokens is not None and n_tokens < 4:
+        raise ValueError(f"n_tokens must be an int >= 4 or None, got {n_tokens!r}")
+    generator = torch.Generator().manual_seed(seed)
+    z = sample_tokens(flatten_states(z), n_tokens, generator)
+    n = z.shape[0]
+    if n < (4 if unbiased else 2):
+        raise ValueError(f"HSIC needs at least 4 tokens (unbiased) or 2 (biased), got N={n}")
+    with no_tf32():
+        z = z - z.mean(0)  # kernels are shift-invariant; centring helps the squared-norm identity
+        bandwidth = sigma if sigma is not None else median_bandwidth(z, seed=seed)
+        if rff_features is not None and n > n_exact:
+            first, second = (
+                _feature_kernel(_fourier_features(z, bandwidth, rff_features, generator), chunk_size)
+                for _ in range(2)
+            )
+        else:
+            first = second = _gaussian_kernel(z, bandwidth, chunk_size)
+        side = KernelSide(first, second, unbiased, chunk_size)
+        if normalized:
+            side.self_hsic = _pair_sums(first, second, chunk_size).hsic(unbiased)
+    return side
+
+
+def hsic_compare(a: KernelSide, b: KernelSide) -> Tensor:
+    """HSIC between two prepared depths; normalised when both sides carry their self-HSIC."""
+    if a.n != b.n:
+        raise ValueError(f"HSIC sides hold different token counts: {a.n} vs {b.n}")
+    with no_tf32():
+        value = _pair_sums(a.first, b.second, a.chunk_size).hsic(a.unbiased)
+    if a.self_hsic is not None and b.self_hsic is not None:
+        return _normalise(value, a.self_hsic, b.self_hsic)
+    return value
 
 
 def hsic(
@@ -181,56 +256,46 @@ def hsic(
     unbiased: bool = True,
     rff_features: int | None = 1024,
     n_exact: int = 4096,
-    chunk_size: int = 1024,
+    n_tokens: int | None = 2048,
+    chunk_size: int = 128,
     seed: int = 0,
 ) -> Tensor:
     """HSIC with Gaussian kernels ``exp(-||a - b||^2 / (2 sigma^2))``, unbiased by default.
 
     ``sigma=None`` takes the median heuristic separately for ``x`` and ``y``
-    (:func:`median_bandwidth`); a number fixes it for both. Exact for ``N <= n_exact`` tokens;
-    above that (when ``rff_features`` is not None) both kernels are replaced by ``rff_features``
-    seeded random Fourier features, ``O(N * D * (d + D))`` instead of ``O(N^2 d)``. ``normalized``
-    returns ``HSIC(X, Y) / sqrt(HSIC(X, X) HSIC(Y, Y))``, scale-free and 1 for ``Y = X``.
+    (:func:`median_bandwidth`); a number fixes it for both. ``n_tokens`` keeps a seeded sample of that
+    many tokens (the same tokens on both sides). Exact for ``N <= n_exact`` tokens: one ``N x N``
+    kernel matrix per side in the inputs' precision (float32 states: float32 kernels, each row's
+    products summed in float32, rows in float64), built ``chunk_size`` rows at a time. Above
+    ``n_exact`` (when ``rff_features`` is not None) both kernels are replaced by ``rff_features``
+    seeded random Fourier features in float64, ``O(N * D * (d + D))`` instead of ``O(N^2 d)``.
+    ``normalized`` returns ``HSIC(X, Y) / sqrt(HSIC(X, X) HSIC(Y, Y))``, scale-free and 1 for ``Y = X``.
     """
-    if sigma is not None and not sigma > 0:
-        raise ValueError(f"sigma must be positive or None, got {sigma!r}")
-    if rff_features is not None and rff_features < 1:
-        raise ValueError(f"rff_features must be a positive int or None, got {rff_features!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     x, y = flatten_tokens(x, y)
-    n = x.shape[0]
-    if n < (4 if unbiased else 2):
-        raise ValueError(f"HSIC needs at least 4 tokens (unbiased) or 2 (biased), got N={n}")
-    sides = []
-    with no_tf32():
-        for z in (x, y):
-            z = z - z.mean(0)  # kernels are shift-invariant; centring helps the squared-norm trick
-            sides.append((z, sigma if sigma is not None else median_bandwidth(z, seed=seed)))
-        if rff_features is not None and n > n_exact:
-            # Independent draws for every kernel copy: with one draw, HSIC(X, X) would pick up the
-            # approximation's own variance (E[K^2] = K^2 + Var), which swamps it in high dimensions.
-            generator = torch.Generator().manual_seed(seed)
-            copies = 2 if normalized else 1
-            fns = [_fourier_features(z, s, rff_features, generator) for _ in range(copies) for z, s in sides]
-            pairs = [(0, 1), (0, 2), (1, 3)] if normalized else [(0, 1)]
-            sums = _feature_sums(fns, pairs, n, chunk_size, x.device)
-        else:
-            fns = [_gaussian_rows(z, (z.to(torch.float64) ** 2).sum(1), s) for z, s in sides]
-            pairs = [(0, 1), (0, 0), (1, 1)] if normalized else [(0, 1)]
-            sums = _gram_sums(fns, pairs, n, chunk_size, x.device)
-    values = [p.hsic(unbiased) for p in sums]
-    return _normalise(*values) if normalized else values[0]
+    params = dict(
+        sigma=sigma,
+        normalized=normalized,
+        unbiased=unbiased,
+        rff_features=rff_features,
+        n_exact=n_exact,
+        n_tokens=n_tokens,
+        chunk_size=chunk_size,
+        seed=seed,
+    )
+    return hsic_compare(hsic_side(x, **params), hsic_side(y, **params))
 
 
-def _linear_sums(x: Tensor, y: Tensor, chunk_size: int, normalized: bool) -> list[_PairSums]:
-    x, y = flatten_tokens(x, y)
-    if x.shape[0] < 4:
-        raise ValueError(f"linear HSIC/CKA needs at least 4 tokens, got N={x.shape[0]}")
-    x, y = x - x.mean(0), y - y.mean(0)  # HSIC is shift-invariant; centring keeps the sums small
-    pairs = [(0, 1), (0, 0), (1, 1)] if normalized else [(0, 1)]
+def linear_side(z: Tensor, *, normalized: bool, unbiased: bool, chunk_size: int = 16384) -> KernelSide:
+    """The per-depth part of :func:`linear_hsic` / :func:`cka_linear`: centred features as the kernel."""
+    z = flatten_states(z)
+    if z.shape[0] < 4:
+        raise ValueError(f"linear HSIC/CKA needs at least 4 tokens, got N={z.shape[0]}")
     with no_tf32():
-        return _feature_sums([lambda r: x[r], lambda r: y[r]], pairs, x.shape[0], chunk_size, x.device)
+        kernel = _feature_kernel(z - z.mean(0), chunk_size)  # shift-invariant; centring keeps sums small
+        side = KernelSide(kernel, kernel, unbiased, chunk_size)
+        if normalized:
+            side.self_hsic = _pair_sums(kernel, kernel, chunk_size).hsic(unbiased)
+    return side
 
 
 def linear_hsic(x: Tensor, y: Tensor, *, unbiased: bool = True, chunk_size: int = 16384) -> Tensor:
@@ -238,7 +303,9 @@ def linear_hsic(x: Tensor, y: Tensor, *, unbiased: bool = True, chunk_size: int 
 
     The biased form is exactly ``||S_xy||_F^2`` for the sample covariance ``S_xy`` (``1/(N-1)``).
     """
-    return _linear_sums(x, y, chunk_size, normalized=False)[0].hsic(unbiased)
+    x, y = flatten_tokens(x, y)
+    a, b = (linear_side(z, normalized=False, unbiased=unbiased, chunk_size=chunk_size) for z in (x, y))
+    return hsic_compare(a, b)
 
 
 def cka_linear(x: Tensor, y: Tensor, *, debiased: bool = False, chunk_size: int = 16384) -> Tensor:
@@ -248,4 +315,6 @@ def cka_linear(x: Tensor, y: Tensor, *, debiased: bool = False, chunk_size: int 
     ``||Sigma_xy||^2 / (||Sigma_xx|| ||Sigma_yy||)``. ``debiased`` uses the unbiased HSIC in all
     three terms, which removes the ``O(d / N)`` floor that independent wide features read.
     """
-    return _normalise(*(p.hsic(debiased) for p in _linear_sums(x, y, chunk_size, normalized=True)))
+    x, y = flatten_tokens(x, y)
+    a, b = (linear_side(z, normalized=True, unbiased=debiased, chunk_size=chunk_size) for z in (x, y))
+    return hsic_compare(a, b)

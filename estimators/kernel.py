@@ -17,12 +17,14 @@ class HSIC(Metric):
 
     ``normalized`` (default True here, unlike the functional) divides by
     ``sqrt(HSIC(X, X) HSIC(Y, Y))`` so scores compare across depths whose hidden-state scale differs.
-    ``sigma=None`` is the median heuristic per side. Above ``n_exact`` tokens the kernels are
-    approximated with ``rff_features`` random Fourier features (``None`` keeps it exact).
+    ``sigma=None`` is the median heuristic per side. ``n_tokens`` caps the tokens used (a seeded
+    sample, the same at every depth). Above ``n_exact`` tokens the kernels are approximated with
+    ``rff_features`` random Fourier features (``None`` keeps it exact). Each depth's kernel matrix is
+    built once per scoring pass (:meth:`prepare`); exact kernels hold ``N^2`` floats per depth.
     """
 
     name = "hsic"
-    version = "1"
+    version = "2"
     higher_is_important = False
 
     def __init__(
@@ -32,7 +34,8 @@ class HSIC(Metric):
         unbiased: bool = True,
         rff_features: int | None = 1024,
         n_exact: int = 4096,
-        chunk_size: int = 1024,
+        n_tokens: int | None = 2048,
+        chunk_size: int = 128,
         seed: int = 0,
     ) -> None:
         super().__init__(
@@ -41,9 +44,16 @@ class HSIC(Metric):
             unbiased=check_bool("unbiased", unbiased),
             rff_features=check_int("rff_features", rff_features, 1, optional=True),
             n_exact=check_int("n_exact", n_exact, 0),
+            n_tokens=check_int("n_tokens", n_tokens, 4, optional=True),
             chunk_size=check_int("chunk_size", chunk_size, 1),
             seed=check_int("seed", seed, 0),
         )
+
+    def prepare(self, z: Tensor) -> F.KernelSide:
+        return F.hsic_side(z, **self.params)
+
+    def compare(self, a: F.KernelSide, b: F.KernelSide) -> Tensor:
+        return F.hsic_compare(a, b)
 
     def pair(self, x: Tensor, y: Tensor) -> Tensor:
         return F.hsic(x, y, **self.params)
@@ -62,6 +72,12 @@ class LinearCKA(Metric):
 
     def __init__(self, debiased: bool = False) -> None:
         super().__init__(debiased=check_bool("debiased", debiased))
+
+    def prepare(self, z: Tensor) -> F.KernelSide:
+        return F.linear_side(z, normalized=True, unbiased=self.params["debiased"])
+
+    def compare(self, a: F.KernelSide, b: F.KernelSide) -> Tensor:
+        return F.hsic_compare(a, b)
 
     def pair(self, x: Tensor, y: Tensor) -> Tensor:
         return F.cka_linear(x, y, **self.params)

@@ -44,6 +44,13 @@ def check_float(name: str, value: Any, *, positive: bool, optional: bool = False
     return float(value)
 
 
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``, else a ``ValueError`` naming the parameter and the choices."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
 class GaussianMI(Metric):
     """Gaussian (log-determinant) MI between a block's input and output, Wishart bias-corrected.
 
@@ -52,7 +59,7 @@ class GaussianMI(Metric):
     """
 
     name = "mi_gauss"
-    version = "1"
+    version = "2"
     higher_is_important = False
 
     def __init__(self, bias_correction: bool = True, max_dim: int | None = None, seed: int = 0) -> None:
@@ -61,6 +68,12 @@ class GaussianMI(Metric):
             max_dim=check_int("max_dim", max_dim, 1, optional=True),
             seed=check_int("seed", seed, 0),
         )
+
+    def prepare(self, z: Tensor) -> F.GaussSide:
+        return F.gauss_side(z, **self.params)
+
+    def compare(self, a: F.GaussSide, b: F.GaussSide) -> Tensor:
+        return F.gauss_compare(a, b)
 
     def pair(self, x: Tensor, y: Tensor) -> Tensor:
         return F.mi_gauss(x, y, **self.params)
@@ -79,11 +92,12 @@ class KSGMI(Metric):
 
     Each side is projected to ``proj_dim`` dims (seeded Gaussian matrix) and at most ``n_tokens``
     tokens are used. High MI = redundant block, so ``higher_is_important`` is False.
-    ``chunk_size`` only bounds memory: results do not depend on it.
+    ``chunk_size`` only bounds memory: results do not depend on it. Distances are computed in
+    ``precision`` (float32 by default; ``jitter=None`` picks the tie-breaking noise that survives it).
     """
 
     name = "mi_ksg"
-    version = "1"
+    version = "2"
     higher_is_important = False
 
     def __init__(
@@ -91,9 +105,10 @@ class KSGMI(Metric):
         k: int = 3,
         algorithm: int = 1,
         proj_dim: int | None = 5,
-        n_tokens: int | None = 4096,
+        n_tokens: int | None = 2048,
         chunk_size: int = 512,
-        jitter: float = 1e-10,
+        jitter: float | None = None,
+        precision: str = "float32",
         seed: int = 0,
     ) -> None:
         k = check_int("k", k, 1)
@@ -108,9 +123,16 @@ class KSGMI(Metric):
             proj_dim=check_int("proj_dim", proj_dim, 1, optional=True),
             n_tokens=n_tokens,
             chunk_size=check_int("chunk_size", chunk_size, 1),
-            jitter=check_float("jitter", jitter, positive=False),
+            jitter=check_float("jitter", jitter, positive=False, optional=True),
+            precision=check_choice("precision", precision, tuple(F.KSG_JITTER)),
             seed=check_int("seed", seed, 0),
         )
+
+    def prepare(self, z: Tensor) -> F.KSGSide:
+        return F.ksg_side(z, **self.params)
+
+    def compare(self, a: F.KSGSide, b: F.KSGSide) -> Tensor:
+        return F.ksg_compare(a, b)
 
     def pair(self, x: Tensor, y: Tensor) -> Tensor:
         return F.mi_ksg(x, y, **self.params)

@@ -21,7 +21,9 @@ def _metric_class(metric: type[Metric] | str) -> type[Metric]:
 
 
 def check_scores_per_block_and_span(metric: type[Metric] | str, **params) -> None:
-    """Shapes ``(L,)`` and ``(L - n + 1,)``, float64, finite; a span of one block equals the block."""
+    """Shapes ``(L,)`` and ``(L - n + 1,)``, float64, finite; a span of one block equals the block;
+    each block's score equals :meth:`~estimators.base.Metric.pair` on its two depths (so a metric's
+    shared per-depth work, ``prepare``/``compare``, changes no number)."""
     cls = _metric_class(metric)
     g = torch.Generator().manual_seed(7)
     states = torch.randn(5, 4, 64, 16, generator=g)  # L=4 blocks, N=256 tokens, d=16
@@ -32,8 +34,15 @@ def check_scores_per_block_and_span(metric: type[Metric] | str, **params) -> Non
     assert blocks.shape == (4,), f"score_blocks shape {tuple(blocks.shape)}, expected (4,)"
     assert spans.shape == (3,), f"score_spans(n=2) shape {tuple(spans.shape)}, expected (3,)"
     assert blocks.dtype == spans.dtype == torch.float64, f"scores are {blocks.dtype}, expected float64"
-    assert torch.isfinite(blocks).all() and torch.isfinite(spans).all(), f"non-finite scores {blocks}, {spans}"
+    assert torch.isfinite(blocks).all() and torch.isfinite(spans).all(), (
+        f"non-finite scores {blocks}, {spans}"
+    )
     torch.testing.assert_close(m.score_spans(states, 1), blocks, msg="a span of one block is not the block")
+    picked = m._select_tokens(states)
+    pairs = torch.stack([m.pair(picked[i], picked[i + 1]).to(torch.float64).reshape(()) for i in range(4)])
+    torch.testing.assert_close(
+        blocks, pairs, msg=f"score_blocks {blocks.tolist()} differs from pair() {pairs.tolist()}: check prepare/compare"
+    )
 
 
 def check_orientation(metric: type[Metric] | str, **params) -> None:

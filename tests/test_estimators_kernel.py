@@ -190,6 +190,17 @@ def test_random_fourier_features_close_to_exact(kind, value, d):
     assert F.hsic(x, y, n_exact=1999, rff_features=None).item() == F.hsic(x, y).item()
 
 
+def test_token_cap_is_a_seeded_sample_shared_by_both_sides():
+    z = draw(covariance("dense", 0.5, 3), 1500, seed=11)
+    x, y = z[:, :3], z[:, 3:]
+    for seed in (0, 1):
+        pick = torch.randperm(1500, generator=torch.Generator().manual_seed(seed))[:600]
+        capped = F.hsic(x, y, n_tokens=600, seed=seed).item()
+        assert capped == pytest.approx(F.hsic(x[pick], y[pick], n_tokens=None, seed=seed).item(), rel=1e-12)
+    assert F.hsic(x, y, n_tokens=600, seed=0).item() != F.hsic(x, y, n_tokens=600, seed=1).item()
+    assert F.hsic(x, y, n_tokens=1500).item() == F.hsic(x, y, n_tokens=None).item()  # all of them
+
+
 def test_normalized_hsic_of_a_copy_is_one():
     z = draw(covariance("dense", 0.5, 3), 400, seed=7)
     assert F.hsic(z[:, :3], 2.0 * z[:, :3], normalized=True).item() == pytest.approx(1.0, abs=1e-9)
@@ -211,6 +222,7 @@ def test_median_bandwidth():
         ("hsic", {"normalized": 1}, "normalized"),
         ("hsic", {"rff_features": 0}, "rff_features"),
         ("hsic", {"n_exact": -1}, "n_exact"),
+        ("hsic", {"n_tokens": 3}, "n_tokens"),
         ("cka_linear", {"debiased": None}, "debiased"),
     ],
 )

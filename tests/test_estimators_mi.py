@@ -216,12 +216,41 @@ def test_ksg_matches_scikit_learn_in_1d():
     assert F.mi_ksg(x, y, k=3, jitter=0.0).item() == pytest.approx(reference, abs=SKLEARN_TOL)
 
 
+@pytest.mark.parametrize("precision", ["float32", "float64"])
 @pytest.mark.parametrize("algorithm", [1, 2])
-def test_ksg_matches_textbook_reference(algorithm):
+def test_ksg_matches_textbook_reference(algorithm, precision):
     x, y = gaussian_pair("canonical", [0.9, 0.5], 2, n=300, seed=4)
-    ours = F.mi_ksg(x, y, k=4, algorithm=algorithm, jitter=0.0).item()
+    ours = F.mi_ksg(x, y, k=4, algorithm=algorithm, jitter=0.0, precision=precision).item()
     std = lambda z: (z / z.std(0, unbiased=False)).numpy()  # noqa: E731 — the same scaling as ours
     assert ours == pytest.approx(reference_ksg(std(x), std(y), 4, algorithm), abs=1e-12)
+
+
+@pytest.mark.parametrize("algorithm", [1, 2])
+def test_ksg_float32_distances_agree_with_float64(algorithm):
+    # float32 max-norm distances change a count only at a relative distance tie within ~1e-7
+    x, y = gaussian_pair("dense", 0.5, 3, n=3000, seed=8)
+    fast = F.mi_ksg(x, y, algorithm=algorithm).item()
+    exact = F.mi_ksg(x, y, algorithm=algorithm, precision="float64").item()
+    assert fast == pytest.approx(exact, abs=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_ksg_propagates_nan(precision):
+    x, y = gaussian_pair("dense", 0.5, 2, n=200, seed=9)
+    x[17, 1] = float("nan")
+    assert math.isnan(F.mi_ksg(x, y, precision=precision, jitter=0.0).item())
+
+
+def test_ksg_default_jitter_breaks_ties_in_float32():
+    # values on a 0.25 grid: thousands of exact distance ties. The default jitter (1e-6 in float32,
+    # scikit-learn's 1e-10 in float64) breaks them in both precisions alike; 1e-10 is lost in float32,
+    # where the ties then stay (measured: 1.597 and 1.591 with the defaults, 2.075 with 1e-10 in float32)
+    g = torch.Generator().manual_seed(3)
+    x = torch.round(torch.randn(2000, 2, generator=g, dtype=torch.float64) * 4) / 4
+    y = torch.round((x + 0.5 * torch.randn(2000, 2, generator=g, dtype=torch.float64)) * 4) / 4
+    reference = F.mi_ksg(x, y, precision="float64").item()
+    assert F.mi_ksg(x, y).item() == pytest.approx(reference, abs=0.02)
+    assert F.mi_ksg(x, y, jitter=1e-10).item() > reference + 0.3
 
 
 KSG_GAUSSIAN = [c for c in GAUSSIAN_CASES if c[3] <= 2 or c[0] in ("dense 3x3", "dense 5x5")]
@@ -299,6 +328,7 @@ def test_ksg_token_cap_and_projection_are_seeded():
         ("mi_ksg", {"n_tokens": 3}, "n_tokens"),
         ("mi_ksg", {"jitter": -1.0}, "jitter"),
         ("mi_ksg", {"proj_dim": 0}, "proj_dim"),
+        ("mi_ksg", {"precision": "float16"}, "precision"),
     ],
 )
 def test_invalid_params_name_the_parameter(name, params, message):

@@ -2,11 +2,13 @@
 published helpers a plugin author uses (estimators.testing, algorithms.testing)."""
 
 import pytest
+import torch
 
 from algorithms import testing as selector_contract
 from algorithms.selectors import SELECTORS
 from estimators import METRICS
 from estimators import testing as metric_contract
+from estimators.base import Metric
 
 
 @pytest.mark.parametrize("name", METRICS.list())
@@ -66,3 +68,45 @@ def test_the_contract_catches_a_wrong_sign_and_a_silent_option():
 
     with pytest.raises(RuntimeError, match="protected or invalid"):
         selector_contract.check_selector(Protected)
+
+
+
+def _counting_metric(broken: bool = False) -> type[Metric]:
+    """A cosine metric with per-depth work (unit-normalised tokens) that counts its preparations."""
+
+    class Counting(Metric):
+        name = "counting"
+        prepared = 0
+
+        def __init__(self):
+            super().__init__()
+
+        def prepare(self, z):
+            type(self).prepared += 1
+            return torch.nn.functional.normalize(z.double(), dim=-1)
+
+        def compare(self, a, b):
+            value = 1.0 - (a * b).sum(-1).mean()
+            return 2 * value if broken else value  # a broken compare disagrees with pair()
+
+        def pair(self, x, y):
+            return 1.0 - torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1).mean()
+
+    return Counting
+
+
+def test_score_spans_prepares_each_depth_once():
+    cls = _counting_metric()
+    states = torch.randn(7, 2, 8, 4, generator=torch.Generator().manual_seed(0))  # 6 blocks, 7 depths
+    blocks = cls().score_blocks(states)
+    assert cls.prepared == 7  # not 2 x 6
+    cls.prepared = 0
+    assert cls().score_spans(states, 3).shape == (4,) and cls.prepared == 7
+    expected = [cls().pair(states[i], states[i + 1]).item() for i in range(6)]
+    assert blocks.tolist() == pytest.approx(expected, rel=1e-12)
+    metric_contract.check_scores_per_block_and_span(cls)
+
+
+def test_the_contract_catches_a_compare_that_disagrees_with_pair():
+    with pytest.raises(AssertionError, match="check prepare/compare"):
+        metric_contract.check_scores_per_block_and_span(_counting_metric(broken=True))
