@@ -107,7 +107,7 @@ def _gaussian_kernel(z: Tensor, sigma: float, chunk_size: int) -> Kernel:
         # -(||z_i||^2 + ||z_j||^2 - 2 z_i.z_j) / (2 sigma^2), clamped at 0 against cancellation
         block = torch.addmm(sq[None, a:], z[a:b], z[a:].T, beta=-1.0, alpha=2.0 * scale)
         block.sub_(sq[a:b, None]).clamp_(max=0.0).exp_()
-        block[:, : b - a].masked_fill_(_on_or_below_diagonal(b - a, z.device)[: b - a, : b - a], 0.0)
+        block[:, : b - a].masked_fill_(_on_or_below_diagonal(b - a, z.device), 0.0)
         rows[a:b] += block.sum(1).to(torch.float64)
         rows[a:] += block.sum(0).to(torch.float64)
         upper.append(block)
