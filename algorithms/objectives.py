@@ -243,8 +243,12 @@ class ObjectiveFactory:
             if states is None or self.metric is None:
                 raise ValueError(f"span scores of length {n} need hidden states and a metric")
             self._states = states  # resolve a lazy callable once
+            # every missing length up to n in one pass: each depth is prepared once for all of them, and
+            # a search that needs runs of length n needs the shorter ones too
+            missing = [m for m in range(1, n + 1) if m not in self._spans]
             with torch.inference_mode():
-                self._spans[n] = [float(v) for v in self.metric.score_spans(states, n).cpu().tolist()]
+                for m, scores in self.metric.score_span_lengths(states, missing).items():
+                    self._spans[m] = [float(v) for v in scores.cpu().tolist()]
         return self._spans[n]
 
     def _calibration_loss(self, blocks: frozenset[int]) -> float:

@@ -387,7 +387,10 @@ class Runner:
             selection_seconds = time.perf_counter() - t0
             removed = tuple(chosen.blocks)
             # every selector's choice scored on the same cheap proxies, so selectors compare on equal terms
+            # (the first cell of a group that needs spans of a new length pays for scoring them: "proxies")
+            t0 = time.perf_counter()
             proxies = {kind: factories[cell.metric.label()].get(kind)(removed) for kind in PROXY_OBJECTIVES}
+            proxy_seconds = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - one failing cell never stops the grid
             return self._failed(record, exc, stage)
         record.update({
@@ -399,7 +402,7 @@ class Runner:
             "selector_result": {"evaluations": chosen.evaluations, "info": chosen.info, "proxies": proxies},
             "calibration_stats": {k2: v for k2, v in hs["stats"].items()},
             "timings": {"load_model": loaded["seconds"], "capture": hs["seconds"], "scoring": scored["seconds"],
-                        "selection": selection_seconds},
+                        "selection": selection_seconds, "proxies": proxy_seconds},
             "cache_hits": {"hidden": hs["cached"], "scores": scored["cached"]},
         })
         return record

@@ -17,6 +17,7 @@ Scoring every block touches each depth twice (as the output of block ``i - 1`` a
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -65,23 +66,36 @@ class Metric:
 
     def score_spans(self, states: Tensor, n: int = 1) -> Tensor:
         """Scores of every span of ``n`` consecutive blocks, shape ``(L - n + 1,)``, float64."""
+        return self.score_span_lengths(states, [n])[n]
+
+    def score_span_lengths(self, states: Tensor, lengths: Iterable[int]) -> dict[int, Tensor]:
+        """:meth:`score_spans` for several span lengths in one pass over the depths: each depth is
+        prepared once whatever the number of lengths, and at most ``max(lengths) + 1`` prepared depths
+        are alive at a time. Returns ``{n: scores of shape (L - n + 1,)}``."""
         self._check_states(states)
         n_blocks = states.shape[0] - 1
-        if not 1 <= n <= n_blocks:
-            raise ValueError(f"span length n={n} must be in [1, {n_blocks}]")
+        lengths = list(lengths)
+        for n in lengths:
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= n_blocks:
+                raise ValueError(f"span length n={n!r} must be an int in [1, {n_blocks}]")
+        lengths = sorted(set(lengths))
+        if not lengths:
+            return {}
         picked = self._select_tokens(states)
-        prepared: dict[int, Any] = {}  # depth -> prepare(depth); at most n + 1 alive at a time
+        prepared: dict[int, Any] = {}  # depth -> prepare(depth)
 
         def depth(i: int) -> Any:
             if i not in prepared:
                 prepared[i] = self.prepare(picked[i])
             return prepared[i]
 
-        scores = []
-        for i in range(n_blocks - n + 1):
-            scores.append(self.compare(depth(i), depth(i + n)))
-            del prepared[i]  # depth i was the output of span i - n (done) and the input of span i
-        return torch.stack([s.to(torch.float64).reshape(()) for s in scores])
+        scores: dict[int, list[Tensor]] = {n: [] for n in lengths}
+        for start in range(n_blocks - lengths[0] + 1):
+            for n in lengths:
+                if start + n <= n_blocks:
+                    scores[n].append(self.compare(depth(start), depth(start + n)))
+            del prepared[start]  # it ended the spans that start before it and starts none after this
+        return {n: torch.stack([v.to(torch.float64).reshape(()) for v in row]) for n, row in scores.items()}
 
     def score_blocks(self, states: Tensor) -> Tensor:
         """One score per block, shape ``(L,)``, float64."""

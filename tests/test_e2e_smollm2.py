@@ -55,7 +55,7 @@ def test_first_run_writes_one_good_record_per_cell(first_run):
         assert 10 < r["ppl"]["dense"] < 60
         assert r["ppl"]["pruned"] > r["ppl"]["dense"]
         assert 0.8 < r["parameters"]["kept_share"] < 1.0
-        assert set(r["timings"]) >= {"load_model", "capture", "scoring", "selection", "perplexity_pruned"}
+        assert set(r["timings"]) >= {"load_model", "capture", "scoring", "selection", "proxies", "perplexity_pruned"}
         assert r["env"]["packages"]["torch"] and r["env"]["python"]
         on_disk = json.loads((first_run["results"] / "records" / f"{r['cell_id']}.json").read_text())
         assert on_disk["removed_blocks"] == r["removed_blocks"]

@@ -107,6 +107,19 @@ def test_score_spans_prepares_each_depth_once():
     metric_contract.check_scores_per_block_and_span(cls)
 
 
+def test_several_span_lengths_share_one_pass():
+    cls = _counting_metric()
+    states = torch.randn(9, 2, 8, 4, generator=torch.Generator().manual_seed(1))  # 8 blocks, 9 depths
+    together = cls().score_span_lengths(states, [3, 1, 4, 3])
+    assert sorted(together) == [1, 3, 4] and cls.prepared == 9  # not 3 x 9
+    for n, scores in together.items():
+        assert torch.equal(scores, cls().score_spans(states, n))
+    assert cls().score_span_lengths(states, []) == {}
+    for bad in (0, 9, 2.0, True):
+        with pytest.raises(ValueError, match="span length"):
+            cls().score_span_lengths(states, [1, bad])
+
+
 def test_the_contract_catches_a_compare_that_disagrees_with_pair():
     with pytest.raises(AssertionError, match="check prepare/compare"):
         metric_contract.check_scores_per_block_and_span(_counting_metric(broken=True))
