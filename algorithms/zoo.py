@@ -46,11 +46,13 @@ from estimators.registry import Registry
 
 log = logging.getLogger(__name__)
 
-#: Weight and tokenizer files that enter a folder's fingerprint (names, sizes, first and last bytes).
+#: Weight and tokenizer files that enter a folder's fingerprint (names, sizes, contents).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _FINGERPRINT_FILES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json",
                       "tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-_SAMPLE_BYTES = 1 << 16
+#: memo of weight-file digests under cache_root(), keyed by path, size, mtime and inode
+_DIGESTS = "file-digests.json"
+_RACY_NS = 2_000_000_000
 _ROUNDTRIP_TEXT = "The tower is 324 metres (1,063 ft) tall.\n\n  Café, naïve, 日本語 — def f(x): return x**2"
 
 
@@ -336,24 +338,52 @@ def model_width(spec: str) -> int | None:
     return _config_value(spec, "hidden_size", ("hidden_size", "n_embd", "d_model"))
 
 
-def _sample_digest(path: Path) -> str:
-    """sha256 of a file's first and last 64 KiB (a safetensors header and its last tensor's tail)."""
-    size = path.stat().st_size
+def _hash_file(path: Path) -> str:
+    """sha256 of a whole file, read 16 MiB at a time."""
     h = hashlib.sha256()
     with path.open("rb") as fh:
-        h.update(fh.read(_SAMPLE_BYTES))
-        if size > _SAMPLE_BYTES:
-            fh.seek(max(_SAMPLE_BYTES, size - _SAMPLE_BYTES))
-            h.update(fh.read(_SAMPLE_BYTES))
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
     return h.hexdigest()
 
 
-def model_fingerprint(path: str | os.PathLike[str]) -> str:
-    """A cheap, stable id of a model folder (16 hex digits).
+def _file_digest(path: Path) -> str:
+    """:func:`_hash_file`, memoised in ``cache_root()/file-digests.json`` by real path, size,
+    modification time and inode (one entry per path), so a weight file is read once per version of it
+    (about 1 s per 500 MB here) however many runs load it. A file modified less than ``_RACY_NS`` before
+    it is hashed is not memoised (file times are coarse: two writes in one clock tick share an mtime, as
+    git's "racy" index entries do). An unreadable or unwritable memo only costs the re-read."""
+    stat = path.stat()
+    key, version = str(path.resolve()), [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    memo_path = cache_root() / _DIGESTS
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    entry = memo.get(key) if isinstance(memo, dict) else None
+    if isinstance(entry, list) and entry[:3] == version and len(entry) == 4:
+        return entry[3]
+    digest = _hash_file(path)
+    if time.time_ns() - stat.st_mtime_ns < _RACY_NS:
+        return digest  # changed moments ago: a rewrite within the clock's granularity would keep its mtime
+    memo = memo if isinstance(memo, dict) else {}
+    memo[key] = [*version, digest]
+    with contextlib.suppress(OSError):  # concurrent writers: the last replace wins, losing only memo entries
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_name(f"{memo_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo, indent=0))
+        os.replace(tmp, memo_path)
+    return digest
 
-    It hashes ``config.json``, the index and tokenizer files, and for each weight file its name,
-    size and first and last 64 KiB. Modification times do not enter, so a copy or a rebuild of the
-    same folder keeps its fingerprint; reading stays O(number of files), not O(gigabytes).
+
+def model_fingerprint(path: str | os.PathLike[str]) -> str:
+    """A stable id of a model folder's content (16 hex digits).
+
+    It hashes ``config.json``, the index and tokenizer files, and every weight file's name and full
+    content (sha256, memoised per file version by :func:`_file_digest`). Paths and modification times
+    do not enter, so a copy or a rebuild of the same folder keeps its fingerprint, and any changed
+    byte of a weight file changes it (an earlier version hashed only each file's first and last
+    64 KiB, blind to a fine-tune that left those tensors alone).
     """
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -366,7 +396,7 @@ def model_fingerprint(path: str | os.PathLike[str]) -> str:
             h.update(f"{f.name}:".encode())
             h.update(f.read_bytes())
         elif f.suffix in _WEIGHT_SUFFIXES:
-            h.update(f"{f.name}:{f.stat().st_size}:{_sample_digest(f)}".encode())
+            h.update(f"{f.name}:{f.stat().st_size}:{_file_digest(f)}".encode())
     return h.hexdigest()[:16]
 
 

@@ -133,12 +133,45 @@ def test_fingerprint_is_stable_and_tracks_weights(tmp_path):
     weights.write_bytes(bytes(data))
     second = zoo.model_fingerprint(folder)
     assert second != first
+    data[-1] ^= 0xFF
+    data[len(data) // 2] ^= 0xFF  # same size, one byte in the middle (a fine-tune of one inner block)
+    weights.write_bytes(bytes(data))
+    middle = zoo.model_fingerprint(folder)
+    assert middle not in (first, second)
     weights.write_bytes(b"changed")
-    assert zoo.model_fingerprint(folder) not in (first, second)
+    assert zoo.model_fingerprint(folder) not in (first, second, middle)
     (tmp_path / "copy" / "generation_config.json").unlink()  # not part of the model's identity
     assert zoo.model_fingerprint(tmp_path / "copy") == first
     (tmp_path / "copy" / "config.json").write_text("{}")
     assert zoo.model_fingerprint(tmp_path / "copy") != first
+
+
+def test_weight_digests_are_read_once_per_file_version(tmp_path, monkeypatch):
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path / "m")
+    monkeypatch.setenv("BLOCKBENCH_CACHE", str(tmp_path / "cache"))
+    reads = []
+    hash_file = zoo._hash_file
+    monkeypatch.setattr(zoo, "_hash_file", lambda p: reads.append(p.name) or hash_file(p))
+    weights = tmp_path / "m" / "model.safetensors"
+
+    def age(seconds: int) -> None:
+        past = weights.stat().st_mtime_ns - seconds * 10**9
+        os.utime(weights, ns=(past, past))
+
+    age(10)
+    first = zoo.model_fingerprint(tmp_path / "m")
+    assert zoo.model_fingerprint(tmp_path / "m") == first and len(reads) == 1  # memoised
+    weights.write_bytes(weights.read_bytes())  # a new version (same bytes): read again, same fingerprint
+    assert zoo.model_fingerprint(tmp_path / "m") == first and len(reads) == 2
+    # modified moments ago: not trusted to the memo, since a rewrite in the same clock tick keeps the mtime
+    assert zoo.model_fingerprint(tmp_path / "m") == first and len(reads) == 3
+    age(5)
+    assert zoo.model_fingerprint(tmp_path / "m") == first and len(reads) == 4
+    assert zoo.model_fingerprint(tmp_path / "m") == first and len(reads) == 4
+    (tmp_path / "cache" / "file-digests.json").write_text("not json")  # a broken memo only costs a read
+    assert zoo.model_fingerprint(tmp_path / "m") == first and len(reads) == 5
+    assert reads == ["model.safetensors"] * 5
 
 
 def test_bad_model_names(tmp_path):
