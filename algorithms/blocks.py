@@ -11,7 +11,9 @@ every attribute assignment that removal needs, and :func:`remove_blocks` applies
    list sliced to the kept blocks (Gemma-3's and Qwen2's ``layer_types``: the forward pass picks the
    mask by ``config.layer_types[i]`` and ``DynamicCache(config=...)`` builds sliding or full cache
    layers from it), plus the few fields that encode per-layer facts differently (Qwen2's
-   ``max_window_layers``, GPT-Neo's ``attention_types``), so that a saved model reloads identically;
+   ``max_window_layers``, GPT-Neo's ``attention_types``, and the mixture-of-experts layouts: index
+   lists, dense prefixes, Qwen-MoE's sparse step, ERNIE's expert range; see
+   :func:`_moe_layout_changes`), so that a saved model reloads identically;
 4. values cached from the config at ``__init__`` are kept consistent (``has_sliding_layers`` on
    Qwen2-style models; GPT-2's per-layer attention scale when ``scale_attn_by_inverse_layer_idx``
    is set, which is folded into the query weights so the renumbered block still computes the same);
@@ -69,8 +71,15 @@ _NOT_PER_LAYER = frozenset(
         "suppress_tokens",
     }
 )
-#: int config fields meaning "the first k layers are special" (Qwen2: layers < k use full attention)
-_PREFIX_COUNT_ATTRS = ("max_window_layers",)
+#: int config fields meaning "the first k layers are special" (Qwen2: layers < k use full attention;
+#: DeepSeek-V2/V3, GLM-4-MoE, dots1, Mistral-4: layers < k have a dense MLP; AFMoE, LFM2-MoE likewise)
+_PREFIX_COUNT_ATTRS = ("max_window_layers", "first_k_dense_replace", "num_dense_layers")
+#: list config fields holding layer *indices*, not one value per layer (Qwen-MoE's dense-MLP layers,
+#: Llama-4's MoE layers): renumbered to the kept blocks, never sliced, even when their length is n
+_INDEX_LIST_ATTRS = ("mlp_only_layers", "moe_layers")
+#: per-layer structure as a period/offset pattern (Jamba's attention and expert layers): removal
+#: generally breaks the pattern and no config field can say the result, so it is refused
+_PATTERN_ATTRS = ("attn_layer_period", "attn_layer_offset", "expert_layer_period", "expert_layer_offset")
 
 
 def _resolve(obj: Any, path: str) -> Any:
@@ -297,10 +306,16 @@ def _config_changes(cfg: Any, keep: list[int], drop: list[int], n: int) -> list[
             f"{type(cfg).__name__} has per-layer overrides (per_layer_config): block removal does not "
             "support heterogeneous configs"
         )
-    changes: list[Change] = []
+    fields = vars(cfg)
+    if patterned := [key for key in _PATTERN_ATTRS if key in fields]:
+        raise ValueError(
+            f"{type(cfg).__name__} lays out its layers by a period/offset pattern ({', '.join(patterned)}): "
+            "removing blocks breaks the pattern, and no config field can describe the result"
+        )
+    changes: list[Change] = _moe_layout_changes(cfg, keep, n)
     sliced: dict[str, Any] = {}
-    for key, value in list(vars(cfg).items()):
-        if key.startswith("_") or key in _NOT_PER_LAYER:
+    for key, value in list(fields.items()):
+        if key.startswith("_") or key in _NOT_PER_LAYER or key in _INDEX_LIST_ATTRS:
             continue
         if isinstance(value, (list, tuple)) and len(value) == n:
             sliced[key] = type(value)(value[i] for i in keep)
@@ -313,6 +328,43 @@ def _config_changes(cfg: Any, keep: list[int], drop: list[int], n: int) -> list[
             changes.append((cfg, key, sum(1 for i in keep if i < k)))
     changes.append((cfg, "num_hidden_layers", len(keep)))
     changes.append((cfg, "blockbench_removed_blocks", _record(cfg, drop, n)))
+    return changes
+
+
+def _moe_layout_changes(cfg: Any, keep: list[int], n: int) -> list[Change]:
+    """Which kept blocks have a dense MLP and which experts, said in the kept blocks' numbering.
+
+    Index lists (:data:`_INDEX_LIST_ATTRS`) are renumbered. Qwen-MoE's ``decoder_sparse_step`` (experts
+    where ``(i + 1) % step == 0`` and ``i`` not in ``mlp_only_layers``) cannot say an arbitrary subset,
+    so a step above 1 becomes 1 with every kept dense block listed in ``mlp_only_layers``. ERNIE-4.5-MoE's
+    expert range ``moe_layer_start_index..moe_layer_end_index`` is renumbered when its
+    ``moe_layer_interval`` is 1; with a larger interval the kept layout cannot be said, and it is refused.
+    """
+    fields, changes = vars(cfg), []
+    position = {old: new for new, old in enumerate(keep)}
+    step, only = fields.get("decoder_sparse_step"), fields.get("mlp_only_layers")
+    experts = getattr(cfg, "num_experts", None)  # Qwen3-MoE: an alias of num_local_experts, not in vars()
+    rewrite_step = isinstance(step, int) and step > 1 and isinstance(only, (list, tuple)) and bool(experts)
+    for key in _INDEX_LIST_ATTRS:
+        value = fields.get(key)
+        if not isinstance(value, (list, tuple)) or (key == "mlp_only_layers" and rewrite_step):
+            continue
+        changes.append((cfg, key, type(value)(position[i] for i in value if i in position)))
+    if rewrite_step:
+        dense = set(only) | {i for i in range(n) if (i + 1) % step != 0}
+        changes.append((cfg, "mlp_only_layers", type(only)(position[i] for i in keep if i in dense)))
+        changes.append((cfg, "decoder_sparse_step", 1))
+    if "moe_layer_interval" in fields:
+        start, end, interval = (fields.get(k) for k in ("moe_layer_start_index", "moe_layer_end_index",
+                                                          "moe_layer_interval"))
+        if interval != 1:
+            raise ValueError(
+                f"{type(cfg).__name__} puts experts on every {interval}th layer (moe_layer_interval): removing "
+                "blocks breaks that pattern, and no config field can describe the result"
+            )
+        moe = [position[i] for i in keep if start <= i <= end]
+        new_start, new_end = (moe[0], moe[-1]) if moe else (len(keep), len(keep) - 1)
+        changes += [(cfg, "moe_layer_start_index", new_start), (cfg, "moe_layer_end_index", new_end)]
     return changes
 
 

@@ -468,3 +468,90 @@ def test_cuda(arch):
         cached = pruned.generate(x[:1, :6], use_cache=True, **common)
         uncached = pruned.generate(x[:1, :6], use_cache=False, **common)
     assert torch.equal(cached, uncached)
+
+
+# ---------------------------------------------------------------- mixture-of-experts layouts
+MOE_SIZES = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=V)
+# name -> config with 6 layers whose dense-MLP / expert layout is encoded the family's own way
+MOE: dict[str, Callable[[], PretrainedConfig]] = {
+    # experts where (i + 1) % 2 == 0 and i not in [3]: dense, moe, dense, dense, dense, moe
+    "qwen2_moe": lambda: tf.Qwen2MoeConfig(
+        num_hidden_layers=6, moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=4,
+        num_experts_per_tok=2, decoder_sparse_step=2, mlp_only_layers=[3], **MOE_SIZES
+    ),
+    "qwen3_moe": lambda: tf.Qwen3MoeConfig(
+        num_hidden_layers=6, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, head_dim=8,
+        decoder_sparse_step=2, mlp_only_layers=[3], **MOE_SIZES
+    ),
+    # an index list: experts on layers 1, 3, 5
+    "llama4_text": lambda: tf.Llama4TextConfig(
+        num_hidden_layers=6, intermediate_size_mlp=64, num_local_experts=4, num_experts_per_tok=1, head_dim=8,
+        interleave_moe_layer_step=2, **MOE_SIZES
+    ),
+    # experts on every layer: moe_layers = [0..5] has the length of a per-layer list, but is not one
+    "llama4_all_moe": lambda: tf.Llama4TextConfig(
+        num_hidden_layers=6, intermediate_size_mlp=64, num_local_experts=4, num_experts_per_tok=1, head_dim=8,
+        interleave_moe_layer_step=1, **MOE_SIZES
+    ),
+    # a dense prefix: the first 2 layers dense
+    "deepseek_v3": lambda: tf.DeepseekV3Config(
+        num_hidden_layers=6, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, first_k_dense_replace=2, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, **{**MOE_SIZES, "num_key_value_heads": 4}
+    ),
+    # a range: experts on layers 2..4
+    "ernie4_5_moe": lambda: tf.Ernie4_5_MoeConfig(
+        num_hidden_layers=6, moe_intermediate_size=16, moe_num_experts=4, moe_k=2, moe_layer_start_index=2,
+        moe_layer_end_index=4, moe_layer_interval=1, **MOE_SIZES
+    ),
+}
+
+
+def mlp_kinds(model: nn.Module) -> list[str]:
+    """Each block's feed-forward class: a dense MLP or a mixture of experts."""
+    return [type(getattr(b, "mlp", None) or b.feed_forward).__name__ for b in get_blocks(model)]
+
+
+@pytest.mark.parametrize("drop", [[1], [0, 3], [1, 2], [4, 5]], ids=str)
+@pytest.mark.parametrize("name", sorted(MOE))
+def test_moe_layout_follows_the_kept_blocks_and_reloads(name, drop, tmp_path):
+    """The oracle is the pruned model saved and rebuilt from its own config: every weight must find its
+    module (no missing or unexpected key), each block keeps its dense or expert feed-forward, and the
+    logits are identical."""
+    torch.manual_seed(0)
+    dense = AutoModelForCausalLM.from_config(MOE[name]()).eval()
+    kinds = mlp_kinds(dense)
+    assert len(set(kinds)) == (1 if name == "llama4_all_moe" else 2)  # the layout is not trivial
+    pruned = pruned_copy(dense, drop)
+    assert mlp_kinds(pruned) == [kinds[i] for i in kept(drop)]
+    pruned.save_pretrained(tmp_path)
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert mlp_kinds(reloaded) == mlp_kinds(pruned)
+    x = ids()
+    assert_same(logits(reloaded.eval(), x), logits(pruned, x), 0)
+
+
+def test_moe_index_lists_are_renumbered_not_sliced():
+    pruned = pruned_copy(AutoModelForCausalLM.from_config(MOE["llama4_all_moe"]()), [1])
+    assert pruned.config.moe_layers == [0, 1, 2, 3, 4]  # sliced, it would read [0, 2, 3, 4, 5]
+    pruned = pruned_copy(AutoModelForCausalLM.from_config(MOE["qwen2_moe"]()), [0, 3])
+    assert (pruned.config.decoder_sparse_step, pruned.config.mlp_only_layers) == (1, [1, 2])
+    pruned = pruned_copy(AutoModelForCausalLM.from_config(MOE["ernie4_5_moe"]()), [0, 3])
+    assert (pruned.config.moe_layer_start_index, pruned.config.moe_layer_end_index) == (1, 2)
+
+
+def test_layouts_removal_cannot_describe_are_refused():
+    ernie = MOE["ernie4_5_moe"]()
+    ernie.moe_layer_interval = 2
+    model = AutoModelForCausalLM.from_config(ernie)
+    with pytest.raises(ValueError, match="moe_layer_interval"):
+        remove_blocks(model, [1])
+    assert num_blocks(model) == 6  # nothing changed
+    jamba = tf.JambaConfig(num_hidden_layers=4, num_experts=2, attn_layer_period=2, attn_layer_offset=1,
+                           expert_layer_period=2, expert_layer_offset=1, mamba_d_state=4, mamba_expand=1,
+                           mamba_dt_rank=4, **MOE_SIZES)
+    model = AutoModelForCausalLM.from_config(jamba)
+    with pytest.raises(ValueError, match="attn_layer_period"):
+        remove_blocks(model, [1])
+    assert num_blocks(model) == 4
