@@ -71,6 +71,10 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
             "evaluations": r["selector_result"]["evaluations"],
             "proxy_span": r["selector_result"].get("proxies", {}).get("proxy_span"),
             **_optional_columns(r),
+            # for the stability statistics (leaderboard columns and bench stability)
+            "removed_set": tuple(r["removed_blocks"]),
+            "scores": tuple(r["scores"]) if r.get("scores") is not None else None,
+            "higher_is_important": bool(r.get("higher_is_important")),
         })
     return pd.DataFrame(rows)
 
@@ -110,7 +114,7 @@ def leaderboard(records: list[dict], rank_by: str = "auto") -> pd.DataFrame:
         **optional,
     ).reset_index()
     agg["ppl_std"] = agg["ppl_std"].fillna(0.0)
-    agg = _join_stability(agg, df, records, group)
+    agg = _join_stability(agg, df, group)
     if has_acc:
         agg["acc_std"] = agg["acc_std"].fillna(0.0)
     by_acc = rank_by == "accuracy" or (rank_by == "auto" and has_acc)
@@ -118,25 +122,24 @@ def leaderboard(records: list[dict], rank_by: str = "auto") -> pd.DataFrame:
     within = ["model", "budget"] + (["calibration"] if "calibration" in group else [])
     agg["rank"] = agg.groupby(within)[key].rank(method="min", ascending=ascending).astype(int)
     agg.attrs["ranked_by"] = "accuracy" if by_acc else "ppl"
-    # calibration variants in natural order: wikipedia/8×128 before wikipedia/32×128
-    return agg.sort_values([*within, "rank", "metric", "selector"],
-                           key=lambda col: col.map(_natural) if col.name == "calibration" else col
-                           ).reset_index(drop=True)
+    return agg.sort_values([*within, "rank", "metric", "selector"], key=calibration_order).reset_index(drop=True)
 
 
-def _natural(label: str) -> tuple:
-    """Sort key with the numbers in a label compared as numbers."""
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(label)))
+def calibration_order(col: pd.Series) -> pd.Series:
+    """``sort_values`` key: calibration variants in natural order (the numbers in a label compared as
+    numbers: wikipedia/8×128 before wikipedia/32×128); other columns as they are. The leaderboard and
+    the stability tables both sort with it."""
+    if col.name != "calibration":
+        return col
+    return col.map(lambda label: tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", str(label))))
 
 
-def _join_stability(agg: pd.DataFrame, df: pd.DataFrame, records: list[dict], group: list[str]) -> pd.DataFrame:
+def _join_stability(agg: pd.DataFrame, df: pd.DataFrame, group: list[str]) -> pd.DataFrame:
     """``jaccard`` (mean pairwise overlap of the removed sets) and ``tau`` (mean Kendall τ of the block
     scores) over the seeds of each row, for rows with two seeds or more: "accurate but erratic" shows."""
     from bench.stability import group_stability
 
-    ok = [r for r in records if r.get("status") == "ok"]
-    stab = group_stability(df, {r["cell_id"]: r["removed_blocks"] for r in ok},
-                           {r["cell_id"]: r.get("scores") for r in ok}, group)
+    stab = group_stability(df, group)
     return agg if stab.empty else agg.merge(stab, on=group, how="left")
 
 

@@ -121,22 +121,15 @@ def summarize(values: Sequence[float], *, confidence: float = CONFIDENCE, n_resa
 
 # ---------------------------------------------------------------------------------------- records → table
 def _runs(records: list[dict]) -> pd.DataFrame:
-    """One row per successful record: the leaderboard's columns plus the block set and the score vector."""
-    from bench.report import records_frame
+    """One row per successful record (the leaderboard's frame: it carries each block set and score
+    vector), sorted by method, calibration variant in natural order, seed."""
+    from bench.report import calibration_order, records_frame
 
     df = records_frame(records)
     if df.empty:
         return df
-    by_id = {r["cell_id"]: r for r in records if r.get("status") == "ok"}
-    df["removed_set"] = [tuple(by_id[c]["removed_blocks"]) for c in df["cell_id"]]
-    df["scores"] = [tuple(by_id[c]["scores"]) for c in df["cell_id"]]
-    df["higher_is_important"] = [bool(by_id[c]["higher_is_important"]) for c in df["cell_id"]]
-    cal = [by_id[c].get("spec", {}).get("calibration", {}) for c in df["cell_id"]]
-    df["_source"] = [str(c.get("source", "")) for c in cal]
-    df["_samples"] = [int(c.get("samples", 0)) for c in cal]
-    df["_seq_len"] = [int(c.get("seq_len", 0)) for c in cal]
-    return df.sort_values(["model", "budget", "metric", "selector", "_source", "_samples", "_seq_len", "seed",
-                           "cell_id"], kind="stable").reset_index(drop=True)
+    return df.sort_values(["model", "budget", "metric", "selector", "calibration", "seed", "cell_id"],
+                          kind="stable", key=calibration_order).reset_index(drop=True)
 
 
 def _group_row(g: pd.DataFrame, seed: int) -> dict:
@@ -177,19 +170,17 @@ def stability_frame(records: list[dict], *, pooled: bool = True, seed: int = 0) 
     return frame.drop(columns="_order").reset_index(drop=True)
 
 
-def group_stability(runs: pd.DataFrame, sets: dict[str, Sequence[int]],
-                    scores: dict[str, Sequence[float] | None], group: list[str]) -> pd.DataFrame:
-    """Mean pairwise Jaccard and Kendall τ per ``group`` of a records frame (its ``cell_id`` column keys
-    ``sets`` and ``scores``), for groups of two runs or more: the leaderboard's stability columns. τ is NaN
+def group_stability(runs: pd.DataFrame, group: list[str]) -> pd.DataFrame:
+    """Mean pairwise Jaccard and Kendall τ per ``group`` of a records frame (its ``removed_set`` and
+    ``scores`` columns), for groups of two runs or more: the leaderboard's stability columns. τ is NaN
     where a record has no scores."""
     rows = []
     for keys, g in runs.groupby(group, sort=False):
         if len(g) < 2:
             continue
-        ids = list(g["cell_id"])
-        vectors = [scores.get(c) for c in ids]
+        vectors = list(g["scores"])
         rows.append(dict(zip(group, keys, strict=True)) | {
-            "jaccard": jaccard_stats([sets[c] for c in ids])["jaccard_mean"],
+            "jaccard": jaccard_stats(list(g["removed_set"]))["jaccard_mean"],
             "tau": math.nan if any(v is None for v in vectors) else rank_correlations(vectors)["tau_mean"],
         })
     return pd.DataFrame(rows, columns=[*group, "jaccard", "tau"])
