@@ -66,21 +66,31 @@ class Metric:
 
     def score_spans(self, states: Tensor, n: int = 1) -> Tensor:
         """Scores of every span of ``n`` consecutive blocks, shape ``(L - n + 1,)``, float64."""
-        return self.score_span_lengths(states, [n])[n]
+        return self._span_lengths(states, [n])[n]
 
     def score_span_lengths(self, states: Tensor, lengths: Iterable[int]) -> dict[int, Tensor]:
         """:meth:`score_spans` for several span lengths in one pass over the depths: each depth is
         prepared once whatever the number of lengths, and at most ``max(lengths) + 1`` prepared depths
-        are alive at a time. Returns ``{n: scores of shape (L - n + 1,)}``."""
+        are alive at a time. Returns ``{n: scores of shape (L - n + 1,)}``. A subclass that overrides
+        :meth:`score_spans` keeps its own way: it is called once per length."""
+        if type(self).score_spans is not Metric.score_spans:
+            return {n: self.score_spans(states, n) for n in self._lengths(states, lengths)}
+        return self._span_lengths(states, lengths)
+
+    def _lengths(self, states: Tensor, lengths: Iterable[int]) -> list[int]:
         self._check_states(states)
         n_blocks = states.shape[0] - 1
         lengths = list(lengths)
         for n in lengths:
             if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= n_blocks:
                 raise ValueError(f"span length n={n!r} must be an int in [1, {n_blocks}]")
-        lengths = sorted(set(lengths))
+        return sorted(set(lengths))
+
+    def _span_lengths(self, states: Tensor, lengths: Iterable[int]) -> dict[int, Tensor]:
+        lengths = self._lengths(states, lengths)
         if not lengths:
             return {}
+        n_blocks = states.shape[0] - 1
         picked = self._select_tokens(states)
         prepared: dict[int, Any] = {}  # depth -> prepare(depth)
 

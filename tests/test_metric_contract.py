@@ -120,6 +120,25 @@ def test_several_span_lengths_share_one_pass():
             cls().score_span_lengths(states, [1, bad])
 
 
+def test_a_subclass_that_scores_spans_its_own_way_keeps_it():
+    class OwnSpans(_counting_metric()):
+        def score_spans(self, states, n=1):
+            return torch.full((states.shape[0] - n,), float(n), dtype=torch.float64)
+
+    class Logged(_counting_metric()):
+        calls: list[int] = []
+
+        def score_spans(self, states, n=1):  # the usual wrapper: do something, then the base class
+            self.calls.append(n)
+            return super().score_spans(states, n)
+
+    states = torch.randn(5, 2, 8, 4, generator=torch.Generator().manual_seed(2))
+    assert {n: v.tolist() for n, v in OwnSpans().score_span_lengths(states, [1, 2]).items()} == {
+        1: [1.0] * 4, 2: [2.0] * 3}
+    logged = Logged().score_span_lengths(states, [2, 1])
+    assert Logged.calls == [1, 2] and torch.equal(logged[2], Logged().score_spans(states, 2))
+
+
 def test_the_contract_catches_a_compare_that_disagrees_with_pair():
     with pytest.raises(AssertionError, match="check prepare/compare"):
         metric_contract.check_scores_per_block_and_span(_counting_metric(broken=True))
