@@ -52,6 +52,23 @@ def test_seeded_sample_is_deterministic_nested_and_seed_dependent():
 
 
 @pytest.mark.slow
+def test_quiet_mode_silences_progress_bars_and_restores_them():
+    import logging
+
+    import datasets
+    from lm_eval.api import model as lm_model
+    from tqdm import tqdm
+
+    datasets.enable_progress_bars()
+    with accuracy._quiet_lm_eval(verbose=False):
+        assert not datasets.is_progress_bar_enabled()  # "Generating split" / "Map" bars
+        assert lm_model.tqdm(range(3)).disable  # lm-eval's request bars
+        assert logging.getLogger("lm_eval").level == logging.ERROR
+    assert datasets.is_progress_bar_enabled() and lm_model.tqdm is tqdm
+    with accuracy._quiet_lm_eval(verbose=True):
+        assert datasets.is_progress_bar_enabled()
+
+
 def test_eval_data_is_extracted_once(monkeypatch):
     folder = ensure_eval_data()
     manifest_path = folder / "manifest.json"
