@@ -20,10 +20,11 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 
-from estimators.functional_mi import flatten_states, flatten_tokens, no_tf32, sample_tokens
+from estimators.functional_mi import flatten_states, no_tf32, on_both_sides, sample_tokens
 
 Tensor = torch.Tensor
 
@@ -206,7 +207,8 @@ def hsic_side(
     chunk_size: int = 128,
     seed: int = 0,
 ) -> KernelSide:
-    """The per-depth part of :func:`hsic` for states ``z`` of shape ``(..., d)`` (same parameters)."""
+    """The per-depth part of :func:`hsic` for states ``z`` of shape ``(..., d)``; the defaults
+    of :func:`hsic`'s parameters (documented there) are set here."""
     if sigma is not None and not sigma > 0:
         raise ValueError(f"sigma must be positive or None, got {sigma!r}")
     if rff_features is not None and rff_features < 1:
@@ -247,20 +249,9 @@ def hsic_compare(a: KernelSide, b: KernelSide) -> Tensor:
     return value
 
 
-def hsic(
-    x: Tensor,
-    y: Tensor,
-    *,
-    sigma: float | None = None,
-    normalized: bool = False,
-    unbiased: bool = True,
-    rff_features: int | None = 1024,
-    n_exact: int = 4096,
-    n_tokens: int | None = 2048,
-    chunk_size: int = 128,
-    seed: int = 0,
-) -> Tensor:
-    """HSIC with Gaussian kernels ``exp(-||a - b||^2 / (2 sigma^2))``, unbiased by default.
+def hsic(x: Tensor, y: Tensor, **params: Any) -> Tensor:
+    """HSIC with Gaussian kernels ``exp(-||a - b||^2 / (2 sigma^2))``, unbiased by default; the
+    parameters, with their defaults, are :func:`hsic_side`'s.
 
     ``sigma=None`` takes the median heuristic separately for ``x`` and ``y``
     (:func:`median_bandwidth`); a number fixes it for both. ``n_tokens`` keeps a seeded sample of that
@@ -271,18 +262,7 @@ def hsic(
     seeded random Fourier features in float64, ``O(N * D * (d + D))`` instead of ``O(N^2 d)``.
     ``normalized`` returns ``HSIC(X, Y) / sqrt(HSIC(X, X) HSIC(Y, Y))``, scale-free and 1 for ``Y = X``.
     """
-    x, y = flatten_tokens(x, y)
-    params = dict(
-        sigma=sigma,
-        normalized=normalized,
-        unbiased=unbiased,
-        rff_features=rff_features,
-        n_exact=n_exact,
-        n_tokens=n_tokens,
-        chunk_size=chunk_size,
-        seed=seed,
-    )
-    return hsic_compare(hsic_side(x, **params), hsic_side(y, **params))
+    return on_both_sides(hsic_side, hsic_compare, x, y, **params)
 
 
 def linear_side(z: Tensor, *, normalized: bool, unbiased: bool, chunk_size: int = 16384) -> KernelSide:
@@ -303,9 +283,9 @@ def linear_hsic(x: Tensor, y: Tensor, *, unbiased: bool = True, chunk_size: int 
 
     The biased form is exactly ``||S_xy||_F^2`` for the sample covariance ``S_xy`` (``1/(N-1)``).
     """
-    x, y = flatten_tokens(x, y)
-    a, b = (linear_side(z, normalized=False, unbiased=unbiased, chunk_size=chunk_size) for z in (x, y))
-    return hsic_compare(a, b)
+    return on_both_sides(
+        linear_side, hsic_compare, x, y, normalized=False, unbiased=unbiased, chunk_size=chunk_size
+    )
 
 
 def cka_linear(x: Tensor, y: Tensor, *, debiased: bool = False, chunk_size: int = 16384) -> Tensor:
@@ -315,6 +295,6 @@ def cka_linear(x: Tensor, y: Tensor, *, debiased: bool = False, chunk_size: int 
     ``||Sigma_xy||^2 / (||Sigma_xx|| ||Sigma_yy||)``. ``debiased`` uses the unbiased HSIC in all
     three terms, which removes the ``O(d / N)`` floor that independent wide features read.
     """
-    x, y = flatten_tokens(x, y)
-    a, b = (linear_side(z, normalized=True, unbiased=debiased, chunk_size=chunk_size) for z in (x, y))
-    return hsic_compare(a, b)
+    return on_both_sides(
+        linear_side, hsic_compare, x, y, normalized=True, unbiased=debiased, chunk_size=chunk_size
+    )

@@ -14,9 +14,10 @@ result does not depend on the device.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -65,6 +66,15 @@ def sample_tokens(z: Tensor, n_tokens: int | None, generator: torch.Generator) -
     if n_tokens is None or z.shape[0] <= n_tokens:
         return z
     return z[torch.randperm(z.shape[0], generator=generator)[:n_tokens].to(z.device)]
+
+
+def on_both_sides(
+    side: Callable[..., Any], compare: Callable[[Any, Any], Tensor], x: Tensor, y: Tensor, **params: Any
+) -> Tensor:
+    """``compare(side(x), side(y))``: a pair estimator from its per-depth part (which holds the
+    parameters and their defaults) and its per-pair part, for the same tokens seen at two depths."""
+    x, y = flatten_tokens(x, y)
+    return compare(side(x, **params), side(y, **params))
 
 
 def _row_chunks(n: int, chunk_size: int) -> Iterator[slice]:
@@ -170,7 +180,8 @@ def gauss_side(
     seed: int = 0,
     chunk_size: int = 16384,
 ) -> GaussSide:
-    """The per-depth part of :func:`mi_gauss` for states ``z`` of shape ``(..., d)`` (same parameters)."""
+    """The per-depth part of :func:`mi_gauss` for states ``z`` of shape ``(..., d)``; the defaults
+    of :func:`mi_gauss`'s parameters (documented there) are set here."""
     if max_dim is not None and max_dim < 1:
         raise ValueError(f"max_dim must be a positive int or None, got {max_dim!r}")
     if chunk_size < 1:
@@ -222,16 +233,9 @@ def gauss_compare(a: GaussSide, b: GaussSide) -> Tensor:
     return 0.5 * (terms[0] + terms[1] - terms[2])
 
 
-def mi_gauss(
-    x: Tensor,
-    y: Tensor,
-    *,
-    bias_correction: bool = True,
-    max_dim: int | None = None,
-    seed: int = 0,
-    chunk_size: int = 16384,
-) -> Tensor:
-    """Gaussian mutual information ``1/2 (logdet Cx + logdet Cy - logdet Cxy)`` in nats.
+def mi_gauss(x: Tensor, y: Tensor, **params: Any) -> Tensor:
+    """Gaussian mutual information ``1/2 (logdet Cx + logdet Cy - logdet Cxy)`` in nats; the
+    parameters, with their defaults, are :func:`gauss_side`'s.
 
     Log-determinants are taken of correlation matrices (so this equals the canonical-correlation
     formula ``-1/2 sum log(1 - rho_i^2)``); constant features are dropped. Covariances are
@@ -250,9 +254,7 @@ def mi_gauss(
     basis, and independent matrices would mix unrelated directions and read almost no MI.
     Raises ``ValueError`` when ``N < 2 (dx + dy)``: there every canonical correlation nears 1.
     """
-    x, y = flatten_tokens(x, y)
-    params = dict(bias_correction=bias_correction, max_dim=max_dim, seed=seed, chunk_size=chunk_size)
-    return gauss_compare(gauss_side(x, **params), gauss_side(y, **params))
+    return on_both_sides(gauss_side, gauss_compare, x, y, **params)
 
 
 # --------------------------------------------------------------------------- KSG kNN MI
@@ -347,7 +349,8 @@ def ksg_side(
     precision: str = "float32",
     seed: int = 0,
 ) -> KSGSide:
-    """The per-depth part of :func:`mi_ksg` for states ``z`` of shape ``(..., d)`` (same parameters)."""
+    """The per-depth part of :func:`mi_ksg` for states ``z`` of shape ``(..., d)``; the defaults
+    of :func:`mi_ksg`'s parameters (documented there) are set here."""
     if k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     if algorithm not in (1, 2):
@@ -428,20 +431,9 @@ def ksg_compare(a: KSGSide, b: KSGSide) -> Tensor:
     return const - marginal.mean()
 
 
-def mi_ksg(
-    x: Tensor,
-    y: Tensor,
-    *,
-    k: int = 3,
-    algorithm: int = 1,
-    proj_dim: int | None = 5,
-    n_tokens: int | None = 2048,
-    chunk_size: int = 512,
-    jitter: float | None = None,
-    precision: str = "float32",
-    seed: int = 0,
-) -> Tensor:
-    """Kraskov–Stögbauer–Grassberger MI in nats with the max-norm in the joint space.
+def mi_ksg(x: Tensor, y: Tensor, **params: Any) -> Tensor:
+    """Kraskov–Stögbauer–Grassberger MI in nats with the max-norm in the joint space; the
+    parameters, with their defaults, are :func:`ksg_side`'s.
 
     Algorithm 1: ``psi(k) + psi(N) - <psi(n_x + 1) + psi(n_y + 1)>``;
     algorithm 2: ``psi(k) - 1/k + psi(N) - <psi(n_x) + psi(n_y)>``.
@@ -460,15 +452,4 @@ def mi_ksg(
     clamped to 0; states holding a NaN or an infinity give NaN. Memory is ``O(chunk_size * N)`` plus,
     up to :data:`KSG_CACHE_TOKENS` tokens, one ``N x N`` matrix per side.
     """
-    x, y = flatten_tokens(x, y)
-    params = dict(
-        k=k,
-        algorithm=algorithm,
-        proj_dim=proj_dim,
-        n_tokens=n_tokens,
-        chunk_size=chunk_size,
-        jitter=jitter,
-        precision=precision,
-        seed=seed,
-    )
-    return ksg_compare(ksg_side(x, **params), ksg_side(y, **params))
+    return on_both_sides(ksg_side, ksg_compare, x, y, **params)

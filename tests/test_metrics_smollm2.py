@@ -14,12 +14,15 @@ pytestmark = pytest.mark.slow
 PARAMS = {"mi_gauss": {"max_dim": 128}, "mi_ksg": {"n_tokens": 1024}}
 
 
+def _capture(samples: int, seq_len: int) -> torch.Tensor:
+    model, tokenizer, _ = load_model("smollm2-135m")
+    ids = calibration_batch(tokenizer, "wikipedia", samples=samples, seq_len=seq_len, seed=0)
+    return capture_hidden_states(model, ids)[0]
+
+
 @pytest.fixture(scope="module")
 def states():
-    model, tokenizer, _ = load_model("smollm2-135m")
-    ids = calibration_batch(tokenizer, "wikipedia", samples=8, seq_len=128, seed=0)
-    states, _ = capture_hidden_states(model, ids)
-    return states
+    return _capture(8, 128)
 
 
 @pytest.mark.parametrize("name", METRICS.list())
@@ -42,10 +45,7 @@ def test_gaussian_mi_refuses_too_few_tokens_at_full_width(states):
 
 @pytest.fixture(scope="module")
 def states_4096():
-    model, tokenizer, _ = load_model("smollm2-135m")
-    ids = calibration_batch(tokenizer, "wikipedia", samples=16, seq_len=256, seed=0)
-    states, _ = capture_hidden_states(model, ids)
-    return states
+    return _capture(16, 256)
 
 
 def _top(scores: torch.Tensor, k: int = 8) -> set[int]:
