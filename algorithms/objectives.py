@@ -19,9 +19,9 @@ Kinds built by :class:`ObjectiveFactory`:
     argument do. Span scores are computed lazily, once per run length ``n``. For singleton runs it
     equals ``proxy_sum``.
 ``loss``
-    The calibration loss of the model with ``S`` skipped (:func:`algorithms.masking.skip_blocks`,
+    The calibration loss of the model with ``S`` skipped (:func:`algorithms.models.masking.skip_blocks`,
     no copy): mean next-token NLL over the calibration ``input_ids`` (the protocol of
-    :mod:`algorithms.perplexity`), or its ``exp`` (perplexity) with ``true_loss="ppl"``. Runs in
+    :mod:`algorithms.evaluations.perplexity`), or its ``exp`` (perplexity) with ``true_loss="ppl"``. Runs in
     ``inference_mode`` on the model's device, ``batch_size`` sequences at a time.
 
 Any other callable ``frozenset[int] -> float`` can stand in for a kind (``custom={"loss": fn}``), which
@@ -252,7 +252,7 @@ class ObjectiveFactory:
         return self._spans[n]
 
     def _calibration_loss(self, blocks: frozenset[int]) -> float:
-        from algorithms.masking import skip_blocks
+        from algorithms.models.masking import skip_blocks
 
         model, ids_all = self.model, self.input_ids
         device = next(model.parameters()).device

@@ -354,7 +354,7 @@ def list_cmd(
             table.add_row(name, registry.origin(name), *sign, describe(obj))
         broken = {k: v for k, v in registry.errors().items() if k not in registry.list(pattern)}
     elif kind is ListKind.models:
-        from algorithms.zoo import MODELS
+        from algorithms.models.zoo import MODELS
 
         for col in ("name", "blocks", "description"):
             table.add_column(col)
@@ -364,7 +364,7 @@ def list_cmd(
     else:
         import fnmatch
 
-        from algorithms.accuracy import SUPPORTED_TASKS, task_info
+        from algorithms.evaluations.lmeval import SUPPORTED_TASKS, task_info
 
         for col in ("name", "documents", "split", "lm-eval task file"):
             table.add_column(col)

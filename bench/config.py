@@ -76,7 +76,7 @@ class AccuracySpec(_Frozen):
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, tasks: list[str]) -> list[str]:
-        from algorithms.accuracy import SUPPORTED_TASKS
+        from algorithms.evaluations.lmeval import SUPPORTED_TASKS
 
         for t in tasks:
             if t not in SUPPORTED_TASKS:

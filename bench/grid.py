@@ -156,7 +156,7 @@ def _check_component(kind: str, registry, index: int, spec: ComponentSpec) -> No
 def validate(config: GridConfig) -> list[Cell]:
     """Check names, parameters, sources, models and budgets without running anything."""
     from algorithms.data import DataError, check_source
-    from algorithms.zoo import model_block_count, model_width
+    from algorithms.models.zoo import model_block_count, model_width
 
     for i, m in enumerate(config.metrics):
         _check_component("metrics", METRICS, i, m)
@@ -220,7 +220,7 @@ def _check_text_length(config: GridConfig, index: int, name: str) -> None:
     """Refuse a calibration set longer than its text, when the tokenizer is on disk already (a zoo
     model not yet built is checked when it runs, rather than downloaded by ``validate``)."""
     from algorithms.data import DataError, calibration_batch, heldout_windows
-    from algorithms.zoo import MODELS, cache_root
+    from algorithms.models.zoo import MODELS, cache_root
 
     folder = cache_root() / "models" / name if name in MODELS else Path(name).expanduser()
     if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():

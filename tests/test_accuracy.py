@@ -1,4 +1,4 @@
-"""Zero-shot accuracy through lm-evaluation-harness on the offline evaluation sets (algorithms.accuracy)."""
+"""Zero-shot accuracy through lm-evaluation-harness on the offline evaluation sets (algorithms.evaluations.lmeval)."""
 
 import json
 import math
@@ -11,8 +11,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from algorithms import accuracy, zoo  # noqa: E402
-from algorithms.accuracy import SUPPORTED_TASKS, _sample_indices, ensure_eval_data, evaluate_tasks  # noqa: E402
+from algorithms.evaluations import lmeval as accuracy  # noqa: E402
+from algorithms.evaluations.lmeval import SUPPORTED_TASKS, _sample_indices, ensure_eval_data, evaluate_tasks  # noqa: E402
+from algorithms.models import zoo  # noqa: E402
 
 MUST_HAVE = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq", "openbookqa",
              "lambada_openai")
@@ -109,8 +110,8 @@ def _check_metrics(result, tasks, n):
 def test_pruned_model_is_scored_deterministically_on_a_seeded_sample(smollm2, monkeypatch):
     import lm_eval
 
-    from algorithms.blocks import num_blocks
-    from algorithms.masking import skip_blocks
+    from algorithms.models.blocks import num_blocks
+    from algorithms.models.masking import skip_blocks
 
     model, tokenizer = smollm2
     calls = []

@@ -3,7 +3,7 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from algorithms.capture import capture_hidden_states
+from algorithms.models.capture import capture_hidden_states
 
 
 def tiny_llama(layers=4):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from algorithms.capture import capture_hidden_states
 from algorithms.data import calibration_batch
-from algorithms.zoo import load_model
+from algorithms.models.capture import capture_hidden_states
+from algorithms.models.zoo import load_model
 from estimators import METRICS
 
 pytestmark = pytest.mark.slow

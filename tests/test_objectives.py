@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-from algorithms.blocks import get_blocks, num_blocks, pruned_copy
-from algorithms.masking import skip_blocks
+from algorithms.evaluations.perplexity import perplexity
+from algorithms.models.blocks import get_blocks, num_blocks, pruned_copy
+from algorithms.models.masking import skip_blocks
 from algorithms.objectives import Objective, ObjectiveFactory, runs
-from algorithms.perplexity import perplexity
 from estimators import METRICS
 from tests.test_removal import N_LAYERS, build, ids
 
@@ -129,7 +129,7 @@ def test_prepaid_sets_are_free():
 def tiny():
     model = build("llama")
     x = ids(seed=5, batch=5, length=10)
-    from algorithms.capture import capture_hidden_states
+    from algorithms.models.capture import capture_hidden_states
 
     states, stats = capture_hidden_states(model, x)
     return model, x, states, stats

@@ -17,7 +17,7 @@ import transformers as tf
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from algorithms.blocks import (
+from algorithms.models.blocks import (
     block_path,
     count_parameters,
     get_blocks,

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from algorithms.blocks import pruned_copy
-from algorithms.capture import capture_hidden_states
 from algorithms.data import calibration_batch
+from algorithms.evaluations.perplexity import perplexity
+from algorithms.models.blocks import pruned_copy
+from algorithms.models.capture import capture_hidden_states
+from algorithms.models.zoo import load_model
 from algorithms.objectives import ObjectiveFactory
-from algorithms.perplexity import perplexity
 from algorithms.selectors import SELECTORS, SelectionProblem
-from algorithms.zoo import load_model
 from estimators import METRICS
 
 pytestmark = pytest.mark.slow

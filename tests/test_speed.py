@@ -1,4 +1,4 @@
-"""Speed measurement (algorithms.speed): structure, the decode loop against generate(), exact ratios.
+"""Speed measurement (algorithms.evaluations.speed): structure, the decode loop against generate(), exact ratios.
 
 Timings are never asserted against thresholds (they are benchmarks, not tests); what is asserted is
 what must hold on any machine: counts, sizes, ratios computed exactly, state restored.
@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from algorithms.blocks import count_parameters, num_blocks, pruned_copy, weight_bytes
-from algorithms.speed import _decode, compare_speed, expected_ceiling, measure_speed, speedup
+from algorithms.evaluations.speed import _decode, compare_speed, expected_ceiling, measure_speed, speedup
+from algorithms.models.blocks import count_parameters, num_blocks, pruned_copy, weight_bytes
 
 FAST = {"prompt_lengths": (8, 16), "decode_tokens": 4, "repeats": 2, "warmup": 1}
 
@@ -162,7 +162,7 @@ def test_expected_ceiling():
 
 @pytest.mark.slow
 def test_smollm2_with_a_quarter_of_its_blocks_removed():
-    from algorithms import zoo
+    from algorithms.models import zoo
 
     model, _, _ = zoo.load_model("smollm2-135m")
     removed = [12, 13, 14, 15, 16, 17, 25]  # 7 of 30 blocks (configs/paper.yaml's 25%)

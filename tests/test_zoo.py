@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from algorithms import zoo
+from algorithms.models import zoo
 
 SMOLLM2 = zoo.MODELS.get("smollm2-135m")
 TEXT = "The tower is 324 metres (1,063 ft) tall, about the same height as an 81-storey building."

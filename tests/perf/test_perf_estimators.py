@@ -154,9 +154,9 @@ SAMPLES, SEQ_LEN = 16, 256  # 4096 calibration tokens; KSG and HSIC sample 2048 
 
 @pytest.fixture(scope="module", params=DEVICES)
 def smollm2(request):
-    from algorithms import zoo
-    from algorithms.capture import capture_hidden_states
     from algorithms.data import calibration_batch
+    from algorithms.models import zoo
+    from algorithms.models.capture import capture_hidden_states
 
     device = request.param
     model, tokenizer, _ = zoo.load_model("smollm2-135m", device=device)
@@ -166,7 +166,7 @@ def smollm2(request):
 
 
 def _forward(model, ids, device):
-    from algorithms.capture import capture_hidden_states
+    from algorithms.models.capture import capture_hidden_states
 
     states, _ = capture_hidden_states(model, ids)
     sync(device)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from algorithms.blocks import get_blocks
+from algorithms.models.blocks import get_blocks
 
 
 def _first_tensor(value):
@@ -28,7 +28,7 @@ def capture_hidden_states(
     """Run ``input_ids`` (``(samples, seq_len)``) through ``model`` and return ``(states, stats)``.
 
     ``stats`` holds the calibration loss of the dense model on the same tokens (a free by-product:
-    ``nll`` and ``ppl``), measured with the protocol of :mod:`algorithms.perplexity`.
+    ``nll`` and ``ppl``), measured with the protocol of :mod:`algorithms.evaluations.perplexity`.
     """
     blocks = get_blocks(model)
     n_blocks = len(blocks)

@@ -33,7 +33,7 @@ of a larger one with the same seed. ``limit=None`` (or a limit at least the spli
 every document.
 
 The model is the caller's object, wrapped in lm-eval's ``HFLM`` (nothing is saved to disk), so it
-can be evaluated inside :func:`algorithms.masking.skip_blocks`. lm-eval reseeds Python's, numpy's
+can be evaluated inside :func:`algorithms.models.masking.skip_blocks`. lm-eval reseeds Python's, numpy's
 and torch's global generators; their states are restored when :func:`evaluate_tasks` returns.
 """
 
@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from algorithms import zoo
+from algorithms.models import zoo
 
 log = logging.getLogger(__name__)
 

@@ -411,7 +411,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from algorithms.blocks import count_parameters, num_blocks
+    from algorithms.models.blocks import count_parameters, num_blocks
 
     resolved = resolve_model_path(spec)
     with _quiet_progress():

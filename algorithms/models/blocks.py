@@ -389,7 +389,7 @@ def removal_changes(model: nn.Module, blocks: Iterable[int] | int) -> list[Chang
     ``blocks`` are indices in the model's current numbering. Everything is checked and computed
     before anything is assigned, so a bad index leaves the model as it was. This is the single source
     of the removal rules: :func:`remove_blocks` applies the changes for good and
-    :func:`algorithms.masking.skip_blocks` applies them for the duration of a ``with`` block.
+    :func:`algorithms.models.masking.skip_blocks` applies them for the duration of a ``with`` block.
     """
     path = block_path(model)
     layers: nn.ModuleList = _resolve(model, path)

@@ -1,6 +1,6 @@
 """The real speed of a (pruned) model: prefill latency, decode throughput, size and memory.
 
-:func:`measure_speed` times one model as it is now (inside :func:`algorithms.masking.skip_blocks` the
+:func:`measure_speed` times one model as it is now (inside :func:`algorithms.models.masking.skip_blocks` the
 removed blocks are really gone from the forward pass):
 
 - **prefill**: one forward pass over a batch-1 prompt of each length, with the KV cache built and only
@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from algorithms.blocks import count_parameters, weight_bytes
+from algorithms.models.blocks import count_parameters, weight_bytes
 
 
 def _check_positive(name: str, value: Any, minimum: int = 1) -> None:
@@ -263,7 +263,7 @@ def compare_speed(
     """The dense ``model`` and the model without ``removed`` blocks, measured interleaved in this
     process: ``{"dense": ..., "pruned": ..., "speedup": speedup(dense, pruned)}`` (each side as
     :func:`measure_speed` returns it)."""
-    from algorithms.masking import skip_blocks
+    from algorithms.models.masking import skip_blocks
 
     lengths = _check_options(prompt_lengths, decode_tokens, repeats, warmup, threads)
     removed = sorted(set(removed))

@@ -1,7 +1,7 @@
 """Skip blocks temporarily, in place, without copying the model.
 
 :func:`skip_blocks` is a context manager that makes the model behave exactly like
-:func:`algorithms.blocks.pruned_copy` would for the duration of a ``with`` block, then restores every
+:func:`algorithms.models.blocks.pruned_copy` would for the duration of a ``with`` block, then restores every
 change, even when the body raises:
 
 - the block ``nn.ModuleList`` is swapped for a new one holding the kept blocks (the same module
@@ -10,11 +10,11 @@ change, even when the body raises:
   it) and the original values are restored on exit;
 - every config reachable from the model gets ``num_hidden_layers`` and each per-layer list (such as
   Gemma-3's ``layer_types``) sliced, and ``blockbench_removed_blocks`` set, as
-  :func:`~algorithms.blocks.remove_blocks` does; the original attribute objects are restored on exit
+  :func:`~algorithms.models.blocks.remove_blocks` does; the original attribute objects are restored on exit
   (an attribute that did not exist is deleted again).
 
-The changes are exactly those :func:`~algorithms.blocks.removal_changes` lists for
-:func:`~algorithms.blocks.remove_blocks`, so the two cannot drift apart. Not thread-safe: nothing else may run the model while it is masked.
+The changes are exactly those :func:`~algorithms.models.blocks.removal_changes` lists for
+:func:`~algorithms.models.blocks.remove_blocks`, so the two cannot drift apart. Not thread-safe: nothing else may run the model while it is masked.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 
 from torch import nn
 
-from algorithms.blocks import removal_changes
+from algorithms.models.blocks import removal_changes
 
 _MISSING = object()
 
