@@ -253,20 +253,8 @@ class ObjectiveFactory:
 
     def _calibration_loss(self, blocks: frozenset[int]) -> float:
         from algorithms.models.masking import skip_blocks
+        from algorithms.models.nll import mean_nll, perplexity_of
 
-        model, ids_all = self.model, self.input_ids
-        device = next(model.parameters()).device
-        total_nll, total_tokens = 0.0, 0
-        with torch.inference_mode(), skip_blocks(model, sorted(blocks)):
-            for start in range(0, ids_all.shape[0], self.batch_size):
-                ids = ids_all[start : start + self.batch_size].to(device)
-                logits = model(input_ids=ids, use_cache=False).logits[:, :-1, :].float()
-                nll = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-                )
-                total_nll += float(nll.double())
-                total_tokens += ids[:, 1:].numel()
-        mean_nll = total_nll / total_tokens
-        if self.true_loss == "ppl":
-            return math.exp(mean_nll) if mean_nll < 700 else math.inf
-        return mean_nll
+        with skip_blocks(self.model, sorted(blocks)) as model:
+            nll, _ = mean_nll(model, self.input_ids, batch_size=self.batch_size)
+        return perplexity_of(nll) if self.true_loss == "ppl" else nll

@@ -105,6 +105,11 @@ _TASKS: dict[str, _TaskData] = {
 SUPPORTED_TASKS: tuple[str, ...] = tuple(_TASKS)
 
 
+def check_task_names(tasks: list[str]) -> list[str]:
+    """``tasks`` when every name is known; ``ValueError`` naming the first unknown one (did you mean)."""
+    return _check_tasks(tasks)
+
+
 def task_info(task: str) -> dict[str, Any]:
     """Documents, scored split and lm-eval task YAML of a supported task (``bench list tasks``)."""
     spec = _TASKS[_check_tasks([task])[0]]

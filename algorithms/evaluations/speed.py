@@ -36,7 +36,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from pydantic import Field, field_validator
 
+from algorithms.evaluations.base import Column, EvalTarget, Evaluation, Params
 from algorithms.models.blocks import count_parameters, weight_bytes
 
 
@@ -259,15 +261,18 @@ def compare_speed(
     warmup: int = 1,
     seed: int = 0,
     threads: int | None = None,
+    transform: Callable[[torch.nn.Module, Sequence[int]], contextlib.AbstractContextManager] | None = None,
 ) -> dict[str, Any]:
     """The dense ``model`` and the model without ``removed`` blocks, measured interleaved in this
     process: ``{"dense": ..., "pruned": ..., "speedup": speedup(dense, pruned)}`` (each side as
-    :func:`measure_speed` returns it)."""
+    :func:`measure_speed` returns it). ``transform(model, removed)`` is the context manager that
+    removes the set (default: :func:`algorithms.models.masking.skip_blocks`)."""
     from algorithms.models.masking import skip_blocks
 
     lengths = _check_options(prompt_lengths, decode_tokens, repeats, warmup, threads)
     removed = sorted(set(removed))
-    variants = {"dense": lambda: contextlib.nullcontext(model), "pruned": lambda: skip_blocks(model, removed)}
+    remove = transform or skip_blocks
+    variants = {"dense": lambda: contextlib.nullcontext(model), "pruned": lambda: remove(model, removed)}
     with _evaluation_mode(model, threads):
         result = _measure(model, variants, lengths, decode_tokens, repeats, warmup, seed)
     return {**result, "speedup": speedup(result["dense"], result["pruned"])}
@@ -306,3 +311,52 @@ def expected_ceiling(n_blocks: int, n_removed: int) -> float:
     if isinstance(n_removed, bool) or not isinstance(n_removed, int) or not 0 <= n_removed < n_blocks:
         raise ValueError(f"n_removed must be an integer in [0, {n_blocks}), got {n_removed!r}")
     return n_blocks / (n_blocks - n_removed)
+
+
+class SpeedParams(Params):
+    """Prefill latency and decode throughput of the dense and every pruned model, as ratios."""
+
+    prompt_lengths: list[int] = Field(default_factory=lambda: [128, 512], min_length=1)
+    decode_tokens: int = Field(32, ge=1)
+    repeats: int = Field(5, ge=1)
+    warmup: int = Field(1, ge=0)
+    #: intra-op CPU threads while timing (restored after); leave unset to keep torch's default. 1 is the
+    #: steadiest on a CPU shared with other work: oversubscribed threads swing timings by several times
+    threads: int | None = Field(None, ge=1)
+
+    @field_validator("prompt_lengths")
+    @classmethod
+    def _positive(cls, lengths: list[int]) -> list[int]:
+        if bad := [n for n in lengths if n < 1]:
+            raise ValueError(f"prompt lengths must be at least 1, got {bad[0]}")
+        return lengths
+
+
+class Speed(Evaluation):
+    """Prefill and decode speedup of the pruned over the dense model, measured back to back."""
+
+    name = "speed"
+    version = "1"
+    Params = SpeedParams
+    measures_dense = False  # every pruned measurement times the dense model beside it
+    machine_dependent = True
+
+    def columns(self) -> list[Column]:
+        return [
+            Column("prefill_speedup", "prefill ×", True, fmt=".2f", gate="speedup"),
+            Column("decode_speedup", "decode ×", True, fmt=".2f", gate="speedup"),
+        ]
+
+    def measure(self, target: EvalTarget) -> dict[str, Any]:
+        if not target.removed:
+            raise ValueError("speed compares a pruned model with the dense one: give a non-empty block set")
+        p = self.params
+        result = compare_speed(target.model, target.removed, prompt_lengths=tuple(p.prompt_lengths),
+                               decode_tokens=p.decode_tokens, repeats=p.repeats, warmup=p.warmup,
+                               threads=p.threads, transform=target.transform)
+        result["dense"]["n_blocks"] = target.n_blocks
+        result["pruned"]["n_blocks"] = target.n_blocks - len(target.removed)
+        return result
+
+    def values(self, dense: dict[str, Any] | None, pruned: dict[str, Any]) -> dict[str, float | None]:
+        return {"prefill_speedup": pruned["speedup"]["prefill_mean"], "decode_speedup": pruned["speedup"]["decode"]}

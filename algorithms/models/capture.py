@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from algorithms.models.blocks import get_blocks
+from algorithms.models.nll import batch_nll
 
 
 def _first_tensor(value):
@@ -28,7 +29,7 @@ def capture_hidden_states(
     """Run ``input_ids`` (``(samples, seq_len)``) through ``model`` and return ``(states, stats)``.
 
     ``stats`` holds the calibration loss of the dense model on the same tokens (a free by-product:
-    ``nll`` and ``ppl``), measured with the protocol of :mod:`algorithms.evaluations.perplexity`.
+    ``nll`` and ``ppl``), measured by :func:`algorithms.models.nll.batch_nll`, the one NLL of blockbench.
     """
     blocks = get_blocks(model)
     n_blocks = len(blocks)
@@ -54,12 +55,9 @@ def capture_hidden_states(
         for start in range(0, samples, batch_size):
             ids = input_ids[start : start + batch_size].to(device)
             current.clear()
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1, :].float()
-            nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-            )
-            total_nll += float(nll.double())
-            total_tokens += ids[:, 1:].numel()
+            nll, n = batch_nll(model, ids)
+            total_nll += nll
+            total_tokens += n
             if len(current) != n_blocks + 1:
                 raise RuntimeError(f"captured {len(current)} hidden states, expected {n_blocks + 1}")
             if states is None:

@@ -1,0 +1,96 @@
+"""Agreement with the dense model: KL divergence of next-token distributions and top-1 agreement.
+
+On fixed held-out windows (the perplexity protocol's windows: :func:`algorithms.data.heldout_windows`),
+at every position that predicts a next token (``T - 1`` per window of ``T``), with ``p`` the dense
+model's next-token distribution and ``q`` the pruned model's:
+
+- ``kl``: mean over positions of KL(p ‖ q) = Σ_v p_v (log p_v − log q_v), in nats;
+- ``top1``: share of positions where both models' most likely next token is the same.
+
+Log-probabilities are computed in float32 from the logits (whatever the model's dtype) and the sums
+accumulated in float64. The dense model's log-probabilities are computed once per model (the
+evaluation's :meth:`~KLDivergence.reference`) and kept in memory on the CPU for every block set
+of that model: ``max_windows × (seq_len − 1) × vocabulary`` floats (200 MB for SmolLM2-135M at the
+defaults), which is why the defaults are smaller than perplexity's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from algorithms.evaluations.base import Column, EvalTarget, Evaluation, Params
+
+
+class KLParams(Params):
+    source: str = "wikipedia"  #: its held-out split (never overlaps calibration)
+    seq_len: int = Field(256, ge=2)
+    max_windows: int = Field(4, ge=1)
+    #: windows per forward pass: changes speed and memory, not the numbers (left out of identities)
+    batch_size: int = Field(4, ge=1)
+
+
+@torch.inference_mode()
+def next_token_log_probs(model: torch.nn.Module, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Float32 log-probabilities ``(W, T - 1, V)`` on the CPU of every next-token prediction."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, windows.shape[0], batch_size):
+        ids = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1, :].float()
+        out.append(torch.log_softmax(logits, dim=-1).cpu())
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def kl_and_agreement(dense_log_probs: torch.Tensor, model: torch.nn.Module, windows: torch.Tensor,
+                     batch_size: int) -> dict[str, float]:
+    """Mean KL(dense ‖ model) and top-1 agreement over every next-token position of ``windows``."""
+    device = next(model.parameters()).device
+    kl_sum, agree, positions = 0.0, 0, 0
+    for start in range(0, windows.shape[0], batch_size):
+        ids = windows[start : start + batch_size].to(device)
+        log_q = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1, :].float(), dim=-1)
+        log_p = dense_log_probs[start : start + ids.shape[0]].to(device)
+        kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+        kl_sum += float(kl.double().sum())
+        agree += int((log_p.argmax(dim=-1) == log_q.argmax(dim=-1)).sum())
+        positions += kl.numel()
+    return {"kl": kl_sum / positions, "top1": agree / positions, "positions": positions}
+
+
+class KLDivergence(Evaluation):
+    """KL(dense ‖ pruned) of next-token distributions and top-1 agreement with the dense model."""
+
+    name = "kl"
+    version = "1"
+    Params = KLParams
+    measures_dense = False  # KL of the dense model with itself is 0 by definition
+    speed_only = ("batch_size",)
+
+    def columns(self) -> list[Column]:
+        return [
+            Column("kl", "KL", False, fmt=".4f", spread=True, gate="kl", rank=5),
+            Column("top1", "top-1 agree", True, fmt=".3f", gate="top1", short="top-1"),
+        ]
+
+    def _windows(self, tokenizer: Any) -> torch.Tensor:
+        from algorithms.data import heldout_windows
+
+        p = self.params
+        return heldout_windows(tokenizer, p.source, seq_len=p.seq_len, max_windows=p.max_windows)
+
+    def reference(self, model: torch.nn.Module, tokenizer: Any) -> torch.Tensor:
+        return next_token_log_probs(model, self._windows(tokenizer), self.params.batch_size)
+
+    def measure(self, target: EvalTarget) -> dict[str, Any]:
+        if target.reference is None:
+            raise ValueError("kl needs the dense model's log-probabilities (its reference)")
+        with target.pruned() as model:
+            return kl_and_agreement(target.reference, model, self._windows(target.tokenizer),
+                                    self.params.batch_size)
+
+    def values(self, dense: dict[str, Any] | None, pruned: dict[str, Any]) -> dict[str, float | None]:
+        return {"kl": pruned["kl"], "top1": pruned["top1"]}
