@@ -33,7 +33,13 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _load(grid: Path):
+AllowRemoteOpt = Annotated[bool, typer.Option(
+    "--allow-remote-code", help="let models with trust_remote_code: true run the code shipped with them")]
+
+
+def _load(grid: Path, allow_remote_code: bool = False):
+    """The validated grid and its cells; exit 2 on a config error, or on a model that wants to run its
+    own code without ``--allow-remote-code`` (a grid file alone cannot turn that on)."""
     from bench.grid import validate
 
     try:
@@ -41,6 +47,11 @@ def _load(grid: Path):
         cells = validate(config)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
+    trusting = [(i, m.name) for i, m in enumerate(config.models) if m.trust_remote_code]
+    if trusting and not allow_remote_code:
+        i, name = trusting[0]
+        raise _fail(f"{grid}: models[{i}].trust_remote_code: model {name!r} asks to run code shipped with it; "
+                    "the grid file alone cannot allow that: add --allow-remote-code to the command line")
     return config, cells
 
 
@@ -48,7 +59,7 @@ def _results_dir(config: GridConfig, results: Path | None) -> Path:
     return results if results is not None else Path("results") / config.name
 
 
-def _runner(config: GridConfig, results: Path | None, *, quiet: bool):
+def _runner(config: GridConfig, results: Path | None, *, quiet: bool, allow_remote_code: bool = False):
     """A runner on ``results`` (default ``results/<grid name>``) with a live display unless ``quiet``;
     returns it and its results folder. A device that is asked for but absent is a usage error."""
     from bench.progress import Reporter, RichReporter
@@ -56,7 +67,8 @@ def _runner(config: GridConfig, results: Path | None, *, quiet: bool):
 
     results_dir = _results_dir(config, results)
     try:
-        runner = Runner(config, results_dir, reporter=Reporter() if quiet else RichReporter(err))
+        runner = Runner(config, results_dir, reporter=Reporter() if quiet else RichReporter(err),
+                        allow_remote_code=allow_remote_code)
     except RuntimeError as exc:  # e.g. CUDA asked for but absent
         raise _fail(str(exc)) from None
     return runner, results_dir
@@ -69,19 +81,24 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary on stdout")] = False,
     report: Annotated[bool, typer.Option(help="print and write the leaderboard at the end")] = True,
-    executor: Annotated[str, typer.Option(help="local (this process) or ray (tasks on a Ray cluster)")] = "local",
+    executor: Annotated[str, typer.Option(help="local (this process), ray (tasks on a Ray cluster), or a "
+                                               "plugin's (bench list executors)")] = "local",
     address: Annotated[str | None, typer.Option(help="Ray cluster address (e.g. auto); none: start a local one")]
     = None,
+    allow_remote_code: AllowRemoteOpt = False,
 ) -> None:
     """Run every unfinished cell of a grid, then print and write the leaderboard."""
     from bench.executors import EXECUTORS, ExecutorError
+    from estimators.registry import RegistryError
 
-    if executor not in EXECUTORS:
-        raise _fail(f"--executor: unknown executor {executor!r}; choose from {', '.join(EXECUTORS)}")
+    try:
+        EXECUTORS.get(executor)
+    except RegistryError as exc:
+        raise _fail(f"--executor: {exc}") from None
     if address is not None and executor != "ray":
         raise _fail("--address: only used with --executor ray")
-    config, cells = _load(grid)
-    runner, results_dir = _runner(config, results, quiet=quiet or as_json)
+    config, cells = _load(grid, allow_remote_code)
+    runner, results_dir = _runner(config, results, quiet=quiet or as_json, allow_remote_code=allow_remote_code)
     try:
         summary = runner.run(cells, executor=executor, address=address)
     except ExecutorError as exc:  # Ray missing or its cluster unreachable
@@ -100,8 +117,8 @@ def run(
             "skipped": summary.skipped, "ran": summary.ran, "failed": summary.failed,
             "elsewhere": summary.elsewhere,
             "failures": [
-                {"cell_id": r["cell_id"], "stage": r["stage"], "error": r["error"]}
-                for r in summary.records if r["status"] != "ok"
+                {"cell_id": r.cell_id, "stage": r.stage, "error": r.error}
+                for r in summary.records if r.status != "ok"
             ],
             "leaderboard": json.loads(board.to_json(orient="records")) if board is not None else None,
         }
@@ -194,6 +211,7 @@ def stability_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the stability table as JSON")] = False,
     html: Annotated[bool, typer.Option("--html/--no-html", help="write report.html and figures/*.png")] = True,
+    allow_remote_code: AllowRemoteOpt = False,
 ) -> None:
     """A stability study: run the grid over every calibration seed (and every calibration variant of its
     `stability:` section), reusing finished records, then write stability.md/.csv, the leaderboard and
@@ -201,11 +219,11 @@ def stability_cmd(
     from bench import report as rep
     from bench import stability
 
-    config, cells = _load(grid)
+    config, cells = _load(grid, allow_remote_code)
     seeds = config.calibration.seeds
     if len(seeds) < 2:
         raise _fail(f"calibration.seeds: a stability study needs at least 2 seeds to compare, got {seeds}")
-    runner, results_dir = _runner(config, results, quiet=quiet or as_json)
+    runner, results_dir = _runner(config, results, quiet=quiet or as_json, allow_remote_code=allow_remote_code)
     summary = runner.run(cells)
     title = f"blockbench stability: {config.name}"
     board, records = rep.build(results_dir, {c.cell_id for c in cells})
@@ -239,16 +257,16 @@ def stability_cmd(
 
 
 @app.command()
-def validate(grid: GridOpt) -> None:
+def validate(grid: GridOpt, allow_remote_code: AllowRemoteOpt = False) -> None:
     """Check a grid config (keys, names, parameters, sources, budgets) without running it."""
-    config, cells = _load(grid)
+    config, cells = _load(grid, allow_remote_code)
     n_variants = len(config.calibration_variants())
     out.print(
         f"{grid}: ok: {len(cells)} cells ({len(config.models)} model(s) × "
         + (f"{n_variants} calibration variant(s) × " if config.stability is not None else "")
         + f"{len(config.calibration.seeds)} seed(s) "
         f"× {len(config.metrics)} metric(s) × {len(config.selectors)} selector(s) × "
-        f"{len(config.budgets.items())} budget(s))"
+        f"{len(config.budgets.items())} budget(s)); evaluations: {', '.join(config.evaluations)}"
     )
 
 
@@ -264,7 +282,7 @@ def baseline_save(
 ) -> None:
     """Save the current leaderboard's accuracy, perplexity and speedups as a baseline."""
     from bench import gate
-    from bench.runner import environment, resolve_device
+    from bench.stages import environment, resolve_device
 
     board, results, _ = _board(results, grid)
     try:
@@ -319,6 +337,8 @@ def check(
 class ListKind(str, Enum):
     metrics = "metrics"
     selectors = "selectors"
+    evaluations = "evaluations"
+    executors = "executors"
     models = "models"
     tasks = "tasks"
 
@@ -335,23 +355,23 @@ def list_cmd(
 
     table = Table(title=kind.value)
     broken: dict[str, str] = {}
-    if kind in (ListKind.metrics, ListKind.selectors):
-        if kind is ListKind.metrics:
-            from estimators import METRICS as registry
-        else:
-            from algorithms.selectors import SELECTORS as registry
-        columns = ["name", "origin", "high means", "description"] if kind is ListKind.metrics else \
-            ["name", "origin", "description"]
-        for col in columns:
+    if kind in (ListKind.metrics, ListKind.selectors, ListKind.evaluations, ListKind.executors):
+        registry = _registry(kind)
+        extra = {ListKind.metrics: ["high means"], ListKind.evaluations: ["columns"]}.get(kind, [])
+        for col in ["name", "origin", *extra, "description"]:
             table.add_column(col)
         for name in registry.list(pattern):
             if (why := registry.error(name)) is not None:  # a broken plugin: shown, never fatal
-                table.add_row(name, registry.origin(name), *([""] if kind is ListKind.metrics else []),
-                              f"[red]broken: {why}[/red]")
+                table.add_row(name, registry.origin(name), *([""] * len(extra)), f"[red]broken: {why}[/red]")
                 continue
             obj = registry.get(name)
-            sign = ["important" if obj.higher_is_important else "redundant"] if kind is ListKind.metrics else []
-            table.add_row(name, registry.origin(name), *sign, describe(obj))
+            if kind is ListKind.metrics:
+                cells = ["important" if obj.higher_is_important else "redundant"]
+            elif kind is ListKind.evaluations:
+                cells = [_column_summary(obj)]
+            else:
+                cells = []
+            table.add_row(name, registry.origin(name), *cells, describe(obj))
         broken = {k: v for k, v in registry.errors().items() if k not in registry.list(pattern)}
     elif kind is ListKind.models:
         from algorithms.models.zoo import MODELS
@@ -374,6 +394,34 @@ def list_cmd(
     out.print(table)
     for name, why in broken.items():  # e.g. a plugin that clashes with a built-in name
         err.print(f"[red]plugin not loaded:[/red] {name}: {why}")
+
+
+def _registry(kind: ListKind):
+    if kind is ListKind.metrics:
+        from estimators import METRICS
+
+        return METRICS
+    if kind is ListKind.selectors:
+        from algorithms.selectors import SELECTORS
+
+        return SELECTORS
+    if kind is ListKind.evaluations:
+        from algorithms.evaluations import EVALUATIONS
+
+        return EVALUATIONS
+    from bench.executors import EXECUTORS
+
+    return EXECUTORS
+
+
+def _column_summary(cls) -> str:
+    """``ppl_pruned ↓, ppl_dense``: an evaluation's columns at its default parameters, with direction."""
+    try:
+        columns = cls().columns()
+    except Exception:  # noqa: BLE001 - parameters without defaults (accuracy needs tasks)
+        return "(depends on its parameters)"
+    arrow = {True: " ↑", False: " ↓", None: ""}
+    return ", ".join(f"{c.key}{arrow[c.higher_is_better]}" for c in columns)
 
 
 def main() -> None:

@@ -21,7 +21,8 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
-from collections.abc import Callable, Iterator
+import inspect
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -132,9 +133,7 @@ class Registry(Generic[T]):
         return entry
 
     def unknown_message(self, name: str) -> str:
-        close = difflib.get_close_matches(str(name), list(self._entries), n=3, cutoff=0.5)
-        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        return f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(sorted(self._entries))}"
+        return f"unknown {self.kind} {name!r}.{did_you_mean(name, self._entries)} Known: {', '.join(sorted(self._entries))}"
 
     def origin(self, name: str) -> str:
         self._read_plugins()
@@ -158,6 +157,30 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"Registry({self.kind!r}, {self.list()})"
+
+
+def did_you_mean(name: object, choices: Iterable[str]) -> str:
+    """`` Did you mean 'x' or 'y'?`` for the closest of ``choices`` to ``name`` (empty when none is close):
+    the one spelling hint of every error message in blockbench."""
+    close = difflib.get_close_matches(str(name), list(choices), n=3, cutoff=0.5)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def resolve_params(cls: Callable[..., Any], params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` bound to ``cls``'s constructor signature with every default filled in: a component's
+    parameters as it will really run, its identity. ``TypeError`` for a parameter it does not take.
+    Keyword catch-alls (``**kwargs``) contribute what was given."""
+    sig = inspect.signature(cls)
+    bound = sig.bind(**params)
+    bound.apply_defaults()
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif kind is not inspect.Parameter.VAR_POSITIONAL:
+            out[name] = value
+    return dict(sorted(out.items()))
 
 
 def describe(obj: Any) -> str:

@@ -147,6 +147,17 @@ class Evaluation(abc.ABC):
         params = self.params.model_dump(mode="json", exclude=set(self.speed_only))
         return {"name": self.name, "version": self.version, "params": params}
 
+    def data_fingerprint(self) -> dict[str, Any]:
+        """The contents of the data this evaluation reads that its parameters only *name* (a text
+        source's fingerprint): enters cache keys, so an edited file is measured again. Default: the
+        fingerprint of a ``source`` parameter when there is one."""
+        source = getattr(self.params, "source", None)
+        if not isinstance(source, str):
+            return {}
+        from algorithms.data import source_fingerprint
+
+        return {"source": source_fingerprint(source)}
+
     @abc.abstractmethod
     def columns(self) -> list[Column]:
         """The leaderboard columns, in display order."""
