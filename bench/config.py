@@ -6,6 +6,7 @@ and, where it helps, the allowed values. The CLI maps it to exit code 2.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -209,7 +210,10 @@ def _loc(loc: tuple[Any, ...]) -> str:
         elif part in ("function-after", "function-before") or str(part).startswith("function-"):
             continue
         else:
-            out += f".{part}" if out else str(part)
+            text = str(part)
+            if not re.fullmatch(r"[\w-]+", text):
+                text = repr(text)  # a key with odd characters is shown quoted, never split over lines
+            out += f".{text}" if out else text
     return out or "<root>"
 
 
@@ -251,7 +255,7 @@ def _evaluation_sections(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str
         try:
             out[name] = cls.Params.model_validate(section)
         except ValidationError as exc:
-            errors.extend(f"{name}.{line}" for line in format_validation_error(exc).splitlines())
+            errors.extend(f"{name}.{line}" for line in format_validation_error(exc).split("\n"))
     return rest, out, errors
 
 
@@ -273,7 +277,7 @@ def parse_config(data: Any, *, origin: str = "<config>") -> GridConfig:
         config = GridConfig.model_validate({**rest, "evaluations": evaluations})
     except ValidationError as exc:
         lines = []
-        for line in format_validation_error(exc).splitlines():
+        for line in format_validation_error(exc).split("\n"):
             key = line.split(":", 1)[0]
             if line.endswith("unknown key") and "." not in key and "[" not in key:
                 line += _unknown_key_hint(key)

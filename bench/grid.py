@@ -169,13 +169,14 @@ def expand(config: GridConfig) -> list[Cell]:
                 device=device,
             )
         )
-    ids = [c.cell_id for c in cells]
-    if len(set(ids)) != len(ids):
-        first = next(c for c in cells if ids.count(c.cell_id) > 1)
-        raise ConfigError(
-            "the grid lists the same cell twice (a metric, selector or budget repeats once its parameters are "
-            f"resolved: metric {first.metric.label()!r}, selector {first.selector.label()!r}, budget {first.budget_label})"
-        )
+    seen: dict[str, Cell] = {}
+    for cell in cells:
+        if (first := seen.setdefault(cell.cell_id, cell)) is not cell:
+            raise ConfigError(
+                "the grid lists the same cell twice: a metric, selector or budget repeats once its parameters "
+                f"are resolved (metric {first.metric.label()!r} and {cell.metric.label()!r}, selector "
+                f"{first.selector.label()!r} and {cell.selector.label()!r}, budget {first.budget_label})"
+            )
     return cells
 
 
