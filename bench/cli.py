@@ -151,6 +151,7 @@ def _board(results: Path | None, grid: Path | None, rank_by: str = "auto"):
         raise _fail("give --results DIR or --grid FILE")
     if not (results / "records").is_dir():
         raise _fail(f"no records under {str(results)!r} (run 'bench run' first)")
+    _check_readable(results)
     if rank_by not in rep.RANK_BY:
         raise _fail(f"--rank-by must be one of {', '.join(rep.RANK_BY)}, got {rank_by!r}")
     try:
@@ -158,6 +159,19 @@ def _board(results: Path | None, grid: Path | None, rank_by: str = "auto"):
     except ValueError as exc:
         raise _fail(str(exc)) from None
     return board, results, title
+
+
+def _check_readable(results: Path) -> None:
+    """Exit 2 when every record under ``results`` is of another schema (saying how to rerun); warn when
+    only some are."""
+    from bench.store import ResultStore
+
+    records, bad = ResultStore(results).scan()
+    if bad and not records:
+        more = f" (and {len(bad) - 1} more like it)" if len(bad) > 1 else ""
+        raise _fail(f"no readable records under {str(results)!r}: {bad[0]}{more}")
+    if bad:
+        err.print(f"warning: {len(bad)} record(s) under {results} skipped: {bad[0]}")
 
 
 @app.command("report")

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.config import ConfigError, parse_config
-from bench.runner import Runner
 from bench.records import CellRecord
+from bench.runner import Runner
 from bench.store import ResultStore, write_json
 from tests.conftest import SMALL_GRID
 
