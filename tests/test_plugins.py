@@ -138,9 +138,14 @@ def test_example_plugin_is_listed_and_runs_in_a_grid(example_installed, tmp_path
         assert listed.returncode == 0, listed.stderr
         line = next(row for row in listed.stdout.splitlines() if f" {name} " in row)
         assert "blockbench-example-plugin 0.1.0" in line
+    listed = _bench("list", "evaluations", env=env)
+    line = next(row for row in listed.stdout.splitlines() if " nll_gap " in row)
+    assert [c.strip() for c in line.strip("│").split("│")][:3] == ["nll_gap", "plugin: blockbench-example-plugin 0.1.0",
+                                                                   "nll_gap ↓"]
     grid = {**SMALL_GRID, "name": "plugin", "metrics": ["rel_change", "bi"],
             "selectors": ["topk", {"name": "spread", "params": {"gap": 1}}],
-            "calibration": {**SMALL_GRID["calibration"], "seeds": [0]}}
+            "calibration": {**SMALL_GRID["calibration"], "seeds": [0]},
+            "nll_gap": {"seq_len": 64, "max_windows": 2}}
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
     result = _bench("run", "--grid", str(path), "--results", str(tmp_path / "results"), "--json", env=env, cwd=ROOT)
@@ -158,3 +163,13 @@ def test_example_plugin_is_listed_and_runs_in_a_grid(example_installed, tmp_path
             assert all(b - a > 1 for a, b in zip(blocks, blocks[1:], strict=False)), blocks  # no two adjacent
         if r["labels"]["metric"] == "rel_change":
             assert r["versions"]["metric"] == "1" and all(s > 0 for s in r["scores"])
+        # the plugin evaluation: its own section, its own column, its number from its own results
+        gap = r["evaluations"]["nll_gap"]
+        assert gap["values"]["nll_gap"] == gap["pruned"]["nll"] - gap["dense"]["nll"] > 0
+        assert r["spec"]["evaluations"]["nll_gap"] == {"name": "nll_gap", "version": "1",
+                                                       "params": {"seq_len": 64, "max_windows": 2}}
+    # a leaderboard column with its label, direction and ± spread, with no edit to blockbench
+    lines = (tmp_path / "results" / "leaderboard.md").read_text().splitlines()
+    header = next([c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| "))
+    assert "NLL gap" in header
+    assert "`NLL gap`: lower is better" in "\n".join(lines), "the Markdown notes give each column's direction"
