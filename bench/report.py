@@ -278,7 +278,11 @@ def write_reports(board: pd.DataFrame, out_dir: Path, *, title: str) -> list[Pat
     if board.empty:
         md = f"# {title}\n\n_no finished cells yet_\n"
     else:
-        md = f"# {title}\n\n{notes(board)}\n\n{display(board).to_markdown(index=False)}\n"
+        shown, right = _table(board, terminal=False)
+        # the columns' own formats as written (tabulate would reparse "0.1000" as 0.1)
+        table = shown.to_markdown(index=False, disable_numparse=True,
+                                  colalign=["right" if c in right else "left" for c in shown.columns])
+        md = f"# {title}\n\n{notes(board)}\n\n{table}\n"
     write_bytes_atomic(md_path, md.encode())
     return [md_path, csv_path]
 

@@ -286,6 +286,6 @@ def write_stability_reports(frame: pd.DataFrame, out_dir: Path, *, title: str) -
     if "frequency" in csv:
         csv["frequency"] = csv["frequency"].map(frequency_text)
     write_bytes_atomic(csv_path, csv.to_csv(index=False).encode())
-    body = display(frame).to_markdown(index=False) if not frame.empty else "_no finished cells yet_"
+    body = display(frame).to_markdown(index=False, disable_numparse=True) if not frame.empty else "_no finished cells yet_"
     write_bytes_atomic(md_path, f"# {title}\n\n{NOTES}\n\n{body}\n".encode())
     return [md_path, csv_path]
