@@ -286,6 +286,8 @@ def write_stability_reports(frame: pd.DataFrame, out_dir: Path, *, title: str) -
     if "frequency" in csv:
         csv["frequency"] = csv["frequency"].map(frequency_text)
     write_bytes_atomic(csv_path, csv.to_csv(index=False).encode())
-    body = display(frame).to_markdown(index=False, disable_numparse=True) if not frame.empty else "_no finished cells yet_"
+    # disable_numparse: the columns' own formats as written (tabulate would reparse "0.500" as 0.5)
+    body = (display(frame).to_markdown(index=False, disable_numparse=True) if not frame.empty
+            else "_no finished cells yet_")
     write_bytes_atomic(md_path, f"# {title}\n\n{NOTES}\n\n{body}\n".encode())
     return [md_path, csv_path]

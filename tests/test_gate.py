@@ -174,7 +174,8 @@ def test_schema_1_baseline_is_read_and_compared():
     ({"schema": 2, "rows": [{"model": "m", "metric": "bi", "selector": "topk", "budget": "1",
                              "values": {"kl": 0.1}}]},
      "rows[0].values.kl: expected {value, gate, higher_is_better}"),
-    ({"schema": 2, "rows": [{"model": "m", "values": {}}]}, "rows[0] is not a baseline row (model, metric, selector, budget, values)"),
+    ({"schema": 2, "rows": [{"model": "m", "values": {}}]},
+     "rows[0] is not a baseline row (model, metric, selector, budget, values)"),
 ])
 def test_malformed_baselines_are_refused(tmp_path, payload, message):
     path = tmp_path / "b.json"

@@ -89,7 +89,8 @@ def test_unknown_rank_by_names_the_choices():
     with pytest.raises(ValueError, match=r"^rank_by: column 'ppl_dense' \(ppl \(dense\)\) is a reference value"):
         report.leaderboard(_grid(), rank_by="ppl_dense")
     only_ppl = [make_record(0, removed=(1,), values={"ppl_pruned": 20.0, "ppl_dense": 10.0})]
-    with pytest.raises(ValueError, match=r"^rank_by: unknown 'accuracy'; choose from auto, an evaluation \(perplexity\)"):
+    with pytest.raises(ValueError, match=r"^rank_by: unknown 'accuracy'; choose from auto, an evaluation "
+                                         r"\(perplexity\)"):
         report.leaderboard(only_ppl, rank_by="accuracy")
 
 
@@ -111,7 +112,8 @@ def test_display_headings_formats_and_order():
     bi = shown[shown["metric"] == "bi"].iloc[0]
     assert (bi["acc"], bi["ppl (pruned)"], bi["KL"]) == ("0.420 ± 0.028", "21.00 ± 1.41", "0.2000 ± 0.1414")
     assert (bi["retained"], bi["piqa"], bi["ppl (dense)"], bi["prefill ×"]) == ("70.0%", "0.320", "10.00", "1.20")
-    assert (bi["budget"], bi["typical removed"], bi["params kept"], bi["seeds"]) == ("2 blocks (2/6)", "2,3", "70.0%", 2)
+    assert (bi["budget"], bi["typical removed"], bi["params kept"], bi["seeds"]) == (
+        "2 blocks (2/6)", "2,3", "70.0%", 2)
 
 
 def test_terminal_shows_the_terminal_columns_under_their_short_headings():

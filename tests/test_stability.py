@@ -150,6 +150,20 @@ def test_stability_display_uses_each_columns_label_and_format():
     assert (bi["acc 95% CI"], bi["always removed"], bi["jaccard"]) == ("[0.500, 0.500]", "2,3", "1.00 ± 0.00")
 
 
+def test_stability_reports_keep_each_columns_format(tmp_path):
+    from bench.stability import write_stability_reports
+
+    md_path, csv_path = write_stability_reports(stability_frame(_hand_built()), tmp_path, title="s")
+    lines = [line for line in md_path.read_text().splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    bi = dict(zip(header, [c.strip() for c in lines[3].strip("|").split("|")], strict=True))
+    assert (bi["metric"], bi["acc"], bi["acc 95% CI"], bi["ppl (pruned)"]) == (
+        "bi", "0.500 ± 0.000", "[0.500, 0.500]", "21.00 ± 1.00")
+    csv_header = csv_path.read_text().splitlines()[0].split(",")
+    assert {"ppl_pruned_mean", "ppl_pruned_ci_low", "acc_pruned_std", "frequency"} <= set(csv_header)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stability.csv", "stability.md"]
+
+
 def test_stability_without_accuracy_has_no_accuracy_columns():
     records = [_record(i, removed=(2, 3), scores=[6, 5, 1, 2, 4, 3], ppl=20.0 + i, seed=i) for i in range(2)]
     frame = stability_frame(records)
