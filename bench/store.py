@@ -184,9 +184,3 @@ class ResultStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (a temporary file in the same folder renamed into place,
-    parents created): readers see the whole file or none. For reports, figures and baselines."""
-    _atomic_write(Path(path), lambda fh: fh.write(data))

@@ -162,11 +162,11 @@ def test_bad_accuracy_and_speed_sections_name_the_key(tmp_path):
 
 
 def test_report_rank_by_accuracy_without_accuracy_is_refused(tmp_path):
-    from tests.records_factory import ok_record
+    from tests.records_factory import make_record
 
     (tmp_path / "records").mkdir()
-    record = ok_record("c1", removed=[3, 4, 5, 6], ppl=(20.0, 30.0))
-    (tmp_path / "records" / "c1.json").write_text(json.dumps(record.to_json()))
+    record = make_record(1, removed=[3, 4], values={"ppl_pruned": 30.0, "ppl_dense": 20.0})
+    (tmp_path / "records" / "cell1.json").write_text(json.dumps(record.to_json()))
     result = cli.invoke(app, ["report", "--results", str(tmp_path), "--rank-by", "accuracy"])
     assert result.exit_code == 2
     assert result.output.startswith("error: rank_by 'accuracy'"), result.output
@@ -178,7 +178,7 @@ def test_report_rank_by_accuracy_without_accuracy_is_refused(tmp_path):
 def test_report_on_records_of_an_older_version_exits_2_saying_how_to_rerun(tmp_path):
     (tmp_path / "records").mkdir()
     old = {"status": "ok", "cell_id": "c1", "schema": 1, "ppl": {"dense": 20.0, "pruned": 30.0}}
-    (tmp_path / "records" / "c1.json").write_text(json.dumps(old))
+    (tmp_path / "records" / "cell1.json").write_text(json.dumps(old))
     result = cli.invoke(app, ["report", "--results", str(tmp_path)])
     assert result.exit_code == 2
     text = " ".join(result.output.split())

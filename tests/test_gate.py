@@ -213,7 +213,7 @@ def test_check_passes_unchanged_and_fails_a_worse_selector(tmp_path, monkeypatch
     saved = cli.invoke(app, ["baseline", "save", "--results", str(results), "--out", str(baseline)])
     assert saved.exit_code == 0, saved.output
     stored = json.loads(baseline.read_text())
-    assert stored["rows"][0]["values"].keys() >= {"acc_pruned", "ppl_mean", "prefill_speedup", "decode_speedup"}
+    assert stored["rows"][0]["values"].keys() >= {"acc_pruned", "ppl_pruned", "prefill_speedup", "decode_speedup"}
 
     # run again from scratch records (the caches stay): nothing moved, the gate passes
     shutil.rmtree(results / "records")
@@ -237,4 +237,4 @@ def test_check_passes_unchanged_and_fails_a_worse_selector(tmp_path, monkeypatch
                            "--fail", "acc:1%,ppl:5%,speedup:50%"])
     assert bad.exit_code == 1, bad.output
     text = " ".join(bad.output.split())
-    assert "regression: smollm2-135m/bi/topk/4 blocks ppl_mean" in text, text
+    assert "regression: smollm2-135m/bi/topk/4 blocks ppl_pruned" in text, text

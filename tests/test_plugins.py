@@ -172,4 +172,4 @@ def test_example_plugin_is_listed_and_runs_in_a_grid(example_installed, tmp_path
     lines = (tmp_path / "results" / "leaderboard.md").read_text().splitlines()
     header = next([c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| "))
     assert "NLL gap" in header
-    assert "`NLL gap`: lower is better" in "\n".join(lines), "the Markdown notes give each column's direction"
+    assert "`NLL gap`: lower is better (`bench check` measure `nll_gap`)" in "\n".join(lines)

@@ -344,15 +344,15 @@ def test_real_study_writes_tables_figures_and_html(study):
 def test_real_study_statistics_match_the_records(study):
     from bench.store import ResultStore
 
-    records = [r for r in ResultStore(study["results"]).records() if r["status"] == "ok"]
+    records = [r for r in ResultStore(study["results"]).records() if r.status == "ok"]
     assert len(records) == 12
     rows = json.loads(study["result"].stdout)["stability"]
     assert len(rows) == 2 * 2 + 2  # (2 variants + pooled) x 2 metrics
     for row in rows:
-        mine = [r for r in records if r["labels"]["metric"] == row["metric"]
-                and (row["calibration"] == POOLED or r["labels"]["calibration"] == row["calibration"])]
+        mine = [r for r in records if r.labels.metric == row["metric"]
+                and (row["calibration"] == POOLED or r.labels.calibration == row["calibration"])]
         assert row["runs"] == len(mine) == (6 if row["calibration"] == POOLED else 3)
-        sets = [frozenset(r["removed_blocks"]) for r in mine]
+        sets = [frozenset(r.removed_blocks) for r in mine]
         pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1:]]
         assert row["jaccard_mean"] == pytest.approx(np.mean([len(a & b) / len(a | b) for a, b in pairs]))
         assert row["distinct_sets"] == len(set(sets))
@@ -361,10 +361,11 @@ def test_real_study_statistics_match_the_records(study):
             counts[list(s)] += 1
         assert row["frequency"] == pytest.approx(list(counts / len(sets)), abs=1e-6)
         assert row["always"] == " ".join(str(b) for b in range(30) if counts[b] == len(sets))
-        ppl = [r["ppl"]["pruned"] for r in mine]
-        assert row["ppl_mean"] == pytest.approx(np.mean(ppl)) and row["ppl_std"] == pytest.approx(np.std(ppl, ddof=1))
-        assert row["ppl_ci_low"] <= row["ppl_mean"] <= row["ppl_ci_high"]
-        assert min(ppl) - 1e-9 <= row["ppl_ci_low"] and row["ppl_ci_high"] <= max(ppl) + 1e-9
+        ppl = [r.value("ppl_pruned") for r in mine]
+        assert row["ppl_pruned_mean"] == pytest.approx(np.mean(ppl))
+        assert row["ppl_pruned_std"] == pytest.approx(np.std(ppl, ddof=1))
+        assert row["ppl_pruned_ci_low"] <= row["ppl_pruned_mean"] <= row["ppl_pruned_ci_high"]
+        assert min(ppl) - 1e-9 <= row["ppl_pruned_ci_low"] and row["ppl_pruned_ci_high"] <= max(ppl) + 1e-9
         assert 0.0 <= row["jaccard_mean"] <= 1.0 and 1 <= row["distinct_sets"] <= row["runs"]
         # the two cosine metrics rank SmolLM2's blocks consistently across calibration samples
         assert 0.5 < row["tau_mean"] <= 1.0 and 0.5 < row["rho_mean"] <= 1.0
