@@ -322,8 +322,9 @@ def check(
     from bench import gate
 
     try:
+        given = gate.parse_fail(fail) if fail is not None else None
         stored = gate.load_baseline(baseline)
-        tolerances = gate.parse_fail(fail) if fail is not None else gate.default_tolerances(stored)
+        tolerances = given if given is not None else gate.default_tolerances(stored)
     except gate.GateError as exc:
         raise _fail(str(exc)) from None
     board, results, _ = _board(results, grid)

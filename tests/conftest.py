@@ -1,5 +1,11 @@
 import pytest
 import yaml
+from hypothesis import settings
+
+# no example database in the source tree (tests never write there; failures are reproduced by the seed
+# hypothesis prints)
+settings.register_profile("blockbench", database=None)
+settings.load_profile("blockbench")
 
 SMALL_GRID = {
     "name": "e2e",

@@ -133,7 +133,7 @@ def test_leaderboard_has_accuracy_speed_and_kl_columns_ranked_by_accuracy(run):
         assert column in header, (column, header)
     assert header.index("acc") < header.index("ppl (pruned)") < header.index("KL") < header.index("prefill ×")
     bad = CliRunner().invoke(app, ["report", "--results", str(run["results"]), "--rank-by", "latency"])
-    assert bad.exit_code == 2 and bad.output.startswith("error: rank_by 'latency'"), bad.output
+    assert bad.exit_code == 2 and bad.output.startswith("error: rank_by: unknown 'latency'; choose from auto"), bad.output
 
 
 def test_rerun_recomputes_no_evaluation(run):

@@ -169,10 +169,10 @@ def test_report_rank_by_accuracy_without_accuracy_is_refused(tmp_path):
     (tmp_path / "records" / "cell1.json").write_text(json.dumps(record.to_json()))
     result = cli.invoke(app, ["report", "--results", str(tmp_path), "--rank-by", "accuracy"])
     assert result.exit_code == 2
-    assert result.output.startswith("error: rank_by 'accuracy'"), result.output
+    assert result.output.startswith("error: rank_by: unknown 'accuracy'; choose from auto, an evaluation (perplexity)"), result.output
     result = cli.invoke(app, ["report", "--results", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert "lower perplexity first" in (tmp_path / "leaderboard.md").read_text()
+    assert "Ranks within each model and budget, by `ppl (pruned)` (lower first)." in (tmp_path / "leaderboard.md").read_text()
 
 
 def test_report_on_records_of_an_older_version_exits_2_saying_how_to_rerun(tmp_path):
@@ -182,6 +182,6 @@ def test_report_on_records_of_an_older_version_exits_2_saying_how_to_rerun(tmp_p
     result = cli.invoke(app, ["report", "--results", str(tmp_path)])
     assert result.exit_code == 2
     text = " ".join(result.output.split())
-    assert text.startswith(f"error: no readable records under {str(tmp_path)!r}: {tmp_path / 'records' / 'c1.json'}: "
+    assert text.startswith(f"error: no readable records under {str(tmp_path)!r}: {tmp_path / 'records' / 'cell1.json'}: "
                            "record schema 1 (written by blockbench 0.1.0 or another version)"), text
     assert "rerun the grid (`bench run --grid FILE`" in text

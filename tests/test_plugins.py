@@ -4,8 +4,10 @@ package installed and run through `bench list` and `bench run`."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -124,8 +126,12 @@ def test_bench_list_and_validate_with_broken_plugins(site, tmp_path):
 def example_installed():
     """The example plugin package installed into this environment (removed again afterwards)."""
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    subprocess.run([*pip, "install", "-q", "--no-deps", "--no-build-isolation", str(EXAMPLE)], check=True,
-                   timeout=600)
+    # built from a copy: pip's build folders and egg-info never land in the source tree
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / EXAMPLE.name
+        shutil.copytree(EXAMPLE, copy, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+        subprocess.run([*pip, "install", "-q", "--no-deps", "--no-build-isolation", str(copy)], check=True,
+                       timeout=600)
     yield
     subprocess.run([*pip, "uninstall", "-q", "-y", "blockbench-example-plugin"], check=True, timeout=600)
 
