@@ -1,6 +1,12 @@
+import os
+import tempfile
+
 import pytest
 import yaml
-from hypothesis import settings
+from hypothesis import configuration, settings
+
+# hypothesis keeps caches under .hypothesis/ in the working directory: move them out of the source tree
+configuration.set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "blockbench-hypothesis"))
 
 # no example database in the source tree (tests never write there; failures are reproduced by the seed
 # hypothesis prints)
