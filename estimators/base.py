@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from estimators.checks import is_int
+
 Tensor = torch.Tensor
 
 
@@ -82,7 +84,7 @@ class Metric:
         n_blocks = states.shape[0] - 1
         lengths = list(lengths)
         for n in lengths:
-            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= n_blocks:
+            if not is_int(n, 1) or n > n_blocks:
                 raise ValueError(f"span length n={n!r} must be an int in [1, {n_blocks}]")
         return sorted(set(lengths))
 
