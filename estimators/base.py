@@ -56,7 +56,10 @@ class Metric:
         """Raise ``ValueError`` when states of ``n_tokens`` tokens and ``width`` features cannot be
         scored (``bench validate`` calls it before anything runs). Default: anything goes."""
 
-    def _select_tokens(self, states: Tensor) -> Tensor:
+    def select_tokens(self, states: Tensor) -> Tensor:
+        """The tokens this metric scores, from ``states`` of shape ``(L + 1, samples, seq_len, d)``, in the
+        same layout (every depth keeps the same tokens). :meth:`score_spans` applies it once before
+        :meth:`prepare`; ``pair`` and ``compare`` see only what it keeps. Default: every token."""
         return states
 
     @staticmethod
@@ -93,7 +96,7 @@ class Metric:
         if not lengths:
             return {}
         n_blocks = states.shape[0] - 1
-        picked = self._select_tokens(states)
+        picked = self.select_tokens(states)
         prepared: dict[int, Any] = {}  # depth -> prepare(depth)
 
         def depth(i: int) -> Any:

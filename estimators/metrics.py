@@ -16,7 +16,7 @@ class _TokenMetric(Metric):
         super().__init__(tokens=check_choice("tokens", tokens, ("all", "last")))
         self.tokens = tokens
 
-    def _select_tokens(self, states: Tensor) -> Tensor:
+    def select_tokens(self, states: Tensor) -> Tensor:
         return states[:, :, -1:, :] if self.tokens == "last" else states
 
 
