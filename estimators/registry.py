@@ -21,10 +21,20 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+
+def did_you_mean(name: object, choices: Iterable[str], *, n: int = 3, cutoff: float = 0.5) -> str:
+    """``" Did you mean 'x'?"`` (or ``'x' or 'y'``) for up to ``n`` of ``choices`` close to ``name``
+    (:func:`difflib.get_close_matches` at ``cutoff``), best first; ``""`` when none is close.
+
+    Meant to end an error message: ``f"unknown metric {name!r}.{did_you_mean(name, names)}"``.
+    """
+    close = difflib.get_close_matches(str(name), list(choices), n=n, cutoff=cutoff)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 class RegistryError(KeyError):
@@ -132,9 +142,9 @@ class Registry(Generic[T]):
         return entry
 
     def unknown_message(self, name: str) -> str:
-        close = difflib.get_close_matches(str(name), list(self._entries), n=3, cutoff=0.5)
-        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        return f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(sorted(self._entries))}"
+        """The error message for an unknown ``name``: the close known names, then every known name."""
+        known = ", ".join(sorted(self._entries))
+        return f"unknown {self.kind} {name!r}.{did_you_mean(name, self._entries)} Known: {known}"
 
     def origin(self, name: str) -> str:
         self._read_plugins()

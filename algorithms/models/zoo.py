@@ -22,7 +22,6 @@ so its converted ``lm_head`` is untied (1.78B parameters instead of the original
 from __future__ import annotations
 
 import contextlib
-import difflib
 import fnmatch
 import functools
 import hashlib
@@ -43,7 +42,7 @@ from typing import Any
 
 import torch
 
-from estimators.registry import Registry
+from estimators.registry import Registry, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -353,11 +352,6 @@ _PATHLIKE = re.compile(r"^(/|\./|\.\./|~|\.$|\.\.$|[A-Za-z]:[\\/])")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _did_you_mean(spec: str) -> str:
-    close = difflib.get_close_matches(spec, MODELS.list(), n=2, cutoff=0.5)
-    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-
-
 def resolve_model_path(spec: str | os.PathLike[str]) -> Path | str:
     """A zoo name → its local folder (built on first use); an existing folder → itself; ``org/name`` → str.
 
@@ -375,11 +369,12 @@ def resolve_model_path(spec: str | os.PathLike[str]) -> Path | str:
             raise ValueError(f"model folder {spec!r} has no config.json")
         return path
     if _PATHLIKE.match(spec):
-        raise ValueError(f"model folder {spec!r} does not exist (looked for {path.resolve()}).{_did_you_mean(spec)}")
+        raise ValueError(f"model folder {spec!r} does not exist (looked for {path.resolve()})."
+                         f"{did_you_mean(spec, MODELS.list(), n=2)}")
     if not _HUB_ID.match(spec):
         raise ValueError(
             f"model {spec!r} is not a zoo name ({', '.join(MODELS.list())}), an existing folder, "
-            f"or a hub id like 'org/name'.{_did_you_mean(spec)}"
+            f"or a hub id like 'org/name'.{did_you_mean(spec, MODELS.list(), n=2)}"
         )
     return spec
 
