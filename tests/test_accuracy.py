@@ -12,7 +12,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from algorithms.evaluations import lmeval as accuracy  # noqa: E402
-from algorithms.evaluations.lmeval import SUPPORTED_TASKS, _sample_indices, ensure_eval_data, evaluate_tasks  # noqa: E402
+from algorithms.evaluations.lmeval import (  # noqa: E402
+    BUILTIN_TASKS,
+    SUPPORTED_TASKS,
+    _sample_indices,
+    ensure_eval_data,
+    evaluate_tasks,
+)
 from algorithms.models import zoo  # noqa: E402
 
 MUST_HAVE = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq", "openbookqa",
@@ -74,7 +80,7 @@ def test_eval_data_is_extracted_once(monkeypatch):
     folder = ensure_eval_data()
     manifest_path = folder / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    assert set(manifest["tasks"]) == set(SUPPORTED_TASKS)
+    assert set(manifest["tasks"]) == set(BUILTIN_TASKS)
     assert manifest["tasks"]["piqa"]["rows"] == 1838 and manifest["tasks"]["lambada_openai"]["rows"] == 5153
     for entry in manifest["tasks"].values():
         assert (folder / entry["file"]).stat().st_size > 0
