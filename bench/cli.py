@@ -401,15 +401,18 @@ def list_cmd(
             recipe = MODELS.get(name)
             table.add_row(name, str(recipe.n_blocks), recipe.description)
     else:
-        import fnmatch
+        from algorithms.evaluations.lmeval import TASKS, task_info
 
-        from algorithms.evaluations.lmeval import SUPPORTED_TASKS, task_info
-
-        for col in ("name", "documents", "split", "lm-eval task file"):
+        for col in ("name", "origin", "documents", "split", "lm-eval task file"):
             table.add_column(col)
-        for name in sorted(t for t in SUPPORTED_TASKS if fnmatch.fnmatchcase(t, pattern)):
+        for name in TASKS.list(pattern):
+            if (why := TASKS.error(name)) is not None:  # a broken plugin task: shown, never fatal
+                table.add_row(name, TASKS.origin(name), "", "", f"[red]broken: {why}[/red]")
+                continue
             info = task_info(name)
-            table.add_row(name, f"{info['rows']:,}", info["split"], info["yaml"])
+            rows = f"{info['rows']:,}" if info["rows"] is not None else "?"
+            table.add_row(name, TASKS.origin(name), rows, info["split"], info["yaml"])
+        broken = {k: v for k, v in TASKS.errors().items() if k not in TASKS.list(pattern)}
     out.print(table)
     for name, why in broken.items():  # e.g. a plugin that clashes with a built-in name
         err.print(f"[red]plugin not loaded:[/red] {name}: {why}")
