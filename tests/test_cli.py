@@ -129,6 +129,7 @@ def test_too_few_tokens_for_gaussian_mi_is_a_config_error(tmp_path):
     assert cli.invoke(app, ["validate", "--grid", str(write(tmp_path, ok))]).exit_code == 0
 
 
+@pytest.mark.download
 def test_exhaustive_too_large_and_text_too_short_are_config_errors(tmp_path, smollm2_on_disk):
     big = {**SMALL_GRID, "selectors": ["topk", "exhaustive"], "budgets": {"blocks": [10]}}
     result = cli.invoke(app, ["validate", "--grid", str(write(tmp_path, big))])

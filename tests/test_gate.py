@@ -204,6 +204,7 @@ GRID = {**SMALL_GRID, "name": "gate", "metrics": ["bi"], "selectors": ["topk"],
 
 
 @pytest.mark.slow
+@pytest.mark.download
 def test_check_passes_unchanged_and_fails_a_worse_selector(tmp_path, monkeypatch):
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump(GRID))

@@ -137,6 +137,7 @@ def example_installed():
 
 
 @pytest.mark.slow
+@pytest.mark.download
 def test_example_plugin_is_listed_and_runs_in_a_grid(example_installed, tmp_path):
     env = {**os.environ, "COLUMNS": "250"}
     for kind, name in (("metrics", "rel_change"), ("selectors", "spread")):

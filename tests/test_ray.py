@@ -83,6 +83,7 @@ def local_run(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.download
 def test_ray_gives_the_local_records_and_resumes_after_the_driver_is_killed(tmp_path, local_run):
     """Ray on a local instance: kill -9 the driver (and its Ray instance) mid-grid, rerun; the finished
     records are kept byte for byte, and every record equals the local executor's."""

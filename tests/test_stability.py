@@ -274,6 +274,7 @@ def test_stability_variants_expand_into_cells_and_keep_the_main_ids():
     ({"sources": ["wikipedia", "/no/such/corpus.txt"]}, "stability.sources[1]: text source '/no/such/corpus.txt'"),
     ({"sources": ["news"], "samples": [4, 5000]}, "stability.samples[1]: calibration text of 'news' is too short"),
 ])
+@pytest.mark.download
 def test_bad_stability_sections_exit_2_naming_the_key(tmp_path, stability, message, smollm2_on_disk):
     results = tmp_path / "out"
     grid = _write(tmp_path, {**SMALL_GRID, "stability": stability})
@@ -321,6 +322,7 @@ def study(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.download
 def test_real_study_writes_tables_figures_and_html(study):
     result, results = study["result"], study["results"]
     assert result.exit_code == 0, result.output
@@ -341,6 +343,7 @@ def test_real_study_writes_tables_figures_and_html(study):
 
 
 @pytest.mark.slow
+@pytest.mark.download
 def test_real_study_statistics_match_the_records(study):
     from bench.store import ResultStore
 
@@ -373,6 +376,7 @@ def test_real_study_statistics_match_the_records(study):
 
 
 @pytest.mark.slow
+@pytest.mark.download
 def test_real_study_reruns_nothing_and_report_html_rebuilds(study):
     result = cli.invoke(app, ["stability", "--grid", str(study["grid"]), "--results", str(study["results"]),
                               "--json", "--no-html"])

@@ -401,6 +401,7 @@ BIG = os.environ.get("BLOCKBENCH_BIG_MODELS") == "1"
 
 
 @pytest.mark.slow
+@pytest.mark.download
 @pytest.mark.skipif(not BIG, reason="set BLOCKBENCH_BIG_MODELS=1 (downloads and converts 0.25-1.1 GB)")
 @pytest.mark.parametrize("name,width,architecture", [("gemma3-270m", 640, "gemma3_text"),
                                                       ("qwen2.5-coder-1.5b", 1536, "qwen2")])
