@@ -14,7 +14,6 @@ from bench.cli import app
 from tests.conftest import SMALL_GRID
 from tests.records_factory import make_record
 
-BASELINES = Path(__file__).resolve().parent.parent / "results" / "baselines"
 
 cli = CliRunner()
 
@@ -133,7 +132,8 @@ def test_per_column_tolerances_and_column_keys_win_over_their_measure():
 
 
 def test_schema_1_baseline_is_read_and_compared():
-    stored = gate.load_baseline(BASELINES / "ci.json")
+    # the CI baseline as blockbench 0.1.0 wrote it (results/baselines/ci.json until 0.2.0), kept as test data
+    stored = gate.load_baseline(Path(__file__).parent / "data" / "baseline-schema1.json")
     assert stored["schema"] == 2 and len(stored["rows"]) == 4
     row = stored["rows"][0]
     assert (row["model"], row["metric"], row["selector"], row["budget"]) == ("smollm2-135m", "angular", "topk",
@@ -239,3 +239,15 @@ def test_check_passes_unchanged_and_fails_a_worse_selector(tmp_path, monkeypatch
     assert bad.exit_code == 1, bad.output
     text = " ".join(bad.output.split())
     assert "regression: smollm2-135m/bi/topk/4 blocks ppl_pruned" in text, text
+
+
+def test_the_committed_ci_baseline_gates_kl_and_top1():
+    """results/baselines/ci.json (what CI's gate compares with) holds every gated column of configs/ci.yaml,
+    with the direction its evaluation declares."""
+    stored = gate.load_baseline(Path(__file__).resolve().parent.parent / "results" / "baselines" / "ci.json")
+    assert stored["schema"] == 2 and stored["grid"] == "ci" and len(stored["rows"]) == 4
+    assert gate.measures(stored) == (["acc", "kl", "ppl", "speedup", "top1"],
+                                     ["acc_pruned", "decode_speedup", "kl", "ppl_pruned", "prefill_speedup", "top1"])
+    directions = {key: v["higher_is_better"] for key, v in stored["rows"][0]["values"].items()}
+    assert directions == {"acc_pruned": True, "decode_speedup": True, "kl": False, "ppl_pruned": False,
+                          "prefill_speedup": True, "top1": True}
