@@ -14,7 +14,6 @@ from bench.cli import app
 from tests.conftest import SMALL_GRID
 from tests.records_factory import make_record
 
-
 cli = CliRunner()
 
 
