@@ -205,7 +205,7 @@ def _grid_records(results: Path, grid: Path | None) -> list[dict]:
     records = ResultStore(results).records()
     if grid is not None:
         ids = {c.cell_id for c in expand(load_config(grid))}
-        records = [r for r in records if r["cell_id"] in ids]
+        records = [r for r in records if r.cell_id in ids]
     return records
 
 

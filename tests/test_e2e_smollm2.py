@@ -118,6 +118,14 @@ def test_leaderboard_from_records(first_run):
     assert header[:6] == ["rank", "model", "budget", "metric", "selector", "ppl (pruned)"]
     body = [[c.strip() for c in line.strip("|").split("|")] for line in md_rows[2:]]
     assert sorted(row[3] for row in body) == ["angular", "bi"]
+    # the grid's cells only, with the HTML report and its figures
+    result = CliRunner().invoke(app, ["report", "--grid", str(first_run["grid"]), "--results",
+                                      str(first_run["results"]), "--html"])
+    assert result.exit_code == 0, result.output
+    html = (first_run["results"] / "report.html").read_text()
+    assert html.count("src='data:image/png;base64,") == 4
+    assert sorted(p.name for p in (first_run["results"] / "figures").iterdir()) == [
+        "curves.png", "frequency.png", "importance.png", "stability.png"]
 
 
 class NaNMetric(Metric):
