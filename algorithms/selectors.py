@@ -546,15 +546,9 @@ class OptunaSearch(SearchSelector):
         )
 
 
-def _is_selector(obj: object) -> str | None:
-    if isinstance(obj, type) and issubclass(obj, Selector):
-        return None
-    return f"{obj!r} is not a subclass of algorithms.selectors.Selector"
-
-
 #: built-in selectors; other distributions add theirs through the entry-point group ``blockbench.selectors``
 SELECTORS: Registry[type[Selector]] = Registry("selector", entry_point_group="blockbench.selectors",
-                                               check=_is_selector)
+                                               base=Selector)
 SELECTORS.register("topk", "algorithms.selectors:TopK")
 SELECTORS.register("iterative", "algorithms.selectors:Iterative")
 SELECTORS.register("span", "algorithms.selectors:Span")

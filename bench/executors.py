@@ -261,13 +261,6 @@ class RayExecutor(Executor):
                 waiting = still
 
 
-def _is_executor(obj: object) -> str | None:
-    if isinstance(obj, type) and issubclass(obj, Executor):
-        return None
-    return f"{obj!r} is not a subclass of bench.executors.Executor"
-
-
-EXECUTORS: Registry[type[Executor]] = Registry("executor", entry_point_group="blockbench.executors",
-                                               check=_is_executor)
+EXECUTORS: Registry[type[Executor]] = Registry("executor", entry_point_group="blockbench.executors", base=Executor)
 EXECUTORS.register("local", "bench.executors:LocalExecutor")
 EXECUTORS.register("ray", "bench.executors:RayExecutor")

@@ -52,11 +52,12 @@ class RegistryError(KeyError):
 class Registry(Generic[T]):
     """Maps names to objects, resolving lazy ``module:attr`` entries on first access."""
 
-    def __init__(self, kind: str, *, entry_point_group: str | None = None,
+    def __init__(self, kind: str, *, entry_point_group: str | None = None, base: type | None = None,
                  check: Callable[[Any], str | None] | None = None) -> None:
         self.kind = kind
         self.entry_point_group = entry_point_group
-        self._check = check  #: returns why an object is unfit, or None
+        self.base = base  #: every class registered must subclass it (checked when a lazy entry loads)
+        self._check = check  #: returns why an object is unfit, or None (after the ``base`` check)
         self._entries: dict[str, T | str] = {}
         self._origins: dict[str, str] = {}
         self._errors: dict[str, str] = {}  #: broken entries: name -> why
@@ -131,7 +132,7 @@ class Registry(Generic[T]):
                 obj = importlib.import_module(module_name)
                 for part in attr.split("."):
                     obj = getattr(obj, part)
-                why = self._check(obj) if self._check is not None else None
+                why = self.problem(obj)
             except Exception as exc:  # noqa: BLE001 - a broken plugin is reported, never fatal elsewhere
                 why = f"{type(exc).__name__}: {exc}"
             if why is not None:
@@ -141,6 +142,13 @@ class Registry(Generic[T]):
             self._entries[name] = obj
             return obj
         return entry
+
+    def problem(self, obj: Any) -> str | None:
+        """Why ``obj`` cannot be an entry of this registry (not a subclass of ``base``, or what ``check``
+        says), or None."""
+        if self.base is not None and not (isinstance(obj, type) and issubclass(obj, self.base)):
+            return f"{obj!r} is not a subclass of {self.base.__module__}.{self.base.__qualname__}"
+        return self._check(obj) if self._check is not None else None
 
     def unknown_message(self, name: str) -> str:
         """The error message for an unknown ``name``: the close known names, then every known name."""

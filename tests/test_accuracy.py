@@ -2,24 +2,19 @@
 
 import json
 import math
-import os
 import random
 
 import pytest
 
-# lm-eval and datasets must never reach for the hub here (set before they are imported)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-from algorithms.evaluations import lmeval as accuracy  # noqa: E402
-from algorithms.evaluations.lmeval import (  # noqa: E402
+from algorithms.evaluations import lmeval as accuracy
+from algorithms.evaluations.lmeval import (
     BUILTIN_TASKS,
     SUPPORTED_TASKS,
     _sample_indices,
     ensure_eval_data,
     evaluate_tasks,
 )
-from algorithms.models import zoo  # noqa: E402
+from algorithms.models import zoo
 
 MUST_HAVE = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq", "openbookqa",
              "lambada_openai")

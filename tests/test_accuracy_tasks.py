@@ -3,19 +3,14 @@ from a local data file and an lm-eval YAML (in the grid's ``accuracy.task_files`
 scored by lm-eval exactly as a direct multiple-choice log-likelihood argmax on the same documents."""
 
 import json
-import os
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
-# lm-eval and datasets must never reach for the hub here (set before they are imported)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-from algorithms.evaluations import lmeval  # noqa: E402
-from algorithms.evaluations.accuracy import Accuracy  # noqa: E402
-from algorithms.evaluations.lmeval import (  # noqa: E402
+from algorithms.evaluations import lmeval
+from algorithms.evaluations.accuracy import Accuracy
+from algorithms.evaluations.lmeval import (
     BUILTIN_TASKS,
     TASKS,
     TaskSource,
@@ -24,7 +19,7 @@ from algorithms.evaluations.lmeval import (  # noqa: E402
     task_info,
     task_names,
 )
-from tests.test_plugins import fake_distribution  # noqa: E402
+from tests.test_plugins import fake_distribution
 
 # 20 two-to-four-way questions; choices distinct enough that a near-tie is unlikely
 QUESTIONS = [

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from estimators import _is_metric
+from estimators.base import Metric
 from estimators.registry import Registry, RegistryError
 from tests.conftest import SMALL_GRID
 
@@ -59,7 +59,7 @@ def site(tmp_path, monkeypatch):
 
 
 def fresh_metrics() -> Registry:
-    registry = Registry("metric", entry_point_group="blockbench.metrics", check=_is_metric)
+    registry = Registry("metric", entry_point_group="blockbench.metrics", base=Metric)
     registry.register("bi", "estimators.metrics:BlockInfluence")
     return registry
 

@@ -175,10 +175,8 @@ class Evaluation(abc.ABC):
         """One value per column key for a cell, from the dense and the pruned results."""
 
 
-def check_evaluation(obj: object) -> str | None:
-    """The registry's check: why ``obj`` is not an evaluation class, or None."""
-    if not (isinstance(obj, type) and issubclass(obj, Evaluation)):
-        return f"{obj!r} is not a subclass of algorithms.evaluations.base.Evaluation"
+def check_evaluation(obj: type[Evaluation]) -> str | None:
+    """The registry's check of an :class:`Evaluation` subclass: why it cannot be used, or None."""
     if not obj.name:
         return f"{obj.__name__} has no name"
     if not (isinstance(obj.Params, type) and issubclass(obj.Params, BaseModel)):
