@@ -32,6 +32,7 @@ from algorithms.objectives import (
     ObjectiveFactory,
     runs,
 )
+from estimators.checks import is_int
 from estimators.registry import Registry
 
 
@@ -189,8 +190,9 @@ def _redundancy_order(problem: SelectionProblem) -> list[int]:
 
 
 def _check_positive(name: str, **values: int) -> None:
+    """``ValueError`` prefixed with the selector's name for the first of ``values`` that is not an int >= 1."""
     for key, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if not is_int(v, 1):
             raise ValueError(f"selector {name!r}: {key} must be a positive integer, got {v!r}")
 
 
@@ -448,7 +450,7 @@ class OptunaSearch(SearchSelector):
             raise ValueError(f"selector 'optuna': encoding must be one of {', '.join(self.ENCODINGS)}, got {encoding!r}")
         if sampler == "cmaes" and encoding != "keys":
             raise ValueError("selector 'optuna': sampler 'cmaes' needs encoding 'keys' (it has no categorical)")
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if not is_int(seed):
             raise ValueError(f"selector 'optuna': seed must be an integer, got {seed!r}")
         self.trials, self.sampler, self.encoding, self.seed, self.warm_start = trials, sampler, encoding, seed, warm_start
         self.params.update(trials=trials, sampler=sampler, encoding=encoding, seed=seed, warm_start=warm_start)
@@ -544,15 +546,9 @@ class OptunaSearch(SearchSelector):
         )
 
 
-def _is_selector(obj: object) -> str | None:
-    if isinstance(obj, type) and issubclass(obj, Selector):
-        return None
-    return f"{obj!r} is not a subclass of algorithms.selectors.Selector"
-
-
 #: built-in selectors; other distributions add theirs through the entry-point group ``blockbench.selectors``
 SELECTORS: Registry[type[Selector]] = Registry("selector", entry_point_group="blockbench.selectors",
-                                               check=_is_selector)
+                                               base=Selector)
 SELECTORS.register("topk", "algorithms.selectors:TopK")
 SELECTORS.register("iterative", "algorithms.selectors:Iterative")
 SELECTORS.register("span", "algorithms.selectors:Span")

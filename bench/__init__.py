@@ -1,3 +1,3 @@
 """Config, grid, runner, result store, reports and the ``bench`` CLI."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

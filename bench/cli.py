@@ -33,7 +33,13 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _load(grid: Path):
+AllowRemoteOpt = Annotated[bool, typer.Option(
+    "--allow-remote-code", help="let models with trust_remote_code: true run the code shipped with them")]
+
+
+def _load(grid: Path, allow_remote_code: bool = False):
+    """The validated grid and its cells; exit 2 on a config error, or on a model that wants to run its
+    own code without ``--allow-remote-code`` (a grid file alone cannot turn that on)."""
     from bench.grid import validate
 
     try:
@@ -41,6 +47,11 @@ def _load(grid: Path):
         cells = validate(config)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
+    trusting = [(i, m.name) for i, m in enumerate(config.models) if m.trust_remote_code]
+    if trusting and not allow_remote_code:
+        i, name = trusting[0]
+        raise _fail(f"{grid}: models[{i}].trust_remote_code: model {name!r} asks to run code shipped with it; "
+                    "the grid file alone cannot allow that: add --allow-remote-code to the command line")
     return config, cells
 
 
@@ -48,7 +59,7 @@ def _results_dir(config: GridConfig, results: Path | None) -> Path:
     return results if results is not None else Path("results") / config.name
 
 
-def _runner(config: GridConfig, results: Path | None, *, quiet: bool):
+def _runner(config: GridConfig, results: Path | None, *, quiet: bool, allow_remote_code: bool = False):
     """A runner on ``results`` (default ``results/<grid name>``) with a live display unless ``quiet``;
     returns it and its results folder. A device that is asked for but absent is a usage error."""
     from bench.progress import Reporter, RichReporter
@@ -56,7 +67,8 @@ def _runner(config: GridConfig, results: Path | None, *, quiet: bool):
 
     results_dir = _results_dir(config, results)
     try:
-        runner = Runner(config, results_dir, reporter=Reporter() if quiet else RichReporter(err))
+        runner = Runner(config, results_dir, reporter=Reporter() if quiet else RichReporter(err),
+                        allow_remote_code=allow_remote_code)
     except RuntimeError as exc:  # e.g. CUDA asked for but absent
         raise _fail(str(exc)) from None
     return runner, results_dir
@@ -69,19 +81,24 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary on stdout")] = False,
     report: Annotated[bool, typer.Option(help="print and write the leaderboard at the end")] = True,
-    executor: Annotated[str, typer.Option(help="local (this process) or ray (tasks on a Ray cluster)")] = "local",
+    executor: Annotated[str, typer.Option(help="local (this process), ray (tasks on a Ray cluster), or a "
+                                               "plugin's (bench list executors)")] = "local",
     address: Annotated[str | None, typer.Option(help="Ray cluster address (e.g. auto); none: start a local one")]
     = None,
+    allow_remote_code: AllowRemoteOpt = False,
 ) -> None:
     """Run every unfinished cell of a grid, then print and write the leaderboard."""
     from bench.executors import EXECUTORS, ExecutorError
+    from estimators.registry import RegistryError
 
-    if executor not in EXECUTORS:
-        raise _fail(f"--executor: unknown executor {executor!r}; choose from {', '.join(EXECUTORS)}")
+    try:
+        EXECUTORS.get(executor)
+    except RegistryError as exc:
+        raise _fail(f"--executor: {exc}") from None
     if address is not None and executor != "ray":
         raise _fail("--address: only used with --executor ray")
-    config, cells = _load(grid)
-    runner, results_dir = _runner(config, results, quiet=quiet or as_json)
+    config, cells = _load(grid, allow_remote_code)
+    runner, results_dir = _runner(config, results, quiet=quiet or as_json, allow_remote_code=allow_remote_code)
     try:
         summary = runner.run(cells, executor=executor, address=address)
     except ExecutorError as exc:  # Ray missing or its cluster unreachable
@@ -100,8 +117,8 @@ def run(
             "skipped": summary.skipped, "ran": summary.ran, "failed": summary.failed,
             "elsewhere": summary.elsewhere,
             "failures": [
-                {"cell_id": r["cell_id"], "stage": r["stage"], "error": r["error"]}
-                for r in summary.records if r["status"] != "ok"
+                {"cell_id": r.cell_id, "stage": r.stage, "error": r.error}
+                for r in summary.records if r.status != "ok"
             ],
             "leaderboard": json.loads(board.to_json(orient="records")) if board is not None else None,
         }
@@ -134,8 +151,7 @@ def _board(results: Path | None, grid: Path | None, rank_by: str = "auto"):
         raise _fail("give --results DIR or --grid FILE")
     if not (results / "records").is_dir():
         raise _fail(f"no records under {str(results)!r} (run 'bench run' first)")
-    if rank_by not in rep.RANK_BY:
-        raise _fail(f"--rank-by must be one of {', '.join(rep.RANK_BY)}, got {rank_by!r}")
+    _check_readable(results)
     try:
         board, _ = rep.build(results, cell_ids, rank_by=rank_by)
     except ValueError as exc:
@@ -143,13 +159,27 @@ def _board(results: Path | None, grid: Path | None, rank_by: str = "auto"):
     return board, results, title
 
 
+def _check_readable(results: Path) -> None:
+    """Exit 2 when every record under ``results`` is of another schema (saying how to rerun); warn when
+    only some are."""
+    from bench.store import ResultStore
+
+    records, bad = ResultStore(results).scan()
+    if bad and not records:
+        more = f" (and {len(bad) - 1} more like it)" if len(bad) > 1 else ""
+        raise _fail(f"no readable records under {str(results)!r}: {bad[0]}{more}")
+    if bad:
+        err.print(f"warning: {len(bad)} record(s) under {results} skipped: {bad[0]}")
+
+
 @app.command("report")
 def report_cmd(
     results: ResultsOpt = None,
     grid: GridFilterOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the leaderboard as JSON")] = False,
-    rank_by: Annotated[str, typer.Option(help="auto (accuracy when measured, else perplexity), accuracy or ppl")]
-    = "auto",
+    rank_by: Annotated[str, typer.Option(help="auto (the highest-priority ranking column present: accuracy, then "
+                                              "perplexity, then KL), or an evaluation, column key or gate name "
+                                              "(accuracy, perplexity, ppl, kl, top1, ...)")] = "auto",
     html: Annotated[bool, typer.Option("--html", help="also write report.html (one self-contained file with the "
                                                       "tables and figures inline) and figures/*.png")] = False,
 ) -> None:
@@ -175,7 +205,7 @@ def _grid_records(results: Path, grid: Path | None) -> list[dict]:
     records = ResultStore(results).records()
     if grid is not None:
         ids = {c.cell_id for c in expand(load_config(grid))}
-        records = [r for r in records if r["cell_id"] in ids]
+        records = [r for r in records if r.cell_id in ids]
     return records
 
 
@@ -194,6 +224,7 @@ def stability_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the stability table as JSON")] = False,
     html: Annotated[bool, typer.Option("--html/--no-html", help="write report.html and figures/*.png")] = True,
+    allow_remote_code: AllowRemoteOpt = False,
 ) -> None:
     """A stability study: run the grid over every calibration seed (and every calibration variant of its
     `stability:` section), reusing finished records, then write stability.md/.csv, the leaderboard and
@@ -201,11 +232,11 @@ def stability_cmd(
     from bench import report as rep
     from bench import stability
 
-    config, cells = _load(grid)
+    config, cells = _load(grid, allow_remote_code)
     seeds = config.calibration.seeds
     if len(seeds) < 2:
         raise _fail(f"calibration.seeds: a stability study needs at least 2 seeds to compare, got {seeds}")
-    runner, results_dir = _runner(config, results, quiet=quiet or as_json)
+    runner, results_dir = _runner(config, results, quiet=quiet or as_json, allow_remote_code=allow_remote_code)
     summary = runner.run(cells)
     title = f"blockbench stability: {config.name}"
     board, records = rep.build(results_dir, {c.cell_id for c in cells})
@@ -239,16 +270,16 @@ def stability_cmd(
 
 
 @app.command()
-def validate(grid: GridOpt) -> None:
+def validate(grid: GridOpt, allow_remote_code: AllowRemoteOpt = False) -> None:
     """Check a grid config (keys, names, parameters, sources, budgets) without running it."""
-    config, cells = _load(grid)
+    config, cells = _load(grid, allow_remote_code)
     n_variants = len(config.calibration_variants())
     out.print(
         f"{grid}: ok: {len(cells)} cells ({len(config.models)} model(s) × "
         + (f"{n_variants} calibration variant(s) × " if config.stability is not None else "")
         + f"{len(config.calibration.seeds)} seed(s) "
         f"× {len(config.metrics)} metric(s) × {len(config.selectors)} selector(s) × "
-        f"{len(config.budgets.items())} budget(s))"
+        f"{len(config.budgets.items())} budget(s)); evaluations: {', '.join(config.evaluations)}"
     )
 
 
@@ -264,7 +295,7 @@ def baseline_save(
 ) -> None:
     """Save the current leaderboard's accuracy, perplexity and speedups as a baseline."""
     from bench import gate
-    from bench.runner import environment, resolve_device
+    from bench.stages import environment, resolve_device
 
     board, results, _ = _board(results, grid)
     try:
@@ -280,7 +311,9 @@ def check(
     baseline: Annotated[Path, typer.Option("--baseline", "-b", help="baseline JSON from 'bench baseline save'")],
     results: ResultsOpt = None,
     grid: GridFilterOpt = None,
-    fail: Annotated[str, typer.Option(help="tolerances, NAME:VALUE[%] for acc, ppl, speedup")] = "acc:1%,ppl:5%,speedup:5%",
+    fail: Annotated[str | None, typer.Option(
+        help="tolerances NAME:VALUE[%], NAME a gate measure (acc, ppl, speedup, kl, top1, a plugin's) or a column "
+             "key; default: acc:1%,ppl:5%,speedup:5% for the measures the baseline has")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the comparison as JSON")] = False,
 ) -> None:
     """Compare results with a baseline; exit 1 on a regression past a tolerance or a missing cell."""
@@ -289,12 +322,16 @@ def check(
     from bench import gate
 
     try:
-        tolerances = gate.parse_fail(fail)
+        given = gate.parse_fail(fail) if fail is not None else None
         stored = gate.load_baseline(baseline)
+        tolerances = given if given is not None else gate.default_tolerances(stored)
     except gate.GateError as exc:
         raise _fail(str(exc)) from None
     board, results, _ = _board(results, grid)
-    table = gate.compare(stored, board, tolerances)
+    try:
+        table = gate.compare(stored, board, tolerances)
+    except gate.GateError as exc:  # a measure the baseline does not hold
+        raise _fail(str(exc)) from None
     bad = gate.failed(table)
     if as_json:
         print(table.to_json(orient="records", indent=2))
@@ -319,6 +356,8 @@ def check(
 class ListKind(str, Enum):
     metrics = "metrics"
     selectors = "selectors"
+    evaluations = "evaluations"
+    executors = "executors"
     models = "models"
     tasks = "tasks"
 
@@ -335,23 +374,23 @@ def list_cmd(
 
     table = Table(title=kind.value)
     broken: dict[str, str] = {}
-    if kind in (ListKind.metrics, ListKind.selectors):
-        if kind is ListKind.metrics:
-            from estimators import METRICS as registry
-        else:
-            from algorithms.selectors import SELECTORS as registry
-        columns = ["name", "origin", "high means", "description"] if kind is ListKind.metrics else \
-            ["name", "origin", "description"]
-        for col in columns:
+    if kind in (ListKind.metrics, ListKind.selectors, ListKind.evaluations, ListKind.executors):
+        registry = _registry(kind)
+        extra = {ListKind.metrics: ["high means"], ListKind.evaluations: ["columns"]}.get(kind, [])
+        for col in ["name", "origin", *extra, "description"]:
             table.add_column(col)
         for name in registry.list(pattern):
             if (why := registry.error(name)) is not None:  # a broken plugin: shown, never fatal
-                table.add_row(name, registry.origin(name), *([""] if kind is ListKind.metrics else []),
-                              f"[red]broken: {why}[/red]")
+                table.add_row(name, registry.origin(name), *([""] * len(extra)), f"[red]broken: {why}[/red]")
                 continue
             obj = registry.get(name)
-            sign = ["important" if obj.higher_is_important else "redundant"] if kind is ListKind.metrics else []
-            table.add_row(name, registry.origin(name), *sign, describe(obj))
+            if kind is ListKind.metrics:
+                cells = ["important" if obj.higher_is_important else "redundant"]
+            elif kind is ListKind.evaluations:
+                cells = [_column_summary(obj)]
+            else:
+                cells = []
+            table.add_row(name, registry.origin(name), *cells, describe(obj))
         broken = {k: v for k, v in registry.errors().items() if k not in registry.list(pattern)}
     elif kind is ListKind.models:
         from algorithms.models.zoo import MODELS
@@ -362,18 +401,49 @@ def list_cmd(
             recipe = MODELS.get(name)
             table.add_row(name, str(recipe.n_blocks), recipe.description)
     else:
-        import fnmatch
+        from algorithms.evaluations.lmeval import TASKS, task_info
 
-        from algorithms.evaluations.lmeval import SUPPORTED_TASKS, task_info
-
-        for col in ("name", "documents", "split", "lm-eval task file"):
+        for col in ("name", "origin", "documents", "split", "lm-eval task file"):
             table.add_column(col)
-        for name in sorted(t for t in SUPPORTED_TASKS if fnmatch.fnmatchcase(t, pattern)):
+        for name in TASKS.list(pattern):
+            if (why := TASKS.error(name)) is not None:  # a broken plugin task: shown, never fatal
+                table.add_row(name, TASKS.origin(name), "", "", f"[red]broken: {why}[/red]")
+                continue
             info = task_info(name)
-            table.add_row(name, f"{info['rows']:,}", info["split"], info["yaml"])
+            rows = f"{info['rows']:,}" if info["rows"] is not None else "?"
+            table.add_row(name, TASKS.origin(name), rows, info["split"], info["yaml"])
+        broken = {k: v for k, v in TASKS.errors().items() if k not in TASKS.list(pattern)}
     out.print(table)
     for name, why in broken.items():  # e.g. a plugin that clashes with a built-in name
         err.print(f"[red]plugin not loaded:[/red] {name}: {why}")
+
+
+def _registry(kind: ListKind):
+    if kind is ListKind.metrics:
+        from estimators import METRICS
+
+        return METRICS
+    if kind is ListKind.selectors:
+        from algorithms.selectors import SELECTORS
+
+        return SELECTORS
+    if kind is ListKind.evaluations:
+        from algorithms.evaluations import EVALUATIONS
+
+        return EVALUATIONS
+    from bench.executors import EXECUTORS
+
+    return EXECUTORS
+
+
+def _column_summary(cls) -> str:
+    """``ppl_pruned ↓, ppl_dense``: an evaluation's columns at its default parameters, with direction."""
+    try:
+        columns = cls().columns()
+    except Exception:  # noqa: BLE001 - parameters without defaults (accuracy needs tasks)
+        return "(depends on its parameters)"
+    arrow = {True: " ↑", False: " ↓", None: ""}
+    return ", ".join(f"{c.key}{arrow[c.higher_is_better]}" for c in columns)
 
 
 def main() -> None:

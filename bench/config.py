@@ -6,7 +6,7 @@ and, where it helps, the allowed values. The CLI maps it to exit code 2.
 
 from __future__ import annotations
 
-import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -36,7 +36,10 @@ class ComponentSpec(_Frozen):
 
 
 class ModelSpec(_Frozen):
-    """A model: a zoo name (``smollm2-135m``), a local folder, or a hub id the user can reach."""
+    """A model: a zoo name (``smollm2-135m``), a local folder, or a hub id the user can reach.
+
+    ``trust_remote_code: true`` runs Python code shipped with the model; the grid file alone cannot
+    turn it on: ``bench run``/``validate`` also need ``--allow-remote-code`` (exit 2 naming the model)."""
 
     name: str
     trust_remote_code: bool = False
@@ -55,47 +58,6 @@ class CalibrationSpec(_Frozen):
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"seeds repeat: {seeds}")
         return seeds
-
-
-class PerplexitySpec(_Frozen):
-    source: str = "wikipedia"
-    seq_len: int = Field(512, ge=2)
-    max_windows: int | None = Field(16, ge=1)
-    batch_size: int = Field(4, ge=1)
-
-
-class AccuracySpec(_Frozen):
-    """Zero-shot (or few-shot) accuracy through lm-evaluation-harness on local copies of the tasks."""
-
-    tasks: list[str] = Field(min_length=1)
-    limit: int | None = Field(100, ge=1)  #: docs per task, a seeded sample
-    num_fewshot: int = Field(0, ge=0)
-    batch_size: int = Field(8, ge=1)
-    seed: int = 0
-
-    @field_validator("tasks")
-    @classmethod
-    def _known_tasks(cls, tasks: list[str]) -> list[str]:
-        from algorithms.evaluations.lmeval import SUPPORTED_TASKS
-
-        for t in tasks:
-            if t not in SUPPORTED_TASKS:
-                close = difflib.get_close_matches(t, SUPPORTED_TASKS, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"unknown task {t!r}.{hint} Known: {', '.join(SUPPORTED_TASKS)}")
-        return tasks
-
-
-class SpeedSpec(_Frozen):
-    """Prefill latency and decode throughput of the dense and every pruned model, as ratios."""
-
-    prompt_lengths: list[int] = Field(default_factory=lambda: [128, 512], min_length=1)
-    decode_tokens: int = Field(32, ge=1)
-    repeats: int = Field(5, ge=1)
-    warmup: int = Field(1, ge=0)
-    #: intra-op CPU threads while timing (restored after); leave unset to keep torch's default. 1 is the
-    #: steadiest on a CPU shared with other work: oversubscribed threads swing timings by several times
-    threads: int | None = Field(None, ge=1)
 
 
 class BudgetSpec(_Frozen):
@@ -179,16 +141,23 @@ DType = Literal["float32", "bfloat16", "float16", "float64"]
 
 
 class GridConfig(_Frozen):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """A validated grid. Evaluation sections (``perplexity:``, ``accuracy:``, ``speed:``, ``kl:``, a
+    plugin's name) are validated by each evaluation's own ``Params`` model and collected in
+    ``evaluations`` (perplexity always, with its defaults when the section is absent), in the
+    evaluation registry's order."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    #: results go to results/<name>: a plain folder name (no '.', '..', leading dot or separator)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$", max_length=100)
     description: str = ""
     models: list[ModelSpec] = Field(min_length=1)
     metrics: list[ComponentSpec] = Field(min_length=1)
     selectors: list[ComponentSpec] = Field(min_length=1)
     budgets: BudgetSpec
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
-    perplexity: PerplexitySpec = Field(default_factory=PerplexitySpec)
-    accuracy: AccuracySpec | None = None
-    speed: SpeedSpec | None = None
+    #: evaluation name -> its validated parameters (a pydantic model of that evaluation's ``Params``)
+    evaluations: dict[str, Any] = Field(default_factory=dict)
     #: per-task resources for the Ray executor (not part of any cell id)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     #: calibration variants (sources × samples × seq_lens) for a stability study; see ``bench stability``
@@ -199,6 +168,11 @@ class GridConfig(_Frozen):
     dtype: DType = "float32"
     #: keep captured hidden states on disk under the results dir (safetensors) for reruns
     cache_hidden_states: bool = True
+
+    @property
+    def perplexity(self) -> Any:
+        """The perplexity evaluation's parameters (always measured)."""
+        return self.evaluations["perplexity"]
 
     def calibration_variants(self) -> list[tuple[dict[str, Any], dict[str, str]]]:
         """``{source, samples, seq_len}`` of each calibration variant and the keys naming its values:
@@ -236,7 +210,10 @@ def _loc(loc: tuple[Any, ...]) -> str:
         elif part in ("function-after", "function-before") or str(part).startswith("function-"):
             continue
         else:
-            out += f".{part}" if out else str(part)
+            text = str(part)
+            if not re.fullmatch(r"[\w-]+", text):
+                text = repr(text)  # a key with odd characters is shown quoted, never split over lines
+            out += f".{text}" if out else text
     return out or "<root>"
 
 
@@ -252,13 +229,71 @@ def format_validation_error(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _evaluation_sections(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """Split the evaluation sections out of a grid mapping: ``(rest, {name: params}, errors)``. A section
+    named after a registered evaluation configures it (``null`` or ``{}``: its defaults); perplexity
+    is always measured."""
+    from algorithms.evaluations import EVALUATIONS
+    from estimators.registry import RegistryError
+
+    rest = {k: v for k, v in data.items() if not (k in EVALUATIONS and k not in GridConfig.model_fields)}
+    sections = {k: data[k] for k in EVALUATIONS.list() if k in data and k not in GridConfig.model_fields}
+    sections.setdefault("perplexity", {})
+    out: dict[str, Any] = {}
+    errors: list[str] = []
+    for name, section in sections.items():
+        try:
+            cls = EVALUATIONS.get(name)
+        except RegistryError as exc:  # a broken plugin
+            errors.append(f"{name}: {exc}")
+            continue
+        if section is None:
+            section = {}
+        if not isinstance(section, dict):
+            errors.append(f"{name}: the section must be a mapping of parameters, got {type(section).__name__}")
+            continue
+        try:
+            out[name] = cls.Params.model_validate(section)
+        except ValidationError as exc:
+            errors.extend(f"{name}.{line}" for line in format_validation_error(exc).split("\n"))
+    return rest, out, errors
+
+
+def _unknown_key_hint(key: str) -> str:
+    from algorithms.evaluations import EVALUATIONS
+    from estimators.registry import did_you_mean
+
+    return did_you_mean(key, [*GridConfig.model_fields, *EVALUATIONS.list()])
+
+
 def parse_config(data: Any, *, origin: str = "<config>") -> GridConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: the grid must be a mapping of keys, got {type(data).__name__}")
+    if "evaluations" in data:
+        raise ConfigError(f"{origin}: invalid grid config\nevaluations: unknown key; configure an evaluation "
+                          "by a section named after it (perplexity:, accuracy:, speed:, kl:, or a plugin's name)")
+    rest, evaluations, errors = _evaluation_sections(data)
     try:
-        return GridConfig.model_validate(data)
+        config = GridConfig.model_validate({**rest, "evaluations": evaluations})
     except ValidationError as exc:
-        raise ConfigError(f"{origin}: invalid grid config\n{format_validation_error(exc)}") from None
+        lines = []
+        for line in format_validation_error(exc).split("\n"):
+            key = line.split(":", 1)[0]
+            if line.endswith("unknown key") and "." not in key and "[" not in key:
+                line += _unknown_key_hint(key)
+            lines.append(line)
+        errors = lines + errors
+    if errors:
+        raise ConfigError(f"{origin}: invalid grid config\n" + "\n".join(errors))
+    return config
+
+
+def config_sections(config: GridConfig) -> dict[str, Any]:
+    """The grid as the mapping of sections a grid file holds (``parse_config(config_sections(c)) == c``):
+    how a config travels to a worker process."""
+    data = config.model_dump(mode="json")
+    evaluations = data.pop("evaluations")
+    return {**data, **evaluations}
 
 
 def load_config(path: str | Path) -> GridConfig:

@@ -1,89 +1,144 @@
-"""Where a grid's cells run: ``local`` (in this process, :meth:`bench.runner.Runner.run`) or ``ray``.
+"""Where a grid's cells run: the executor registry (``local``, ``ray``, plugins in the entry-point group
+``blockbench.executors``). Every executor schedules the same public steps of
+:class:`bench.stages.Pipeline`; none has stages of its own.
 
-The Ray executor keeps the expensive stages shared, as the local one does, by splitting a cell in the
-runner's three parts:
+- ``local``: this process, cells in model → calibration group order; a model is loaded once, hidden
+  states captured once per calibration group, each distinct block set evaluated once per model.
+- ``ray``: the same sharing as Ray tasks:
 
-1. one **selection task per calibration group** (model × calibration set × seed): it loads the model,
-   captures the hidden states once, scores every metric of the group and runs every selector of it;
-2. one **evaluation task per distinct block set** of a model, the dense model included: perplexity,
-   accuracy and speed when the grid asks for them, however many cells chose that set;
-3. the **driver** completes each cell's record once its set and the dense model are evaluated, and
-   writes it through the same atomic record store, so resume and the leaderboard work unchanged.
+  1. one **selection task per calibration group** (model × calibration set × seed): it loads the
+     model, captures the hidden states once, scores every metric of the group and runs every
+     selector of it (:func:`select_group`);
+  2. one **evaluation task per distinct block set** of a model, the dense model included: every
+     evaluation of the grid, however many cells chose that set (:func:`evaluate_set`);
+  3. the **driver** completes each cell's record once its set and the dense model are evaluated, and
+     writes it through the same atomic record store, so resume and the leaderboard work unchanged.
 
-Tasks ask Ray for the grid's ``resources`` (``num_cpus``, ``num_gpus``). Caches (hidden states, scores,
-evaluations) are written by the tasks under the results folder *as seen on the node that runs them*:
-on a cluster, point ``--results`` at a shared filesystem to share caches across nodes; records are
-always written by the driver. Ray is an optional extra (``pip install blockbench[ray]``), imported
-only when this executor is chosen.
+  Tasks ask Ray for the grid's ``resources`` (``num_cpus``, ``num_gpus``). Caches are written by the
+  tasks under the results folder *as seen on the node that runs them*: on a cluster, point ``--results``
+  at a shared filesystem. Ray is an optional extra (``pip install blockbench[ray]``), imported only
+  when this executor is chosen.
+
+A plugin executor subclasses :class:`Executor` and implements :meth:`Executor.run`.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import itertools
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
-from bench.config import GridConfig
+from bench.config import config_sections, parse_config
 from bench.grid import Cell, expand, short_hash
-
-if TYPE_CHECKING:
-    from bench.runner import Runner, RunSummary
-
-EXECUTORS = ("local", "ray")
+from bench.records import CellRecord
+from bench.stages import Lazy, ModelMemo, Pipeline, SetEvaluation, StageError, failure
+from estimators.registry import Registry
 
 
 class ExecutorError(RuntimeError):
     """The executor cannot start (Ray missing, or its cluster unreachable): a usage error."""
 
 
-def _import_ray():
-    try:
-        import ray
-    except ImportError:
-        raise ExecutorError("--executor ray needs Ray: pip install 'blockbench[ray]'") from None
-    return ray
+@dataclass
+class RunSummary:
+    """What a run did: cells in the grid, skipped as finished, run here, failed, left to another process."""
+
+    total: int
+    skipped: int
+    ran: int = 0
+    failed: int = 0
+    #: cells left to another ``bench run`` process working on the same results dir
+    elsewhere: int = 0
+    records: list[CellRecord] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    def add(self, record: CellRecord) -> None:
+        self.records.append(record)
+        self.ran += 1
+        self.failed += record.status != "ok"
 
 
-def _worker_runner(config_json: dict[str, Any], results_dir: str) -> Runner:
-    from bench.runner import Runner
+class Executor(abc.ABC):
+    """Base of executors: ``run`` every pending cell through ``pipeline``, claiming each cell in the
+    store while it runs, writing each record as soon as it is done and counting it in ``summary``."""
 
-    return Runner(GridConfig.model_validate(config_json), results_dir)
+    name: ClassVar[str] = ""
+
+    def __init__(self, address: str | None = None) -> None:
+        self.address = address
+
+    @abc.abstractmethod
+    def run(self, pipeline: Pipeline, cells: list[Cell], summary: RunSummary) -> None:
+        """Run ``cells`` (none finished yet when the run started)."""
 
 
-def select_group(config_json: dict[str, Any], results_dir: str, cell_ids: list[str]) -> list[dict[str, Any]]:
-    """Part 1 for one calibration group (a Ray task): the cells' selected (or failed) records."""
-    from bench.runner import _Lazy
+class LocalExecutor(Executor):
+    """This process: a model loaded once, hidden states captured once per calibration group."""
 
-    runner = _worker_runner(config_json, results_dir)
+    name = "local"
+
+    def __init__(self, address: str | None = None) -> None:
+        if address is not None:
+            raise ExecutorError("--address: only used with --executor ray")
+        super().__init__(address)
+
+    def run(self, pipeline: Pipeline, cells: list[Cell], summary: RunSummary) -> None:
+        store, reporter = pipeline.store, pipeline.reporter
+        for _, model_cells in itertools.groupby(cells, key=lambda c: c.model["name"]):
+            model_cells = list(model_cells)
+            model = Lazy("load_model", lambda spec=model_cells[0].model: pipeline.load(spec))
+            memo = ModelMemo()
+            for _, group in itertools.groupby(model_cells, key=lambda c: short_hash(c.calibration)):
+                group = list(group)
+                captured = Lazy("capture", lambda cal=group[0].calibration, m=model: pipeline.capture(m.get(), cal))
+                for cell in group:
+                    with store.claim(cell.cell_id) as mine:
+                        if not mine or store.is_done(cell.cell_id):
+                            summary.elsewhere += 1  # another process runs or just ran it
+                            reporter.cell_skipped(cell)
+                            continue
+                        record = pipeline.run_cell(cell, model, captured, memo)
+                        store.write_record(record)
+                    summary.add(record)
+                    reporter.cell_done(cell, record)
+
+
+# ---------------------------------------------------------------------------------------- Ray
+def select_group(config_json: dict[str, Any], results_dir: str, cell_ids: list[str],
+                 allow_remote_code: bool = False) -> list[dict[str, Any]]:
+    """Selection for one calibration group (a Ray task): the cells' selected (or failed) records."""
+    pipeline = Pipeline(parse_config(config_json), results_dir, allow_remote_code=allow_remote_code)
     wanted = set(cell_ids)
-    cells = [c for c in expand(runner.config) if c.cell_id in wanted]
-    model = _Lazy("load_model", lambda: runner._load_model(cells[0].model))
-    hidden = _Lazy("capture", lambda: runner._hidden_states(model.get(), cells[0].calibration))
-    return [runner._select(cell, model, hidden) for cell in cells]
+    cells = [c for c in expand(pipeline.config) if c.cell_id in wanted]
+    model = Lazy("load_model", lambda: pipeline.load(cells[0].model))
+    captured = Lazy("capture", lambda: pipeline.capture(model.get(), cells[0].calibration))
+    return [pipeline.select_cell(cell, model, captured).to_json() for cell in cells]
 
 
 def evaluate_set(config_json: dict[str, Any], results_dir: str, model_spec: dict[str, Any],
-                 removed: tuple[int, ...]) -> dict[str, Any]:
-    """Part 2 for one block set of one model (a Ray task): ``{"result": ...}`` or ``{"error": ...}``
-    with the stage, so the driver fails exactly the cells that chose the set."""
-    from bench.runner import _StageError
-
-    runner = _worker_runner(config_json, results_dir)
+                 removed: tuple[int, ...], allow_remote_code: bool = False) -> SetEvaluation | dict[str, Any]:
+    """Evaluation of one block set of one model (a Ray task): the :class:`SetEvaluation`, or
+    ``{"stage", "exc", "traceback"}`` so the driver fails exactly the cells that chose the set."""
+    pipeline = Pipeline(parse_config(config_json), results_dir, allow_remote_code=allow_remote_code)
     try:
         try:
-            loaded = runner._load_model(model_spec)
+            loaded = pipeline.load(model_spec)
         except Exception as exc:  # noqa: BLE001 - reported in the records of the cells that need it
-            raise _StageError("load_model", exc) from exc
-        return {"result": runner._evaluate_set(loaded, tuple(removed), {})}
-    except _StageError as exc:
+            raise StageError("load_model", exc) from exc
+        return pipeline.evaluate(loaded, tuple(removed))
+    except StageError as exc:
         return _error(exc.stage, exc.exc, exc.tb)
 
 
 def _error(stage: str, exc: BaseException, tb: str) -> dict[str, Any]:
-    """An evaluation that failed, as the driver turns it into failed records."""
-    return {"error": {"stage": stage, "exc": f"{type(exc).__name__}: {exc}", "traceback": tb}}
+    return {"stage": stage, "exc": f"{type(exc).__name__}: {exc}", "traceback": tb}
 
 
 def _check_reachable(address: str | None) -> None:
@@ -101,59 +156,73 @@ def _check_reachable(address: str | None) -> None:
         raise ExecutorError(f"--address {address!r}: no Ray cluster answers there ({exc})") from None
 
 
-def _set_key(cell_model: dict[str, Any], removed: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
-    return short_hash(cell_model), tuple(removed)
+class RayExecutor(Executor):
+    """Ray tasks: one per calibration group (selection), one per distinct block set (evaluation)."""
 
+    name = "ray"
 
-def run_ray(runner: Runner, pending: list[Cell], summary: RunSummary, address: str | None = None) -> None:
-    """Run ``pending`` cells on a Ray cluster (a local one when ``address`` is None), writing each record
-    from this driver as soon as its set and its model's dense evaluation are done."""
-    ray = _import_ray()
-    started_here = False
-    if not ray.is_initialized():
-        _check_reachable(address)
+    def __init__(self, address: str | None = None) -> None:
+        super().__init__(address)
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
-        except Exception as exc:  # noqa: BLE001 - e.g. no cluster at that address
-            raise ExecutorError(f"--address {address!r}: cannot reach a Ray cluster: {exc}") from None
-        started_here = True
-    res = runner.config.resources
-    options = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "max_retries": 0}
-    select_task = ray.remote(select_group).options(**options)
-    evaluate_task = ray.remote(evaluate_set).options(**options)
-    config_json = runner.config.model_dump(mode="json")
-    results_dir = str(Path(runner.store.root).resolve())
-    try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ExecutorError("--executor ray needs Ray: pip install 'blockbench[ray]'") from None
+
+    def run(self, pipeline: Pipeline, cells: list[Cell], summary: RunSummary) -> None:
+        import ray
+
+        started_here = False
+        if not ray.is_initialized():
+            _check_reachable(self.address)
+            try:
+                ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+            except Exception as exc:  # noqa: BLE001 - e.g. no cluster at that address
+                raise ExecutorError(f"--address {self.address!r}: cannot reach a Ray cluster: {exc}") from None
+            started_here = True
+        try:
+            self._run(ray, pipeline, cells, summary)
+        finally:
+            if started_here:
+                ray.shutdown()
+
+    @staticmethod
+    def _run(ray: Any, pipeline: Pipeline, cells: list[Cell], summary: RunSummary) -> None:
+        store, reporter = pipeline.store, pipeline.reporter
+        res = pipeline.config.resources
+        options = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "max_retries": 0}
+        select_task = ray.remote(select_group).options(**options)
+        evaluate_task = ray.remote(evaluate_set).options(**options)
+        config_json = config_sections(pipeline.config)
+        results_dir = str(Path(store.root).resolve())
+        remote_code = pipeline.allow_remote_code
         with contextlib.ExitStack() as claims:
             mine: list[Cell] = []
-            for cell in pending:  # the driver holds each cell's lock until its record is written
-                if not claims.enter_context(runner.store.claim(cell.cell_id)) or runner.store.is_done(cell.cell_id):
+            for cell in cells:  # the driver holds each cell's lock until its record is written
+                if not claims.enter_context(store.claim(cell.cell_id)) or store.is_done(cell.cell_id):
                     summary.elsewhere += 1
-                    runner.reporter.cell_skipped(cell)
+                    reporter.cell_skipped(cell)
                     continue
                 mine.append(cell)
             by_id = {c.cell_id: c for c in mine}
-            group_refs = {}
+            group_refs: dict[Any, list[str]] = {}
             for _, group in itertools.groupby(mine, key=lambda c: (c.model["name"], short_hash(c.calibration))):
                 ids = [c.cell_id for c in group]
-                group_refs[select_task.remote(config_json, results_dir, ids)] = ids
+                group_refs[select_task.remote(config_json, results_dir, ids, remote_code)] = ids
             eval_refs: dict[Any, tuple] = {}
-            evaluated: dict[tuple, dict[str, Any]] = {}
+            evaluated: dict[tuple, SetEvaluation | dict[str, Any]] = {}
             submitted: set[tuple] = set()
-            waiting: list[dict[str, Any]] = []
+            waiting: list[tuple[CellRecord, tuple, tuple]] = []
 
-            def finish(record: dict[str, Any]) -> None:
-                runner.store.write_record(record)
-                summary.records.append(record)
-                summary.ran += 1
-                summary.failed += record["status"] != "ok"
-                runner.reporter.cell_done(by_id[record["cell_id"]], record)
+            def finish(record: CellRecord) -> None:
+                store.write_record(record)
+                summary.add(record)
+                reporter.cell_done(by_id[record.cell_id], record)
 
             def need(cell: Cell, removed: tuple[int, ...]) -> tuple:
-                key = _set_key(cell.model, removed)
+                key = (short_hash(cell.model), tuple(removed))
                 if key not in submitted:
                     submitted.add(key)
-                    eval_refs[evaluate_task.remote(config_json, results_dir, cell.model, removed)] = key
+                    eval_refs[evaluate_task.remote(config_json, results_dir, cell.model, removed, remote_code)] = key
                 return key
 
             while group_refs or eval_refs:
@@ -162,16 +231,16 @@ def run_ray(runner: Runner, pending: list[Cell], summary: RunSummary, address: s
                 if ref in group_refs:
                     ids = group_refs.pop(ref)
                     try:
-                        selected = ray.get(ref)
+                        selected = [CellRecord.model_validate(r) for r in ray.get(ref)]
                     except Exception as exc:  # noqa: BLE001 - the task itself died (e.g. a worker crash)
-                        selected = [_lost(runner, by_id[i], exc) for i in ids]
+                        selected = [failure(pipeline.header(by_id[i]), "selection_task",
+                                            f"{type(exc).__name__}: {exc}", traceback.format_exc()) for i in ids]
                     for record in selected:
-                        if record["status"] != "selected":
+                        if record.status != "selected":
                             finish(record)
                             continue
-                        cell = by_id[record["cell_id"]]
-                        record["_keys"] = (need(cell, ()), need(cell, tuple(record["removed_blocks"])))
-                        waiting.append(record)
+                        cell = by_id[record.cell_id]
+                        waiting.append((record, need(cell, ()), need(cell, tuple(record.removed_blocks or ()))))
                 else:
                     key = eval_refs.pop(ref)
                     try:
@@ -179,25 +248,19 @@ def run_ray(runner: Runner, pending: list[Cell], summary: RunSummary, address: s
                     except Exception as exc:  # noqa: BLE001 - the task itself died
                         evaluated[key] = _error("evaluation", exc, traceback.format_exc())
                 still = []
-                for record in waiting:
-                    dense_key, pruned_key = record["_keys"]
+                for record, dense_key, pruned_key in waiting:
                     if dense_key not in evaluated or pruned_key not in evaluated:
-                        still.append(record)
+                        still.append((record, dense_key, pruned_key))
                         continue
-                    selected = {k: v for k, v in record.items() if k != "_keys"}
                     dense, pruned = evaluated[dense_key], evaluated[pruned_key]
-                    error = dense.get("error") or pruned.get("error")
+                    error = next((e for e in (dense, pruned) if isinstance(e, dict)), None)
                     if error is not None:
-                        finish(runner._failure(selected, error["stage"], error["exc"], error["traceback"]))
+                        finish(failure(record, error["stage"], error["exc"], error["traceback"]))
                     else:
-                        finish(runner._complete(selected, dense["result"], pruned["result"]))
+                        finish(pipeline.complete(record, dense, pruned))
                 waiting = still
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
-def _lost(runner: Runner, cell: Cell, exc: BaseException) -> dict[str, Any]:
-    """The failed record of a cell whose selection task died without returning."""
-    return runner._failure(runner._header(cell), "selection_task", f"{type(exc).__name__}: {exc}",
-                           traceback.format_exc())
+EXECUTORS: Registry[type[Executor]] = Registry("executor", entry_point_group="blockbench.executors", base=Executor)
+EXECUTORS.register("local", "bench.executors:LocalExecutor")
+EXECUTORS.register("ray", "bench.executors:RayExecutor")

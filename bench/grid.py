@@ -1,8 +1,10 @@
 """Expand a grid config into cells, each a frozen spec hashed into a stable id (HELM-style).
 
 A cell is one (model, calibration seed, metric, selector, budget). Its id is a hash of its canonical
-JSON plus the versions of the code that produces its numbers (metric, selector, and the capture /
-data / perplexity protocol), so changing a metric's version invalidates exactly its cells.
+JSON: the *resolved* parameters and ``version`` of its metric, selector and every evaluation, the
+capture / data protocol, the dtype and the device type. Writing a default out, or leaving it out, is
+the same cell; changing a metric's version, a default, or the device invalidates exactly the cells
+that depend on it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 from algorithms.selectors import SELECTORS
 from bench.config import ComponentSpec, ConfigError, GridConfig
 from estimators import METRICS
-from estimators.registry import RegistryError
+from estimators.registry import RegistryError, resolve_params
 
 #: bump when hidden-state capture, data windowing or the perplexity protocol change their numbers
 PROTOCOL_VERSION = "2"  # 2: BOS leads each window for tokenizers that add one
@@ -32,8 +34,35 @@ def short_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
 
 
+def device_type(device: str) -> str:
+    """The device *type* a grid's ``device`` runs on: ``auto`` resolved on this machine (cuda when
+    available, else cpu), ``cuda:1`` → ``cuda``. It enters every cell id and cache key: numbers
+    measured on a GPU are not the CPU's."""
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device.split(":", 1)[0]
+
+
+def resolved_component(registry, spec: ComponentSpec) -> dict[str, Any]:
+    """A metric's or selector's identity: name, version and its *resolved* parameters (every
+    constructor parameter with its default filled in), so ``{name: hsic}`` and the same metric with its
+    defaults written out are one cell."""
+    cls = registry.get(spec.name)
+    try:
+        params = resolve_params(cls, spec.params)
+    except TypeError as exc:
+        raise ConfigError(f"{spec.name}: {exc}") from None
+    return {"name": spec.name, "version": str(cls.version), "params": params}
+
+
 @dataclass(frozen=True)
 class Cell:
+    """One (model, calibration variant and seed, metric, selector, budget) of a grid, with everything
+    that decides its numbers. Its id hashes :meth:`spec` (resolved parameters, versions, evaluations,
+    dtype and device type), never the YAML as written."""
+
     grid: str
     model: dict[str, Any]
     calibration: dict[str, Any]  # source, samples, seq_len, seed
@@ -41,37 +70,44 @@ class Cell:
     selector: ComponentSpec
     budget: dict[str, float | int]  # {"ratio": r} or {"blocks": k}
     protect: tuple[int, ...]
-    perplexity: dict[str, Any]
+    #: (name, resolved identity) of every evaluation the grid measures, in registry order
+    evaluations: tuple[tuple[str, dict[str, Any]], ...]
     dtype: str
-    accuracy: dict[str, Any] | None = None
-    speed: dict[str, Any] | None = None
+    device: str  # device type: cpu, cuda, mps
+
+    @cached_property
+    def metric_identity(self) -> dict[str, Any]:
+        return resolved_component(METRICS, self.metric)
+
+    @cached_property
+    def selector_identity(self) -> dict[str, Any]:
+        return resolved_component(SELECTORS, self.selector)
 
     def spec(self) -> dict[str, Any]:
-        """The canonical, JSON-ready description of the cell (without the grid's name).
-
-        ``accuracy`` and ``speed`` enter only when configured, so adding neither keeps old ids."""
-        extra = {k: v for k, v in (("accuracy", self.accuracy), ("speed", self.speed)) if v is not None}
-        return extra | {
+        """The canonical, JSON-ready description of the cell (without the grid's name)."""
+        return {
             "model": self.model,
             "calibration": self.calibration,
-            "metric": self.metric.model_dump(),
-            "selector": self.selector.model_dump(),
+            "metric": self.metric_identity,
+            "selector": self.selector_identity,
             "budget": self.budget,
             "protect": list(self.protect),
-            "perplexity": self.perplexity,
+            "evaluations": dict(self.evaluations),
             "dtype": self.dtype,
+            "device": self.device,
         }
 
     def versions(self) -> dict[str, str]:
         return {
-            "metric": METRICS.get(self.metric.name).version,
-            "selector": SELECTORS.get(self.selector.name).version,
+            "metric": self.metric_identity["version"],
+            "selector": self.selector_identity["version"],
             "protocol": PROTOCOL_VERSION,
+            **{name: identity["version"] for name, identity in self.evaluations},
         }
 
     @cached_property
     def cell_id(self) -> str:
-        return short_hash({"spec": self.spec(), "versions": self.versions()})
+        return short_hash({"spec": self.spec(), "protocol": PROTOCOL_VERSION})
 
     @property
     def budget_label(self) -> str:
@@ -109,13 +145,12 @@ def expand(config: GridConfig) -> list[Cell]:
     """All cells, ordered so a model and then its hidden states per calibration variant and seed are
     loaded once. A grid's calibration variants (its ``stability:`` section) are ordinary cells whose
     calibration differs; without that section the one variant is ``calibration`` itself."""
+    from algorithms.evaluations import EVALUATIONS
+
     cells = []
     variants = [variant for variant, _ in config.calibration_variants()]
-    perplexity = {
-        "source": config.perplexity.source,
-        "seq_len": config.perplexity.seq_len,
-        "max_windows": config.perplexity.max_windows,
-    }
+    evaluations = tuple((name, EVALUATIONS.get(name)(params).describe()) for name, params in config.evaluations.items())
+    device = device_type(config.device)
     for model, variant, seed, metric, selector, budget in itertools.product(
         config.models, variants, config.calibration.seeds, config.metrics, config.selectors,
         config.budgets.items(),
@@ -129,15 +164,19 @@ def expand(config: GridConfig) -> list[Cell]:
                 selector=selector,
                 budget=budget,
                 protect=tuple(config.protect),
-                perplexity=perplexity,
+                evaluations=evaluations,
                 dtype=config.dtype,
-                accuracy=config.accuracy.model_dump() if config.accuracy else None,
-                speed=config.speed.model_dump(exclude_none=True) if config.speed else None,  # ids kept without threads
+                device=device,
             )
         )
-    ids = [c.cell_id for c in cells]
-    if len(set(ids)) != len(ids):
-        raise ConfigError("the grid lists the same cell twice (a metric, selector or budget repeats)")
+    seen: dict[str, Cell] = {}
+    for cell in cells:
+        if (first := seen.setdefault(cell.cell_id, cell)) is not cell:
+            raise ConfigError(
+                "the grid lists the same cell twice: a metric, selector or budget repeats once its parameters "
+                f"are resolved (metric {first.metric.label()!r} and {cell.metric.label()!r}, selector "
+                f"{first.selector.label()!r} and {cell.selector.label()!r}, budget {first.budget_label})"
+            )
     return cells
 
 
@@ -162,8 +201,10 @@ def validate(config: GridConfig) -> list[Cell]:
         _check_component("metrics", METRICS, i, m)
     for i, s in enumerate(config.selectors):
         _check_component("selectors", SELECTORS, i, s)
-    for key, source in (("calibration.source", config.calibration.source),
-                        ("perplexity.source", config.perplexity.source)):
+    sources = [("calibration.source", config.calibration.source)]
+    sources += [(f"{name}.source", params.source) for name, params in config.evaluations.items()
+                if isinstance(getattr(params, "source", None), str)]
+    for key, source in sources:
         try:
             check_source(source)
         except DataError as exc:
@@ -228,7 +269,6 @@ def _check_text_length(config: GridConfig, index: int, name: str) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    ppl = config.perplexity
     for variant, keys in config.calibration_variants():
         try:
             calibration_batch(tokenizer, variant["source"], samples=variant["samples"],
@@ -237,7 +277,10 @@ def _check_text_length(config: GridConfig, index: int, name: str) -> None:
             where = keys["samples"] if config.stability is not None else "calibration"
             raise ConfigError(f"{where}: {exc} (models[{index}] = {name!r}"
                               f"{_variant_note(config, variant, keys)})") from None
-    try:
-        heldout_windows(tokenizer, ppl.source, seq_len=ppl.seq_len, max_windows=ppl.max_windows)
-    except DataError as exc:
-        raise ConfigError(f"perplexity: {exc} (models[{index}] = {name!r})") from None
+    for section, params in config.evaluations.items():  # evaluations on held-out windows
+        if not all(hasattr(params, a) for a in ("source", "seq_len", "max_windows")):
+            continue
+        try:
+            heldout_windows(tokenizer, params.source, seq_len=params.seq_len, max_windows=params.max_windows)
+        except DataError as exc:
+            raise ConfigError(f"{section}: {exc} (models[{index}] = {name!r})") from None

@@ -9,8 +9,10 @@ writes ``RESULTS/report.html`` with the leaderboard, the stability table and the
 - ``frequency.png``: selection frequency, blocks × methods: the share of seeds that removed each block;
 - ``stability.png``: mean pairwise Jaccard of the removed sets and mean Kendall τ of the block scores per
   method, error bars ± std over pairs of seeds;
-- ``curves.png``: accuracy (perplexity when the grid measured no accuracy) against the share of blocks
-  removed, per method, the dense model at 0, error bars ± std over seeds.
+- ``curves.png``: the ranking column (the evaluation column with the highest ``rank`` the records hold:
+  accuracy, else perplexity, else KL for the built-ins) against the share of blocks removed, per method,
+  the dense model at 0 when the column names its dense counterpart (``dense_key``), a log scale when
+  the column asks for one (``log_scale``), error bars ± std over seeds.
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter, ScalarFormatter
 from scipy import stats
 
+from algorithms.evaluations.base import Column
 from bench import stability as stab
-from bench.store import _atomic_write
+from bench.records import CellRecord
+from bench.report import display, notes, ranking_column
+from bench.store import write_bytes_atomic
 
 FIGURES = ("importance", "frequency", "stability", "curves")
 CAPTIONS = {
@@ -51,7 +56,8 @@ CAPTIONS = {
         "blocks near the cut-off at k swap."
     ),
     "curves": (
-        "Quality against the share of blocks removed, per method (the dense model at 0), mean ± std over seeds."
+        "The ranking evaluation column against the share of blocks removed, per method (the dense model at 0 "
+        "where the column has a dense counterpart), mean ± std over seeds."
     ),
 }
 
@@ -172,51 +178,61 @@ def stability_figure(frame: pd.DataFrame) -> Figure:
     return fig
 
 
-def curves_figure(runs: pd.DataFrame) -> Figure:
-    """Accuracy (or perplexity) against the share of blocks removed, per method; one panel per
-    (model, calibration variant); the dense model at 0."""
-    use_acc = "acc_pruned" in runs and runs["acc_pruned"].notna().any()
-    value, dense, ylabel = (("acc_pruned", "acc_dense", "mean accuracy over tasks") if use_acc
-                            else ("ppl_pruned", "ppl_dense", "perplexity (held-out, log scale)"))
-    runs = runs.assign(share=runs["k"] / runs["n_blocks"])
+def curves_column(runs: pd.DataFrame) -> Column | None:
+    """The column the curves figure draws: the ranking column of ``--rank-by auto`` among the evaluation
+    columns ``runs`` (a records frame) measured; ``None`` when none has a direction."""
+    measured = [c for c in runs.attrs.get("columns", []) if c.key in runs and runs[c.key].notna().any()]
+    return ranking_column(measured)
+
+
+def curves_figure(runs: pd.DataFrame, column: Column) -> Figure:
+    """``column`` against the share of blocks removed, per method; one panel per (model, calibration
+    variant); the dense model at 0 when ``column.dense_key`` is measured."""
+    dense = column.dense_key if column.dense_key in runs and runs[column.dense_key].notna().any() else None
+    values = pd.to_numeric(runs[column.key], errors="coerce")
+    log = column.log_scale and bool((values.dropna() > 0).all())
+    runs = runs.assign(share=runs["k"] / runs["n_blocks"], _value=values)
     panels = list(runs.groupby(["model", "calibration"], sort=False))
     ncols = min(len(panels), 2)
     nrows = math.ceil(len(panels) / ncols)
     fig = Figure(figsize=(5.2 * ncols + 1, 3.6 * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, ((model, cal), g) in zip(axes, panels, strict=False):
-        base = float(g[dense].mean())
+        base = float(pd.to_numeric(g[dense], errors="coerce").mean()) if dense else math.nan
         for (metric, selector), m in g.groupby(["metric", "selector"], sort=False):
-            pts = m.groupby("share")[value].agg(["mean", "std"]).fillna({"std": 0.0}).sort_index()
-            x = np.concatenate([[0.0], pts.index.to_numpy()])
-            y = np.concatenate([[base], pts["mean"].to_numpy()])
-            e = np.concatenate([[0.0], pts["std"].to_numpy()])
+            pts = m.groupby("share")["_value"].agg(["mean", "std"]).fillna({"std": 0.0}).sort_index()
+            x, y, e = pts.index.to_numpy(), pts["mean"].to_numpy(), pts["std"].to_numpy()
+            if not math.isnan(base):
+                x, y, e = np.concatenate([[0.0], x]), np.concatenate([[base], y]), np.concatenate([[0.0], e])
             ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=f"{metric}/{selector}")
-        if not use_acc:
+        if log:
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(ScalarFormatter())
             ax.yaxis.set_minor_formatter(ScalarFormatter())
             ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
         ax.set_xlabel("share of blocks removed")
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(column.label + (" (log scale)" if log else ""))
         ax.set_title(f"{model} · {cal}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    fig.suptitle(("accuracy" if use_acc else "perplexity") + " vs share of blocks removed (dense at 0)", fontsize=10)
+    fig.suptitle(f"{column.label} vs share of blocks removed" + (" (dense at 0)" if dense else ""), fontsize=10)
     return fig
 
 
-def draw_figures(records: list[dict], frame: pd.DataFrame | None = None) -> dict[str, bytes]:
-    """The four figures as PNG bytes (none when no record succeeded)."""
-    runs = stab._runs(records)
+def draw_figures(records: list[CellRecord], frame: pd.DataFrame | None = None) -> dict[str, bytes]:
+    """The figures as PNG bytes (none when no record succeeded; no curves when no evaluation column has a
+    direction)."""
+    runs = stab.runs_frame(records)
     if runs.empty:
         return {}
     frame = stab.stability_frame(records) if frame is None else frame
     figs = {"importance": importance_figure(runs), "frequency": frequency_figure(frame),
-            "stability": stability_figure(frame), "curves": curves_figure(runs)}
+            "stability": stability_figure(frame)}
+    if (column := curves_column(runs)) is not None:
+        figs["curves"] = curves_figure(runs, column)
     return {name: _png(fig) for name, fig in figs.items()}
 
 
@@ -235,7 +251,7 @@ figcaption, p.note { font-size: 0.85rem; color: #444; max-width: 900px; }
 
 
 def render_html(*, title: str, board_display: pd.DataFrame, stability_display: pd.DataFrame,
-                figures: dict[str, bytes], n_records: int) -> str:
+                figures: dict[str, bytes], n_records: int, ranking_note: str = "") -> str:
     """The report as one HTML string: tables and images inline, no scripts, no external URL."""
     def table(df: pd.DataFrame) -> str:
         if df.empty:
@@ -246,8 +262,7 @@ def render_html(*, title: str, board_display: pd.DataFrame, stability_display: p
         "<!DOCTYPE html>", "<html lang='en'>", "<head>", "<meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
         f"<h1>{html.escape(title)}</h1>",
-        f"<p class='note'>{n_records} finished records. Perplexity on held-out text; ranks within each model "
-        "and budget (and calibration variant).</p>",
+        f"<p class='note'>{n_records} finished records. {html.escape(ranking_note)}</p>",
         "<h2>Leaderboard</h2>", table(board_display),
         "<h2>Stability over calibration samples</h2>",
         f"<p class='note'>{html.escape(stab.NOTES)}</p>", table(stability_display),
@@ -263,24 +278,21 @@ def render_html(*, title: str, board_display: pd.DataFrame, stability_display: p
     return "\n".join(parts) + "\n"
 
 
-def write_html_report(results_dir: str | Path, records: list[dict], board: pd.DataFrame, *,
+def write_html_report(results_dir: str | Path, records: list[CellRecord], board: pd.DataFrame, *,
                       title: str, frame: pd.DataFrame | None = None) -> dict[str, Path]:
     """Write ``figures/<name>.png`` and ``report.html`` under ``results_dir``; returns their paths."""
-    from bench.report import _display
-
     results_dir = Path(results_dir)
     frame = stab.stability_frame(records) if frame is None else frame
     figures = draw_figures(records, frame)
     paths: dict[str, Path] = {}
     for name, png in figures.items():
         path = results_dir / "figures" / f"{name}.png"
-        _atomic_write(path, lambda fh, png=png: fh.write(png))
+        write_bytes_atomic(path, png)
         paths[name] = path
     page = render_html(
-        title=title, board_display=_display(board) if not board.empty else pd.DataFrame(),
-        stability_display=stab.display(frame), figures=figures,
-        n_records=sum(r.get("status") == "ok" for r in records),
+        title=title, board_display=display(board), stability_display=stab.display(frame), figures=figures,
+        n_records=sum(r.ok for r in records), ranking_note=notes(board) if not board.empty else "",
     ).encode("utf-8")
     paths["html"] = results_dir / "report.html"
-    _atomic_write(paths["html"], lambda fh: fh.write(page))
+    write_bytes_atomic(paths["html"], page)
     return paths

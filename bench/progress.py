@@ -20,7 +20,7 @@ class Reporter:
 
     def start(self, total: int, skipped: int) -> None: ...
     def stage(self, text: str) -> None: ...
-    def cell_done(self, cell: Any, record: dict) -> None: ...
+    def cell_done(self, cell: Any, record: Any) -> None: ...
     def cell_skipped(self, cell: Any) -> None: ...
     def finish(self) -> None: ...
 
@@ -52,11 +52,9 @@ class RichReporter(Reporter):
         if self.task is not None:
             self.progress.update(self.task, description=text)
 
-    def cell_done(self, cell: Any, record: dict) -> None:
-        if record.get("status") != "ok":
-            self.console.print(
-                f"[red]cell {record['cell_id']} failed[/red] in {record.get('stage')}: {record.get('error')}"
-            )
+    def cell_done(self, cell: Any, record: Any) -> None:
+        if record.status != "ok":
+            self.console.print(f"[red]cell {record.cell_id} failed[/red] in {record.stage}: {record.error}")
         if self.task is not None:
             self.progress.advance(self.task)
 

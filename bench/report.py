@@ -1,18 +1,22 @@
 """Leaderboards from result records: a pandas frame, rendered to the terminal, Markdown and CSV.
 
-One row per (model, metric, selector, budget) with mean ± std over calibration seeds, ranked *within*
-each (model, budget): perplexities of models with different tokenizers are not comparable, so ranks
-never cross models. The rank follows mean downstream accuracy (higher first) when the grid measured
-it, else mean pruned perplexity (lower first); ``rank_by`` chooses explicitly.
+One row per (model, metric, selector, budget) (and calibration variant, when a grid has several),
+ranked *within* each (model, budget): perplexities of models with different tokenizers are not
+comparable, so ranks never cross models.
 
-Optional columns appear when the records carry them: accuracy (mean headline score over tasks, each
-task's score, the share of the dense model's score retained) and speed (prefill and decode speedup of
-the pruned over the dense model, measured back to back).
+The evaluation columns are whatever the records' evaluations declare (:class:`Column`): each
+aggregates over calibration seeds as its ``aggregate`` says, keeps its key (the leaderboard's mean
+pruned perplexity is ``ppl_pruned``) and, when it has a ``spread``, gains ``<key>_std`` (std over
+seeds, 0 with one seed). Headings, formats, directions and the terminal's choice of columns come from
+the columns too, so a plugin evaluation's columns appear, rank and print with no edit here.
+
+Ranking (``rank_by``): ``auto`` takes the column with the highest ``rank`` present (accuracy, then
+perplexity, then KL for the built-ins); otherwise an evaluation name (its own ranking column), a column
+key or a ``bench check`` measure name; the direction is the column's ``higher_is_better``.
 """
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -20,147 +24,158 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from algorithms.evaluations.lmeval import headline
-from bench.grid import calibration_label
-from bench.store import ResultStore
+from algorithms.evaluations.base import Column
+from bench.records import CellRecord, budget_labels, calibration_order, compact_blocks, records_frame
+from bench.stability import group_stability
+from bench.store import ResultStore, write_bytes_atomic
 
 GROUP = ["model", "budget", "metric", "selector"]
-RANK_BY = ("auto", "accuracy", "ppl")
+#: leaderboard and records-frame columns that are not evaluation columns: no evaluation column may take
+#: one of these keys (nor ``<key>_std`` of a spread column)
+CORE = ("rank", "model", "budget", "metric", "selector", "calibration", "seed", "seeds", "k", "n_blocks",
+        "params_kept", "scoring_s", "evaluations", "proxy_span", "distinct_sets", "typical_removed", "jaccard",
+        "tau", "cell_id", "removed", "removed_set", "scores", "higher_is_important")
 
 
-def _optional_columns(r: dict) -> dict:
-    row: dict = {}
-    if (acc := r.get("accuracy")) is not None:
-        row["acc_dense"] = acc["dense"]["score"]
-        row["acc_pruned"] = acc["pruned"]["score"]
-        row["acc_retained"] = acc["retained"]
-        for task, metrics in acc["pruned"]["tasks"].items():
-            row[f"acc:{task}"] = headline(metrics)
-    if (speed := r.get("speed")) is not None:
-        row["prefill_speedup"] = speed["speedup"]["prefill_mean"]
-        row["decode_speedup"] = speed["speedup"]["decode"]
-    return row
+# ---------------------------------------------------------------------------------------- columns, ranking
+def board_columns(board: pd.DataFrame) -> list[Column]:
+    """The evaluation :class:`Column` specs of a leaderboard (or records frame), those it holds, in order."""
+    return [c for c in board.attrs.get("columns", []) if c.key in board]
 
 
-def _calibration(r: dict) -> str:
-    """The record's calibration variant (source/samples×seq_len); records written before it was a label
-    carry it in their spec."""
-    if label := r["labels"].get("calibration"):
-        return label
-    cal = r.get("spec", {}).get("calibration")
-    return calibration_label(cal) if cal else "?"
-
-
-def records_frame(records: list[dict]) -> pd.DataFrame:
-    """One row per successful record."""
-    rows = []
+def evaluation_keys(records: list[CellRecord]) -> dict[str, list[str]]:
+    """Each evaluation's name → its column keys, over the successful ``records``."""
+    out: dict[str, list[str]] = {}
     for r in records:
-        if r.get("status") != "ok":
+        if not r.ok:
             continue
-        rows.append({
-            "cell_id": r["cell_id"],
-            **{k: r["labels"][k] for k in ("model", "metric", "selector", "budget", "seed")},
-            "calibration": _calibration(r),
-            "k": r["k"],
-            "n_blocks": r["model"]["n_blocks"],
-            "removed": " ".join(str(b) for b in r["removed_blocks"]),
-            "ppl_dense": r["ppl"]["dense"],
-            "ppl_pruned": r["ppl"]["pruned"],
-            "params_kept": r["parameters"]["kept_share"],
-            "scoring_s": r["timings"]["scoring"],
-            "evaluations": r["selector_result"]["evaluations"],
-            "proxy_span": r["selector_result"].get("proxies", {}).get("proxy_span"),
-            **_optional_columns(r),
-            # for the stability statistics (leaderboard columns and bench stability)
-            "removed_set": tuple(r["removed_blocks"]),
-            "scores": tuple(r["scores"]) if r.get("scores") is not None else None,
-            "higher_is_important": bool(r.get("higher_is_important")),
-        })
-    return pd.DataFrame(rows)
+        for name, outcome in r.evaluations.items():
+            keys = out.setdefault(name, [])
+            keys.extend(c.key for c in outcome.column_specs() if c.key not in keys)
+    return out
 
 
-def leaderboard(records: list[dict], rank_by: str = "auto") -> pd.DataFrame:
-    """Mean ± std over seeds per (model, budget, metric, selector), ranked within (model, budget)."""
-    if rank_by not in RANK_BY:
-        raise ValueError(f"rank_by must be one of {', '.join(RANK_BY)}, got {rank_by!r}")
+def _auto(columns: list[Column]) -> Column | None:
+    """The highest ``rank`` (first in display order on ties); without one, the first column with a direction."""
+    directional = [c for c in columns if c.higher_is_better is not None]
+    ranked = [c for c in directional if c.rank is not None]
+    if ranked:
+        return max(ranked, key=lambda c: c.rank)  # max keeps the first of equal ranks
+    return directional[0] if directional else None
+
+
+def ranking_column(columns: list[Column], rank_by: str = "auto",
+                   evaluations: dict[str, list[str]] | None = None) -> Column | None:
+    """The column a leaderboard ranks by. ``rank_by``: ``auto``, a column key, an evaluation name (from
+    ``evaluations``: name → column keys) or a ``bench check`` measure (a column's ``gate``), tried in
+    that order. ``None`` only for ``auto`` when no column has a direction; :class:`ValueError` naming
+    the choices when ``rank_by`` matches nothing that can rank."""
+    if rank_by == "auto":
+        return _auto(columns)
+    by_key = {c.key: c for c in columns}
+    if rank_by in by_key:
+        column = by_key[rank_by]
+        if column.higher_is_better is None:
+            raise ValueError(f"rank_by: column {rank_by!r} ({column.label}) is a reference value with no "
+                             "direction; it cannot rank")
+        return column
+    if evaluations and rank_by in evaluations and (
+            own := _auto([by_key[k] for k in evaluations[rank_by] if k in by_key])):
+        return own
+    if gated := _auto([c for c in columns if c.gate == rank_by]):
+        return gated
+    directional = [c for c in columns if c.higher_is_better is not None]
+    names = sorted(n for n, keys in (evaluations or {}).items()
+                   if any(k in by_key and by_key[k].higher_is_better is not None for k in keys))
+    gates = sorted({c.gate for c in directional if c.gate})
+    raise ValueError(
+        f"rank_by: unknown {rank_by!r}; choose from auto, an evaluation ({', '.join(names) or 'none'}), "
+        f"a column ({', '.join(c.key for c in directional) or 'none'}) or a measure ({', '.join(gates) or 'none'})"
+    )
+
+
+def _check_keys(columns: list[Column]) -> None:
+    taken = set(CORE)
+    for c in columns:
+        for key in (c.key, f"{c.key}_std") if c.spread else (c.key,):
+            if key in taken:
+                raise ValueError(f"evaluation column {c.key!r} ({c.label}) clashes with the leaderboard column "
+                                 f"{key!r}; rename the column in its evaluation")
+            taken.add(key)
+
+
+# ---------------------------------------------------------------------------------------- the board
+def leaderboard(records: list[CellRecord], rank_by: str = "auto") -> pd.DataFrame:
+    """One row per (model, budget, metric, selector) [and calibration variant]: every evaluation column
+    aggregated over seeds (``<key>_std`` for spread columns), ranked within (model, budget). Its
+    ``attrs``: ``columns`` (the evaluation :class:`Column` specs, in display order) and ``ranked_by``
+    (the ranking column's key; ``None`` when no column has a direction: every row is rank 1)."""
     df = records_frame(records)
     if df.empty:
-        return df
-    has_acc = "acc_pruned" in df and df["acc_pruned"].notna().any()
-    if rank_by == "accuracy" and not has_acc:
-        raise ValueError("rank_by='accuracy' but no record has accuracy (add an `accuracy:` section to the grid)")
+        board = pd.DataFrame()
+        board.attrs.update(columns=[], ranked_by=None)
+        return board
+    columns = board_columns(df)
+    _check_keys(columns)
+    for key in [c.key for c in columns] + ["params_kept", "scoring_s", "evaluations", "proxy_span"]:
+        df[key] = pd.to_numeric(df[key], errors="coerce")  # None (not measured) -> NaN
+    measured = [c for c in columns if df[c.key].notna().any()]
+    ranked = ranking_column(measured, rank_by, evaluation_keys(records))
     df = df.sort_values(["seed", "cell_id"], kind="stable")  # "typical" set: ties go to the lowest seed
-    optional = {}
-    for col in df.columns:
-        if col.startswith("acc") or col.endswith("_speedup"):
-            optional[col] = (col, "mean")
-    if has_acc:
-        optional["acc_std"] = ("acc_pruned", "std")
+    spec: dict[str, tuple[str, str]] = {}
+    for c in columns:
+        spec[c.key] = (c.key, c.aggregate)
+        if c.spread:
+            spec[f"{c.key}_std"] = (c.key, "std")
     # a grid with several calibration variants (a stability study) gets one row per variant
     group = GROUP + ["calibration"] if df["calibration"].nunique() > 1 else GROUP
     agg = df.groupby(group, sort=False).agg(
         seeds=("seed", "nunique"),
         k=("k", "first"),
         n_blocks=("n_blocks", "first"),
-        ppl_dense=("ppl_dense", "mean"),
-        ppl_mean=("ppl_pruned", "mean"),
-        ppl_std=("ppl_pruned", "std"),
+        **spec,
         params_kept=("params_kept", "mean"),
         scoring_s=("scoring_s", "mean"),
         evaluations=("evaluations", "mean"),
         proxy_span=("proxy_span", "mean"),
         distinct_sets=("removed", "nunique"),
         typical_removed=("removed", lambda s: Counter(s).most_common(1)[0][0]),
-        **optional,
     ).reset_index()
-    agg["ppl_std"] = agg["ppl_std"].fillna(0.0)
-    agg = _join_stability(agg, df, group)
-    if has_acc:
-        agg["acc_std"] = agg["acc_std"].fillna(0.0)
-    by_acc = rank_by == "accuracy" or (rank_by == "auto" and has_acc)
-    key, ascending = ("acc_pruned", False) if by_acc else ("ppl_mean", True)
-    within = ["model", "budget"] + (["calibration"] if "calibration" in group else [])
-    agg["rank"] = agg.groupby(within)[key].rank(method="min", ascending=ascending).astype(int)
-    agg.attrs["ranked_by"] = "accuracy" if by_acc else "ppl"
-    return agg.sort_values([*within, "rank", "metric", "selector"], key=calibration_order).reset_index(drop=True)
-
-
-def calibration_order(col: pd.Series) -> pd.Series:
-    """``sort_values`` key: calibration variants in natural order (the numbers in a label compared as
-    numbers: wikipedia/8×128 before wikipedia/32×128); other columns as they are. The leaderboard and
-    the stability tables both sort with it."""
-    if col.name != "calibration":
-        return col
-    return col.map(lambda label: tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", str(label))))
-
-
-def _join_stability(agg: pd.DataFrame, df: pd.DataFrame, group: list[str]) -> pd.DataFrame:
-    """``jaccard`` (mean pairwise overlap of the removed sets) and ``tau`` (mean Kendall τ of the block
-    scores) over the seeds of each row, for rows with two seeds or more: "accurate but erratic" shows."""
-    from bench.stability import group_stability
-
+    for c in columns:
+        if c.spread:  # one seed: no spread (0); no value at all: no spread either (NaN)
+            agg[f"{c.key}_std"] = agg[f"{c.key}_std"].where(agg[c.key].isna(), agg[f"{c.key}_std"].fillna(0.0))
     stab = group_stability(df, group)
-    return agg if stab.empty else agg.merge(stab, on=group, how="left")
+    if not stab.empty:
+        agg = agg.merge(stab, on=group, how="left")
+    within = ["model", "budget"] + (["calibration"] if "calibration" in group else [])
+    if ranked is None:
+        agg["rank"] = 1
+    else:
+        agg["rank"] = agg.groupby(within)[ranked.key].rank(
+            method="min", ascending=not ranked.higher_is_better, na_option="bottom").astype(int)
+    board = agg.sort_values([*within, "rank", "metric", "selector"], key=calibration_order).reset_index(drop=True)
+    board.attrs.update(columns=columns, ranked_by=ranked.key if ranked is not None else None)
+    return board
 
 
-def compact_blocks(blocks: str) -> str:
-    """``"3 12 13 14 26"`` → ``"3,12-14,26"``."""
-    nums = [int(b) for b in blocks.split()]
-    runs: list[list[int]] = []
-    for b in nums:
-        if runs and b == runs[-1][-1] + 1:
-            runs[-1].append(b)
-        else:
-            runs.append([b])
-    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in runs)
+# ---------------------------------------------------------------------------------------- rendering
+def _cells(board: pd.DataFrame, c: Column) -> list[str]:
+    if not c.spread:
+        return [c.format(v) for v in board[c.key]]
+    std = board[f"{c.key}_std"] if f"{c.key}_std" in board else [None] * len(board)
+    out = []
+    for mean, s in zip(board[c.key], std, strict=True):
+        text = c.format(mean)
+        out.append(text if text == "–" or s is None or pd.isna(s) else f"{text} ± {c.format(s)}")
+    return out
 
 
-def budget_labels(frame: pd.DataFrame) -> list[str]:
-    """``25% (8/30)``: each row's budget with the blocks it removes out of the model's."""
-    return [f"{b} ({k}/{n})" for b, k, n in zip(frame["budget"], frame["k"], frame["n_blocks"], strict=True)]
+def _number(fmt: str):
+    return lambda v: "–" if v is None or pd.isna(v) else format(v, fmt)
 
 
-def _display(board: pd.DataFrame) -> pd.DataFrame:
+def _table(board: pd.DataFrame, *, terminal: bool) -> tuple[pd.DataFrame, set[str]]:
+    """The board as strings (Markdown/CSV headings, or the terminal's) and the headings to right-justify."""
     out = pd.DataFrame({
         "rank": board["rank"],
         "model": board["model"],
@@ -170,86 +185,112 @@ def _display(board: pd.DataFrame) -> pd.DataFrame:
     })
     if "calibration" in board:  # several calibration variants: one row each
         out.insert(3, "calibration", board["calibration"])
-    if "acc_pruned" in board:
-        out["acc"] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(board["acc_pruned"], board["acc_std"], strict=True)]
-        out["acc (dense)"] = board["acc_dense"].map(lambda v: f"{v:.3f}")
-        out["retained"] = board["acc_retained"].map(lambda v: f"{v:.1%}")
-        for col in sorted(c for c in board.columns if c.startswith("acc:")):
-            out[col.removeprefix("acc:")] = board[col].map(lambda v: f"{v:.3f}")
-    out["ppl (pruned)"] = [f"{m:.2f} ± {s:.2f}" for m, s in zip(board["ppl_mean"], board["ppl_std"], strict=True)]
-    out["ppl (dense)"] = board["ppl_dense"].map(lambda v: f"{v:.2f}")
-    for col, label in (("prefill_speedup", "prefill ×"), ("decode_speedup", "decode ×")):
-        if col in board:
-            out[label] = board[col].map(lambda v: f"{v:.2f}")
-    out["params kept"] = board["params_kept"].map(lambda v: f"{v:.1%}")
-    out["span loss"] = board["proxy_span"].map(lambda v: f"{v:.4f}")
-    out["evals"] = board["evaluations"].map(lambda v: f"{v:.0f}")
+    right = {"rank", "seeds", "score s"}
+    for c in board_columns(board):
+        if terminal and not c.terminal:
+            continue
+        heading = (c.short or c.label) if terminal else c.label
+        if heading in out:  # two columns with one label: the second goes by its key
+            heading = c.key
+        out[heading] = _cells(board, c)
+        if not c.spread:
+            right.add(heading)
+    if not terminal:
+        out["params kept"] = board["params_kept"].map(_number(".1%"))
+        out["span loss"] = board["proxy_span"].map(_number(".4f"))
+    out["evals"] = board["evaluations"].map(_number(".0f"))
     out["seeds"] = board["seeds"]
-    out["distinct sets"] = board["distinct_sets"]
+    if not terminal:
+        out["distinct sets"] = board["distinct_sets"]
     for col, label in (("jaccard", "jaccard"), ("tau", "τ")):  # stability over seeds (bench.stability)
         if col in board:
-            out[label] = board[col].map(lambda v: "–" if pd.isna(v) else f"{v:.2f}")
-    out["scoring s"] = board["scoring_s"].map(lambda v: f"{v:.3f}")
-    out["typical removed"] = board["typical_removed"].map(compact_blocks)
-    return out
+            out[label] = board[col].map(_number(".2f"))
+    out["score s" if terminal else "scoring s"] = board["scoring_s"].map(_number(".3f"))
+    out["removed" if terminal else "typical removed"] = board["typical_removed"].map(compact_blocks)
+    return out, right
+
+
+def display(board: pd.DataFrame, *, terminal: bool = False) -> pd.DataFrame:
+    """The leaderboard as strings under the columns' labels, for Markdown and HTML; with ``terminal``, the
+    terminal's table: only the columns marked ``terminal``, under their ``short`` headings, without
+    params kept, span loss and distinct sets."""
+    if board.empty:
+        return pd.DataFrame()
+    return _table(board, terminal=terminal)[0]
 
 
 def render_terminal(board: pd.DataFrame, console: Console, title: str = "blockbench leaderboard") -> None:
+    """The leaderboard as a rich table: the columns marked ``terminal``, under their short headings."""
     if board.empty:
         console.print("no finished cells yet")
         return
-    shown = _display(board).drop(columns=["params kept", "distinct sets", "span loss"])
-    shown = shown.drop(columns=[c for c in shown.columns if c.startswith("acc (") or
-                                ("acc_pruned" in board and f"acc:{c}" in board)])  # per-task: md/csv only
-    shown = shown.rename(columns={"ppl (pruned)": "ppl pruned", "ppl (dense)": "dense", "scoring s": "score s",
-                                  "typical removed": "removed"})
+    shown, right = _table(board, terminal=True)
     table = Table(title=title, show_lines=False, pad_edge=False)
     for col in shown.columns:
-        table.add_column(col, justify="right" if col in ("rank", "seeds", "dense", "score s", "retained", "prefill ×",
-                                                         "decode ×") else "left",
-                         no_wrap=col != "removed", overflow="fold")
+        table.add_column(col, justify="right" if col in right else "left", no_wrap=col != "removed",
+                         overflow="fold")
     for row in shown.itertuples(index=False):
         table.add_row(*(str(v) for v in row))
     console.print(table)
 
 
+def notes(board: pd.DataFrame) -> str:
+    """The Markdown report's notes: the ranking, how seeds combine, each ranked or gated column's direction,
+    then the fixed columns."""
+    columns = board_columns(board)
+    by_key = {c.key: c for c in columns}
+    within = "model, budget and calibration variant" if "calibration" in board else "model and budget"
+    ranked = by_key.get(board.attrs.get("ranked_by") or "")
+    parts = [f"Ranks within each {within}" + (
+        f", by `{ranked.label}` ({'higher' if ranked.higher_is_better else 'lower'} first)." if ranked
+        else ": no column has a direction, so every row ranks 1.")]
+    if columns:
+        medians = [f"`{c.label}`" for c in columns if c.aggregate == "median"]
+        spread = [f"`{c.label}`" for c in columns if c.spread]
+        text = "Evaluation columns: the mean over calibration seeds"
+        text += f" (the median for {', '.join(medians)})" if medians else ""
+        text += f"; {', '.join(spread)}: ± the std over seeds" if spread else ""
+        parts.append(text + ".")
+        directions = []
+        for c in columns:
+            if c.higher_is_better is None or not (c.gate or c.rank is not None):
+                continue
+            what = f"`{c.label}`: {'higher' if c.higher_is_better else 'lower'} is better"
+            directions.append(what + (f" (`bench check` measure `{c.gate}`)" if c.gate else ""))
+        if directions:
+            parts.append("; ".join(directions) + ".")
+    if "jaccard" in board:
+        parts.append("`jaccard`: mean overlap |A ∩ B| / |A ∪ B| of the removed block sets of two seeds (1 = every "
+                     "seed removes the same blocks); `τ`: mean Kendall rank correlation of the block scores of two "
+                     "seeds (`bench stability` for the full study).")
+    parts.append("`span loss`: the chosen set's proxy span objective (sum over its contiguous runs of the metric's "
+                 "span importance; lower = the set the metric calls more removable), the common yardstick for "
+                 "selectors. `evals`: objective evaluations the selector used.")
+    return " ".join(parts)
+
+
 def write_reports(board: pd.DataFrame, out_dir: Path, *, title: str) -> list[Path]:
+    """``leaderboard.md`` (the table with its notes) and ``leaderboard.csv`` (every number) under ``out_dir``."""
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path, csv_path = out_dir / "leaderboard.md", out_dir / "leaderboard.csv"
-    from bench.store import _atomic_write
-
-    csv_bytes = board.to_csv(index=False).encode()
-    _atomic_write(csv_path, lambda fh: fh.write(csv_bytes))
-    body = _display(board).to_markdown(index=False) if not board.empty else "_no finished cells yet_"
-    ranked = ("mean downstream accuracy, higher first" if board.attrs.get("ranked_by") == "accuracy"
-              else "lower perplexity first")
-    notes = ""
-    if "acc_pruned" in board:
-        notes += ("`acc`: mean over tasks of lm-eval's acc_norm (acc where a task has no acc_norm), "
-                  "pruned model, mean ± std over seeds; `retained`: pruned / dense. ")
-    if "jaccard" in board:
-        notes += ("`jaccard`: mean overlap |A ∩ B| / |A ∪ B| of the removed block sets of two seeds (1 = every "
-                  "seed removes the same blocks); `τ`: mean Kendall rank correlation of the block scores of two "
-                  "seeds (`bench stability` for the full study). ")
-    if "prefill_speedup" in board:
-        notes += ("`prefill ×`, `decode ×`: speedup of the pruned over the dense model, measured back to back "
-                  "in one process (geometric mean over prompt lengths for prefill; decode in tokens/s). ")
-    md = (
-        f"# {title}\n\nPerplexity on held-out text (mean ± std over calibration seeds); rank within each "
-        f"model and budget, {ranked}. {notes}`span loss`: the chosen set's proxy span objective "
-        "(sum over its contiguous runs of the metric's span importance; lower = the set the metric "
-        "calls more removable), the common yardstick for selectors. `evals`: objective evaluations "
-        "the selector used.\n\n"
-        f"{body}\n"
-    ).encode()
-    _atomic_write(md_path, lambda fh: fh.write(md))
+    write_bytes_atomic(csv_path, board.to_csv(index=False).encode())
+    if board.empty:
+        md = f"# {title}\n\n_no finished cells yet_\n"
+    else:
+        shown, right = _table(board, terminal=False)
+        # the columns' own formats as written (tabulate would reparse "0.1000" as 0.1)
+        table = shown.to_markdown(index=False, disable_numparse=True,
+                                  colalign=["right" if c in right else "left" for c in shown.columns])
+        md = f"# {title}\n\n{notes(board)}\n\n{table}\n"
+    write_bytes_atomic(md_path, md.encode())
     return [md_path, csv_path]
 
 
 def build(results_dir: str | Path, cell_ids: set[str] | None = None,
-          rank_by: str = "auto") -> tuple[pd.DataFrame, list[dict]]:
-    """Leaderboard of the records in ``results_dir`` (restricted to ``cell_ids`` when given)."""
+          rank_by: str = "auto") -> tuple[pd.DataFrame, list[CellRecord]]:
+    """Leaderboard of the records in ``results_dir`` (restricted to ``cell_ids`` when given), and the records."""
     records = ResultStore(results_dir).records()
     if cell_ids is not None:
-        records = [r for r in records if r["cell_id"] in cell_ids]
+        records = [r for r in records if r.cell_id in cell_ids]
     return leaderboard(records, rank_by=rank_by), records

@@ -10,8 +10,9 @@ calibration variant, metric, selector, budget) this module reports, over the run
 - ``tau_mean`` / ``rho_mean`` (and std): Kendall's τ and Spearman's ρ between the metric's block-score
   vectors of two runs, over all pairs (scipy.stats), i.e. whether the *ranking* of blocks is stable even
   where the cut-off at k changes the set;
-- ``ppl_*`` and ``acc_*``: mean, sample std and a percentile-bootstrap interval of the mean (seeded) of the
-  pruned model's perplexity and, when measured, accuracy;
+- ``<key>_mean``, ``<key>_std``, ``<key>_ci_low``, ``<key>_ci_high`` for every evaluation column with a
+  ``spread`` (``ppl_pruned``, ``acc_pruned``, ``kl`` for the built-ins, and any plugin's): mean, sample std
+  and a percentile-bootstrap interval of the mean (seeded);
 - ``distinct_sets``: how many different block sets the runs produced.
 
 Pair statistics are means over the n(n−1)/2 pairs with the population std of the pair values (0 for two
@@ -31,6 +32,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy import stats
+
+from algorithms.evaluations.base import Column
+from bench.records import CellRecord, budget_labels, calibration_order, compact_blocks, records_frame
+from bench.store import write_bytes_atomic
 
 #: one stability row per these keys
 KEY = ["model", "calibration", "metric", "selector", "budget"]
@@ -120,19 +125,27 @@ def summarize(values: Sequence[float], *, confidence: float = CONFIDENCE, n_resa
 
 
 # ---------------------------------------------------------------------------------------- records → table
-def _runs(records: list[dict]) -> pd.DataFrame:
-    """One row per successful record (the leaderboard's frame: it carries each block set and score
-    vector), sorted by method, calibration variant in natural order, seed."""
-    from bench.report import calibration_order, records_frame
-
+def runs_frame(records: list[CellRecord]) -> pd.DataFrame:
+    """One row per successful record (:func:`bench.records.records_frame`: it carries each block set and
+    score vector), sorted by method, calibration variant in natural order, seed; ``attrs["columns"]`` as
+    the records frame's."""
     df = records_frame(records)
     if df.empty:
         return df
-    return df.sort_values(["model", "budget", "metric", "selector", "calibration", "seed", "cell_id"],
-                          kind="stable", key=calibration_order).reset_index(drop=True)
+    columns = df.attrs["columns"]
+    df = df.sort_values(["model", "budget", "metric", "selector", "calibration", "seed", "cell_id"],
+                        kind="stable", key=calibration_order).reset_index(drop=True)
+    df.attrs["columns"] = columns
+    return df
 
 
-def _group_row(g: pd.DataFrame, seed: int) -> dict:
+def spread_columns(frame: pd.DataFrame) -> list[Column]:
+    """The evaluation columns with a ``spread`` that ``frame`` (a records frame) holds, in display order:
+    the ones a stability table summarises."""
+    return [c for c in frame.attrs.get("columns", []) if c.spread and c.key in frame]
+
+
+def _group_row(g: pd.DataFrame, seed: int, columns: list[Column]) -> dict:
     sets = list(g["removed_set"])
     n_blocks = int(g["n_blocks"].iloc[0])
     freq = selection_frequency(sets, n_blocks)
@@ -140,34 +153,50 @@ def _group_row(g: pd.DataFrame, seed: int) -> dict:
         "k": int(g["k"].iloc[0]), "n_blocks": n_blocks, "runs": len(g), "seeds": int(g["seed"].nunique()),
         "distinct_sets": distinct_sets(sets), **jaccard_stats(sets), **rank_correlations(list(g["scores"])),
     }
-    for name, col in (("ppl", "ppl_pruned"), ("acc", "acc_pruned")):
-        if col in g and g[col].notna().any():
-            s = summarize(list(g[col]), seed=seed)
-            row.update({f"{name}_{k}": v for k, v in s.items() if k != "n"})
+    for c in columns:
+        values = [float(v) for v in pd.to_numeric(g[c.key], errors="coerce")]
+        if any(not math.isnan(v) for v in values):
+            s = summarize(values, seed=seed)
+            row.update({f"{c.key}_{k}": v for k, v in s.items() if k != "n"})
     row["always"] = " ".join(str(b) for b in np.flatnonzero(freq == 1.0))
     row["ever"] = int((freq > 0).sum())
     row["frequency"] = tuple(round(float(f), 6) for f in freq)
     return row
 
 
-def stability_frame(records: list[dict], *, pooled: bool = True, seed: int = 0) -> pd.DataFrame:
+#: statistics of every row: an evaluation column's ``<key>_mean`` etc. may not take one of these names
+_FIXED = ("k", "n_blocks", "runs", "seeds", "distinct_sets", "jaccard_mean", "jaccard_std", "tau_mean", "tau_std",
+          "rho_mean", "rho_std", "always", "ever", "frequency", *KEY)
+
+
+def stability_frame(records: list[CellRecord], *, pooled: bool = True, seed: int = 0) -> pd.DataFrame:
     """One row per (model, calibration variant, metric, selector, budget) with the statistics above, plus,
-    when the records hold several calibration variants and ``pooled``, one ``all`` row per method."""
-    runs = _runs(records)
+    when the records hold several calibration variants and ``pooled``, one ``all`` row per method.
+    ``attrs["columns"]``: the evaluation columns summarised (those with a ``spread``), in display order."""
+    runs = runs_frame(records)
     if runs.empty:
-        return pd.DataFrame(columns=KEY)
+        frame = pd.DataFrame(columns=KEY)
+        frame.attrs["columns"] = []
+        return frame
+    columns = spread_columns(runs)
+    for c in columns:
+        if clash := [f"{c.key}_{s}" for s in ("mean", "std", "ci_low", "ci_high") if f"{c.key}_{s}" in _FIXED]:
+            raise ValueError(f"evaluation column {c.key!r} ({c.label}) clashes with the stability column {clash[0]!r}; "
+                             "rename the column in its evaluation")
     rows = []
     for keys, g in runs.groupby(KEY, sort=False):
-        rows.append(dict(zip(KEY, keys, strict=True)) | _group_row(g, seed))
+        rows.append(dict(zip(KEY, keys, strict=True)) | _group_row(g, seed, columns))
     if pooled and runs["calibration"].nunique() > 1:
         rest = [k for k in KEY if k != "calibration"]
         for keys, g in runs.groupby(rest, sort=False):
-            rows.append(dict(zip(rest, keys, strict=True)) | {"calibration": POOLED} | _group_row(g, seed))
+            rows.append(dict(zip(rest, keys, strict=True)) | {"calibration": POOLED} | _group_row(g, seed, columns))
     frame = pd.DataFrame(rows)
     order = {c: i for i, c in enumerate(dict.fromkeys(list(runs["calibration"]) + [POOLED]))}
     frame["_order"] = frame["calibration"].map(order)
     frame = frame.sort_values(["model", "budget", "metric", "selector", "_order"], kind="stable")
-    return frame.drop(columns="_order").reset_index(drop=True)
+    frame = frame.drop(columns="_order").reset_index(drop=True)
+    frame.attrs["columns"] = [c for c in columns if f"{c.key}_mean" in frame]
+    return frame
 
 
 def group_stability(runs: pd.DataFrame, group: list[str]) -> pd.DataFrame:
@@ -187,22 +216,25 @@ def group_stability(runs: pd.DataFrame, group: list[str]) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------- rendering
-def _pm(mean: float, std: float, digits: int) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _pm(mean: float, std: float, fmt: str) -> str:
+    if _missing(mean):
         return "–"
-    if std is None or (isinstance(std, float) and math.isnan(std)):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    if _missing(std):
+        return format(mean, fmt)
+    return f"{format(mean, fmt)} ± {format(std, fmt)}"
 
 
-def _ci(low: float, high: float, digits: int) -> str:
-    return "–" if low is None or math.isnan(low) else f"[{low:.{digits}f}, {high:.{digits}f}]"
+def _ci(low: float, high: float, fmt: str) -> str:
+    return "–" if _missing(low) or _missing(high) else f"[{format(low, fmt)}, {format(high, fmt)}]"
 
 
 def display(frame: pd.DataFrame) -> pd.DataFrame:
-    """The stability table as strings, for Markdown, HTML and the terminal."""
-    from bench.report import budget_labels, compact_blocks
-
+    """The stability table as strings, for Markdown, HTML and the terminal: each summarised evaluation
+    column (``frame.attrs["columns"]``) as ``<label>`` (mean ± std) and ``<label> 95% CI``, in its format."""
     if frame.empty:
         return pd.DataFrame()
     out = pd.DataFrame({
@@ -213,17 +245,17 @@ def display(frame: pd.DataFrame) -> pd.DataFrame:
         "selector": frame["selector"],
         "runs": frame["runs"],
         "distinct sets": frame["distinct_sets"],
-        "jaccard": [_pm(m, s, 2) for m, s in zip(frame["jaccard_mean"], frame["jaccard_std"], strict=True)],
-        "τ": [_pm(m, s, 2) for m, s in zip(frame["tau_mean"], frame["tau_std"], strict=True)],
-        "ρ": [_pm(m, s, 2) for m, s in zip(frame["rho_mean"], frame["rho_std"], strict=True)],
+        "jaccard": [_pm(m, s, ".2f") for m, s in zip(frame["jaccard_mean"], frame["jaccard_std"], strict=True)],
+        "τ": [_pm(m, s, ".2f") for m, s in zip(frame["tau_mean"], frame["tau_std"], strict=True)],
+        "ρ": [_pm(m, s, ".2f") for m, s in zip(frame["rho_mean"], frame["rho_std"], strict=True)],
     })
-    if "acc_mean" in frame:
-        out["acc"] = [_pm(m, s, 3) for m, s in zip(frame["acc_mean"], frame["acc_std"], strict=True)]
-        out[f"acc {CONFIDENCE:.0%} CI"] = [_ci(lo, hi, 3) for lo, hi in
-                                          zip(frame["acc_ci_low"], frame["acc_ci_high"], strict=True)]
-    out["ppl (pruned)"] = [_pm(m, s, 2) for m, s in zip(frame["ppl_mean"], frame["ppl_std"], strict=True)]
-    out[f"ppl {CONFIDENCE:.0%} CI"] = [_ci(lo, hi, 2) for lo, hi in
-                                      zip(frame["ppl_ci_low"], frame["ppl_ci_high"], strict=True)]
+    for c in frame.attrs.get("columns", []):
+        if f"{c.key}_mean" not in frame:
+            continue
+        heading = c.label if c.label not in out else c.key
+        out[heading] = [_pm(m, s, c.fmt) for m, s in zip(frame[f"{c.key}_mean"], frame[f"{c.key}_std"], strict=True)]
+        out[f"{heading} {CONFIDENCE:.0%} CI"] = [
+            _ci(lo, hi, c.fmt) for lo, hi in zip(frame[f"{c.key}_ci_low"], frame[f"{c.key}_ci_high"], strict=True)]
     out["always removed"] = frame["always"].map(lambda s: compact_blocks(s) if s else "–")
     out["blocks ever removed"] = frame["ever"]
     return out
@@ -233,9 +265,9 @@ NOTES = (
     "Over the runs of each row (calibration seeds; `all` pools every calibration variant): `jaccard`, mean ± std "
     "over pairs of runs of |A ∩ B| / |A ∪ B| of the removed block sets (1 = always the same set); `τ`, `ρ`: "
     "Kendall's and Spearman's rank correlation between the metric's block scores of two runs, mean ± std over "
-    f"pairs; perplexity (and accuracy) mean ± sample std with a {CONFIDENCE:.0%} percentile-bootstrap interval "
-    "of the mean (seeded); `always removed`: blocks every run removed; `blocks ever removed`: blocks any run "
-    "removed."
+    "pairs; each evaluation column with a spread (pruned perplexity, accuracy, KL, ...): mean ± sample std with "
+    f"a {CONFIDENCE:.0%} percentile-bootstrap interval of the mean (seeded); `always removed`: blocks every run "
+    "removed; `blocks ever removed`: blocks any run removed."
 )
 
 
@@ -247,16 +279,15 @@ def frequency_text(freq: Sequence[float]) -> str:
 def write_stability_reports(frame: pd.DataFrame, out_dir: Path, *, title: str) -> list[Path]:
     """``stability.md`` (the table with its notes) and ``stability.csv`` (every number, the selection
     frequency as ``block:share`` pairs) under ``out_dir``, each written atomically."""
-    from bench.store import _atomic_write
-
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path, csv_path = out_dir / "stability.md", out_dir / "stability.csv"
     csv = frame.copy()
     if "frequency" in csv:
         csv["frequency"] = csv["frequency"].map(frequency_text)
-    csv_bytes = csv.to_csv(index=False).encode()
-    _atomic_write(csv_path, lambda fh: fh.write(csv_bytes))
-    body = display(frame).to_markdown(index=False) if not frame.empty else "_no finished cells yet_"
-    md = f"# {title}\n\n{NOTES}\n\n{body}\n".encode()
-    _atomic_write(md_path, lambda fh: fh.write(md))
+    write_bytes_atomic(csv_path, csv.to_csv(index=False).encode())
+    # disable_numparse: the columns' own formats as written (tabulate would reparse "0.500" as 0.5)
+    body = (display(frame).to_markdown(index=False, disable_numparse=True) if not frame.empty
+            else "_no finished cells yet_")
+    write_bytes_atomic(md_path, f"# {title}\n\n{NOTES}\n\n{body}\n".encode())
     return [md_path, csv_path]

@@ -31,6 +31,14 @@ except ImportError:  # pragma: no cover - Windows: no cross-process locking
 import torch
 from safetensors.torch import load_file, save_file
 
+from bench.records import CellRecord, RecordError, parse_record
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (a temporary file in the same folder, fsynced, renamed):
+    readers see the whole file or none. The one way blockbench writes an output file."""
+    _atomic_write(path, lambda fh: fh.write(data))
+
 
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,16 +90,21 @@ class ResultStore:
     def record_path(self, cell_id: str) -> Path:
         return self.records_dir / f"{cell_id}.json"
 
-    def read_record(self, cell_id: str) -> dict | None:
-        return read_json(self.record_path(cell_id))
+    def read_record(self, cell_id: str) -> CellRecord | None:
+        """The cell's record, or None when it is missing, damaged or of another schema."""
+        data = read_json(self.record_path(cell_id))
+        try:
+            return parse_record(data, where=str(self.record_path(cell_id))) if data is not None else None
+        except RecordError:
+            return None
 
     def is_done(self, cell_id: str) -> bool:
         record = self.read_record(cell_id)
-        return bool(record) and record.get("status") == "ok"
+        return record is not None and record.ok
 
-    def write_record(self, record: dict) -> Path:
-        path = self.record_path(record["cell_id"])
-        write_json(path, record)
+    def write_record(self, record: CellRecord) -> Path:
+        path = self.record_path(record.cell_id)
+        write_json(path, record.to_json())
         return path
 
     @contextlib.contextmanager
@@ -114,15 +127,28 @@ class ResultStore:
         finally:
             os.close(fd)
 
-    def records(self) -> list[dict]:
+    def records(self) -> list[CellRecord]:
+        """Every readable record of the current schema (sorted by cell id); see :meth:`unreadable`."""
+        return self.scan()[0]
+
+    def unreadable(self) -> list[str]:
+        """Why each record file under ``records/`` that :meth:`records` skips cannot be read (older
+        schema, damaged): one message per file, naming it and saying how to rerun."""
+        return self.scan()[1]
+
+    def scan(self) -> tuple[list[CellRecord], list[str]]:
         if not self.records_dir.is_dir():
-            return []
-        out = []
+            return [], []
+        out, bad = [], []
         for path in sorted(self.records_dir.glob("*.json")):
-            record = read_json(path)
-            if isinstance(record, dict) and "cell_id" in record:
-                out.append(record)
-        return out
+            data = read_json(path)
+            if data is None:
+                continue  # a torn write is never read; the cell simply runs again
+            try:
+                out.append(parse_record(data, where=str(path)))
+            except RecordError as exc:
+                bad.append(str(exc))
+        return out, bad
 
     # caches ----------------------------------------------------------------------------------
     def cache_path(self, kind: str, key: str, suffix: str = ".json") -> Path:

@@ -7,14 +7,7 @@ distributions add metrics through the entry-point group ``blockbench.metrics``.
 from estimators.base import Metric
 from estimators.registry import Registry, RegistryError
 
-
-def _is_metric(obj: object) -> str | None:
-    if isinstance(obj, type) and issubclass(obj, Metric):
-        return None
-    return f"{obj!r} is not a subclass of estimators.base.Metric"
-
-
-METRICS: Registry[type[Metric]] = Registry("metric", entry_point_group="blockbench.metrics", check=_is_metric)
+METRICS: Registry[type[Metric]] = Registry("metric", entry_point_group="blockbench.metrics", base=Metric)
 METRICS.register("bi", "estimators.metrics:BlockInfluence")
 METRICS.register("angular", "estimators.metrics:AngularDistance")
 METRICS.register("mi_gauss", "estimators.mi:GaussianMI")

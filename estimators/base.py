@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from estimators.checks import is_int
+
 Tensor = torch.Tensor
 
 
@@ -54,7 +56,10 @@ class Metric:
         """Raise ``ValueError`` when states of ``n_tokens`` tokens and ``width`` features cannot be
         scored (``bench validate`` calls it before anything runs). Default: anything goes."""
 
-    def _select_tokens(self, states: Tensor) -> Tensor:
+    def select_tokens(self, states: Tensor) -> Tensor:
+        """The tokens this metric scores, from ``states`` of shape ``(L + 1, samples, seq_len, d)``, in the
+        same layout (every depth keeps the same tokens). :meth:`score_spans` applies it once before
+        :meth:`prepare`; ``pair`` and ``compare`` see only what it keeps. Default: every token."""
         return states
 
     @staticmethod
@@ -82,7 +87,7 @@ class Metric:
         n_blocks = states.shape[0] - 1
         lengths = list(lengths)
         for n in lengths:
-            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= n_blocks:
+            if not is_int(n, 1) or n > n_blocks:
                 raise ValueError(f"span length n={n!r} must be an int in [1, {n_blocks}]")
         return sorted(set(lengths))
 
@@ -91,7 +96,7 @@ class Metric:
         if not lengths:
             return {}
         n_blocks = states.shape[0] - 1
-        picked = self._select_tokens(states)
+        picked = self.select_tokens(states)
         prepared: dict[int, Any] = {}  # depth -> prepare(depth)
 
         def depth(i: int) -> Any:

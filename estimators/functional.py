@@ -11,12 +11,9 @@ import math
 
 import torch
 
+from estimators.tensors import promote
+
 Tensor = torch.Tensor
-
-
-def _promote(x: Tensor) -> Tensor:
-    """float32 at least; float64 stays float64."""
-    return x if x.dtype == torch.float64 else x.to(torch.float32)
 
 
 def _flatten_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -24,7 +21,7 @@ def _flatten_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"hidden states differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"hidden states need a feature dimension, got shape {tuple(x.shape)}")
-    return _promote(x).reshape(-1, x.shape[-1]), _promote(y).reshape(-1, y.shape[-1])
+    return promote(x).reshape(-1, x.shape[-1]), promote(y).reshape(-1, y.shape[-1])
 
 
 def token_cosine(x: Tensor, y: Tensor) -> Tensor:

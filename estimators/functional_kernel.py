@@ -17,24 +17,18 @@ Estimators (Song et al., 2012, "Feature selection via dependence maximization vi
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import torch
 
-from estimators.functional_mi import flatten_states, no_tf32, on_both_sides, sample_tokens
+from estimators.tensors import flatten_states, no_tf32, on_both_sides, row_chunks, sample_tokens
 
 Tensor = torch.Tensor
 
 #: Points used by the median heuristic (a seeded subsample when there are more).
 MEDIAN_POINTS = 512
-
-
-def _row_chunks(n: int, chunk_size: int) -> Iterator[slice]:
-    for start in range(0, n, chunk_size):
-        yield slice(start, min(start + chunk_size, n))
 
 
 @dataclass
@@ -80,9 +74,9 @@ class Kernel:
 
 def _feature_kernel(feats: Tensor, chunk_size: int) -> Kernel:
     """``K = feats feats^T``: ``K 1 = feats (feats^T 1)`` and ``diag K = ||feats_i||^2``, in O(n D)."""
-    totals = sum(feats[rows].to(torch.float64).sum(0) for rows in _row_chunks(feats.shape[0], chunk_size))
+    totals = sum(feats[rows].to(torch.float64).sum(0) for rows in row_chunks(feats.shape[0], chunk_size))
     diag = (feats * feats).sum(1).to(torch.float64)
-    rows = torch.cat([feats[r].to(torch.float64) @ totals for r in _row_chunks(feats.shape[0], chunk_size)])
+    rows = torch.cat([feats[r].to(torch.float64) @ totals for r in row_chunks(feats.shape[0], chunk_size)])
     return Kernel(rows - diag, diag, feats=feats)
 
 
@@ -103,7 +97,7 @@ def _gaussian_kernel(z: Tensor, sigma: float, chunk_size: int) -> Kernel:
     sq = torch.linalg.vecdot(z, z) * scale  # ||z_i||^2 / (2 sigma^2), in the matmul's precision
     rows = torch.zeros(n, dtype=torch.float64, device=z.device)
     upper = []
-    for chunk in _row_chunks(n, chunk_size):
+    for chunk in row_chunks(n, chunk_size):
         a, b = chunk.start, chunk.stop
         # -(||z_i||^2 + ||z_j||^2 - 2 z_i.z_j) / (2 sigma^2), clamped at 0 against cancellation
         block = torch.addmm(sq[None, a:], z[a:b], z[a:].T, beta=-1.0, alpha=2.0 * scale)
@@ -127,7 +121,7 @@ def _pair_sums(a: Kernel, b: Kernel, chunk_size: int) -> _PairSums:
     elif a.feats is not None and b.feats is not None:
         # sum_{i != j} K_ij L_ij = ||Phi^T Psi||_F^2 - sum_i ||phi_i||^2 ||psi_i||^2
         cross = sum(
-            (a.feats[r].T @ b.feats[r]).to(torch.float64) for r in _row_chunks(a.feats.shape[0], chunk_size)
+            (a.feats[r].T @ b.feats[r]).to(torch.float64) for r in row_chunks(a.feats.shape[0], chunk_size)
         )
         ab = (cross * cross).sum() - a.diag @ b.diag
     else:

@@ -14,72 +14,15 @@ result does not depend on the device.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from estimators.tensors import flatten_states, no_tf32, on_both_sides, row_chunks, sample_tokens
+
 Tensor = torch.Tensor
 _digamma = torch.special.digamma
-
-
-@contextmanager
-def no_tf32() -> Iterator[None]:
-    """Full float32 precision for CUDA matmuls inside the block (TF32 keeps only 10 mantissa bits)."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def flatten_tokens(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Reshape to ``(N, dx)`` and ``(N, dy)``; half precision is promoted to float32.
-
-    The feature sizes may differ, the token (leading) shapes may not.
-    """
-    if x.dim() < 1 or y.dim() < 1 or x.shape[-1] == 0 or y.shape[-1] == 0:
-        raise ValueError(f"hidden states need a feature dimension, got {tuple(x.shape)} and {tuple(y.shape)}")
-    if x.shape[:-1] != y.shape[:-1]:
-        raise ValueError(f"hidden states differ in token shape: {tuple(x.shape)} vs {tuple(y.shape)}")
-    if x.device != y.device:
-        raise ValueError(f"hidden states are on different devices: {x.device} vs {y.device}")
-    x = x if x.dtype == torch.float64 else x.to(torch.float32)
-    y = y if y.dtype == torch.float64 else y.to(torch.float32)
-    return x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-
-
-def flatten_states(z: Tensor) -> Tensor:
-    """One depth's states as ``(N, d)``; half precision is promoted to float32, float64 stays."""
-    if z.dim() < 1 or z.shape[-1] == 0:
-        raise ValueError(f"hidden states need a feature dimension, got {tuple(z.shape)}")
-    z = z if z.dtype == torch.float64 else z.to(torch.float32)
-    return z.reshape(-1, z.shape[-1])
-
-
-def sample_tokens(z: Tensor, n_tokens: int | None, generator: torch.Generator) -> Tensor:
-    """At most ``n_tokens`` rows of ``z`` (N, d): a sample without replacement drawn from ``generator``
-    (all rows, and no draw, when there are not more). Equal ``N`` and generator state pick equal rows."""
-    if n_tokens is None or z.shape[0] <= n_tokens:
-        return z
-    return z[torch.randperm(z.shape[0], generator=generator)[:n_tokens].to(z.device)]
-
-
-def on_both_sides(
-    side: Callable[..., Any], compare: Callable[[Any, Any], Tensor], x: Tensor, y: Tensor, **params: Any
-) -> Tensor:
-    """``compare(side(x), side(y))``: a pair estimator from its per-depth part (which holds the
-    parameters and their defaults) and its per-pair part, for the same tokens seen at two depths."""
-    x, y = flatten_tokens(x, y)
-    return compare(side(x, **params), side(y, **params))
-
-
-def _row_chunks(n: int, chunk_size: int) -> Iterator[slice]:
-    for start in range(0, n, chunk_size):
-        yield slice(start, min(start + chunk_size, n))
 
 
 # --------------------------------------------------------------------------- Gaussian (log-det) MI
@@ -168,7 +111,7 @@ class GaussSide:
 def _covariance(a: Tensor, b: Tensor, chunk_size: int) -> Tensor:
     """``a^T b / (n - 1)`` in float64 from row-chunked matmuls in the inputs' precision, TF32 off."""
     with no_tf32():
-        total = sum((a[r].T @ b[r]).to(torch.float64) for r in _row_chunks(a.shape[0], chunk_size))
+        total = sum((a[r].T @ b[r]).to(torch.float64) for r in row_chunks(a.shape[0], chunk_size))
     return total / (a.shape[0] - 1)
 
 
@@ -292,7 +235,7 @@ def _maxnorm_rows(points: Tensor, columns: Tensor, rows: slice, out: Tensor) -> 
         return out.copy_(torch.cdist(points[rows], points, p=math.inf))
     step = 64 if cpu else size
     scratch = torch.empty(min(step, size), points.shape[0], dtype=out.dtype, device=out.device)
-    for block in _row_chunks(size, step):
+    for block in row_chunks(size, step):
         src, dst = slice(rows.start + block.start, rows.start + block.stop), out[block]
         tmp = scratch[: block.stop - block.start]
         torch.sub(points[src, :1], columns[0], out=dst).abs_()
@@ -383,7 +326,7 @@ def ksg_side(
     z = _scale_and_jitter(z, KSG_JITTER[precision] if jitter is None else jitter, generator)
     side = KSGSide(z, k, algorithm, chunk_size)
     if side.n <= KSG_CACHE_TOKENS:  # row blocks, not one matrix: small blocks reuse freed memory
-        side.blocks = [side.rows(rows) for rows in _row_chunks(side.n, chunk_size)]
+        side.blocks = [side.rows(rows) for rows in row_chunks(side.n, chunk_size)]
     return side
 
 
@@ -402,7 +345,7 @@ def ksg_counts(a: KSGSide, b: KSGSide) -> tuple[Tensor, Tensor]:
     n, device, dtype = a.n, a.points.device, a.points.dtype
     counts = torch.empty(2, n, dtype=torch.float64, device=device)
     buffers = torch.empty(2, min(a.chunk_size, n), n, dtype=dtype, device=device)  # joint, scratch
-    for rows in _row_chunks(n, a.chunk_size):
+    for rows in row_chunks(n, a.chunk_size):
         size = rows.stop - rows.start
         dist_x, dist_y = a.rows(rows), b.rows(rows)
         joint = torch.maximum(dist_x, dist_y, out=buffers[0, :size])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from estimators import functional_kernel as F
 from estimators.base import Metric, Tensor
-from estimators.mi import check_bool, check_float, check_int
+from estimators.checks import check_bool, check_float, check_int
 
 
 class HSIC(Metric):

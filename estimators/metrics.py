@@ -6,18 +6,17 @@ from typing import Literal
 
 from estimators import functional as F
 from estimators.base import Metric, Tensor
+from estimators.checks import check_choice
 
 
 class _TokenMetric(Metric):
     """Shared option: average over every token (``tokens="all"``) or only each sample's last token."""
 
     def __init__(self, tokens: Literal["all", "last"] = "all") -> None:
-        if tokens not in ("all", "last"):
-            raise ValueError(f"tokens must be 'all' or 'last', got {tokens!r}")
-        super().__init__(tokens=tokens)
+        super().__init__(tokens=check_choice("tokens", tokens, ("all", "last")))
         self.tokens = tokens
 
-    def _select_tokens(self, states: Tensor) -> Tensor:
+    def select_tokens(self, states: Tensor) -> Tensor:
         return states[:, :, -1:, :] if self.tokens == "last" else states
 
 

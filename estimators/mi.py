@@ -8,47 +8,9 @@ block (MI-PRUN prunes the blocks of highest input/output MI), and ``higher_is_im
 
 from __future__ import annotations
 
-from typing import Any
-
 from estimators import functional_mi as F
 from estimators.base import Metric, Tensor
-
-
-def check_bool(name: str, value: Any) -> bool:
-    """``value`` if it is a bool, else a ``ValueError`` naming the parameter."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
-def check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -> int | None:
-    """``value`` if it is an int ``>= minimum`` (or None when ``optional``), else a ``ValueError``."""
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        allowed = f"an int >= {minimum}" + (" or None" if optional else "")
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return value
-
-
-def check_float(name: str, value: Any, *, positive: bool, optional: bool = False) -> float | None:
-    """``value`` as a float if it is a number ``> 0`` (``positive``) or ``>= 0``, else a ``ValueError``."""
-    if value is None and optional:
-        return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-    if not ok or (value <= 0 if positive else value < 0) or value == float("inf"):
-        allowed = ("a finite number > 0" if positive else "a finite number >= 0") + (
-            " or None" if optional else ""
-        )
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return float(value)
-
-
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    """``value`` if it is one of ``choices``, else a ``ValueError`` naming the parameter and the choices."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
+from estimators.checks import check_bool, check_choice, check_float, check_int
 
 
 class GaussianMI(Metric):

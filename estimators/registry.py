@@ -21,10 +21,21 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
-from collections.abc import Callable, Iterator
+import inspect
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+
+def did_you_mean(name: object, choices: Iterable[str], *, n: int = 3, cutoff: float = 0.5) -> str:
+    """``" Did you mean 'x'?"`` (or ``'x' or 'y'``) for up to ``n`` of ``choices`` close to ``name``
+    (:func:`difflib.get_close_matches` at ``cutoff``), best first; ``""`` when none is close.
+
+    Meant to end an error message: ``f"unknown metric {name!r}.{did_you_mean(name, names)}"``.
+    """
+    close = difflib.get_close_matches(str(name), list(choices), n=n, cutoff=cutoff)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 class RegistryError(KeyError):
@@ -41,11 +52,12 @@ class RegistryError(KeyError):
 class Registry(Generic[T]):
     """Maps names to objects, resolving lazy ``module:attr`` entries on first access."""
 
-    def __init__(self, kind: str, *, entry_point_group: str | None = None,
+    def __init__(self, kind: str, *, entry_point_group: str | None = None, base: type | None = None,
                  check: Callable[[Any], str | None] | None = None) -> None:
         self.kind = kind
         self.entry_point_group = entry_point_group
-        self._check = check  #: returns why an object is unfit, or None
+        self.base = base  #: every class registered must subclass it (checked when a lazy entry loads)
+        self._check = check  #: returns why an object is unfit, or None (after the ``base`` check)
         self._entries: dict[str, T | str] = {}
         self._origins: dict[str, str] = {}
         self._errors: dict[str, str] = {}  #: broken entries: name -> why
@@ -120,7 +132,7 @@ class Registry(Generic[T]):
                 obj = importlib.import_module(module_name)
                 for part in attr.split("."):
                     obj = getattr(obj, part)
-                why = self._check(obj) if self._check is not None else None
+                why = self.problem(obj)
             except Exception as exc:  # noqa: BLE001 - a broken plugin is reported, never fatal elsewhere
                 why = f"{type(exc).__name__}: {exc}"
             if why is not None:
@@ -131,10 +143,17 @@ class Registry(Generic[T]):
             return obj
         return entry
 
+    def problem(self, obj: Any) -> str | None:
+        """Why ``obj`` cannot be an entry of this registry (not a subclass of ``base``, or what ``check``
+        says), or None."""
+        if self.base is not None and not (isinstance(obj, type) and issubclass(obj, self.base)):
+            return f"{obj!r} is not a subclass of {self.base.__module__}.{self.base.__qualname__}"
+        return self._check(obj) if self._check is not None else None
+
     def unknown_message(self, name: str) -> str:
-        close = difflib.get_close_matches(str(name), list(self._entries), n=3, cutoff=0.5)
-        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        return f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(sorted(self._entries))}"
+        """The error message for an unknown ``name``: the close known names, then every known name."""
+        known = ", ".join(sorted(self._entries))
+        return f"unknown {self.kind} {name!r}.{did_you_mean(name, self._entries)} Known: {known}"
 
     def origin(self, name: str) -> str:
         self._read_plugins()
@@ -158,6 +177,23 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"Registry({self.kind!r}, {self.list()})"
+
+
+def resolve_params(cls: Callable[..., Any], params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` bound to ``cls``'s constructor signature with every default filled in: a component's
+    parameters as it will really run, its identity. ``TypeError`` for a parameter it does not take.
+    Keyword catch-alls (``**kwargs``) contribute what was given."""
+    sig = inspect.signature(cls)
+    bound = sig.bind(**params)
+    bound.apply_defaults()
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif kind is not inspect.Parameter.VAR_POSITIONAL:
+            out[name] = value
+    return dict(sorted(out.items()))
 
 
 def describe(obj: Any) -> str:

@@ -38,7 +38,7 @@ def check_scores_per_block_and_span(metric: type[Metric] | str, **params) -> Non
         f"non-finite scores {blocks}, {spans}"
     )
     torch.testing.assert_close(m.score_spans(states, 1), blocks, msg="a span of one block is not the block")
-    picked = m._select_tokens(states)
+    picked = m.select_tokens(states)
     pairs = torch.stack([m.pair(picked[i], picked[i + 1]).to(torch.float64).reshape(()) for i in range(4)])
     torch.testing.assert_close(
         blocks, pairs, msg=f"score_blocks {blocks.tolist()} differs from pair() {pairs.tolist()}: check prepare/compare"

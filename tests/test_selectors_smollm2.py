@@ -1,11 +1,14 @@
 """Search selectors on real SmolLM2-135M hidden states, against exhaustive search.
 
 Proxy objective (``proxy_span`` on angular distance, first and last blocks protected): every selector's
-value and number of evaluations for k = 2, 3, 4, written to ``results/selectors/smollm2-proxy.md``.
+value and number of evaluations for k = 2, 3, 4, printed (``pytest -s``) and written to
+``$BLOCKBENCH_TEST_OUTPUT/selectors/smollm2-proxy.md`` when that variable names a folder (never into
+the source tree).
 True objective (calibration loss with blocks masked): a small k = 2 search, to prove it works on the
 real model and equals the perplexity protocol on a really pruned copy.
 """
 
+import os
 import time
 from pathlib import Path
 
@@ -21,9 +24,17 @@ from algorithms.objectives import ObjectiveFactory
 from algorithms.selectors import SELECTORS, SelectionProblem
 from estimators import METRICS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.download]  # SmolLM2 (and lm-eval data) from PyPI on first use
 
-RESULTS = Path(__file__).resolve().parents[1] / "results" / "selectors"
+def _write(name: str, text: str) -> None:
+    """The table for a reader: printed, and kept under $BLOCKBENCH_TEST_OUTPUT when it is set."""
+    print("\n" + text)
+    if out := os.environ.get("BLOCKBENCH_TEST_OUTPUT"):
+        folder = Path(out) / "selectors"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+
+
 PROTECTED = frozenset({0, 29})
 SELECTORS_UNDER_TEST = [
     ("exhaustive", {}),
@@ -93,9 +104,7 @@ def test_selectors_against_exhaustive_on_the_span_proxy(smol):
     for k, label, value, evals, blocks, seconds in rows:
         lines.append(f"| {k} | {label} | {value:.5f} | {value - best[k]:+.5f} | {evals} | {blocks} | {seconds:.2f} |")
     text = "\n".join(lines) + "\n"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "smollm2-proxy.md").write_text(text)
-    print("\n" + text)
+    _write("smollm2-proxy.md", text)
 
 
 def test_true_calibration_loss_search(smol):
@@ -125,7 +134,5 @@ def test_true_calibration_loss_search(smol):
         f"| iterative(loss) | {it.info['value']:.4f} | {it.evaluations} | {it.blocks} |\n"
         f"| fbs(loss, candidates=4, max_iters=3) | {fbs.info['value']:.4f} | {fbs.evaluations} | {fbs.blocks} |\n"
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "smollm2-loss.md").write_text(text)
-    print("\n" + text)
+    _write("smollm2-loss.md", text)
     assert torch.isfinite(torch.tensor([it.info["value"], fbs.info["value"]])).all()

@@ -161,6 +161,7 @@ def test_expected_ceiling():
 
 
 @pytest.mark.slow
+@pytest.mark.download
 def test_smollm2_with_a_quarter_of_its_blocks_removed():
     from algorithms.models import zoo
 

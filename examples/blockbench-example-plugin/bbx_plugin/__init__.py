@@ -1,13 +1,18 @@
-"""An example blockbench plugin: a metric (``rel_change``) and a selector (``spread``).
+"""An example blockbench plugin: a metric (``rel_change``), a selector (``spread``) and an evaluation
+(``nll_gap``).
 
-Install it next to blockbench (``pip install examples/blockbench-example-plugin``) and both names
-appear in ``bench list`` and can be used in any grid file.
+Install it next to blockbench (``pip install examples/blockbench-example-plugin``) and the names
+appear in ``bench list`` and can be used in any grid file (``nll_gap:`` as a section of its own).
 """
 
 from __future__ import annotations
 
-import torch
+from typing import Any
 
+import torch
+from pydantic import Field
+
+from algorithms.evaluations import Column, EvalTarget, Evaluation, Params
 from algorithms.selectors import SelectionProblem, SelectionResult, Selector
 from estimators.base import Metric
 
@@ -56,3 +61,34 @@ class Spread(Selector):
             if len(chosen) < problem.k and block not in chosen:
                 chosen.append(block)
         return SelectionResult(blocks=sorted(chosen), info={"gap": self.gap})
+
+
+class NLLGapParams(Params):
+    """The grid section ``nll_gap:``; unknown keys are refused, every default enters the cell id."""
+
+    seq_len: int = Field(128, ge=2)
+    max_windows: int = Field(4, ge=1)
+
+
+class NLLGap(Evaluation):
+    """Held-out next-token NLL of the pruned model minus the dense model's (nats); lower is better."""
+
+    name = "nll_gap"
+    version = "1"  # bump when the numbers change: it enters every cell id and cache key
+    Params = NLLGapParams
+
+    def columns(self) -> list[Column]:
+        return [Column("nll_gap", "NLL gap", higher_is_better=False, fmt=".3f", spread=True, gate="nll_gap")]
+
+    def measure(self, target: EvalTarget) -> dict[str, Any]:
+        from algorithms.data import heldout_windows
+        from algorithms.models.nll import mean_nll
+
+        windows = heldout_windows(target.tokenizer, "wikipedia", seq_len=self.params.seq_len,
+                                  max_windows=self.params.max_windows)
+        with target.pruned() as model:  # the dense model when target.removed is empty
+            nll, tokens = mean_nll(model, windows)
+        return {"nll": nll, "tokens": tokens}
+
+    def values(self, dense: dict[str, Any] | None, pruned: dict[str, Any]) -> dict[str, float | None]:
+        return {"nll_gap": pruned["nll"] - dense["nll"]}

@@ -1,0 +1,583 @@
+"""The stages of a cell, as public typed steps: load → capture → score → select → transform →
+evaluate → record.
+
+Read this first. A grid is a list of :class:`~bench.grid.Cell`; an executor (:mod:`bench.executors`)
+decides *where* cells run, and every executor calls the same steps of one :class:`Pipeline`:
+
+================  ==============================================  ================================
+step              what it returns                                 shared by / cached under
+================  ==============================================  ================================
+``load``          :class:`LoadedModel` (model, tokenizer, info)   every cell of a model
+``capture``       :class:`CapturedStates` (hooks on the blocks)   a calibration group; cache/hidden
+``score``         :class:`Scores` (one per block, float64)        (states, metric); cache/scores
+``select``        :class:`Selection` (the removed blocks)         per cell
+``transform``     the model with the set removed (a context)      —
+``evaluate``      :class:`SetEvaluation` (every evaluation)       (model, block set);
+                                                                  cache/evaluations/<name>
+``complete``      the cell's :class:`~bench.records.CellRecord`   records/<cell_id>.json
+================  ==============================================  ================================
+
+:meth:`Pipeline.select_cell` runs load → select for one cell and returns a record with status
+``selected`` (or ``failed``); :meth:`Pipeline.evaluate` runs transform → evaluate for one block set
+(``()`` is the dense model); :meth:`Pipeline.complete` joins them into the finished record. A failure
+in any step becomes a failed record naming its stage; the grid goes on.
+
+*Identity*: every cache key hashes what decides the number it holds: the model's content fingerprint,
+the resolved parameters and ``version`` of the metric or evaluation, the dtype, the device type, the
+data's fingerprint, and for machine-dependent evaluations (speed) the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import platform
+import subprocess
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from algorithms.evaluations import EVALUATIONS, EvalTarget, Evaluation
+from algorithms.selectors import SELECTORS, SelectionProblem
+from bench import __version__
+from bench.config import GridConfig
+from bench.grid import PROTOCOL_VERSION, Cell, calibration_label, short_hash
+from bench.progress import Reporter
+from bench.records import (
+    CellRecord,
+    EvaluationOutcome,
+    Labels,
+    ModelInfo,
+    Parameters,
+    SelectorOutcome,
+)
+from bench.store import ResultStore
+from estimators import METRICS
+
+#: objectives every chosen set is scored on in its record (lower = better set to remove)
+PROXY_OBJECTIVES = ("proxy_sum", "proxy_span")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device a grid's ``device`` names (``auto``: CUDA when available, else the CPU)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} was asked for but CUDA is not available")
+    return torch.device(device)
+
+
+class Timer:
+    """Wall-clock timings per stage; synchronises CUDA so GPU work is inside the interval."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: dict[str, float] = {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------- environment
+def git_state(folder: Path | None = None) -> tuple[str | None, bool | None]:
+    """``(commit, dirty)`` of the checkout blockbench runs from (asv-style): ``dirty`` is True when
+    tracked files differ from the commit. ``(None, None)`` outside a git checkout (an installed wheel)."""
+    cwd = folder or Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                                timeout=5, check=False).stdout.strip()
+        if not commit:
+            return None, None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                                capture_output=True, text=True, timeout=10, check=False)
+        return commit, bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Machine, package versions and commit (with its ``dirty`` flag), recorded in every record."""
+    versions = {}
+    for pkg in ("torch", "transformers", "numpy", "safetensors", "lm_eval"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    commit, dirty = git_state()
+    return {
+        "host": platform.node(),
+        "machine": platform.machine(),
+        "system": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "blockbench": __version__,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "packages": versions,
+    }
+
+
+def machine_key(env: dict[str, Any]) -> dict[str, Any]:
+    """What identifies the machine of a timing (pytest-benchmark's ``machine_info``): results of a
+    machine-dependent evaluation are cached under it, so another machine measures its own."""
+    return {k: env.get(k) for k in ("host", "machine", "cpu_count", "device", "device_name")} | {
+        "torch": env.get("packages", {}).get("torch")}
+
+
+# ---------------------------------------------------------------------------------------- failures
+class StageError(Exception):
+    """An exception raised inside a named stage, with its traceback kept for the failed record."""
+
+    def __init__(self, stage: str, exc: BaseException) -> None:
+        super().__init__(str(exc))
+        self.stage = stage
+        self.exc = exc
+        self.tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+class Lazy:
+    """A stage's value computed on first use; a failure is remembered and re-raised to later users
+    (every cell of a calibration group fails at ``capture`` once, not once per retry)."""
+
+    def __init__(self, stage: str, fn: Callable[[], Any]) -> None:
+        self.stage, self.fn = stage, fn
+        self.value: Any = None
+        self.error: StageError | None = None
+        self.done = False
+
+    def get(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        if not self.done:
+            try:
+                self.value = self.fn()
+                self.done = True
+            except StageError as exc:
+                self.error = exc
+                raise
+            except Exception as exc:  # noqa: BLE001 - recorded in the cell's record
+                self.error = StageError(self.stage, exc)
+                raise self.error from exc
+        return self.value
+
+
+# ---------------------------------------------------------------------------------------- stage values
+@dataclass
+class LoadedModel:
+    """The ``load`` step's output: the model in eval mode on the grid's device and dtype."""
+
+    spec: dict[str, Any]
+    model: torch.nn.Module
+    tokenizer: Any
+    info: ModelInfo
+    seconds: float
+
+
+@dataclass
+class CapturedStates:
+    """The ``capture`` step's output for one calibration group (model × calibration variant × seed).
+
+    ``states[i]`` enters block ``i``, ``states[L]`` leaves the last block (hooks, never
+    ``hidden_states[-1]``), float32 on the CPU; ``input_ids`` are the calibration windows."""
+
+    key: str
+    states: torch.Tensor
+    input_ids: torch.Tensor
+    stats: dict[str, float]
+    seconds: float
+    cached: bool
+    #: one host-to-device copy per group, shared by every metric (made on first use)
+    device_states: torch.Tensor | None = None
+    to_device_seconds: float = 0.0
+    #: search objectives per metric label (one ObjectiveFactory each; they share true-loss evaluations)
+    objectives: dict[str, Any] = field(default_factory=dict)
+
+    def on_device(self, device: torch.device) -> torch.Tensor:
+        if self.device_states is None:
+            timer = Timer(device)
+            with timer.stage("to_device"):
+                self.device_states = self.states.to(device)
+            self.to_device_seconds = timer.times["to_device"]
+        return self.device_states
+
+
+@dataclass
+class Scores:
+    """The ``score`` step's output: one score per block in the metric's own orientation."""
+
+    values: torch.Tensor
+    higher_is_important: bool
+    seconds: float
+    cached: bool
+
+
+@dataclass
+class Selection:
+    """The ``select`` step's output: the removed blocks and what the selector spent on them."""
+
+    k: int
+    removed: tuple[int, ...]
+    evaluations: int
+    info: dict[str, Any]
+    proxies: dict[str, float]
+    seconds: float
+    proxy_seconds: float
+
+
+@dataclass
+class EvalResult:
+    """One evaluation of one block set (JSON-ready ``result``, cached on disk)."""
+
+    name: str
+    result: dict[str, Any]
+    seconds: float | None
+    cached: bool
+
+
+@dataclass
+class SetEvaluation:
+    """The ``evaluate`` step's output for one block set of one model (``removed == ()``: dense)."""
+
+    removed: tuple[int, ...]
+    parameters: int
+    results: dict[str, EvalResult]
+
+
+@dataclass
+class ModelMemo:
+    """Per-model memory of the evaluate step: results by cache key, and each evaluation's dense
+    reference (computed on first need)."""
+
+    results: dict[str, SetEvaluation] = field(default_factory=dict)
+    references: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------- the pipeline
+class Pipeline:
+    """The steps of a cell for one grid on one results folder. Executors call its public methods;
+    it holds no loop of its own. ``counters`` says how often each expensive step really ran in this
+    process (``model_loads``, ``captures``, ``scorings``, ``measure:<evaluation>``)."""
+
+    def __init__(self, config: GridConfig, store: ResultStore | str | Path, reporter: Reporter | None = None,
+                 *, allow_remote_code: bool = False) -> None:
+        self.config = config
+        self.store = store if isinstance(store, ResultStore) else ResultStore(store)
+        self.reporter = reporter or Reporter()
+        self.allow_remote_code = allow_remote_code
+        self.device = resolve_device(config.device)
+        self.dtype = DTYPES[config.dtype]
+        self.env = environment(self.device)
+        self.evaluations: dict[str, Evaluation] = {
+            name: EVALUATIONS.get(name)(params) for name, params in config.evaluations.items()
+        }
+        self.counters: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ load
+    def load(self, spec: dict[str, Any]) -> LoadedModel:
+        """Load a model (zoo name, local folder or hub id) on the grid's device and dtype."""
+        from algorithms.models.zoo import load_model
+
+        if spec.get("trust_remote_code") and not self.allow_remote_code:
+            raise PermissionError(f"model {spec['name']!r} sets trust_remote_code: true, which runs code shipped "
+                                  "with the model; allow it with --allow-remote-code (Runner(allow_remote_code=True))")
+        start = time.perf_counter()
+        model, tokenizer, info = load_model(spec["name"], device=str(self.device), dtype=self.dtype,
+                                            trust_remote_code=spec["trust_remote_code"])
+        self.counters["model_loads"] += 1
+        model_info = ModelInfo(**{k: info[k] for k in ("name", "fingerprint", "n_blocks", "architecture",
+                                                        "parameters")})
+        return LoadedModel(spec=spec, model=model, tokenizer=tokenizer, info=model_info,
+                           seconds=time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ capture
+    def capture(self, loaded: LoadedModel, calibration: dict[str, Any]) -> CapturedStates:
+        """Hidden states entering every block and leaving the last, from hooks, for one calibration set."""
+        from algorithms.data import calibration_batch, source_fingerprint
+        from algorithms.models.capture import capture_hidden_states
+
+        key = short_hash({
+            "model": loaded.info.fingerprint, "calibration": calibration,
+            "source": source_fingerprint(calibration["source"]), "dtype": self.config.dtype,
+            "device": self.device.type, "protocol": PROTOCOL_VERSION,
+        })
+        ids = calibration_batch(  # cheap; kept for the true-loss objective of search selectors
+            loaded.tokenizer, calibration["source"], samples=calibration["samples"],
+            seq_len=calibration["seq_len"], seed=calibration["seed"],
+        )
+        cached = self.store.get_tensors("hidden", key) if self.config.cache_hidden_states else None
+        if cached is not None:
+            tensors, meta = cached
+            return CapturedStates(key=key, states=tensors["states"], input_ids=ids,
+                                  stats={k: float(v) for k, v in meta.items()}, seconds=0.0, cached=True)
+        timer = Timer(self.device)
+        with timer.stage("capture"):
+            states, stats = capture_hidden_states(loaded.model, ids, batch_size=self.config.calibration.batch_size)
+        self.counters["captures"] += 1
+        if not torch.isfinite(states).all():
+            bad = sorted({int(i) for i in (~torch.isfinite(states)).nonzero()[:, 0].tolist()})
+            raise FloatingPointError(f"hidden states contain NaN or inf at depths {bad}")
+        stats["capture_seconds"] = timer.times["capture"]
+        if self.config.cache_hidden_states:
+            self.store.put_tensors("hidden", key, {"states": states}, {k: repr(v) for k, v in stats.items()})
+        return CapturedStates(key=key, states=states, input_ids=ids, stats=stats, seconds=timer.times["capture"],
+                              cached=False)
+
+    # ------------------------------------------------------------------ score
+    def score(self, captured: CapturedStates, cell: Cell) -> Scores:
+        """The cell's metric on every block, once per (hidden states, resolved metric)."""
+        identity = cell.metric_identity
+        cls = METRICS.get(cell.metric.name)
+        key = short_hash({"hidden": captured.key, "metric": identity, "device": self.device.type})
+        cached = self.store.get_json("scores", key)
+        if cached is not None:
+            return Scores(values=torch.tensor(cached["scores"], dtype=torch.float64),
+                          higher_is_important=bool(cached["higher_is_important"]), seconds=cached["seconds"],
+                          cached=True)
+        metric = cls(**cell.metric.params)
+        states = captured.on_device(self.device)
+        timer = Timer(self.device)
+        with timer.stage("scoring"):
+            values = metric.score_blocks(states).cpu()
+        self.counters["scorings"] += 1
+        if not torch.isfinite(values).all():
+            bad = [i for i, s in enumerate(values.tolist()) if s != s or abs(s) == float("inf")]
+            raise FloatingPointError(f"metric {cell.metric.name!r} gave non-finite scores for blocks {bad}")
+        self.store.put_json("scores", key, {"scores": values.tolist(), "seconds": timer.times["scoring"],
+                                            "device": str(self.device),
+                                            "higher_is_important": cls.higher_is_important})
+        return Scores(values=values, higher_is_important=bool(cls.higher_is_important),
+                      seconds=timer.times["scoring"], cached=False)
+
+    # ------------------------------------------------------------------ select
+    def select(self, cell: Cell, loaded: LoadedModel, captured: CapturedStates, scores: Scores) -> Selection:
+        """The cell's selector on its scores; the chosen set is then scored on the shared proxies."""
+        n_blocks = loaded.info.n_blocks
+        k = cell.resolve_k(n_blocks)
+        protected = cell.resolve_protected(n_blocks)
+        selector = SELECTORS.get(cell.selector.name)(**cell.selector.params)
+        label = cell.metric.label()
+        if label not in captured.objectives:
+            # one factory per (calibration group, metric); factories of one group share true-loss results
+            from algorithms.objectives import ObjectiveFactory
+
+            captured.objectives[label] = ObjectiveFactory(
+                model=loaded.model, input_ids=captured.input_ids,
+                states=lambda: captured.on_device(self.device),
+                metric=METRICS.get(cell.metric.name)(**cell.metric.params),
+                higher_is_important=scores.higher_is_important, block_scores=scores.values,
+                batch_size=self.config.calibration.batch_size, fingerprint=captured.key,
+                share=next(iter(captured.objectives.values()), None),
+            )
+        factory = captured.objectives[label]
+        problem = SelectionProblem(
+            n_blocks=n_blocks, k=k, scores=scores.values, higher_is_important=scores.higher_is_important,
+            protected=protected, seed=cell.calibration["seed"], objectives=factory,
+            workdir=self.store.root / "optuna",
+        )
+        t0 = time.perf_counter()
+        chosen = selector(problem)
+        seconds = time.perf_counter() - t0
+        removed = tuple(chosen.blocks)
+        # every selector's choice scored on the same cheap proxies, so selectors compare on equal terms
+        t0 = time.perf_counter()
+        proxies = {kind: factory.get(kind)(removed) for kind in PROXY_OBJECTIVES}
+        return Selection(k=k, removed=removed, evaluations=chosen.evaluations, info=chosen.info, proxies=proxies,
+                         seconds=seconds, proxy_seconds=time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ transform
+    @staticmethod
+    def transform(model: torch.nn.Module, removed: tuple[int, ...]) -> contextlib.AbstractContextManager:
+        """The model without ``removed``, for the duration of a ``with`` block: the blocks are masked in
+        place (bit-identical to removal, no copy of the model). Pruning units and healing plug in here."""
+        from algorithms.models.masking import skip_blocks
+
+        return skip_blocks(model, removed)
+
+    # ------------------------------------------------------------------ evaluate
+    def evaluation_key(self, loaded: LoadedModel, removed: tuple[int, ...], evaluation: Evaluation) -> str:
+        """Cache key of one evaluation of one block set: model content, set, resolved evaluation
+        (parameters and version), the contents of the data it reads, dtype, device type, protocol, and
+        the machine for timings."""
+        parts: dict[str, Any] = {
+            "model": loaded.info.fingerprint, "removed": list(removed), "evaluation": evaluation.describe(),
+            "data": evaluation.data_fingerprint(), "dtype": self.config.dtype, "device": self.device.type,
+            "protocol": PROTOCOL_VERSION,
+        }
+        if evaluation.machine_dependent:
+            parts["machine"] = machine_key(self.env)
+        return short_hash(parts)
+
+    def evaluate(self, loaded: LoadedModel, removed: tuple[int, ...], memo: ModelMemo | None = None) -> SetEvaluation:
+        """Every evaluation of the grid on the model without ``removed`` (``()``: the dense model, for the
+        evaluations that measure it). Raises :class:`StageError` naming the evaluation that failed."""
+        from algorithms.models.blocks import count_parameters
+
+        memo = memo if memo is not None else ModelMemo()
+        removed = tuple(sorted(removed))
+        memo_key = short_hash({"model": loaded.info.fingerprint, "removed": list(removed)})
+        if memo_key in memo.results:
+            hit = memo.results[memo_key]
+            return SetEvaluation(removed, hit.parameters,
+                                 {n: EvalResult(n, r.result, r.seconds, True) for n, r in hit.results.items()})
+        with self.transform(loaded.model, removed) as model:
+            parameters = count_parameters(model)
+        results: dict[str, EvalResult] = {}
+        for name, evaluation in self.evaluations.items():
+            if not removed and not evaluation.measures_dense:
+                continue
+            try:
+                results[name] = self._measure(loaded, removed, name, evaluation, memo)
+            except Exception as exc:  # noqa: BLE001 - recorded in the records of the cells that chose the set
+                raise StageError(name, exc) from exc
+        out = SetEvaluation(removed=removed, parameters=parameters, results=results)
+        memo.results[memo_key] = out
+        return out
+
+    def _measure(self, loaded: LoadedModel, removed: tuple[int, ...], name: str, evaluation: Evaluation,
+                 memo: ModelMemo) -> EvalResult:
+        key = self.evaluation_key(loaded, removed, evaluation)
+        kind = f"evaluations/{name}"
+        cached = self.store.get_json(kind, key)
+        if cached is not None:
+            return EvalResult(name, cached["result"], cached.get("seconds"), True)
+        self.reporter.stage(f"blocks {list(removed) or 'none'}: {name}")
+        if name not in memo.references:
+            memo.references[name] = evaluation.reference(loaded.model, loaded.tokenizer)
+        target = EvalTarget(model=loaded.model, tokenizer=loaded.tokenizer, removed=removed,
+                            n_blocks=loaded.info.n_blocks, transform=self.transform,
+                            reference=memo.references[name])
+        timer = Timer(self.device)
+        with timer.stage(name):
+            result = evaluation.measure(target)
+        self.counters[f"measure:{name}"] += 1
+        self.store.put_json(kind, key, {"result": result, "seconds": timer.times[name],
+                                        "evaluation": evaluation.describe(), "removed": list(removed)})
+        return EvalResult(name, result, timer.times[name], False)
+
+    # ------------------------------------------------------------------ records
+    def header(self, cell: Cell) -> CellRecord:
+        """A record that knows only the cell (status ``selected`` until a step fails or completes it)."""
+        return CellRecord(
+            cell_id=cell.cell_id, grid=cell.grid, spec=cell.spec(), versions=cell.versions(), env=self.env,
+            labels=Labels(model=cell.model["name"], metric=cell.metric.label(), selector=cell.selector.label(),
+                          budget=cell.budget_label, seed=cell.calibration["seed"],
+                          calibration=calibration_label(cell.calibration)),
+            status="selected",
+        )
+
+    def select_cell(self, cell: Cell, model: Lazy, captured: Lazy) -> CellRecord:
+        """load → capture → score → select for one cell: a ``selected`` record, or a ``failed`` one.
+        ``model`` and ``captured`` are the group's shared :class:`Lazy` values."""
+        record = self.header(cell)
+        stage = "load_model"
+        try:
+            self.reporter.stage(f"{cell.model['name']}: loading model")
+            loaded: LoadedModel = model.get()
+            record.model = loaded.info
+            stage = "budget"
+            cell.resolve_k(loaded.info.n_blocks)
+            stage = "capture"
+            self.reporter.stage(f"{cell.model['name']}: hidden states, {calibration_label(cell.calibration)}, "
+                                f"seed {cell.calibration['seed']}")
+            states: CapturedStates = captured.get()
+            stage = "scoring"
+            self.reporter.stage(f"{cell.metric.label()}: scoring")
+            scores = self.score(states, cell)
+            stage = "selection"
+            selection = self.select(cell, loaded, states, scores)
+        except Exception as exc:  # noqa: BLE001 - one failing cell never stops the grid
+            return self.failed(record, exc, stage)
+        record.k = selection.k
+        record.removed_blocks = list(selection.removed)
+        record.scores = scores.values.tolist()
+        record.higher_is_important = scores.higher_is_important
+        record.selector_result = SelectorOutcome(evaluations=selection.evaluations, info=selection.info,
+                                                 proxies=selection.proxies)
+        record.calibration_stats = dict(states.stats)
+        record.timings = {"load_model": loaded.seconds, "capture": states.seconds, "scoring": scores.seconds,
+                          "selection": selection.seconds, "proxies": selection.proxy_seconds}
+        record.cache_hits = {"hidden": states.cached, "scores": scores.cached}
+        return record
+
+    def complete(self, selected: CellRecord, dense: SetEvaluation, pruned: SetEvaluation) -> CellRecord:
+        """The finished record from a ``selected`` one and the evaluations of the dense model and its set."""
+        record = selected.model_copy(deep=True)
+        outcomes: dict[str, EvaluationOutcome] = {}
+        timings = dict(selected.timings)
+        cache_hits = dict(selected.cache_hits)
+        for name, evaluation in self.evaluations.items():
+            d, p = dense.results.get(name), pruned.results[name]
+            outcomes[name] = EvaluationOutcome(
+                name=name, version=evaluation.version, params=evaluation.describe()["params"],
+                columns=[c.as_dict() for c in evaluation.columns()],
+                values=evaluation.values(d.result if d else None, p.result),
+                dense=d.result if d else None, pruned=p.result,
+                seconds={"dense": d.seconds if d else None, "pruned": p.seconds}, cached=p.cached,
+            )
+            if d is not None and d.seconds is not None:
+                timings[f"{name}_dense"] = d.seconds
+            if p.seconds is not None:
+                timings[f"{name}_pruned"] = p.seconds
+            cache_hits[name] = p.cached
+        record.status = "ok"
+        record.evaluations = outcomes
+        record.parameters = Parameters(dense=dense.parameters, pruned=pruned.parameters,
+                                       kept_share=pruned.parameters / dense.parameters)
+        record.timings = timings
+        record.cache_hits = cache_hits
+        record.finished_at = _now()
+        return record
+
+    def run_cell(self, cell: Cell, model: Lazy, captured: Lazy, memo: ModelMemo) -> CellRecord:
+        """Every step of one cell in this process (the local executor)."""
+        selected = self.select_cell(cell, model, captured)
+        if selected.status != "selected":
+            return selected
+        try:
+            loaded = model.get()
+            dense = self.evaluate(loaded, (), memo)
+            pruned = self.evaluate(loaded, tuple(selected.removed_blocks or ()), memo)
+        except StageError as exc:
+            return self.failed(selected, exc, exc.stage)
+        return self.complete(selected, dense, pruned)
+
+    @staticmethod
+    def failed(record: CellRecord, exc: BaseException, stage: str) -> CellRecord:
+        """``record`` marked failed at ``stage`` (a :class:`StageError` names its own stage)."""
+        err = exc.exc if isinstance(exc, StageError) else exc
+        tb = exc.tb if isinstance(exc, StageError) else traceback.format_exc()
+        if isinstance(err, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # give the next cell the memory back
+        return failure(record, exc.stage if isinstance(exc, StageError) else stage, f"{type(err).__name__}: {err}", tb)
+
+
+def failure(record: CellRecord, stage: str, error: str, tb: str) -> CellRecord:
+    """A failed record: what ``record`` knew (the chosen blocks, when selection was done) and why."""
+    return record.model_copy(update={"status": "failed", "stage": stage, "error": error, "traceback": tb,
+                                     "timings": {}, "cache_hits": {}, "finished_at": _now()}, deep=True)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat()

@@ -1,0 +1,284 @@
+"""The leaderboard, its tables and its Markdown read everything from the records' evaluation columns:
+aggregation, spread, ranking, headings, formats, the terminal's choice. A plugin-like evaluation defined
+here (no edit to blockbench) becomes a column, ranks the board, prints, is summarised by the stability
+study and is gated by the regression gate."""
+
+import math
+
+import pytest
+from pydantic import Field
+from rich.console import Console
+
+from algorithms.evaluations.base import Column, Evaluation, Params
+from bench import gate, report, stability
+from tests.records_factory import make_record
+
+SCORES = [6, 5, 1, 2, 4, 3]
+
+
+def _builtin(i, *, metric, seed, ppl, acc, kl=0.2, prefill=1.2, removed=(2, 3), budget="2 blocks", model="m"):
+    values = {"ppl_pruned": ppl, "ppl_dense": 10.0,
+              "acc_pruned": acc, "acc_dense": 0.6, "acc_retained": acc / 0.6, "acc:arc_easy": acc + 0.1,
+              "acc:piqa": acc - 0.1, "kl": kl, "top1": 0.8, "prefill_speedup": prefill, "decode_speedup": 1.1}
+    return make_record(i, removed=removed, scores=SCORES, values=values, metric=metric, seed=seed, budget=budget,
+                       model=model)
+
+
+def _grid():
+    """bi: low accuracy, low perplexity; angular: high accuracy, high perplexity; two seeds each."""
+    return [
+        _builtin(0, metric="bi", seed=0, ppl=20.0, acc=0.40, kl=0.10),
+        _builtin(1, metric="bi", seed=1, ppl=22.0, acc=0.44, kl=0.30),
+        _builtin(2, metric="angular", seed=0, ppl=30.0, acc=0.50, kl=0.20, removed=(1, 2)),
+        _builtin(3, metric="angular", seed=1, ppl=34.0, acc=0.56, kl=0.20, removed=(1, 2)),
+    ]
+
+
+def test_every_column_aggregates_over_seeds_under_its_own_key():
+    board = report.leaderboard(_grid()).set_index("metric")
+    assert board.attrs["ranked_by"] == "acc_pruned"  # accuracy has the highest rank of the built-ins
+    assert [c.key for c in board.attrs["columns"]] == [
+        "acc_pruned", "acc_dense", "acc_retained", "acc:arc_easy", "acc:piqa", "ppl_pruned", "ppl_dense", "kl",
+        "top1", "prefill_speedup", "decode_speedup"]
+    bi = board.loc["bi"]
+    assert bi["ppl_pruned"] == 21.0 and bi["ppl_pruned_std"] == pytest.approx(math.sqrt(2))
+    assert bi["acc_pruned"] == pytest.approx(0.42) and bi["acc_pruned_std"] == pytest.approx(math.sqrt(0.0008))
+    assert bi["kl"] == pytest.approx(0.2) and bi["kl_std"] == pytest.approx(math.sqrt(0.02))
+    assert bi["acc:piqa"] == pytest.approx(0.32) and bi["ppl_dense"] == 10.0 and bi["seeds"] == 2
+    # no spread column, no std; the old names are gone
+    assert not {"ppl_dense_std", "top1_std", "acc_retained_std", "ppl_mean", "ppl_std", "acc_std"} & set(board.columns)
+    assert list(board.index) == ["angular", "bi"] and list(board["rank"]) == [1, 2]  # accuracy: higher first
+
+
+def test_one_seed_has_zero_spread():
+    board = report.leaderboard(_grid()[:1])
+    assert (board.loc[0, "ppl_pruned_std"], board.loc[0, "acc_pruned_std"], board.loc[0, "kl_std"]) == (0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize(("rank_by", "key", "first"), [
+    ("auto", "acc_pruned", "angular"),
+    ("accuracy", "acc_pruned", "angular"),
+    ("acc", "acc_pruned", "angular"),
+    ("perplexity", "ppl_pruned", "bi"),  # lower first
+    ("ppl", "ppl_pruned", "bi"),
+    ("ppl_pruned", "ppl_pruned", "bi"),
+    ("kl", "kl", "angular"),  # 0.2 each: a tie, both rank 1, angular first by name
+    ("acc:piqa", "acc:piqa", "angular"),
+    ("speed", "prefill_speedup", "angular"),  # speed has no ranked column: its first with a direction
+    ("speedup", "prefill_speedup", "angular"),
+])
+def test_rank_by_evaluation_column_or_measure(rank_by, key, first):
+    board = report.leaderboard(_grid(), rank_by=rank_by)
+    assert board.attrs["ranked_by"] == key
+    assert board.loc[0, "metric"] == first and board.loc[0, "rank"] == 1
+
+
+def test_rank_by_kl_ties_and_lower_is_better():
+    records = _grid()[:2] + [_builtin(5, metric="angular", seed=0, ppl=30.0, acc=0.5, kl=0.05, removed=(1, 2))]
+    board = report.leaderboard(records, rank_by="kl")
+    assert list(zip(board["metric"], board["rank"], strict=True)) == [("angular", 1), ("bi", 2)]
+
+
+def test_unknown_rank_by_names_the_choices():
+    with pytest.raises(ValueError) as info:
+        report.leaderboard(_grid(), rank_by="f1")
+    assert str(info.value) == (
+        "rank_by: unknown 'f1'; choose from auto, an evaluation (accuracy, kl, perplexity, speed), a column "
+        "(acc_pruned, acc_retained, acc:arc_easy, acc:piqa, ppl_pruned, kl, top1, prefill_speedup, decode_speedup) "
+        "or a measure (acc, kl, ppl, speedup, top1)")
+    with pytest.raises(ValueError, match=r"^rank_by: column 'ppl_dense' \(ppl \(dense\)\) is a reference value"):
+        report.leaderboard(_grid(), rank_by="ppl_dense")
+    only_ppl = [make_record(0, removed=(1,), values={"ppl_pruned": 20.0, "ppl_dense": 10.0})]
+    with pytest.raises(ValueError, match=r"^rank_by: unknown 'accuracy'; choose from auto, an evaluation "
+                                         r"\(perplexity\)"):
+        report.leaderboard(only_ppl, rank_by="accuracy")
+
+
+def test_ranks_stay_within_model_and_budget():
+    records = _grid() + [_builtin(10 + i, metric="bi", seed=i, ppl=50.0, acc=0.3, budget="3 blocks", removed=(1, 2, 3))
+                         for i in range(2)]
+    board = report.leaderboard(records)
+    assert list(zip(board["budget"], board["metric"], board["rank"], strict=True)) == [
+        ("2 blocks", "angular", 1), ("2 blocks", "bi", 2), ("3 blocks", "bi", 1)]
+
+
+def test_display_headings_formats_and_order():
+    board = report.leaderboard(_grid())
+    shown = report.display(board)
+    assert list(shown.columns) == [
+        "rank", "model", "budget", "metric", "selector", "acc", "acc (dense)", "retained", "arc_easy", "piqa",
+        "ppl (pruned)", "ppl (dense)", "KL", "top-1 agree", "prefill ×", "decode ×", "params kept", "span loss",
+        "evals", "seeds", "distinct sets", "jaccard", "τ", "scoring s", "typical removed"]
+    bi = shown[shown["metric"] == "bi"].iloc[0]
+    assert (bi["acc"], bi["ppl (pruned)"], bi["KL"]) == ("0.420 ± 0.028", "21.00 ± 1.41", "0.2000 ± 0.1414")
+    assert (bi["retained"], bi["piqa"], bi["ppl (dense)"], bi["prefill ×"]) == ("70.0%", "0.320", "10.00", "1.20")
+    assert (bi["budget"], bi["typical removed"], bi["params kept"], bi["seeds"]) == (
+        "2 blocks (2/6)", "2,3", "70.0%", 2)
+
+
+def test_terminal_shows_the_terminal_columns_under_their_short_headings():
+    board = report.leaderboard(_grid())
+    shown = report.display(board, terminal=True)
+    assert list(shown.columns) == [
+        "rank", "model", "budget", "metric", "selector", "acc", "retained", "ppl pruned", "dense", "KL", "top-1",
+        "prefill ×", "decode ×", "evals", "seeds", "jaccard", "τ", "score s", "removed"]
+    console = Console(record=True, width=300)
+    report.render_terminal(board, console, title="t")
+    header = next(line for line in console.export_text().splitlines() if "rank" in line)
+    assert [h.strip() for h in header.strip("┃ ").split("┃")] == list(shown.columns)
+
+
+def _md_table_header(md: str) -> list[str]:
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in md.splitlines()
+            if line.startswith("|")]
+    assert rows[0][0] == "rank" and set(rows[1]) <= {"---:", ":---"} | {"-" * n + ":" for n in range(3, 40)} | {
+        ":" + "-" * n for n in range(3, 40)}
+    return rows[0]
+
+
+def _md_rows(md: str) -> list[list[str]]:
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in md.splitlines()
+            if line.startswith("|")]
+    return [dict(zip(rows[0], row, strict=True)) for row in rows[2:]]
+
+
+def test_markdown_notes_come_from_the_columns(tmp_path):
+    board = report.leaderboard(_grid())
+    md_path, csv_path = report.write_reports(board, tmp_path, title="t")
+    md = md_path.read_text()
+    assert md.startswith("# t\n\nRanks within each model and budget, by `acc` (higher first). ")
+    assert "`ppl (pruned)`: lower is better (`bench check` measure `ppl`); `KL`: lower is better" in md
+    assert "`acc`, `ppl (pruned)`, `KL`: ± the std over seeds" in md
+    assert _md_table_header(md) == list(report.display(board).columns)
+    bi = next(row for row in _md_rows(md) if row["metric"] == "bi")  # every cell in its column's format
+    assert (bi["rank"], bi["acc"], bi["retained"], bi["ppl (dense)"], bi["span loss"], bi["scoring s"]) == (
+        "2", "0.420 ± 0.028", "70.0%", "10.00", "0.1000", "0.100")
+    csv_header = csv_path.read_text().splitlines()[0].split(",")
+    assert csv_header[:8] == ["model", "budget", "metric", "selector", "seeds", "k", "n_blocks", "acc_pruned"]
+    assert {"ppl_pruned", "ppl_pruned_std", "kl_std", "rank"} <= set(csv_header)
+    assert [p.name for p in sorted(tmp_path.iterdir())] == ["leaderboard.csv", "leaderboard.md"]  # no temp files
+    empty = report.leaderboard([])
+    assert empty.empty and empty.attrs == {"columns": [], "ranked_by": None}
+    md_path, _ = report.write_reports(empty, tmp_path / "none", title="t")
+    assert md_path.read_text() == "# t\n\n_no finished cells yet_\n"
+
+
+def test_a_column_clashing_with_a_core_column_is_refused():
+    class Clash(Evaluation):
+        name = "clash"
+
+        def columns(self):
+            return [Column("seeds", "seeds!", True)]
+
+        def measure(self, target):
+            raise NotImplementedError
+
+        def values(self, dense, pruned):
+            raise NotImplementedError
+
+    records = [make_record(0, removed=(1,), values={"seeds": 3.0}, evaluations=[Clash()])]
+    with pytest.raises(ValueError, match="evaluation column 'seeds' .* clashes with the leaderboard column 'seeds'"):
+        report.leaderboard(records)
+
+
+# ---------------------------------------------------------------------------------------- a plugin
+class MyScoreParams(Params):
+    weight: float = Field(1.0, gt=0)
+
+
+class MyScore(Evaluation):
+    """A third-party evaluation: one column, higher is better, outranks the built-ins, its own measure."""
+
+    name = "my_eval"
+    version = "3"
+    Params = MyScoreParams
+
+    def columns(self):
+        return [Column("my_score", "my score", True, fmt=".1f", spread=True, gate="mine", rank=30, short="mine"),
+                Column("my_median", "my median", False, fmt=".2f", aggregate="median")]
+
+    def measure(self, target):
+        raise NotImplementedError
+
+    def values(self, dense, pruned):
+        return {"my_score": pruned["score"] * self.params.weight, "my_median": pruned["median"]}
+
+
+def _plugin_records(scores=((70.0, 74.0), (90.0, 80.0))):
+    """bi: lower perplexity, lower my_score; angular: the reverse."""
+    out = []
+    for j, (metric, ppl, mine) in enumerate((("bi", 20.0, scores[0]), ("angular", 30.0, scores[1]))):
+        for seed in range(2):
+            values = {"ppl_pruned": ppl + seed, "ppl_dense": 10.0, "my_score": mine[seed], "my_median": 5.0}
+            out.append(make_record(2 * j + seed, removed=(2, 3), scores=SCORES, values=values, metric=metric,
+                                   seed=seed, evaluations=[MyScore(), _perplexity()]))
+    return out
+
+
+def _perplexity():
+    from algorithms.evaluations.perplexity import Perplexity
+
+    return Perplexity()
+
+
+def test_a_plugin_column_joins_ranks_prints_and_is_summarised(tmp_path):
+    records = _plugin_records()
+    board = report.leaderboard(records)
+    assert board.attrs["ranked_by"] == "my_score"  # rank 30 outranks perplexity's 10
+    assert list(zip(board["metric"], board["rank"], board["my_score"], board["my_score_std"], strict=True)) == [
+        ("angular", 1, 85.0, pytest.approx(math.sqrt(50))), ("bi", 2, 72.0, pytest.approx(math.sqrt(8)))]
+    assert list(report.leaderboard(records, rank_by="ppl")["metric"]) == ["bi", "angular"]
+    assert list(report.leaderboard(records, rank_by="my_eval")["metric"]) == ["angular", "bi"]
+    assert report.leaderboard(records, rank_by="mine").attrs["ranked_by"] == "my_score"
+
+    shown = report.display(board)
+    assert list(shown.columns[5:9]) == ["my score", "my median", "ppl (pruned)", "ppl (dense)"]
+    assert list(shown["my score"]) == ["85.0 ± 7.1", "72.0 ± 2.8"]
+    assert list(report.display(board, terminal=True).columns[5:9]) == ["mine", "my median", "ppl pruned", "dense"]
+
+    md = report.write_reports(board, tmp_path, title="plugin")[0].read_text()
+    assert "by `my score` (higher first)" in md
+    assert "`my score`: higher is better (`bench check` measure `mine`)" in md
+    assert "(the median for `my median`)" in md
+    assert _md_table_header(md)[5:7] == ["my score", "my median"]
+
+    frame = stability.stability_frame(records).set_index("metric")
+    assert [c.key for c in frame.attrs["columns"]] == ["my_score", "ppl_pruned"]
+    assert frame.loc["angular", "my_score_mean"] == 85.0
+    assert frame.loc["angular", "my_score_std"] == pytest.approx(math.sqrt(50))
+    assert frame.loc["angular", "my_score_ci_low"] == 80.0 and frame.loc["angular", "my_score_ci_high"] == 90.0
+    assert "my_median_mean" not in frame  # no spread: not summarised
+    shown = stability.display(stability.stability_frame(records))
+    assert list(shown.columns[10:14]) == ["my score", "my score 95% CI", "ppl (pruned)", "ppl (pruned) 95% CI"]
+    assert list(zip(shown["metric"], shown["my score 95% CI"], strict=True)) == [
+        ("angular", "[80.0, 90.0]"), ("bi", "[70.0, 74.0]")]
+
+
+def test_a_median_column_aggregates_by_median():
+    records = [make_record(i, removed=(2, 3), scores=SCORES, seed=i, evaluations=[MyScore()],
+                           values={"my_score": 1.0, "my_median": v}) for i, v in enumerate([1.0, 2.0, 10.0])]
+    board = report.leaderboard(records)
+    assert board.loc[0, "my_median"] == 2.0 and "my_median_std" not in board  # the mean would be 4.33
+    assert list(report.display(board)["my median"]) == ["2.00"]
+
+
+def test_a_plugin_measure_is_gated(tmp_path):
+    path = tmp_path / "baseline.json"
+    gate.save_baseline(report.leaderboard(_plugin_records()), path, grid=None, env={})
+    stored = gate.load_baseline(path)
+    assert gate.measures(stored) == (["mine", "ppl"], ["my_score", "ppl_pruned"])
+    assert stored["rows"][0]["values"]["my_score"] == {"value": 85.0, "gate": "mine", "higher_is_better": True}
+
+    same = gate.compare(stored, report.leaderboard(_plugin_records()), gate.parse_fail("mine:1%"))
+    assert list(same["status"]) == ["ok", "ok"] and not gate.failed(same)
+    worse = report.leaderboard(_plugin_records(scores=((70.0, 74.0), (80.0, 80.0))))  # angular: 85 -> 80
+    table = gate.compare(stored, worse, gate.parse_fail("mine:5%,ppl:1%"))
+    assert list(zip(table["cell"], table["measure"], table["status"], strict=True)) == [
+        ("m/angular/topk/2 blocks", "my_score", "regression"), ("m/angular/topk/2 blocks", "ppl_pruned", "ok"),
+        ("m/bi/topk/2 blocks", "my_score", "ok"), ("m/bi/topk/2 blocks", "ppl_pruned", "ok")]
+    assert gate.failed(table)
+    assert list(gate.compare(stored, worse, gate.parse_fail("my_score:6%"))["status"]) == ["ok", "ok"]  # -5.9%
+    with pytest.raises(gate.GateError) as info:
+        gate.compare(stored, worse, gate.parse_fail("acc:1%"))
+    assert str(info.value) == ("unknown measure 'acc'; the baseline has mine, ppl "
+                               "(or one of its columns: my_score, ppl_pruned)")
