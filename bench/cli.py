@@ -100,7 +100,7 @@ def run(
     config, cells = _load(grid, allow_remote_code)
     runner, results_dir = _runner(config, results, quiet=quiet or as_json, allow_remote_code=allow_remote_code)
     try:
-        summary = runner.run(cells, executor=executor, address=address)
+        summary = _run_resumably(runner, cells, results_dir, executor=executor, address=address)
     except ExecutorError as exc:  # Ray missing or its cluster unreachable
         raise _fail(str(exc)) from None
     board = None
@@ -131,6 +131,26 @@ def run(
             + f". Records in {results_dir / 'records'}"
         )
     raise typer.Exit(summary.exit_code)
+
+
+def _run_resumably(runner, cells, results_dir: Path, **run_options):
+    """``runner.run(cells)``; on Ctrl-C or SIGTERM, say what is recorded and that a rerun resumes, exit 130."""
+    import signal
+
+    def terminate(signum, frame):  # SIGTERM ends the run the way Ctrl-C does: finished records stay
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        return runner.run(cells, **run_options)
+    except KeyboardInterrupt:
+        done = sum(runner.store.is_done(c.cell_id) for c in cells)
+        err.print(f"\ninterrupted: {done} of {len(cells)} cells are finished and recorded under "
+                  f"{results_dir / 'records'}; the cell that was running is not. Rerun the same command to "
+                  "resume: finished cells are skipped and cached stages reused.")
+        raise typer.Exit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 GridFilterOpt = Annotated[Path | None, typer.Option("--grid", "-g", help="only this grid's cells")]
@@ -237,7 +257,7 @@ def stability_cmd(
     if len(seeds) < 2:
         raise _fail(f"calibration.seeds: a stability study needs at least 2 seeds to compare, got {seeds}")
     runner, results_dir = _runner(config, results, quiet=quiet or as_json, allow_remote_code=allow_remote_code)
-    summary = runner.run(cells)
+    summary = _run_resumably(runner, cells, results_dir)
     title = f"blockbench stability: {config.name}"
     board, records = rep.build(results_dir, {c.cell_id for c in cells})
     paths = rep.write_reports(board, results_dir, title=f"blockbench leaderboard: {config.name}")

@@ -197,6 +197,7 @@ def resolve_params(cls: Callable[..., Any], params: dict[str, Any]) -> dict[str,
 
 
 def describe(obj: Any) -> str:
-    """First line of an object's docstring, for ``bench list``."""
+    """The first paragraph of an object's docstring on one line, for ``bench list`` (a first line that
+    breaks mid-sentence is not cut there)."""
     doc = (getattr(obj, "__doc__", None) or "").strip()
-    return doc.splitlines()[0] if doc else ""
+    return " ".join(doc.split("\n\n")[0].split()) if doc else ""

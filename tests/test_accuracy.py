@@ -72,6 +72,7 @@ def test_quiet_mode_silences_progress_bars_and_restores_them():
         assert datasets.is_progress_bar_enabled()
 
 
+@pytest.mark.download
 def test_eval_data_is_extracted_once(monkeypatch):
     folder = ensure_eval_data()
     manifest_path = folder / "manifest.json"

@@ -212,3 +212,25 @@ def test_kill_minus_9_then_rerun_loses_nothing(first_run, tmp_path):
     board_clean, _ = report.build(first_run["results"], ids)  # the uninterrupted run
     cols = ["model", "budget", "metric", "selector", "ppl_pruned", "ppl_pruned_std", "typical_removed", "seeds"]
     assert board_killed[cols].to_dict("records") == board_clean[cols].to_dict("records")
+
+
+def test_sigterm_says_what_is_recorded_and_that_a_rerun_resumes(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump(SMALL_GRID))
+    results = tmp_path / "results"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.cli", "run", "--grid", str(grid), "--results", str(results), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    records = results / "records"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (records.is_dir() and list(records.glob("*.json"))):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    done = len(list(records.glob("*.json")))
+    assert proc.returncode == 130, stderr[-2000:]
+    assert 1 <= done < 4
+    assert " ".join(stderr.split()).endswith(
+        f"interrupted: {done} of 4 cells are finished and recorded under {records}; the cell that was running is "
+        "not. Rerun the same command to resume: finished cells are skipped and cached stages reused.")
