@@ -10,6 +10,16 @@ pruned perplexity is ``ppl_pruned``) and, when it has a ``spread``, gains ``<key
 seeds, 0 with one seed). Headings, formats, directions and the terminal's choice of columns come from
 the columns too, so a plugin evaluation's columns appear, rank and print with no edit here.
 
+Rank groups (``rank_group``, printed after the rank: ``2 ab``): within each (model, budget), two rows
+are *separable* when a paired t-test over the calibration seeds they share (the same seeds calibrate
+every method, so seed s of one row pairs with seed s of the other) rejects equal means of the ranking
+column at 5%, Holm-corrected over the pairs of that (model, budget); pairs sharing fewer than 3 seeds
+are never separable (one or two seeds: every row shares group ``a``). Each maximal set of mutually
+inseparable rows gets a letter, as in a compact letter display (:func:`rank_groups`).
+
+The terminal table (:func:`render_terminal`) never cuts a cell: it keeps the columns that fit the console
+whole, in :func:`terminal_priority` order, and names the others in a line after the table.
+
 Ranking (``rank_by``): ``auto`` takes the column with the highest ``rank`` present (accuracy, then
 perplexity, then KL for the built-ins); otherwise an evaluation name (its own ranking column), a column
 key or a ``bench check`` measure name; the direction is the column's ``higher_is_better``.
@@ -17,12 +27,19 @@ key or a ``bench check`` measure name; the direction is the column's ``higher_is
 
 from __future__ import annotations
 
+import string
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from rich import box
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+from scipy import stats
 
 from algorithms.evaluations.base import Column
 from bench.records import CellRecord, budget_labels, calibration_order, compact_blocks, records_frame
@@ -32,8 +49,8 @@ from bench.store import ResultStore, write_bytes_atomic
 GROUP = ["model", "budget", "metric", "selector"]
 #: leaderboard and records-frame columns that are not evaluation columns: no evaluation column may take
 #: one of these keys (nor ``<key>_std`` of a spread column)
-CORE = ("rank", "model", "budget", "metric", "selector", "calibration", "seed", "seeds", "k", "n_blocks",
-        "params_kept", "scoring_s", "evaluations", "proxy_span", "distinct_sets", "typical_removed", "jaccard",
+CORE = ("rank", "rank_group", "model", "budget", "metric", "selector", "calibration", "seed", "seeds", "k",
+        "n_blocks", "params_kept", "scoring_s", "evaluations", "proxy_span", "distinct_sets", "typical_removed", "jaccard",
         "tau", "cell_id", "removed", "removed_set", "scores", "higher_is_important")
 
 
@@ -104,10 +121,108 @@ def _check_keys(columns: list[Column]) -> None:
             taken.add(key)
 
 
+# ---------------------------------------------------------------------------------------- rank groups
+#: rank groups: the level of the paired test, family-wise over the pairs of one (model, budget) (Holm)
+ALPHA = 0.05
+#: rank groups: the fewest calibration seeds two rows must share before a difference can be claimed
+MIN_SEEDS = 3
+
+
+def paired_p_value(a: Mapping[int, float], b: Mapping[int, float], *, min_seeds: int = MIN_SEEDS) -> float | None:
+    """Two-sided p-value of a paired t-test of ``a`` against ``b`` (seed → value) over the seeds both hold;
+    ``None`` (no test) with fewer than ``min_seeds`` of them. Differences equal on every seed have no spread:
+    p is 0 when they are not zero, 1 when they are."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < min_seeds:
+        return None
+    d = np.array([a[s] - b[s] for s in seeds], dtype=float)
+    if np.all(d == d[0]):
+        return 0.0 if d[0] != 0 else 1.0
+    t = d.mean() / (d.std(ddof=1) / np.sqrt(d.size))
+    return float(2.0 * stats.t.sf(abs(t), d.size - 1))
+
+
+def _maximal_cliques(n: int, adjacent: list[set[int]]) -> list[tuple[int, ...]]:
+    """Every maximal clique of the graph on ``0..n-1`` (Bron–Kerbosch with pivot), each sorted, sorted."""
+    found: list[tuple[int, ...]] = []
+
+    def expand(clique: set[int], candidates: set[int], excluded: set[int]) -> None:
+        if not candidates and not excluded:
+            found.append(tuple(sorted(clique)))
+            return
+        pivot = min(candidates | excluded, key=lambda v: (-len(adjacent[v] & candidates), v))
+        for v in sorted(candidates - adjacent[pivot]):
+            expand(clique | {v}, candidates & adjacent[v], excluded & adjacent[v])
+            candidates = candidates - {v}
+            excluded = excluded | {v}
+
+    expand(set(), set(range(n)), set())
+    return sorted(found)
+
+
+def rank_groups(seed_values: Sequence[Mapping[int, float]], *, alpha: float = ALPHA,
+                min_seeds: int = MIN_SEEDS) -> list[str]:
+    """Compact-letter rank groups of rows given best first, each as seed → value of the ranking column.
+
+    Two rows are *separable* when a paired t-test over the seeds they share (:func:`paired_p_value`,
+    at least ``min_seeds`` of them) rejects "no difference" at level ``alpha``, Holm-corrected over every
+    tested pair of ``seed_values``. Each maximal set of mutually inseparable rows gets a letter (``a`` the
+    set holding the first row, then in the order of their members); a row's group is its letters (``ab``:
+    inseparable from some ``a`` rows and some ``b`` rows). Rows sharing a letter must not be read as
+    ranked apart. A row with no values gets ``""``."""
+    rows = [i for i, values in enumerate(seed_values) if values]
+    tested = []
+    for x, i in enumerate(rows):
+        for j in rows[x + 1:]:
+            p = paired_p_value(seed_values[i], seed_values[j], min_seeds=min_seeds)
+            if p is not None:
+                tested.append((p, i, j))
+    separable = set()
+    for step, (p, i, j) in enumerate(sorted(tested)):  # Holm's step-down
+        if p > alpha / (len(tested) - step):
+            break
+        separable.add((i, j))
+    position = {row: x for x, row in enumerate(rows)}
+    adjacent = [{position[j] for j in rows if j != i and (min(i, j), max(i, j)) not in separable} for i in rows]
+    letters = _letters(len(cliques := _maximal_cliques(len(rows), adjacent)))
+    out = [""] * len(seed_values)
+    for letter, clique in zip(letters, cliques, strict=True):
+        for x in clique:
+            out[rows[x]] += letter
+    return out
+
+
+def _letters(n: int) -> list[str]:
+    """``a``..``z``, ``A``..``Z``; beyond 52 groups, ``.1.``, ``.2.``... (never ambiguous when joined)."""
+    if n <= len(string.ascii_letters):
+        return list(string.ascii_letters[:n])
+    return [f".{i + 1}." for i in range(n)]
+
+
+def _rank_group_column(runs: pd.DataFrame, agg: pd.DataFrame, group: list[str], within: list[str],
+                       ranked: Column | None) -> list[str]:
+    """Each leaderboard row's rank group (:func:`rank_groups`) within its ``within`` partition, from the
+    seeds' values of the ranking column in ``runs`` (one row per record)."""
+    out = [""] * len(agg)
+    if ranked is None:
+        return out
+    per_seed: dict[tuple, dict[int, float]] = {}
+    for key, value in runs.groupby(group + ["seed"], sort=False)[ranked.key].mean().items():
+        if not pd.isna(value):
+            per_seed.setdefault(tuple(key[:-1]), {})[int(key[-1])] = float(value)
+    for _, part in agg.groupby(within, sort=False):
+        ordered = part.sort_values(["rank", "metric", "selector"], kind="stable")
+        values = [per_seed.get(tuple(row), {}) for row in ordered[group].itertuples(index=False)]
+        for index, label in zip(ordered.index, rank_groups(values), strict=True):
+            out[agg.index.get_loc(index)] = label
+    return out
+
+
 # ---------------------------------------------------------------------------------------- the board
 def leaderboard(records: list[CellRecord], rank_by: str = "auto") -> pd.DataFrame:
     """One row per (model, budget, metric, selector) [and calibration variant]: every evaluation column
-    aggregated over seeds (``<key>_std`` for spread columns), ranked within (model, budget). Its
+    aggregated over seeds (``<key>_std`` for spread columns), ranked within (model, budget), with its
+    ``rank_group`` (letters, :func:`rank_groups`; ``""`` for a row without a ranking value). Its
     ``attrs``: ``columns`` (the evaluation :class:`Column` specs, in display order) and ``ranked_by``
     (the ranking column's key; ``None`` when no column has a direction: every row is rank 1)."""
     df = records_frame(records)
@@ -153,6 +268,8 @@ def leaderboard(records: list[CellRecord], rank_by: str = "auto") -> pd.DataFram
     else:
         agg["rank"] = agg.groupby(within)[ranked.key].rank(
             method="min", ascending=not ranked.higher_is_better, na_option="bottom").astype(int)
+    # rows whose difference in the ranking column is within the seeds' noise share a rank group
+    agg["rank_group"] = _rank_group_column(df, agg, group, within, ranked)
     board = agg.sort_values([*within, "rank", "metric", "selector"], key=calibration_order).reset_index(drop=True)
     board.attrs.update(columns=columns, ranked_by=ranked.key if ranked is not None else None)
     return board
@@ -174,10 +291,17 @@ def _number(fmt: str):
     return lambda v: "–" if v is None or pd.isna(v) else format(v, fmt)
 
 
-def _table(board: pd.DataFrame, *, terminal: bool) -> tuple[pd.DataFrame, set[str]]:
-    """The board as strings (Markdown/CSV headings, or the terminal's) and the headings to right-justify."""
+def _rank_cells(board: pd.DataFrame) -> list[str]:
+    """``rank`` with its rank group after it (``2 ab``), or the rank alone when the row has none."""
+    groups = board["rank_group"] if "rank_group" in board else [""] * len(board)
+    return [f"{r} {g}" if isinstance(g, str) and g else str(r) for r, g in zip(board["rank"], groups, strict=True)]
+
+
+def _table(board: pd.DataFrame, *, terminal: bool) -> tuple[pd.DataFrame, set[str], dict[str, str]]:
+    """The board as strings (Markdown/CSV headings, or the terminal's), the headings to right-justify and
+    each evaluation column's heading → its key."""
     out = pd.DataFrame({
-        "rank": board["rank"],
+        "rank": _rank_cells(board),
         "model": board["model"],
         "budget": budget_labels(board),
         "metric": board["metric"],
@@ -185,7 +309,10 @@ def _table(board: pd.DataFrame, *, terminal: bool) -> tuple[pd.DataFrame, set[st
     })
     if "calibration" in board:  # several calibration variants: one row each
         out.insert(3, "calibration", board["calibration"])
-    right = {"rank", "seeds", "score s"}
+    right = {"evals", "seeds", "jaccard", "τ", "score s", "scoring s"}
+    if "rank_group" not in board or not board["rank_group"].astype(bool).any():
+        right.add("rank")  # bare numbers; with rank groups (``2 ab``) the rank is read from the left
+    keys: dict[str, str] = {}
     for c in board_columns(board):
         if terminal and not c.terminal:
             continue
@@ -193,6 +320,7 @@ def _table(board: pd.DataFrame, *, terminal: bool) -> tuple[pd.DataFrame, set[st
         if heading in out:  # two columns with one label: the second goes by its key
             heading = c.key
         out[heading] = _cells(board, c)
+        keys[heading] = c.key
         if not c.spread:
             right.add(heading)
     if not terminal:
@@ -207,31 +335,82 @@ def _table(board: pd.DataFrame, *, terminal: bool) -> tuple[pd.DataFrame, set[st
             out[label] = board[col].map(_number(".2f"))
     out["score s" if terminal else "scoring s"] = board["scoring_s"].map(_number(".3f"))
     out["removed" if terminal else "typical removed"] = board["typical_removed"].map(compact_blocks)
-    return out, right
+    return out, right, keys
 
 
 def display(board: pd.DataFrame, *, terminal: bool = False) -> pd.DataFrame:
     """The leaderboard as strings under the columns' labels, for Markdown and HTML; with ``terminal``, the
     terminal's table: only the columns marked ``terminal``, under their ``short`` headings, without
-    params kept, span loss and distinct sets."""
+    params kept, span loss and distinct sets. The ``rank`` cells carry the rank group (``2 ab``)."""
     if board.empty:
         return pd.DataFrame()
     return _table(board, terminal=terminal)[0]
 
 
-def render_terminal(board: pd.DataFrame, console: Console, title: str = "blockbench leaderboard") -> None:
-    """The leaderboard as a rich table: the columns marked ``terminal``, under their short headings."""
+#: the terminal table's columns that come first when the terminal is too narrow for all of them
+IDENTITY = ("rank", "model", "budget", "calibration", "metric", "selector")
+#: between two terminal columns: the box's divider and one space of padding
+GUTTER = 2
+
+
+def _heading(heading: str, values_width: int) -> tuple[str, int]:
+    """The heading as printed (split at a space onto two lines when it is wider than the values) and the
+    column width that holds it and the values whole."""
+    width = cell_len(heading)
+    if width <= values_width:
+        return heading, values_width
+    best = (heading, width)
+    for i, ch in enumerate(heading):
+        if ch == " ":
+            top, bottom = heading[:i], heading[i + 1:]
+            if (two := max(cell_len(top), cell_len(bottom))) < best[1]:
+                best = (f"{top}\n{bottom}", two)
+    return best[0], max(best[1], values_width)
+
+
+def terminal_priority(shown: pd.DataFrame, keys: dict[str, str], ranked_by: str | None) -> list[str]:
+    """The terminal table's headings in the order they are kept when not all fit: the row's identity
+    (rank, model, budget, calibration, metric, selector), the ranking column, the other evaluation
+    columns in display order, seeds, then the rest in display order."""
+    order = [h for h in IDENTITY if h in shown]
+    order += [h for h, key in keys.items() if key == ranked_by]
+    order += [h for h in keys if h not in order]
+    order += [h for h in ("seeds",) if h in shown and h not in order]
+    return order + [h for h in shown.columns if h not in order]
+
+
+def render_terminal(board: pd.DataFrame, console: Console, title: str = "blockbench leaderboard", *,
+                    full_table: str | None = None) -> None:
+    """The leaderboard as a rich table: the columns marked ``terminal``, under their short headings.
+
+    No cell is ever cut: each column is as wide as its widest value (a heading wider than that wraps at a
+    space onto two lines), and the columns are kept in :func:`terminal_priority` order while the table
+    fits ``console.width``; the columns left out are named in one line after the table, with where the
+    full table is (``full_table``, e.g. the path of ``leaderboard.md``; default: the results folder)."""
     if board.empty:
         console.print("no finished cells yet")
         return
-    shown, right = _table(board, terminal=True)
-    table = Table(title=title, show_lines=False, pad_edge=False)
-    for col in shown.columns:
-        table.add_column(col, justify="right" if col in right else "left", no_wrap=col != "removed",
-                         overflow="fold")
-    for row in shown.itertuples(index=False):
-        table.add_row(*(str(v) for v in row))
+    shown, right, keys = _table(board, terminal=True)
+    cells = {h: [str(v) for v in shown[h]] for h in shown.columns}
+    layout = {h: _heading(h, max(cell_len(v) for v in cells[h])) for h in shown.columns}
+    kept: list[str] = []
+    used = -GUTTER
+    for h in terminal_priority(shown, keys, board.attrs.get("ranked_by")):
+        if kept and used + GUTTER + layout[h][1] > console.width:
+            break
+        kept.append(h)
+        used += GUTTER + layout[h][1]
+    columns = [h for h in shown.columns if h in kept]
+    table = Table(title=Text(title), box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 0, 0, 1))
+    for h in columns:
+        table.add_column(Text(layout[h][0]), justify="right" if h in right else "left", width=layout[h][1],
+                         no_wrap=True, overflow="fold")
+    for i in range(len(shown)):
+        table.add_row(*(Text(cells[h][i]) for h in columns))
     console.print(table)
+    if left := [h for h in shown.columns if h not in kept]:
+        where = full_table or "leaderboard.md and leaderboard.csv in the results folder"
+        console.print(Text(f"Left out to fit {console.width} columns: {', '.join(left)}. Full table: {where}."))
 
 
 def notes(board: pd.DataFrame) -> str:
@@ -244,6 +423,14 @@ def notes(board: pd.DataFrame) -> str:
     parts = [f"Ranks within each {within}" + (
         f", by `{ranked.label}` ({'higher' if ranked.higher_is_better else 'lower'} first)." if ranked
         else ": no column has a direction, so every row ranks 1.")]
+    if ranked:
+        parts.append(
+            f"The letters after a rank are rank groups: rows that share a letter are not separable by "
+            f"`{ranked.label}` within the noise over calibration seeds, so they must not be read as ranked apart. "
+            f"Two rows are separable only when a paired t-test over the seeds they share (at least {MIN_SEEDS} "
+            f"seeds; with fewer, no pair is separable) rejects equal means at {ALPHA:.0%}, Holm-corrected over the "
+            f"pairs ranked together; each letter is a largest set of mutually inseparable rows (`a`: the set with "
+            f"the first row).")
     if columns:
         medians = [f"`{c.label}`" for c in columns if c.aggregate == "median"]
         spread = [f"`{c.label}`" for c in columns if c.spread]
@@ -278,7 +465,7 @@ def write_reports(board: pd.DataFrame, out_dir: Path, *, title: str) -> list[Pat
     if board.empty:
         md = f"# {title}\n\n_no finished cells yet_\n"
     else:
-        shown, right = _table(board, terminal=False)
+        shown, right, _ = _table(board, terminal=False)
         # the columns' own formats as written (tabulate would reparse "0.1000" as 0.1)
         table = shown.to_markdown(index=False, disable_numparse=True,
                                   colalign=["right" if c in right else "left" for c in shown.columns])

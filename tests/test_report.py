@@ -3,10 +3,13 @@ aggregation, spread, ranking, headings, formats, the terminal's choice. A plugin
 here (no edit to blockbench) becomes a column, ranks the board, prints, is summarised by the stability
 study and is gated by the regression gate."""
 
+import io
 import math
+import re
 
 import pytest
 from pydantic import Field
+from rich.cells import cell_len
 from rich.console import Console
 
 from algorithms.evaluations.base import Column, Evaluation, Params
@@ -122,10 +125,181 @@ def test_terminal_shows_the_terminal_columns_under_their_short_headings():
     assert list(shown.columns) == [
         "rank", "model", "budget", "metric", "selector", "acc", "retained", "ppl pruned", "dense", "KL", "top-1",
         "prefill ×", "decode ×", "evals", "seeds", "jaccard", "τ", "score s", "removed"]
-    console = Console(record=True, width=300)
-    report.render_terminal(board, console, title="t")
-    header = next(line for line in console.export_text().splitlines() if "rank" in line)
-    assert [h.strip() for h in header.strip("┃ ").split("┃")] == list(shown.columns)
+    assert list(shown["rank"]) == ["1 a", "2 a"]  # two seeds: no pair is separable
+    header, rows, note = _terminal(board, 300)
+    assert header == [["", "", "", "", "", "", "", "", "", "", "", "prefill", "decode", "", "", "", "", "score", ""],
+                      ["rank", "model", "budget", "metric", "selector", "acc", "retained", "ppl pruned", "dense", "KL",
+                       "top-1", "×", "×", "evals", "seeds", "jaccard", "τ", "s", "removed"]]
+    assert rows == shown.astype(str).values.tolist() and note == ""
+
+
+# ---------------------------------------------------------------------------------------- the terminal
+def _terminal(board, width, **kwargs):
+    """Render at ``width``: the header lines split into the columns' cells, the rows' cells and the note.
+    Cells are cut at the columns' positions (from the rule's gaps under the header), so a number the
+    table cut or wrapped would not come back whole."""
+    console = Console(width=width, record=True, file=io.StringIO())
+    report.render_terminal(board, console, title="blockbench leaderboard: test grid", **kwargs)
+    lines = console.export_text().splitlines()
+    assert all(cell_len(line) <= width for line in lines), [line for line in lines if cell_len(line) > width]
+    rule = next(i for i, line in enumerate(lines) if line.startswith("─"))
+    body = lines[rule + 1:rule + 1 + len(board)]
+    # the columns: runs of positions, split by two or more positions blank on every header and body line
+    # (a cell holds single spaces at most: "0.420 ± 0.028")
+    lines_ = [line for line in lines[rule - 2:rule] if line.strip() and "leaderboard" not in line] + body
+    span = max(len(line) for line in lines_)
+    rows_and_header = [line.ljust(span) for line in lines_]
+    blank = "".join(" " if all(line[i] == " " for line in rows_and_header) else "x" for i in range(span))
+    spans = [m.span() for m in re.finditer(r"x+(?: x+)*", blank)]
+
+    def split(line):
+        return [line[a:b].strip() for a, b in spans]
+
+    header = [split(line) for line in rows_and_header[:-len(body)]]
+    note = " ".join(line.strip() for line in lines[rule + 1 + len(board):])
+    return header, [split(line) for line in body], note
+
+
+def _realistic_records():
+    """Four methods of one model at one budget, three seeds each, every built-in evaluation's columns."""
+    out = []
+    methods = [("angular", "topk", 0.5736, 22.48, 0.0812, (1, 2), (-1, 0, 1)),
+               ("bi", "topk", 0.5348, 24.91, 0.1203, (2, 3), (0, 1, -1)),
+               ("cosine", "greedy", 0.5561, 1234.56, 0.0955, (1, 3), (1, -1, 0)),
+               ("taylor", "optuna", 0.4012, 87.2, 0.3121, (4, 5), (-1, 0, 1))]
+    for j, (metric, selector, acc, ppl, kl, removed, wiggles) in enumerate(methods):
+        for seed, wiggle in enumerate(wiggles):
+            record = _builtin(10 * j + seed, metric=metric, seed=seed, ppl=ppl + wiggle, acc=acc + 0.01 * wiggle,
+                              kl=kl + 0.001 * wiggle, prefill=1.31, removed=removed, budget="33%", model="smollm2-135m")
+            out.append(record.model_copy(update={"labels": record.labels.model_copy(update={"selector": selector})}))
+    return out
+
+
+def test_the_terminal_never_cuts_a_number_and_names_what_it_left_out():
+    board = report.leaderboard(_realistic_records())
+    shown = report.display(board, terminal=True)
+    assert list(shown["ppl pruned"]) == ["22.48 ± 1.00", "1234.56 ± 1.00", "24.91 ± 1.00", "87.20 ± 1.00"]
+    assert list(shown["rank"]) == ["1 a", "2 a", "3 a", "4 b"]  # the top three move with the seeds' noise
+    header, rows, note = _terminal(board, 80, full_table="results/test/leaderboard.md")
+    kept = ["rank", "model", "budget", "metric", "selector", "acc", "retained"]
+    left = [c for c in shown.columns if c not in kept]
+    assert header == [kept]
+    assert rows == shown[kept].astype(str).values.tolist()  # every shown cell whole, in its own column
+    assert note == f"Left out to fit 80 columns: {', '.join(left)}. Full table: results/test/leaderboard.md."
+    assert left == ["ppl pruned", "dense", "KL", "top-1", "prefill ×", "decode ×", "evals", "seeds", "jaccard", "τ",
+                    "score s", "removed"]
+
+    # ranked by perplexity: the ranking column comes right after the row's identity
+    by_ppl = report.leaderboard(_realistic_records(), rank_by="ppl")
+    header, rows, note = _terminal(by_ppl, 80)
+    kept = ["rank", "model", "budget", "metric", "selector", "acc", "ppl pruned"]
+    assert list(by_ppl["rank_group"]) == ["a", "a", "b", "c"]
+    assert header[-1] == kept and rows == report.display(by_ppl, terminal=True)[kept].astype(str).values.tolist()
+    assert note.startswith("Left out to fit 80 columns: retained, dense, KL, top-1, prefill ×, decode ×, evals, "
+                           "seeds, jaccard, τ, score s, removed. Full table: leaderboard.md and leaderboard.csv in the "
+                           "results folder.")
+
+    header, rows, note = _terminal(board, 200)
+    assert rows == shown.astype(str).values.tolist() and note == ""
+    assert [" ".join(filter(None, cells)) for cells in zip(*header, strict=True)] == list(shown.columns)
+
+
+def test_a_narrow_terminal_keeps_the_columns_in_priority_order():
+    board = report.leaderboard(_realistic_records())
+    shown = report.display(board, terminal=True)
+    keys = {c.short or c.label: c.key for c in report.board_columns(board) if c.terminal}
+    priority = report.terminal_priority(shown, keys, "acc_pruned")
+    assert priority == ["rank", "model", "budget", "metric", "selector", "acc", "retained", "ppl pruned", "dense", "KL",
+                        "top-1", "prefill ×", "decode ×", "seeds", "evals", "jaccard", "τ", "score s", "removed"]
+    for width in (40, 60, 100, 120, 140, 160):
+        header, rows, note = _terminal(board, width)
+        kept = [" ".join(filter(None, cells)) for cells in zip(*header, strict=True)]
+        assert kept == [c for c in shown.columns if c in priority[:len(kept)]]  # a prefix of the priority order
+        assert rows == shown[kept].astype(str).values.tolist()
+        left = [c for c in shown.columns if c not in kept]
+        assert note.startswith(f"Left out to fit {width} columns: {', '.join(left)}. Full table: ") == bool(left)
+
+
+# ---------------------------------------------------------------------------------------- rank groups
+def _seeded(metric, accs, *, budget="2 blocks", start=0):
+    return [_builtin(start + seed, metric=metric, seed=seed, ppl=20.0, acc=acc, budget=budget)
+            for seed, acc in enumerate(accs)]
+
+
+def test_the_readme_gap_over_three_seeds_is_not_a_clear_win():
+    """bi 83.48 ± 3.09 against angular 87.36 ± 1.26 over three seeds: even paired as closely as those
+    spreads allow (the seeds move together), the t statistic is 3.88 / (1.83 / √3) = 3.67 < t(0.975, 2) = 4.30."""
+    angular = [87.36 - 1.26, 87.36, 87.36 + 1.26]
+    bi = [83.48 - 3.09, 83.48, 83.48 + 3.09]
+    board = report.leaderboard(_seeded("angular", [a / 100 for a in angular])
+                               + _seeded("bi", [b / 100 for b in bi], start=10))
+    assert list(board["acc_pruned"]) == pytest.approx([0.8736, 0.8348])
+    assert list(board["acc_pruned_std"]) == pytest.approx([0.0126, 0.0309])
+    assert list(zip(board["metric"], board["rank"], board["rank_group"], strict=True)) == [
+        ("angular", 1, "a"), ("bi", 2, "a")]
+    assert list(report.display(board)["rank"]) == ["1 a", "2 a"]
+    assert report.paired_p_value(dict(enumerate(angular)), dict(enumerate(bi))) == pytest.approx(0.0668, abs=1e-4)
+    # the same gap on every seed is separable
+    steady = report.leaderboard(_seeded("angular", [0.87, 0.88, 0.89]) + _seeded("bi", [0.83, 0.84, 0.85], start=10))
+    assert list(steady["rank_group"]) == ["a", "b"]
+
+
+def test_rank_groups_overlap_like_a_compact_letter_display():
+    """angular beats taylor on every seed; bi lies between and is separable from neither."""
+    records = (_seeded("angular", [0.60, 0.61, 0.62, 0.63]) + _seeded("bi", [0.59, 0.58, 0.61, 0.58], start=10)
+               + _seeded("taylor", [0.55, 0.559, 0.571, 0.58], start=20))
+    board = report.leaderboard(records)
+    assert list(zip(board["metric"], board["rank"], board["rank_group"], strict=True)) == [
+        ("angular", 1, "a"), ("bi", 2, "ab"), ("taylor", 3, "b")]
+    assert list(report.display(board)["rank"]) == ["1 a", "2 ab", "3 b"]
+    assert list(report.display(board, terminal=True)["rank"]) == ["1 a", "2 ab", "3 b"]
+    # ranks and groups stay within (model, budget); a row without a ranking value has no group
+    more = records + _seeded("bi", [0.3, 0.3, 0.3], budget="3 blocks", start=30) + _seeded(
+        "angular", [0.4, 0.4, 0.4], budget="3 blocks", start=40)
+    unmeasured = {"ppl_pruned": 30.0, "ppl_dense": 10.0, "acc_pruned": None, "acc_dense": 0.6, "acc_retained": None,
+                  "acc:arc_easy": None, "acc:piqa": None, "kl": 0.2, "top1": 0.8, "prefill_speedup": 1.2,
+                  "decode_speedup": 1.1}
+    more.append(make_record(50, removed=(2, 3), scores=SCORES, values=unmeasured, metric="taylor", budget="3 blocks"))
+    board = report.leaderboard(more)
+    assert list(zip(board["budget"], board["metric"], board["rank"], board["rank_group"], strict=True)) == [
+        ("2 blocks", "angular", 1, "a"), ("2 blocks", "bi", 2, "ab"), ("2 blocks", "taylor", 3, "b"),
+        ("3 blocks", "angular", 1, "a"), ("3 blocks", "bi", 2, "b"), ("3 blocks", "taylor", 3, "")]
+    assert list(report.display(board)["rank"])[3:] == ["1 a", "2 b", "3"]
+
+
+def test_fewer_than_three_seeds_claim_nothing():
+    assert list(report.leaderboard(_grid())["rank_group"]) == ["a", "a"]  # two seeds
+    one_seed = [_builtin(0, metric="bi", seed=0, ppl=20.0, acc=0.1), _builtin(1, metric="angular", seed=0, ppl=20.0,
+                                                                             acc=0.9)]
+    assert list(report.leaderboard(one_seed)["rank_group"]) == ["a", "a"]
+    # seeds count only when both rows have them: three seeds each, two in common
+    shifted = _seeded("angular", [0.9, 0.9, 0.9]) + [
+        _builtin(10 + s, metric="bi", seed=s, ppl=20.0, acc=0.1) for s in (1, 2, 3)]
+    assert list(report.leaderboard(shifted)["rank_group"]) == ["a", "a"]
+
+
+def test_rank_groups_are_holm_corrected_over_the_pairs():
+    """Alone, rows 0 and 2 differ (p = 0.03 < 5%), but three pairs are tested: Holm needs p <= 5% / 3."""
+    rows = [{0: 10.0, 1: 10.0, 2: 10.0, 3: 10.0}, {0: 8.0, 1: 10.0, 2: 7.0, 3: 10.0}, {0: 9.0, 1: 7.0, 2: 8.0, 3: 6.0}]
+    assert report.paired_p_value(rows[0], rows[2]) == pytest.approx(0.0305, abs=1e-4)
+    assert report.rank_groups(rows) == ["a", "a", "a"]
+    assert report.rank_groups(rows[::2]) == ["a", "b"]  # one pair: no correction
+    assert report.rank_groups(rows, alpha=0.1) == ["a", "ab", "b"]
+
+
+def test_rank_groups_chain_and_skip_rows_without_values():
+    """0 ~ 1 ~ 2 ~ 3 in a chain, every other pair separable: four rows, three overlapping groups."""
+    base = [50.0, 52.0, 49.0, 51.0, 50.0]
+    noise = [6.0, -6.0, 6.0, -6.0, 0.0]
+    rows = [{s: b for s, b in enumerate(base)},
+            {s: b - 5 + n for s, (b, n) in enumerate(zip(base, noise, strict=True))},
+            {s: b - 10 for s, b in enumerate(base)},
+            {s: b - 15 + n for s, (b, n) in enumerate(zip(base, noise, strict=True))}]
+    assert report.rank_groups(rows) == ["a", "ab", "bc", "c"]
+    assert report.rank_groups([rows[0], {}, rows[2]]) == ["a", "", "b"]
+    assert report.rank_groups([]) == [] and report.rank_groups([{}]) == [""]
+    assert report.paired_p_value({0: 1.0, 1: 2.0}, {0: 0.0, 1: 0.0}) is None  # two seeds: no test
+    assert report.paired_p_value({0: 1.0, 1: 2.0, 2: 3.0}, {0: 1.0, 1: 2.0, 2: 3.0}) == 1.0  # equal on every seed
 
 
 def _md_table_header(md: str) -> list[str]:
@@ -146,13 +320,18 @@ def test_markdown_notes_come_from_the_columns(tmp_path):
     board = report.leaderboard(_grid())
     md_path, csv_path = report.write_reports(board, tmp_path, title="t")
     md = md_path.read_text()
-    assert md.startswith("# t\n\nRanks within each model and budget, by `acc` (higher first). ")
+    assert md.startswith("# t\n\nRanks within each model and budget, by `acc` (higher first). The letters after a "
+                         "rank are rank groups: rows that share a letter are not separable by `acc` within the noise "
+                         "over calibration seeds, so they must not be read as ranked apart. Two rows are separable only "
+                         "when a paired t-test over the seeds they share (at least 3 seeds; with fewer, no pair is "
+                         "separable) rejects equal means at 5%, Holm-corrected over the pairs ranked together; each "
+                         "letter is a largest set of mutually inseparable rows (`a`: the set with the first row). ")
     assert "`ppl (pruned)`: lower is better (`bench check` measure `ppl`); `KL`: lower is better" in md
     assert "`acc`, `ppl (pruned)`, `KL`: ± the std over seeds" in md
     assert _md_table_header(md) == list(report.display(board).columns)
     bi = next(row for row in _md_rows(md) if row["metric"] == "bi")  # every cell in its column's format
     assert (bi["rank"], bi["acc"], bi["retained"], bi["ppl (dense)"], bi["span loss"], bi["scoring s"]) == (
-        "2", "0.420 ± 0.028", "70.0%", "10.00", "0.1000", "0.100")
+        "2 a", "0.420 ± 0.028", "70.0%", "10.00", "0.1000", "0.100")
     csv_header = csv_path.read_text().splitlines()[0].split(",")
     assert csv_header[:8] == ["model", "budget", "metric", "selector", "seeds", "k", "n_blocks", "acc_pruned"]
     assert {"ppl_pruned", "ppl_pruned_std", "kl_std", "rank"} <= set(csv_header)
