@@ -110,7 +110,8 @@ def run(
         board, _ = rep.build(results_dir, {c.cell_id for c in cells})
         rep.write_reports(board, results_dir, title=f"blockbench leaderboard: {config.name}")
         if not (quiet or as_json):
-            rep.render_terminal(board, out, title=f"blockbench leaderboard: {config.name}")
+            rep.render_terminal(board, out, title=f"blockbench leaderboard: {config.name}",
+                                full_table=str(results_dir / "leaderboard.md"))
     if as_json:
         payload = {
             "grid": config.name, "results": str(results_dir), "cells": summary.total,
@@ -213,7 +214,7 @@ def report_cmd(
     if as_json:
         print(board.to_json(orient="records", indent=2))
     else:
-        rep.render_terminal(board, out, title=title)
+        rep.render_terminal(board, out, title=title, full_table=str(paths[0]))
         err.print("written: " + ", ".join(str(p) for p in paths))
 
 

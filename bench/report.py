@@ -294,6 +294,8 @@ def _number(fmt: str):
 def _rank_cells(board: pd.DataFrame) -> list[str]:
     """``rank`` with its rank group after it (``2 ab``), or the rank alone when the row has none."""
     groups = board["rank_group"] if "rank_group" in board else [""] * len(board)
+    if "seeds" in board and not (board["seeds"] >= MIN_SEEDS).any():
+        groups = [""] * len(board)  # no row has seeds enough to separate anything: no letters to read
     return [f"{r} {g}" if isinstance(g, str) and g else str(r) for r, g in zip(board["rank"], groups, strict=True)]
 
 
@@ -310,7 +312,7 @@ def _table(board: pd.DataFrame, *, terminal: bool) -> tuple[pd.DataFrame, set[st
     if "calibration" in board:  # several calibration variants: one row each
         out.insert(3, "calibration", board["calibration"])
     right = {"evals", "seeds", "jaccard", "τ", "score s", "scoring s"}
-    if "rank_group" not in board or not board["rank_group"].astype(bool).any():
+    if not any(" " in cell for cell in out["rank"]):
         right.add("rank")  # bare numbers; with rank groups (``2 ab``) the rank is read from the left
     keys: dict[str, str] = {}
     for c in board_columns(board):
@@ -423,7 +425,7 @@ def notes(board: pd.DataFrame) -> str:
     parts = [f"Ranks within each {within}" + (
         f", by `{ranked.label}` ({'higher' if ranked.higher_is_better else 'lower'} first)." if ranked
         else ": no column has a direction, so every row ranks 1.")]
-    if ranked:
+    if ranked and "seeds" in board and (board["seeds"] >= MIN_SEEDS).any():
         parts.append(
             f"The letters after a rank are rank groups: rows that share a letter are not separable by "
             f"`{ranked.label}` within the noise over calibration seeds, so they must not be read as ranked apart. "
@@ -431,6 +433,9 @@ def notes(board: pd.DataFrame) -> str:
             f"seeds; with fewer, no pair is separable) rejects equal means at {ALPHA:.0%}, Holm-corrected over the "
             f"pairs ranked together; each letter is a largest set of mutually inseparable rows (`a`: the set with "
             f"the first row).")
+    elif ranked:
+        parts.append(f"No row has {MIN_SEEDS} calibration seeds or more, so no rank is tested against the noise "
+                     "over seeds (run more seeds for rank groups).")
     if columns:
         medians = [f"`{c.label}`" for c in columns if c.aggregate == "median"]
         spread = [f"`{c.label}`" for c in columns if c.spread]
