@@ -314,16 +314,26 @@ def baseline_save(
     results: ResultsOpt = None,
     grid: GridFilterOpt = None,
 ) -> None:
-    """Save the current leaderboard's accuracy, perplexity and speedups as a baseline."""
+    """Save the current leaderboard's gated numbers (accuracy, perplexity, speedups, KL, ...) as a baseline,
+    each row with the ids of the cells it was computed from; with --grid, the grid's name too, and every
+    cell of the grid must have finished."""
     from bench import gate
+    from bench.grid import expand
     from bench.stages import environment, resolve_device
 
-    board, results, _ = _board(results, grid)
+    if out_file.is_dir():
+        raise _fail(f"--out {str(out_file)!r} is a folder: give a file path (e.g. {str(out_file / 'baseline.json')!r}); "
+                    "nothing written")
+    board, results, _ = _board(results, grid)  # the grid, when given, is validated here
+    name = expected = None
+    if grid is not None:
+        config = load_config(grid)
+        name, expected = config.name, gate.grid_cells(expand(config))
     try:
-        payload = gate.save_baseline(board, out_file, grid=grid.stem if grid else None,
-                                     env=environment(resolve_device("cpu")))
+        payload = gate.save_baseline(board, out_file, grid=name, env=environment(resolve_device("cpu")),
+                                     cells=gate.row_cells(_grid_records(results, grid)), expected=expected)
     except gate.GateError as exc:
-        raise _fail(str(exc)) from None
+        raise _fail(f"{exc}; nothing written") from None
     err.print(f"baseline of {len(payload['rows'])} rows written to {out_file}")
 
 
@@ -337,22 +347,33 @@ def check(
              "key; default: acc:1%,ppl:5%,speedup:5% for the measures the baseline has")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the comparison as JSON")] = False,
 ) -> None:
-    """Compare results with a baseline; exit 1 on a regression past a tolerance or a missing cell."""
+    """Compare results with a baseline; exit 1 on a regression past a tolerance or a missing or incomplete
+    cell, 2 when the baseline is empty or malformed, was computed from other cells or another grid, or
+    nothing is compared."""
     from rich.table import Table
 
     from bench import gate
+    from bench.grid import expand
 
+    where = f"baseline {str(baseline)!r}"
     try:
         given = gate.parse_fail(fail) if fail is not None else None
         stored = gate.load_baseline(baseline)
         tolerances = given if given is not None else gate.default_tolerances(stored)
     except gate.GateError as exc:
         raise _fail(str(exc)) from None
-    board, results, _ = _board(results, grid)
+    board, results, _ = _board(results, grid)  # the grid, when given, is validated here
+    name = grid_ids = None
+    if grid is not None:
+        config = load_config(grid)
+        name, grid_ids = config.name, gate.grid_cells(expand(config))
     try:
-        table = gate.compare(stored, board, tolerances)
-    except gate.GateError as exc:  # a measure the baseline does not hold
+        warnings = gate.identity(stored, grid=name, cells=grid_ids, where=where)
+        table = gate.compare(stored, board, tolerances, cells=gate.row_cells(_grid_records(results, grid)))
+    except gate.GateError as exc:  # another grid or other cells, a measure the baseline lacks, nothing compared
         raise _fail(str(exc)) from None
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
     bad = gate.failed(table)
     if as_json:
         print(table.to_json(orient="records", indent=2))
@@ -361,15 +382,16 @@ def check(
         for col in table.columns:
             view.add_column(col, justify="left" if col in ("cell", "measure", "status") else "right")
         for row in table.itertuples(index=False):
-            style = {"regression": "red", "missing": "red", "improved": "green"}.get(row.status, "")
+            style = {"regression": "red", "missing": "red", "incomplete": "red", "improved": "green"}.get(row.status, "")
             cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in row]
             view.add_row(*cells, style=style)
         out.print(view)
-        moved = table[table["status"].isin(["regression", "missing"])]
+        moved = table[table["status"].isin(gate.FAILING)]
         for row in moved.itertuples(index=False):
             err.print(f"[red]{row.status}[/red]: {row.cell} {row.measure}: baseline {row.baseline:.4g}, "
                       f"now {row.current if row.current is None else format(row.current, '.4g')} "
-                      f"(tolerance {row.tolerance})")
+                      f"(tolerance {row.tolerance})"
+                      + (" from only some of its baseline cells" if row.status == "incomplete" else ""))
         err.print(f"{len(moved)} of {len(table)} checks failed" if bad else f"all {len(table)} checks passed")
     raise typer.Exit(1 if bad else 0)
 

@@ -17,6 +17,18 @@ ratios measured within each run, never as absolute times, because machines diffe
 
 Baselines of schema 1 (blockbench 0.1.0: values ``acc_pruned``, ``ppl_mean``, ``prefill_speedup``,
 ``decode_speedup`` as plain numbers) are read by translating them (``ppl_mean`` is ``ppl_pruned``).
+
+A number is only comparable with one computed from the same cells. Each baseline row keeps ``cells``,
+the ids of the cells (:attr:`bench.grid.Cell.cell_id`: resolved parameters, versions, evaluations,
+dtype, device type) its numbers were aggregated from, and the baseline keeps the grid's name. A current
+row built from a cell the baseline row was not is another measurement, not a regression: a usage error
+(:class:`GateError`, exit 2), as is a grid whose name or cells differ from the baseline's
+(:func:`identity`). A current row built from only some of its baseline cells (a seed failed) is
+``incomplete``, a failure like a missing one. Baselines without ``cells`` (schema 1, and schema 2 as
+written before them) are compared by labels only, with a warning.
+
+Nothing is ever passed silently: a baseline without rows, a malformed row (named by index and field), a
+comparison that checks nothing, are all :class:`GateError`.
 """
 
 from __future__ import annotations
@@ -79,34 +91,100 @@ def parse_fail(text: str) -> list[Tolerance]:
     return out
 
 
-def baseline_rows(board: pd.DataFrame) -> list[dict[str, Any]]:
+def label(key: tuple) -> str:
+    """A (model, metric, selector, budget) key as the gate names it: ``m/bi/topk/25%``."""
+    return "/".join(str(k) for k in key)
+
+
+def row_cells(records: list[Any]) -> dict[tuple, list[str]]:
+    """The ids of the successful records per (model, metric, selector, budget): the cells each leaderboard
+    row is aggregated from (records as :class:`bench.records.CellRecord`)."""
+    out: dict[tuple, set[str]] = {}
+    for r in records:
+        if r.ok:
+            key = (r.labels.model, r.labels.metric, r.labels.selector, r.labels.budget)
+            out.setdefault(key, set()).add(r.cell_id)
+    return {key: sorted(ids) for key, ids in out.items()}
+
+
+def grid_cells(cells: list[Any]) -> dict[tuple, list[str]]:
+    """The ids of a grid's cells (:class:`bench.grid.Cell`) per (model, metric, selector, budget), labelled
+    as their records are."""
+    out: dict[tuple, set[str]] = {}
+    for c in cells:
+        key = (c.model["name"], c.metric.label(), c.selector.label(), c.budget_label)
+        out.setdefault(key, set()).add(c.cell_id)
+    return {key: sorted(ids) for key, ids in out.items()}
+
+
+def _ids(ids: list[str] | set[str], most: int = 4) -> str:
+    ids = sorted(ids)
+    return ", ".join(ids[:most]) + (f" and {len(ids) - most} more" if len(ids) > most else "") if ids else "none"
+
+
+def baseline_rows(board: pd.DataFrame, cells: dict[tuple, list[str]] | None = None) -> list[dict[str, Any]]:
     """The leaderboard's gated numbers, one row per (model, metric, selector, budget): ``values`` maps each
     column key with a ``gate`` (from ``board.attrs["columns"]``) to ``{"value", "gate", "higher_is_better"}``;
-    values not measured are left out."""
+    values not measured are left out. With ``cells`` (:func:`row_cells` of the board's records) each row
+    also keeps ``cells``: the ids of the cells it was computed from. :class:`GateError` when two rows share
+    a key (a grid with calibration variants)."""
     if board.empty:
         return []
     gated = [c for c in board.attrs.get("columns", [])
              if c.gate and c.higher_is_better is not None and c.key in board]
     rows = []
+    seen: dict[tuple, int] = {}
     for record in board.to_dict(orient="records"):
+        key = tuple(record[k] for k in KEY)
+        if key in seen:
+            raise GateError(f"the leaderboard has several rows for {label(key)} (calibration variants?): the gate "
+                            "compares one row per model/metric/selector/budget")
+        seen[key] = len(rows)
         values = {
             c.key: {"value": float(record[c.key]), "gate": c.gate, "higher_is_better": bool(c.higher_is_better)}
             for c in gated if record.get(c.key) is not None and not pd.isna(record[c.key])
         }
-        rows.append({**{k: record[k] for k in KEY}, "values": values, "seeds": int(record["seeds"])})
+        row = {**{k: record[k] for k in KEY}, "values": values, "seeds": int(record["seeds"])}
+        if cells is not None:
+            if key not in cells:
+                raise GateError(f"no records for leaderboard row {label(key)}")
+            row["cells"] = list(cells[key])
+        rows.append(row)
     return rows
 
 
-def save_baseline(board: pd.DataFrame, path: Path, *, grid: str | None, env: dict[str, Any]) -> dict[str, Any]:
-    """Write the leaderboard's gate numbers to ``path`` (JSON, atomically); returns what was written."""
+def save_baseline(board: pd.DataFrame, path: Path, *, grid: str | None, env: dict[str, Any],
+                  cells: dict[tuple, list[str]] | None = None,
+                  expected: dict[tuple, list[str]] | None = None) -> dict[str, Any]:
+    """Write the leaderboard's gate numbers to ``path`` (JSON, atomically); returns what was written.
+    ``grid``: the grid's name; ``cells``: :func:`row_cells` of the board's records (each row keeps its
+    cell ids); ``expected``: :func:`grid_cells` of the grid, every one of which must have a finished
+    record. :class:`GateError` (nothing written) for an empty board, a row with no gated value, a grid
+    not finished, or a ``path`` that is a folder or cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise GateError(f"baseline {str(path)!r} is a folder: give a file path (e.g. {str(path / 'baseline.json')!r})")
     if board.empty:
         raise GateError("no finished cells to save as a baseline")
+    rows = baseline_rows(board, cells)
+    if empty := [label(tuple(r[k] for k in KEY)) for r in rows if not r["values"]]:
+        raise GateError(f"leaderboard row {empty[0]} has no gated value (accuracy, perplexity, speedup, ...): "
+                        "nothing to compare it by")
+    if expected is not None:
+        have = cells or {}
+        unfinished = sorted(i for key, ids in expected.items() for i in set(ids) - set(have.get(key, ())))
+        if unfinished:
+            raise GateError(f"{len(unfinished)} cell(s) of grid {grid!r} have no finished record ({_ids(unfinished)}): "
+                            "finish them with 'bench run' before saving a baseline")
     payload = {
         "schema": SCHEMA, "grid": grid,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "env": env, "rows": baseline_rows(board),
+        "env": env, "rows": rows,
     }
-    write_bytes_atomic(Path(path), (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+    try:
+        write_bytes_atomic(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+    except OSError as exc:
+        raise GateError(f"cannot write baseline {str(path)!r}: {exc.strerror or exc}") from None
     return payload
 
 
@@ -114,27 +192,79 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _finite(value: Any) -> bool:
+    return _number(value) and math.isfinite(value)
+
+
 def upgrade(payload: dict[str, Any], where: str = "baseline") -> dict[str, Any]:
     """A baseline in the current schema: schema 2 checked as it is, schema 1 translated (its value names
-    through :data:`LEGACY`). :class:`GateError` for anything else."""
+    through :data:`LEGACY`). :class:`GateError` for anything else, for a baseline with no rows and for any
+    malformed row (named by its index and field): nothing is skipped."""
     if not isinstance(payload, dict) or payload.get("schema") not in (1, SCHEMA) or not isinstance(
             payload.get("rows"), list):
         raise GateError(f"{where} is not a blockbench baseline (schema 1 or {SCHEMA})")
+    if not payload["rows"]:
+        raise GateError(f"{where} has no rows: nothing to compare with (save one from finished results with "
+                        "'bench baseline save')")
+    if payload.get("grid") is not None and not isinstance(payload["grid"], str):
+        raise GateError(f"{where}: grid: expected a grid name or null, got {payload['grid']!r}")
     rows = []
+    keys: dict[tuple, int] = {}
+    with_cells = None
     for i, row in enumerate(payload["rows"]):
-        if not isinstance(row, dict) or any(k not in row for k in KEY) or not isinstance(row.get("values"), dict):
-            raise GateError(f"{where}: rows[{i}] is not a baseline row (model, metric, selector, budget, values)")
+        if not isinstance(row, dict):
+            raise GateError(f"{where}: rows[{i}]: expected a mapping (model, metric, selector, budget, values), "
+                            f"got {type(row).__name__}")
+        for k in KEY:
+            if k not in row:
+                raise GateError(f"{where}: rows[{i}].{k}: missing")
+            if not isinstance(row[k], str) or not row[k]:
+                raise GateError(f"{where}: rows[{i}].{k}: expected a non-empty string, got {row[k]!r}")
+        key = tuple(row[k] for k in KEY)
+        if key in keys:
+            raise GateError(f"{where}: rows[{i}]: {label(key)} again (also rows[{keys[key]}])")
+        keys[key] = i
+        if "values" not in row:
+            raise GateError(f"{where}: rows[{i}].values: missing")
+        if not isinstance(row["values"], dict):
+            raise GateError(f"{where}: rows[{i}].values: expected a mapping, got {type(row['values']).__name__}")
+        if not row["values"]:
+            raise GateError(f"{where}: rows[{i}].values: empty (nothing to compare)")
+        if "seeds" in row and not (isinstance(row["seeds"], int) and not isinstance(row["seeds"], bool)
+                                   and row["seeds"] > 0):
+            raise GateError(f"{where}: rows[{i}].seeds: expected a positive integer, got {row['seeds']!r}")
+        if payload["schema"] == SCHEMA:
+            has = "cells" in row
+            if with_cells is None:
+                with_cells = has
+            elif has != with_cells:
+                raise GateError(f"{where}: rows[{i}].cells: " + ("missing (rows[0] has cell ids)" if with_cells else
+                                "unexpected (rows[0] has none)") + ": every row records its cells or none does")
+            if has and not (isinstance(row["cells"], list) and row["cells"]
+                            and all(isinstance(c, str) and c for c in row["cells"])
+                            and len(set(row["cells"])) == len(row["cells"])):
+                raise GateError(f"{where}: rows[{i}].cells: expected a list of distinct cell ids, got {row['cells']!r}")
+        elif "cells" in row:
+            raise GateError(f"{where}: rows[{i}].cells: schema 1 has no cell ids")
         values: dict[str, dict[str, Any]] = {}
         for name, value in row["values"].items():
             if payload["schema"] == 1:
-                if name not in LEGACY or not _number(value):
+                if name not in LEGACY or not _finite(value):
                     raise GateError(f"{where}: rows[{i}].values.{name}: not a schema-1 baseline value")
-                key, gate, higher = LEGACY[name]
-                values[key] = {"value": float(value), "gate": gate, "higher_is_better": higher}
+                key_, gate, higher = LEGACY[name]
+                values[key_] = {"value": float(value), "gate": gate, "higher_is_better": higher}
             else:
-                if not (isinstance(value, dict) and _number(value.get("value")) and isinstance(value.get("gate"), str)
-                        and isinstance(value.get("higher_is_better"), bool)):
+                if not isinstance(value, dict):
                     raise GateError(f"{where}: rows[{i}].values.{name}: expected {{value, gate, higher_is_better}}")
+                if not _finite(value.get("value")):
+                    raise GateError(f"{where}: rows[{i}].values.{name}.value: expected a finite number, "
+                                    f"got {value.get('value')!r}")
+                if not (isinstance(value.get("gate"), str) and value["gate"]):
+                    raise GateError(f"{where}: rows[{i}].values.{name}.gate: expected a measure name, "
+                                    f"got {value.get('gate')!r}")
+                if not isinstance(value.get("higher_is_better"), bool):
+                    raise GateError(f"{where}: rows[{i}].values.{name}.higher_is_better: expected true or false, "
+                                    f"got {value.get('higher_is_better')!r}")
                 values[name] = {"value": float(value["value"]), "gate": value["gate"],
                                 "higher_is_better": value["higher_is_better"]}
         rows.append({**row, "values": values})
@@ -169,13 +299,64 @@ def default_tolerances(baseline: dict[str, Any], text: str = DEFAULT_FAIL) -> li
     return [t for t in parse_fail(text) if t.measure in gates or t.measure in keys]
 
 
-def compare(baseline: dict[str, Any], board: pd.DataFrame, tolerances: list[Tolerance]) -> pd.DataFrame:
+def has_cells(baseline: dict[str, Any]) -> bool:
+    """Whether the baseline's rows keep the ids of the cells they were computed from."""
+    return all("cells" in r for r in upgrade(baseline)["rows"])
+
+
+def identity(baseline: dict[str, Any], *, grid: str | None = None, cells: dict[tuple, list[str]] | None = None,
+             where: str = "baseline") -> list[str]:
+    """Check that the baseline was computed from the grid being checked: the same ``grid`` name and, per
+    row, the same cells (``cells``: :func:`grid_cells` of the grid). :class:`GateError` naming the first
+    difference; returns warnings for what cannot be checked (a baseline without a grid name or without
+    cell ids)."""
+    baseline = upgrade(baseline, where)
+    warnings = []
+    if grid is not None:
+        if baseline.get("grid") is None:
+            warnings.append(f"{where} names no grid: not checked against grid {grid!r}")
+        elif baseline["grid"] != grid:
+            raise GateError(f"{where} is of grid {baseline['grid']!r}, not {grid!r}: check against that grid's "
+                            "baseline, or rerun `bench baseline save --grid FILE`")
+    if not has_cells(baseline):
+        warnings.append(f"{where} records no cell ids (schema 1, or saved before they were recorded): its rows are "
+                        "compared by label only, not checked against the cells they were computed from; rerun "
+                        "`bench baseline save` to record them")
+        return warnings
+    if cells is not None:
+        for row in baseline["rows"]:
+            key = tuple(row[k] for k in KEY)
+            if key not in cells:
+                raise GateError(f"baseline row {label(key)} is not a row of grid {grid!r}: rerun `bench baseline save`")
+            if set(cells[key]) != set(row["cells"]):
+                raise GateError(f"baseline row {label(key)} was computed from other cells: rerun `bench baseline save` "
+                                f"(grid {grid!r} has {_ids(set(cells[key]) - set(row['cells']))} that the baseline "
+                                f"lacks; the baseline has {_ids(set(row['cells']) - set(cells[key]))} that the grid "
+                                "lacks)")
+        known = {tuple(r[k] for k in KEY) for r in baseline["rows"]}
+        if extra := [label(key) for key in cells if key not in known]:
+            raise GateError(f"grid {grid!r} has rows the baseline lacks ({', '.join(extra[:4])}"
+                            + (f" and {len(extra) - 4} more" if len(extra) > 4 else "")
+                            + "): rerun `bench baseline save`")
+    return warnings
+
+
+def compare(baseline: dict[str, Any], board: pd.DataFrame, tolerances: list[Tolerance],
+            cells: dict[tuple, list[str]] | None = None) -> pd.DataFrame:
     """One row per (baseline cell, checked column): values, change, allowance and ``status`` (``ok``,
-    ``regression``, ``missing``: the cell or the value is absent now, ``improved``). Each column is
-    checked under its own key's tolerance, else its measure's; the direction is the one stored in the
-    baseline. :class:`GateError` when a tolerance names neither a measure nor a column of the baseline."""
+    ``regression``, ``missing``: the cell or the value is absent now, ``incomplete``: the current row
+    comes from only some of the baseline row's cells, ``improved``). Each column is checked under its own
+    key's tolerance, else its measure's; the direction is the one stored in the baseline.
+
+    ``cells`` (:func:`row_cells` of the board's records) is checked against the cell ids the baseline
+    rows keep (when they do). :class:`GateError` when a tolerance names neither a measure nor a column of
+    the baseline, when a current row was computed from a cell its baseline row was not, or when nothing
+    at all is compared."""
     baseline = upgrade(baseline)
     gates, keys = measures(baseline)
+    if not tolerances:
+        raise GateError(f"nothing to compare: no tolerance given for the baseline's measures ({', '.join(gates)}); "
+                        "name them with --fail (e.g. --fail " + ",".join(f"{g}:1%" for g in gates) + ")")
     for tol in tolerances:
         if tol.measure not in gates and tol.measure not in keys:
             raise GateError(f"unknown measure {tol.measure!r}; the baseline has {', '.join(gates) or 'nothing'}"
@@ -185,26 +366,38 @@ def compare(baseline: dict[str, Any], board: pd.DataFrame, tolerances: list[Tole
     out = []
     for row in baseline["rows"]:
         key = tuple(row[k] for k in KEY)
-        label = "/".join(str(k) for k in key)
         now = current.get(key)
+        incomplete = False
+        if now is not None and cells is not None and "cells" in row:
+            had, has = set(row["cells"]), set(cells.get(key, ()))
+            if has - had:
+                raise GateError(f"baseline row {label(key)} was computed from other cells: rerun `bench baseline save` "
+                                f"(now also from {_ids(has - had)}, which the baseline row was not)")
+            incomplete = has != had
         checked = [(col, stored, by_name.get(col) or by_name.get(stored["gate"]))
                    for col, stored in row["values"].items()]
         order = {id(t): i for i, t in enumerate(tolerances)}  # in the order --fail names them
         for col, stored, tol in sorted((c for c in checked if c[2] is not None), key=lambda c: order[id(c[2])]):
             base = stored["value"]
             value = None if now is None or col not in now else now[col]["value"]
-            entry = {"cell": label, "measure": col, "baseline": base, "current": value,
+            entry = {"cell": label(key), "measure": col, "baseline": base, "current": value,
                      "tolerance": str(tol), "allowed": tol.allowed(base)}
             if value is None or not math.isfinite(value):
                 entry.update(change=math.nan, status="missing")
             else:
                 worse = (base - value) if stored["higher_is_better"] else (value - base)
                 status = "regression" if worse > entry["allowed"] else ("improved" if worse < 0 else "ok")
-                entry.update(change=value - base, status=status)
+                entry.update(change=value - base, status="incomplete" if incomplete else status)
             out.append(entry)
+    if not out:
+        raise GateError("nothing to compare: no value of the baseline's rows falls under "
+                        + ", ".join(f"{t.measure}:{t}" for t in tolerances))
     return pd.DataFrame(out, columns=["cell", "measure", "baseline", "current", "change", "tolerance", "allowed",
                                       "status"])
 
 
+FAILING = ("regression", "missing", "incomplete")
+
+
 def failed(table: pd.DataFrame) -> bool:
-    return bool(table["status"].isin(["regression", "missing"]).any()) if not table.empty else False
+    return bool(table["status"].isin(FAILING).any()) if not table.empty else False

@@ -166,22 +166,122 @@ def test_schema_1_baseline_is_read_and_compared():
         gate.compare(stored, current(42.0), gate.parse_fail("kl:0.01"))
 
 
+ROW = {"model": "m", "metric": "bi", "selector": "topk", "budget": "1",
+       "values": {"ppl_pruned": {"value": 40.0, "gate": "ppl", "higher_is_better": False}}}
+
+
 @pytest.mark.parametrize(("payload", "message"), [
-    ({"schema": 3, "rows": []}, "not a blockbench baseline (schema 1 or 2)"),
+    ({"schema": 3, "rows": []}, " is not a blockbench baseline (schema 1 or 2)"),
+    ({"schema": 2, "rows": []}, " has no rows: nothing to compare with"),
+    ({"schema": 1, "rows": []}, " has no rows: nothing to compare with"),
     ({"schema": 1, "rows": [{"model": "m", "metric": "bi", "selector": "topk", "budget": "1",
-                             "values": {"kl": 0.1}}]}, "rows[0].values.kl: not a schema-1 baseline value"),
+                             "values": {"kl": 0.1}}]}, ": rows[0].values.kl: not a schema-1 baseline value"),
+    ({"schema": 1, "rows": [{**ROW, "values": {"ppl_mean": "40"}}]},
+     ": rows[0].values.ppl_mean: not a schema-1 baseline value"),
     ({"schema": 2, "rows": [{"model": "m", "metric": "bi", "selector": "topk", "budget": "1",
                              "values": {"kl": 0.1}}]},
-     "rows[0].values.kl: expected {value, gate, higher_is_better}"),
-    ({"schema": 2, "rows": [{"model": "m", "values": {}}]},
-     "rows[0] is not a baseline row (model, metric, selector, budget, values)"),
+     ": rows[0].values.kl: expected {value, gate, higher_is_better}"),
+    ({"schema": 2, "rows": [{"model": "m", "values": {}}]}, ": rows[0].metric: missing"),
+    ({"schema": 2, "rows": [ROW, 3]}, ": rows[1]: expected a mapping (model, metric, selector, budget, values), got int"),
+    ({"schema": 2, "rows": [{**ROW, "budget": 4}]}, ": rows[0].budget: expected a non-empty string, got 4"),
+    ({"schema": 2, "rows": [{k: v for k, v in ROW.items() if k != "values"}]}, ": rows[0].values: missing"),
+    ({"schema": 2, "rows": [{**ROW, "values": [1.0]}]}, ": rows[0].values: expected a mapping, got list"),
+    ({"schema": 2, "rows": [{**ROW, "values": {}}]}, ": rows[0].values: empty (nothing to compare)"),
+    ({"schema": 2, "rows": [{**ROW, "values": {"kl": {"gate": "kl", "higher_is_better": False}}}]},
+     ": rows[0].values.kl.value: expected a finite number, got None"),
+    ({"schema": 2, "rows": [{**ROW, "values": {"kl": {"value": "0.1", "gate": "kl", "higher_is_better": False}}}]},
+     ": rows[0].values.kl.value: expected a finite number, got '0.1'"),
+    ({"schema": 2, "rows": [{**ROW, "values": {"kl": {"value": float("nan"), "gate": "kl",
+                                                      "higher_is_better": False}}}]},
+     ": rows[0].values.kl.value: expected a finite number, got nan"),
+    ({"schema": 2, "rows": [{**ROW, "values": {"kl": {"value": 0.1, "gate": "kl", "higher_is_better": 0}}}]},
+     ": rows[0].values.kl.higher_is_better: expected true or false, got 0"),
+    ({"schema": 2, "rows": [ROW, ROW]}, ": rows[1]: m/bi/topk/1 again (also rows[0])"),
+    ({"schema": 2, "rows": [{**ROW, "seeds": 0}]}, ": rows[0].seeds: expected a positive integer, got 0"),
+    ({"schema": 2, "rows": [{**ROW, "cells": ["a"]}, {**ROW, "budget": "2"}]},
+     ": rows[1].cells: missing (rows[0] has cell ids): every row records its cells or none does"),
+    ({"schema": 2, "rows": [{**ROW, "cells": []}]}, ": rows[0].cells: expected a list of distinct cell ids, got []"),
+    ({"schema": 2, "grid": 3, "rows": [ROW]}, ": grid: expected a grid name or null, got 3"),
 ])
 def test_malformed_baselines_are_refused(tmp_path, payload, message):
     path = tmp_path / "b.json"
     path.write_text(json.dumps(payload))
     with pytest.raises(gate.GateError) as info:
         gate.load_baseline(path)
-    assert str(info.value).endswith(message)
+    assert str(info.value).startswith(f"baseline {str(path)!r}{message}")
+
+
+def test_nothing_compared_is_an_error():
+    only_kl = {"schema": 2, "rows": [{**ROW, "values": {"kl": {"value": 0.1, "gate": "kl", "higher_is_better": False}}}]}
+    assert gate.default_tolerances(only_kl) == []  # none of acc, ppl, speedup
+    with pytest.raises(gate.GateError, match=r"^nothing to compare: no tolerance given for the baseline's measures "
+                                             r"\(kl\); name them with --fail \(e\.g\. --fail kl:1%\)$"):
+        gate.compare(only_kl, board(kl=0.1, top1=0.9), [])
+
+
+def test_rows_keep_their_cells_and_other_cells_are_not_comparable():
+    records = [make_record(i, removed=(1, 2), values={"ppl_pruned": 40.0, "ppl_dense": 10.0}, seed=i,
+                           budget="25%") for i in range(2)]
+    cells = gate.row_cells(records)
+    assert cells == {("m", "bi", "topk", "25%"): ["cell000", "cell001"]}
+    stored = {"schema": 2, "grid": "g", "rows": gate.baseline_rows(report.leaderboard(records), cells)}
+    assert stored["rows"][0]["cells"] == ["cell000", "cell001"] and stored["rows"][0]["seeds"] == 2
+    tols = gate.parse_fail("ppl:5%")
+    assert list(gate.compare(stored, report.leaderboard(records), tols, cells=cells)["status"]) == ["ok"]
+    # one seed's cell failed: the row is incomplete (a failure), whatever its number
+    table = gate.compare(stored, report.leaderboard(records[:1]), tols, cells=gate.row_cells(records[:1]))
+    assert list(table["status"]) == ["incomplete"] and gate.failed(table)
+    # a cell the baseline row was not computed from (other parameters, versions, device): not comparable
+    other = records[:1] + [make_record(7, removed=(1, 2), values={"ppl_pruned": 40.0, "ppl_dense": 10.0}, seed=1,
+                                       budget="25%")]
+    with pytest.raises(gate.GateError) as info:
+        gate.compare(stored, report.leaderboard(other), tols, cells=gate.row_cells(other))
+    assert str(info.value) == ("baseline row m/bi/topk/25% was computed from other cells: rerun `bench baseline save` "
+                               "(now also from cell007, which the baseline row was not)")
+    # without cell ids to compare (the caller gave none) the numbers alone are compared
+    assert list(gate.compare(stored, report.leaderboard(other), tols)["status"]) == ["ok"]
+
+
+def test_identity_checks_the_grid_name_and_its_cells():
+    key = ("m", "bi", "topk", "25%")
+    stored = {"schema": 2, "grid": "g", "rows": [{**BASELINE["rows"][0], "cells": ["a", "b"]}]}
+    assert gate.identity(stored, grid="g", cells={key: ["b", "a"]}) == []
+    assert gate.identity(stored) == []  # nothing to check it against
+    with pytest.raises(gate.GateError, match=r"^baseline is of grid 'g', not 'h': check against that grid's "):
+        gate.identity(stored, grid="h", cells={key: ["a", "b"]})
+    with pytest.raises(gate.GateError) as info:
+        gate.identity(stored, grid="g", cells={key: ["a", "c"]})
+    assert str(info.value) == ("baseline row m/bi/topk/25% was computed from other cells: rerun `bench baseline save` "
+                               "(grid 'g' has c that the baseline lacks; the baseline has b that the grid lacks)")
+    with pytest.raises(gate.GateError, match=r"^baseline row m/bi/topk/25% is not a row of grid 'g': rerun "):
+        gate.identity(stored, grid="g", cells={("m", "bi", "fbs", "25%"): ["a", "b"]})
+    with pytest.raises(gate.GateError, match=r"^grid 'g' has rows the baseline lacks \(m/bi/fbs/25%\): rerun "):
+        gate.identity(stored, grid="g", cells={key: ["a", "b"], ("m", "bi", "fbs", "25%"): ["c"]})
+    # no grid name: a warning; no cell ids (schema 1, or schema 2 as first written): only the name is checked
+    assert gate.identity({**stored, "grid": None}, grid="g", cells={key: ["a", "b"]}) == [
+        "baseline names no grid: not checked against grid 'g'"]
+    old = {"schema": 2, "grid": "g", "rows": BASELINE["rows"]}
+    [warning] = gate.identity(old, grid="g", cells={key: ["x"]})
+    assert warning.startswith("baseline records no cell ids (schema 1, or saved before they were recorded)")
+    with pytest.raises(gate.GateError, match=r"^baseline is of grid 'g', not 'h'"):
+        gate.identity(old, grid="h")
+
+
+def test_save_refuses_a_folder_and_an_unfinished_grid(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    with pytest.raises(gate.GateError, match=r"^baseline '.*/out' is a folder: give a file path"):
+        gate.save_baseline(board(), folder, grid=None, env={})
+    target = tmp_path / "b.json"
+    cells = {("m", "bi", "topk", "25%"): ["cell000"]}
+    with pytest.raises(gate.GateError, match=r"^1 cell\(s\) of grid 'g' have no finished record \(cell001\)"):
+        gate.save_baseline(board(), target, grid="g", env={}, cells=cells,
+                           expected={("m", "bi", "topk", "25%"): ["cell000", "cell001"]})
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(gate.GateError, match=r"^cannot write baseline '.*/file/b.json': "):
+        gate.save_baseline(board(), blocked / "b.json", grid=None, env={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out"] and not any(folder.iterdir())
 
 
 def test_bad_baseline_and_bad_tolerance_are_usage_errors(tmp_path):
@@ -250,3 +350,162 @@ def test_the_committed_ci_baseline_gates_kl_and_top1():
     directions = {key: v["higher_is_better"] for key, v in stored["rows"][0]["values"].items()}
     assert directions == {"acc_pruned": True, "decode_speedup": True, "kl": False, "ppl_pruned": False,
                           "prefill_speedup": True, "top1": True}
+    # it records no cell ids (written before they were): checked by grid name only, with a warning
+    [warning] = gate.identity(stored, grid="ci")
+    assert warning.startswith("baseline records no cell ids")
+    with pytest.raises(gate.GateError, match=r"^baseline is of grid 'ci', not 'quick'"):
+        gate.identity(stored, grid="quick")
+
+
+# ------------------------------------------------------------------ the commands, on records of a real grid
+CELL_GRID = {**SMALL_GRID, "name": "gate", "metrics": ["bi"], "device": "cpu"}  # 2 seeds: 2 cells, 1 row
+ROW_LABEL = "smollm2-135m/bi/topk/4 blocks"
+
+
+def grid_file(folder: Path, **change) -> Path:
+    path = folder / f"{change.get('name', CELL_GRID['name'])}-{len(list(folder.glob('*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump({**CELL_GRID, **change}))
+    return path
+
+
+def write_records(results: Path, grid: Path, ppl: float = 40.0, *, seeds=(0, 1)) -> list[str]:
+    """Records of ``grid``'s cells (their real ids), as `bench run` would leave them."""
+    from bench.config import load_config
+    from bench.grid import expand
+    from bench.store import ResultStore
+
+    store = ResultStore(results)
+    ids = []
+    for i, cell in enumerate(expand(load_config(grid))):
+        seed = cell.calibration["seed"]
+        if seed not in seeds:
+            continue
+        record = make_record(i, removed=(3, 4, 5, 6), values={"ppl_pruned": ppl, "ppl_dense": 20.0},
+                             model="smollm2-135m", metric="bi", selector="topk", budget="4 blocks", seed=seed,
+                             samples=4, seq_len=128, n_blocks=30)
+        store.write_record(record.model_copy(update={"cell_id": cell.cell_id}))
+        ids.append(cell.cell_id)
+    return ids
+
+
+def tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.fixture
+def saved(tmp_path, monkeypatch):
+    """A results folder of the grid's two cells and a baseline saved from it with --grid. The grid's check
+    that its data sources hold enough text (seconds of tokenizing per command) is left out."""
+    from bench import grid as grid_module
+
+    monkeypatch.setattr(grid_module, "_check_text_length", lambda *args, **kwargs: None)
+    grid = grid_file(tmp_path)
+    results = tmp_path / "results"
+    ids = write_records(results, grid)
+    baseline = tmp_path / "baseline.json"
+    result = cli.invoke(app, ["baseline", "save", "--grid", str(grid), "--results", str(results),
+                              "--out", str(baseline)])
+    assert result.exit_code == 0, result.output
+    return {"grid": grid, "results": results, "baseline": baseline, "ids": ids, "root": tmp_path}
+
+
+def check(saved, *args) -> tuple[int, str, list[str]]:
+    before = tree(saved["root"])
+    result = cli.invoke(app, ["check", "--baseline", str(saved["baseline"]), "--results", str(saved["results"]),
+                              *args])
+    assert tree(saved["root"]) == before  # bench check writes nothing
+    return result.exit_code, result.output, before
+
+
+def test_save_records_grid_name_and_cells_and_check_passes(saved):
+    stored = json.loads(saved["baseline"].read_text())
+    assert stored["schema"] == 2 and stored["grid"] == "gate"
+    assert [(r["seeds"], r["cells"]) for r in stored["rows"]] == [(2, sorted(saved["ids"]))]
+    for args in ([], ["--grid", str(saved["grid"])]):
+        code, output, _ = check(saved, *args)
+        assert code == 0 and "all 1 checks passed" in output, output
+        assert "warning" not in output
+
+
+def test_check_on_another_grid_or_other_cells_is_a_usage_error(saved):
+    renamed = grid_file(saved["root"], name="other")  # the same cells under another name
+    code, output, _ = check(saved, "--grid", str(renamed))
+    assert code == 2 and output.startswith(f"error: baseline {str(saved['baseline'])!r} is of grid 'gate', not "
+                                           "'other': "), output
+    # the grid now measures perplexity differently: other cell ids, and records of them
+    changed = grid_file(saved["root"], perplexity={**CELL_GRID["perplexity"], "max_windows": 8})
+    write_records(saved["results"], changed)
+    code, output, _ = check(saved, "--grid", str(changed))
+    assert code == 2 and output.startswith(f"error: baseline row {ROW_LABEL} was computed from other cells: rerun "
+                                           "`bench baseline save` (grid 'gate' has "), output
+    # without --grid the row now mixes the new cells with the old ones: not comparable either
+    code, output, _ = check(saved)
+    assert code == 2 and output.startswith(f"error: baseline row {ROW_LABEL} was computed from other cells: rerun "
+                                           "`bench baseline save` (now also from "), output
+
+
+def test_check_of_an_unfinished_row_fails(saved):
+    (saved["results"] / "records" / f"{saved['ids'][1]}.json").unlink()  # seed 1's cell did not finish
+    code, output, _ = check(saved, "--grid", str(saved["grid"]))
+    assert code == 1 and "1 of 1 checks failed" in output, output
+    assert f"incomplete: {ROW_LABEL} ppl_pruned" in " ".join(output.split())
+
+
+def test_check_of_an_old_baseline_warns_that_cells_are_not_checked(saved):
+    stored = json.loads(saved["baseline"].read_text())
+    for row in stored["rows"]:
+        del row["cells"]
+    saved["baseline"].write_text(json.dumps(stored))
+    code, output, _ = check(saved, "--grid", str(saved["grid"]))
+    assert code == 0 and "all 1 checks passed" in output, output
+    assert f"warning: baseline {str(saved['baseline'])!r} records no cell ids" in output
+
+
+@pytest.mark.parametrize(("rows", "message"), [
+    ([], " has no rows: nothing to compare with"),
+    ([3], ": rows[0]: expected a mapping"),
+    ([{**ROW, "values": "x"}], ": rows[0].values: expected a mapping, got str"),
+    ([{**ROW, "values": {"ppl_pruned": {"gate": "ppl", "higher_is_better": False}}}],
+     ": rows[0].values.ppl_pruned.value: expected a finite number, got None"),
+    ([{k: v for k, v in ROW.items() if k != "selector"}], ": rows[0].selector: missing"),
+])
+def test_check_of_an_empty_or_malformed_baseline_is_a_usage_error(saved, rows, message):
+    saved["baseline"].write_text(json.dumps({"schema": 2, "grid": "gate", "rows": rows}))
+    code, output, _ = check(saved)
+    assert code == 2 and output.startswith(f"error: baseline {str(saved['baseline'])!r}{message}"), output
+    assert "passed" not in output
+
+
+def test_check_comparing_nothing_or_an_absent_measure_is_a_usage_error(saved):
+    code, output, _ = check(saved, "--fail", "acc:1%")  # the grid measures no accuracy
+    assert code == 2 and output.startswith("error: unknown measure 'acc'; the baseline has ppl "), output
+    stored = json.loads(saved["baseline"].read_text())
+    stored["rows"][0]["values"] = {"kl": {"value": 0.1, "gate": "kl", "higher_is_better": False}}
+    saved["baseline"].write_text(json.dumps(stored))
+    code, output, _ = check(saved)  # the default tolerances (acc, ppl, speedup) apply to none of its values
+    assert code == 2 and output.startswith("error: nothing to compare: no tolerance given for the baseline's "
+                                           "measures (kl); name them with --fail"), output
+    assert "passed" not in output
+
+
+def test_save_refuses_a_folder_an_unfinished_grid_and_an_empty_board(saved):
+    folder = saved["root"] / "taken"
+    folder.mkdir()
+    before = tree(saved["root"])
+    result = cli.invoke(app, ["baseline", "save", "--results", str(saved["results"]), "--out", str(folder)])
+    assert result.exit_code == 2 and result.output.startswith(f"error: --out {str(folder)!r} is a folder: give a "
+                                                              "file path"), result.output
+    assert tree(saved["root"]) == before  # no folder.tmp, nothing in it
+    (saved["results"] / "records" / f"{saved['ids'][1]}.json").unlink()
+    before = tree(saved["root"])
+    out = saved["root"] / "new.json"
+    result = cli.invoke(app, ["baseline", "save", "--grid", str(saved["grid"]), "--results", str(saved["results"]),
+                              "--out", str(out)])
+    assert result.exit_code == 2 and result.output.startswith(
+        f"error: 1 cell(s) of grid 'gate' have no finished record ({saved['ids'][1]}): finish them with 'bench run' "
+        "before saving a baseline; nothing written"), result.output
+    (saved["results"] / "records" / f"{saved['ids'][0]}.json").unlink()
+    result = cli.invoke(app, ["baseline", "save", "--results", str(saved["results"]), "--out", str(out)])
+    assert result.exit_code == 2 and result.output.startswith(
+        "error: no finished cells to save as a baseline; nothing written"), result.output
+    assert tree(saved["root"]) == [p for p in before if p != f"results/records/{saved['ids'][0]}.json"]
