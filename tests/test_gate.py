@@ -350,9 +350,16 @@ def test_the_committed_ci_baseline_gates_kl_and_top1():
     directions = {key: v["higher_is_better"] for key, v in stored["rows"][0]["values"].items()}
     assert directions == {"acc_pruned": True, "decode_speedup": True, "kl": False, "ppl_pruned": False,
                           "prefill_speedup": True, "top1": True}
-    # it records no cell ids (written before they were): checked by grid name only, with a warning
-    [warning] = gate.identity(stored, grid="ci")
-    assert warning.startswith("baseline records no cell ids")
+    # each row keeps the ids of the cells it was computed from: exactly configs/ci.yaml's cells, one per row
+    from bench.config import load_config
+    from bench.grid import expand
+
+    cells = {}
+    for cell in expand(load_config(Path(__file__).resolve().parent.parent / "configs" / "ci.yaml")):
+        key = (cell.model["name"], cell.metric.label(), cell.selector.label(), cell.budget_label)
+        cells.setdefault(key, []).append(cell.cell_id)
+    assert all(len(row["cells"]) == 1 for row in stored["rows"])
+    assert gate.identity(stored, grid="ci", cells=cells) == []
     with pytest.raises(gate.GateError, match=r"^baseline is of grid 'ci', not 'quick'"):
         gate.identity(stored, grid="quick")
 
