@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 from bench.config import config_sections, parse_config
 from bench.grid import Cell, expand, short_hash
 from bench.records import CellRecord
-from bench.stages import Lazy, ModelMemo, Pipeline, SetEvaluation, StageError, failure
+from bench.stages import CELL_FAILURES, Lazy, ModelMemo, Pipeline, SetEvaluation, StageError, failure
 from estimators.registry import Registry
 
 
@@ -130,7 +130,7 @@ def evaluate_set(config_json: dict[str, Any], results_dir: str, model_spec: dict
     try:
         try:
             loaded = pipeline.load(model_spec)
-        except Exception as exc:  # noqa: BLE001 - reported in the records of the cells that need it
+        except CELL_FAILURES as exc:  # reported in the records of the cells that need it
             raise StageError("load_model", exc) from exc
         return pipeline.evaluate(loaded, tuple(removed))
     except StageError as exc:

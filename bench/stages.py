@@ -20,7 +20,13 @@ step              what it returns                                 shared by / ca
 :meth:`Pipeline.select_cell` runs load → select for one cell and returns a record with status
 ``selected`` (or ``failed``); :meth:`Pipeline.evaluate` runs transform → evaluate for one block set
 (``()`` is the dense model); :meth:`Pipeline.complete` joins them into the finished record. A failure
-in any step becomes a failed record naming its stage; the grid goes on.
+in any step becomes a failed record naming its stage; the grid goes on. "Any" includes a plugin that
+calls ``sys.exit`` (:data:`CELL_FAILURES`); only ``KeyboardInterrupt`` (Ctrl-C) stops the grid.
+
+*Trust*: a cache entry is used only when it verifies (its key and checksum, :mod:`bench.store`) and
+holds what its step needs (hidden states of the group's shape, one finite score per block, an
+evaluation result that is a mapping); anything else is a miss, computed again with a warning naming
+the file.
 
 *Identity*: every cache key hashes what decides the number it holds: the model's content fingerprint,
 the resolved parameters and ``version`` of the metric or evaluation, the dtype, the device type, the
@@ -147,6 +153,11 @@ def machine_key(env: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------- failures
+#: what a failing step may raise and still only fail its cell: every ``Exception`` and a plugin's
+#: ``sys.exit`` (``SystemExit``); ``KeyboardInterrupt`` and ``GeneratorExit`` are never caught
+CELL_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit)
+
+
 class StageError(Exception):
     """An exception raised inside a named stage, with its traceback kept for the failed record."""
 
@@ -177,7 +188,7 @@ class Lazy:
             except StageError as exc:
                 self.error = exc
                 raise
-            except Exception as exc:  # noqa: BLE001 - recorded in the cell's record
+            except CELL_FAILURES as exc:  # recorded in the cell's record
                 self.error = StageError(self.stage, exc)
                 raise self.error from exc
         return self.value
@@ -329,8 +340,11 @@ class Pipeline:
         cached = self.store.get_tensors("hidden", key) if self.config.cache_hidden_states else None
         if cached is not None:
             tensors, meta = cached
-            return CapturedStates(key=key, states=tensors["states"], input_ids=ids,
-                                  stats={k: float(v) for k, v in meta.items()}, seconds=0.0, cached=True)
+            why = _unusable_states(tensors, meta, loaded.info.n_blocks, tuple(ids.shape))
+            if why is None:
+                return CapturedStates(key=key, states=tensors["states"], input_ids=ids,
+                                      stats={k: float(v) for k, v in meta.items()}, seconds=0.0, cached=True)
+            self.store.distrust("hidden", key, why, ".safetensors")
         timer = Timer(self.device)
         with timer.stage("capture"):
             states, stats = capture_hidden_states(loaded.model, ids, batch_size=self.config.calibration.batch_size)
@@ -352,9 +366,12 @@ class Pipeline:
         key = short_hash({"hidden": captured.key, "metric": identity, "device": self.device.type})
         cached = self.store.get_json("scores", key)
         if cached is not None:
-            return Scores(values=torch.tensor(cached["scores"], dtype=torch.float64),
-                          higher_is_important=bool(cached["higher_is_important"]), seconds=cached["seconds"],
-                          cached=True)
+            why = _unusable_scores(cached, captured.states.shape[0] - 1, bool(cls.higher_is_important))
+            if why is None:
+                return Scores(values=torch.tensor(cached["scores"], dtype=torch.float64),
+                              higher_is_important=cached["higher_is_important"], seconds=float(cached["seconds"]),
+                              cached=True)
+            self.store.distrust("scores", key, why)
         metric = cls(**cell.metric.params)
         states = captured.on_device(self.device)
         timer = Timer(self.device)
@@ -449,7 +466,7 @@ class Pipeline:
                 continue
             try:
                 results[name] = self._measure(loaded, removed, name, evaluation, memo)
-            except Exception as exc:  # noqa: BLE001 - recorded in the records of the cells that chose the set
+            except CELL_FAILURES as exc:  # recorded in the records of the cells that chose the set
                 raise StageError(name, exc) from exc
         out = SetEvaluation(removed=removed, parameters=parameters, results=results)
         memo.results[memo_key] = out
@@ -461,7 +478,10 @@ class Pipeline:
         kind = f"evaluations/{name}"
         cached = self.store.get_json(kind, key)
         if cached is not None:
-            return EvalResult(name, cached["result"], cached.get("seconds"), True)
+            why = _unusable_result(cached)
+            if why is None:
+                return EvalResult(name, cached["result"], cached.get("seconds"), True)
+            self.store.distrust(kind, key, why)
         self.reporter.stage(f"blocks {list(removed) or 'none'}: {name}")
         if name not in memo.references:
             memo.references[name] = evaluation.reference(loaded.model, loaded.tokenizer)
@@ -507,7 +527,7 @@ class Pipeline:
             scores = self.score(states, cell)
             stage = "selection"
             selection = self.select(cell, loaded, states, scores)
-        except Exception as exc:  # noqa: BLE001 - one failing cell never stops the grid
+        except CELL_FAILURES as exc:  # one failing cell never stops the grid (Ctrl-C does)
             return self.failed(record, exc, stage)
         record.k = selection.k
         record.removed_blocks = list(selection.removed)
@@ -571,6 +591,58 @@ class Pipeline:
         if isinstance(err, torch.OutOfMemoryError) and torch.cuda.is_available():
             torch.cuda.empty_cache()  # give the next cell the memory back
         return failure(record, exc.stage if isinstance(exc, StageError) else stage, f"{type(err).__name__}: {err}", tb)
+
+
+# ---------------------------------------------------------------------------------------- cached payloads
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
+        and abs(value) != float("inf")
+
+
+def _unusable_states(tensors: dict[str, torch.Tensor], meta: dict[str, str], n_blocks: int,
+                     ids_shape: tuple[int, ...]) -> str | None:
+    """Why cached hidden states cannot serve a calibration group (None: they can)."""
+    states = tensors.get("states")
+    if states is None:
+        return "no 'states' tensor"
+    if states.dim() != 4 or tuple(states.shape[:3]) != (n_blocks + 1, *ids_shape):
+        return (f"states of shape {tuple(states.shape)}, expected ({n_blocks + 1}, {ids_shape[0]}, {ids_shape[1]}, "
+                "hidden)")
+    if not states.is_floating_point() or not torch.isfinite(states).all():
+        return "states that are not finite floats"
+    for k, v in meta.items():
+        try:
+            float(v)
+        except (TypeError, ValueError):
+            return f"calibration statistic {k!r} = {v!r} is not a number"
+    return None
+
+
+def _unusable_scores(cached: Any, n_blocks: int, higher_is_important: bool) -> str | None:
+    """Why a cached scores payload cannot serve its metric (None: it can)."""
+    if not isinstance(cached, dict):
+        return f"scores payload is a {type(cached).__name__}, not a mapping"
+    scores = cached.get("scores")
+    if not isinstance(scores, list) or len(scores) != n_blocks:
+        size = len(scores) if isinstance(scores, list) else type(scores).__name__
+        return f"'scores' must list one score per block ({n_blocks}), got {size}"
+    if not all(_number(v) for v in scores):
+        return "'scores' holds a value that is not a finite number"
+    if cached.get("higher_is_important") is not higher_is_important:
+        return f"'higher_is_important' is {cached.get('higher_is_important')!r}, the metric says {higher_is_important}"
+    if not _number(cached.get("seconds")):
+        return "'seconds' is not a number"
+    return None
+
+
+def _unusable_result(cached: Any) -> str | None:
+    """Why a cached evaluation payload cannot be used (None: it can)."""
+    if not isinstance(cached, dict) or not isinstance(cached.get("result"), dict):
+        return "the cached evaluation holds no 'result' mapping"
+    seconds = cached.get("seconds")
+    if seconds is not None and not _number(seconds):
+        return "'seconds' is not a number"
+    return None
 
 
 def failure(record: CellRecord, stage: str, error: str, tb: str) -> CellRecord:

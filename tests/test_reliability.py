@@ -1,17 +1,27 @@
 """Reliability promises, each proven by a test that fails without it."""
 
+import contextlib
+import json
 import re
+import struct
 import subprocess
 import sys
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch import nn
 
+from algorithms.evaluations.base import Column, Evaluation
+from algorithms.selectors import SELECTORS, Selector
 from bench.config import ConfigError, parse_config
-from bench.records import CellRecord
+from bench.records import CellRecord, ModelInfo
 from bench.runner import Runner
-from bench.store import ResultStore, write_json
+from bench.stages import CapturedStates, LoadedModel
+from bench.store import CacheWarning, ResultStore, write_json
+from estimators import METRICS
+from estimators.base import Metric
 from tests.conftest import SMALL_GRID
 
 # ------------------------------------------------------------------ config fuzzing
@@ -136,3 +146,265 @@ def test_a_cell_locked_by_another_process_is_left_to_it(tmp_path):
         holder.wait()
     summary = Runner(config, tmp_path).run()  # the lock died with its process
     assert summary.ran == 1 and store.is_done(cell.cell_id)
+
+
+# ------------------------------------------------------------------ a fast grid on a fake model
+# load and capture replaced by an 8-block stand-in and random hidden states, the evaluation by one that
+# counts its calls: every other step (scoring, selection, caches, records, executor) is the real one
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(8))
+
+
+class FakePPL(Evaluation):
+    """A stand-in perplexity: 10 plus the sum of the removed blocks."""
+
+    name = "fakeppl"
+
+    def columns(self):
+        return [Column("ppl_pruned", "ppl (pruned)", False, rank=1)]
+
+    def data_fingerprint(self):
+        return {}
+
+    def measure(self, target):
+        return {"ppl": 10.0 + sum(target.removed)}
+
+    def values(self, dense, pruned):
+        return {"ppl_pruned": pruned["ppl"]}
+
+
+def fake_runner(root, evaluation: Evaluation | None = None, capture_hook=None, **grid) -> Runner:
+    runner = Runner(parse_config({**SMALL_GRID, **grid}), root)
+    pipeline = runner.pipeline
+
+    def load(spec):
+        pipeline.counters["model_loads"] += 1
+        return LoadedModel(spec, _Tiny(), None, ModelInfo(name=spec["name"], fingerprint="tiny", n_blocks=8), 0.0)
+
+    def capture(loaded, calibration):
+        if capture_hook is not None:
+            capture_hook(calibration)
+        pipeline.counters["captures"] += 1
+        g = torch.Generator().manual_seed(calibration["seed"])
+        states = torch.randn(9, 2, 5, 4, generator=g).cumsum(0)
+        return CapturedStates(key=f"h{calibration['seed']}", states=states, input_ids=torch.zeros(2, 5).long(),
+                              stats={}, seconds=0.0, cached=False)
+
+    pipeline.load, pipeline.capture = load, capture
+    pipeline.transform = lambda model, removed: contextlib.nullcontext(model)
+    pipeline.evaluations = {"fakeppl": evaluation or FakePPL()}
+    return runner
+
+
+def _numbers(store: ResultStore) -> dict[str, tuple]:
+    return {r.cell_id: (r.removed_blocks, r.scores, r.evaluations["fakeppl"].values) for r in store.records()}
+
+
+def _rewrite(path, change) -> None:
+    """Edit a cache entry by hand (its checksum left as it was)."""
+    entry = json.loads(path.read_text())
+    change(entry)
+    path.write_text(json.dumps(entry))
+
+
+@pytest.mark.parametrize("damage", ["reversed", "empty", "short", "flipped", "nan", "torn"])
+def test_damaged_score_caches_are_recomputed_with_the_right_numbers(tmp_path, damage):
+    runner = fake_runner(tmp_path)
+    assert runner.run().failed == 0
+    store = runner.store
+    before = _numbers(store)
+    paths = sorted((store.cache_dir / "scores").glob("*.json"))
+    assert len(paths) == 4
+    for path in paths:
+        key = path.stem
+        if damage == "reversed":  # a hand edit: the checksum no longer matches
+            _rewrite(path, lambda e: e["payload"]["scores"].reverse())
+        elif damage == "empty":  # verifies, but holds nothing a metric needs
+            store.put_json("scores", key, {})
+        elif damage == "short":
+            payload = store.get_json("scores", key)
+            store.put_json("scores", key, {**payload, "scores": payload["scores"][:-1]})
+        elif damage == "flipped":
+            payload = store.get_json("scores", key)
+            store.put_json("scores", key, {**payload, "higher_is_important": not payload["higher_is_important"]})
+        elif damage == "nan":
+            payload = store.get_json("scores", key)
+            store.put_json("scores", key, {**payload, "scores": [float("nan")] * len(payload["scores"])})
+        else:
+            path.write_text(path.read_text()[:50])
+    for path in store.records_dir.glob("*.json"):
+        path.unlink()
+    again = fake_runner(tmp_path)
+    with pytest.warns(CacheWarning) as caught:
+        summary = again.run()
+    assert (summary.ran, summary.failed) == (4, 0)
+    assert again.counters["scorings"] == 4 and again.counters["measure:fakeppl"] == 0
+    assert {str(p) for p in paths} <= {str(w.message).split(": ")[0] for w in caught}
+    assert _numbers(store) == before
+    assert all(store.get_json("scores", p.stem) is not None for p in paths)  # rewritten, verified again
+
+
+@pytest.mark.parametrize("damage", ["hand_edited", "not_a_mapping"])
+def test_damaged_evaluation_caches_are_recomputed_with_the_right_numbers(tmp_path, damage):
+    runner = fake_runner(tmp_path)
+    runner.run()
+    store = runner.store
+    before = _numbers(store)
+    paths = sorted((store.cache_dir / "evaluations" / "fakeppl").glob("*.json"))
+    for path in paths:
+        if damage == "hand_edited":
+            _rewrite(path, lambda e: e["payload"]["result"].update(ppl=1.0))
+        else:  # checksummed, but not what an evaluation result is
+            store.put_json("evaluations/fakeppl", path.stem, {"result": [1.0], "seconds": 0.1})
+    for path in store.records_dir.glob("*.json"):
+        path.unlink()
+    again = fake_runner(tmp_path)
+    with pytest.warns(CacheWarning) as caught:
+        again.run()
+    assert again.counters["measure:fakeppl"] == len(paths) and again.counters["scorings"] == 0
+    assert {str(p) for p in paths} <= {str(w.message).split(": ")[0] for w in caught}
+    assert _numbers(store) == before
+
+
+def test_a_record_holding_another_cells_content_is_rerun(tmp_path):
+    runner = fake_runner(tmp_path)
+    runner.run()
+    store = runner.store
+    before = _numbers(store)
+    first, second = sorted(before)[:2]
+    store.record_path(second).write_bytes(store.record_path(first).read_bytes())
+    again = fake_runner(tmp_path)
+    with pytest.warns(CacheWarning, match=re.escape(str(store.record_path(second)))):
+        summary = again.run()
+    assert (summary.skipped, summary.ran) == (3, 1) and [r.cell_id for r in summary.records] == [second]
+    assert store.read_record(second).cell_id == second and _numbers(store) == before
+
+
+# ------------------------------------------------------------------ plugins never end the grid
+
+class ExitMetric(Metric):
+    """A plugin metric that ends the process (as a script's ``main`` might)."""
+
+    name = "exit_metric"
+
+    def pair(self, x, y):
+        sys.exit(3)
+
+
+class ExitSelector(Selector):
+    name = "exit_selector"
+
+    def select(self, problem):
+        sys.exit(3)
+
+
+class ExitOnPruned(FakePPL):
+    """Fine on the dense model, ``SystemExit(3)`` on every block set holding block 3."""
+
+    def measure(self, target):
+        if 3 in target.removed:
+            raise SystemExit(3)
+        return super().measure(target)
+
+
+class InterruptMetric(Metric):
+    name = "interrupt_metric"
+
+    def pair(self, x, y):
+        raise KeyboardInterrupt
+
+
+def _plugin(monkeypatch, registry, cls) -> None:
+    monkeypatch.setattr(registry, "_entries", {**registry._entries, cls.name: cls})
+    monkeypatch.setattr(registry, "_origins", {**registry._origins, cls.name: "test"})
+
+
+def _failures(summary) -> list[tuple[str, str]]:
+    return sorted((r.stage, r.error) for r in summary.records if r.status != "ok")
+
+
+def test_a_metric_plugin_calling_sys_exit_fails_its_cells_and_the_grid_goes_on(tmp_path, monkeypatch):
+    _plugin(monkeypatch, METRICS, ExitMetric)
+    summary = fake_runner(tmp_path, metrics=["exit_metric", "bi"]).run()
+    assert summary.ran == 4 and _failures(summary) == [("scoring", "SystemExit: 3")] * 2
+    assert {r.labels.metric for r in summary.records if r.ok} == {"bi"}
+    assert all("sys.exit(3)" in r.traceback for r in summary.records if not r.ok)
+    assert summary.exit_code == 1
+
+
+def test_a_selector_plugin_calling_sys_exit_fails_its_cells(tmp_path, monkeypatch):
+    _plugin(monkeypatch, SELECTORS, ExitSelector)
+    summary = fake_runner(tmp_path, metrics=["bi"], selectors=["exit_selector", "topk"]).run()
+    assert summary.ran == 4 and _failures(summary) == [("selection", "SystemExit: 3")] * 2
+    assert {r.labels.selector for r in summary.records if r.ok} == {"topk"}
+
+
+def test_an_evaluation_or_capture_calling_sys_exit_fails_only_the_cells_that_need_it(tmp_path):
+    summary = fake_runner(tmp_path / "eval", evaluation=ExitOnPruned()).run()
+    failed = [r for r in summary.records if not r.ok]
+    assert summary.ran == 4 and failed and len(failed) < 4
+    assert all(r.stage == "fakeppl" and r.error == "SystemExit: 3" and 3 in r.removed_blocks for r in failed)
+
+    def exit_on_seed_0(calibration):  # inside the shared Lazy capture of a calibration group
+        if calibration["seed"] == 0:
+            sys.exit(3)
+
+    summary = fake_runner(tmp_path / "capture", capture_hook=exit_on_seed_0).run()
+    assert summary.ran == 4 and _failures(summary) == [("capture", "SystemExit: 3")] * 2
+    assert {r.labels.seed for r in summary.records if r.ok} == {1}
+
+
+def test_ctrl_c_in_a_plugin_still_stops_the_grid(tmp_path, monkeypatch):
+    _plugin(monkeypatch, METRICS, InterruptMetric)
+    runner = fake_runner(tmp_path, metrics=["interrupt_metric", "bi"])
+    with pytest.raises(KeyboardInterrupt):
+        runner.run()
+    assert runner.store.records() == []
+
+
+# ------------------------------------------------------------------ the real grid, its caches damaged
+
+@pytest.mark.slow
+@pytest.mark.download
+def test_damaged_caches_and_a_misplaced_record_on_the_real_grid(tmp_path):
+    """SmolLM2: zeros in one hidden-states cache, hand-edited scores and perplexities, a record holding
+    another cell: the rerun recomputes exactly those and gets the first run's numbers."""
+    config = parse_config(SMALL_GRID)
+    first = Runner(config, tmp_path).run()
+    assert first.failed == 0
+    store = ResultStore(tmp_path)
+    before = {r.cell_id: (r.removed_blocks, r.scores, r.evaluations["perplexity"].values) for r in store.records()}
+    hidden = sorted((store.cache_dir / "hidden").glob("*.safetensors"))
+    assert len(hidden) == 2
+    data = bytearray(hidden[0].read_bytes())
+    start = 8 + struct.unpack("<Q", bytes(data[:8]))[0] + 4096
+    data[start:start + 65536] = bytes(65536)
+    hidden[0].write_bytes(bytes(data))
+    for path in (store.cache_dir / "scores").glob("*.json"):
+        _rewrite(path, lambda e: e["payload"]["scores"].reverse())
+    ppl = sorted((store.cache_dir / "evaluations" / "perplexity").glob("*.json"))
+    for path in ppl:
+        _rewrite(path, lambda e: e["payload"]["result"].update(ppl=1.0))
+    ids = sorted(before)
+    for cell_id in ids[1:]:
+        store.record_path(cell_id).unlink()
+    store.record_path(ids[1]).write_bytes(store.record_path(ids[0]).read_bytes())  # cell 0's content
+    store.record_path(ids[0]).unlink()
+
+    runner = Runner(config, tmp_path)
+    with pytest.warns(CacheWarning) as caught:
+        summary = runner.run()
+    assert (summary.ran, summary.failed) == (4, 0)
+    assert dict(runner.counters) == {"model_loads": 1, "captures": 1, "scorings": 4,
+                                     "measure:perplexity": len(ppl)}
+    named = {str(w.message).split(": ")[0] for w in caught}
+    assert {str(hidden[0]), str(store.record_path(ids[1]))} <= named
+    after = {r.cell_id: (r.removed_blocks, r.scores, r.evaluations["perplexity"].values) for r in store.records()}
+    assert sorted(after) == ids
+    for cell_id in ids:
+        assert after[cell_id][0] == before[cell_id][0]
+        assert after[cell_id][1] == pytest.approx(before[cell_id][1], rel=1e-6)
+        assert after[cell_id][2] == pytest.approx(before[cell_id][2], rel=1e-6)
