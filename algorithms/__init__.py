@@ -1,1 +1,24 @@
-"""Model adapters, block removal, hidden-state capture, data and selectors."""
+"""Model adapters, block removal, hidden-state capture, data, selectors and evaluations.
+
+``SELECTORS`` lives here, not in :mod:`algorithms.selectors`, so that reading a grid (names checked
+against the registry) imports no torch; a selector's module is imported when its name is used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from estimators.registry import Registry
+
+if TYPE_CHECKING:
+    from algorithms.selectors import Selector
+
+#: built-in selectors; other distributions add theirs through the entry-point group ``blockbench.selectors``
+SELECTORS: Registry[type[Selector]] = Registry("selector", entry_point_group="blockbench.selectors",
+                                               base="algorithms.selectors:Selector")
+SELECTORS.register("topk", "algorithms.selectors:TopK")
+SELECTORS.register("iterative", "algorithms.selectors:Iterative")
+SELECTORS.register("span", "algorithms.selectors:Span")
+SELECTORS.register("fbs", "algorithms.selectors:FastBlockSelect")
+SELECTORS.register("exhaustive", "algorithms.selectors:Exhaustive")
+SELECTORS.register("optuna", "algorithms.selectors:OptunaSearch")

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from algorithms import SELECTORS as SELECTORS  # the registry lives in the light package module
 from algorithms.objectives import (
     OBJECTIVE_KINDS,
     PROXY_KINDS,
@@ -33,7 +34,6 @@ from algorithms.objectives import (
     runs,
 )
 from estimators.checks import is_int
-from estimators.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -545,13 +545,3 @@ class OptunaSearch(SearchSelector):
                             storage=str(path) if path else None, best_trial=best.number),
         )
 
-
-#: built-in selectors; other distributions add theirs through the entry-point group ``blockbench.selectors``
-SELECTORS: Registry[type[Selector]] = Registry("selector", entry_point_group="blockbench.selectors",
-                                               base=Selector)
-SELECTORS.register("topk", "algorithms.selectors:TopK")
-SELECTORS.register("iterative", "algorithms.selectors:Iterative")
-SELECTORS.register("span", "algorithms.selectors:Span")
-SELECTORS.register("fbs", "algorithms.selectors:FastBlockSelect")
-SELECTORS.register("exhaustive", "algorithms.selectors:Exhaustive")
-SELECTORS.register("optuna", "algorithms.selectors:OptunaSearch")

@@ -17,7 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from algorithms.selectors import SELECTORS
+from algorithms import SELECTORS
 from bench.config import ComponentSpec, ConfigError, GridConfig
 from estimators import METRICS
 from estimators.registry import RegistryError, resolve_params
@@ -194,6 +194,11 @@ def _check_component(kind: str, registry, index: int, spec: ComponentSpec) -> No
 
 def validate(config: GridConfig) -> list[Cell]:
     """Check names, parameters, sources, models and budgets without running anything."""
+    # names first, from the registries alone (no module imported: a typo is reported at once)
+    for kind, registry, specs in (("metrics", METRICS, config.metrics), ("selectors", SELECTORS, config.selectors)):
+        for i, spec in enumerate(specs):
+            if spec.name not in registry:
+                raise ConfigError(f"{kind}[{i}].name: {registry.unknown_message(spec.name)}")
     from algorithms.data import DataError, check_source
     from algorithms.models.zoo import model_block_count, model_width
 

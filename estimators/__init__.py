@@ -4,10 +4,19 @@
 distributions add metrics through the entry-point group ``blockbench.metrics``.
 """
 
-from estimators.base import Metric
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from estimators.registry import Registry, RegistryError
 
-METRICS: Registry[type[Metric]] = Registry("metric", entry_point_group="blockbench.metrics", base=Metric)
+if TYPE_CHECKING:
+    from estimators.base import Metric
+
+# the base class is named, not imported: importing the registry (to read a grid, to list names) does not
+# import torch; a metric's module is imported when its name is used
+METRICS: Registry[type[Metric]] = Registry("metric", entry_point_group="blockbench.metrics",
+                                           base="estimators.base:Metric")
 METRICS.register("bi", "estimators.metrics:BlockInfluence")
 METRICS.register("angular", "estimators.metrics:AngularDistance")
 METRICS.register("mi_gauss", "estimators.mi:GaussianMI")
@@ -16,3 +25,11 @@ METRICS.register("hsic", "estimators.kernel:HSIC")
 METRICS.register("cka_linear", "estimators.kernel:LinearCKA")
 
 __all__ = ["METRICS", "Metric", "Registry", "RegistryError"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Metric":
+        from estimators.base import Metric
+
+        return Metric
+    raise AttributeError(f"module 'estimators' has no attribute {name!r}")

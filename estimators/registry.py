@@ -52,11 +52,13 @@ class RegistryError(KeyError):
 class Registry(Generic[T]):
     """Maps names to objects, resolving lazy ``module:attr`` entries on first access."""
 
-    def __init__(self, kind: str, *, entry_point_group: str | None = None, base: type | None = None,
+    def __init__(self, kind: str, *, entry_point_group: str | None = None, base: type | str | None = None,
                  check: Callable[[Any], str | None] | None = None) -> None:
         self.kind = kind
         self.entry_point_group = entry_point_group
-        self.base = base  #: every class registered must subclass it (checked when a lazy entry loads)
+        #: every class registered must subclass it (checked when a lazy entry loads); a ``module:attr``
+        #: string is imported only then, so a registry stays cheap to import and to list
+        self.base = base
         self._check = check  #: returns why an object is unfit, or None (after the ``base`` check)
         self._entries: dict[str, T | str] = {}
         self._origins: dict[str, str] = {}
@@ -128,10 +130,7 @@ class Registry(Generic[T]):
         entry = self._entries[name]
         if isinstance(entry, str):
             try:
-                module_name, _, attr = entry.partition(":")
-                obj = importlib.import_module(module_name)
-                for part in attr.split("."):
-                    obj = getattr(obj, part)
+                obj = _import(entry)
                 why = self.problem(obj)
             except Exception as exc:  # noqa: BLE001 - a broken plugin is reported, never fatal elsewhere
                 why = f"{type(exc).__name__}: {exc}"
@@ -146,8 +145,9 @@ class Registry(Generic[T]):
     def problem(self, obj: Any) -> str | None:
         """Why ``obj`` cannot be an entry of this registry (not a subclass of ``base``, or what ``check``
         says), or None."""
-        if self.base is not None and not (isinstance(obj, type) and issubclass(obj, self.base)):
-            return f"{obj!r} is not a subclass of {self.base.__module__}.{self.base.__qualname__}"
+        base = _import(self.base) if isinstance(self.base, str) else self.base
+        if base is not None and not (isinstance(obj, type) and issubclass(obj, base)):
+            return f"{obj!r} is not a subclass of {base.__module__}.{base.__qualname__}"
         return self._check(obj) if self._check is not None else None
 
     def unknown_message(self, name: str) -> str:
@@ -177,6 +177,15 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"Registry({self.kind!r}, {self.list()})"
+
+
+def _import(target: str) -> Any:
+    """The object a ``module:attr.sub`` string names."""
+    module_name, _, attr = target.partition(":")
+    obj = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def resolve_params(cls: Callable[..., Any], params: dict[str, Any]) -> dict[str, Any]:

@@ -187,3 +187,22 @@ def test_report_on_records_of_an_older_version_exits_2_saying_how_to_rerun(tmp_p
     assert text.startswith(f"error: no readable records under {str(tmp_path)!r}: {tmp_path / 'records' / 'cell1.json'}: "
                            "record schema 1 (written by blockbench 0.1.0 or another version)"), text
     assert "rerun the grid (`bench run --grid FILE`" in text
+
+
+def test_a_typo_is_reported_without_importing_torch(tmp_path):
+    """Config errors come from the registries and pydantic alone: no torch, transformers or lm-eval import
+    (what made `bench validate` take 10-16 s on a busy machine; README "Performance" has the figure)."""
+    import subprocess
+    import sys
+
+    cases = [{**SMALL_GRID, "metrics": ["bi", "angualr"]}, {**SMALL_GRID, "budgets": {"blokcs": [4]}},
+             {**SMALL_GRID, "selectors": ["topk", "fsb"]}, {**SMALL_GRID, "kl": {"seq_len": 1}}]
+    for i, case in enumerate(cases):
+        path = tmp_path / f"grid{i}.yaml"
+        path.write_text(yaml.safe_dump(case))
+        code = ("import sys\nfrom bench.cli import main\nsys.argv = ['bench', 'validate', '--grid', sys.argv[1]]\n"
+                "try:\n    main()\nexcept SystemExit as exc:\n    code = exc.code\n"
+                "heavy = sorted(m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules)\n"
+                "print('exit', code, 'heavy', heavy)")
+        done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+        assert done.stdout.strip().splitlines()[-1] == "exit 2 heavy []", (case, done.stdout, done.stderr[-2000:])

@@ -1,4 +1,4 @@
-"""Speed measurement (algorithms.evaluations.speed): structure, the decode loop against generate(), exact ratios.
+"""Speed measurement (algorithms.evaluations.timing): structure, the decode loop against generate(), exact ratios.
 
 Timings are never asserted against thresholds (they are benchmarks, not tests); what is asserted is
 what must hold on any machine: counts, sizes, ratios computed exactly, state restored.
@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from algorithms.evaluations.speed import _decode, compare_speed, expected_ceiling, measure_speed, speedup
+from algorithms.evaluations.timing import _decode, compare_speed, expected_ceiling, measure_speed, speedup
 from algorithms.models.blocks import count_parameters, num_blocks, pruned_copy, weight_bytes
 
 FAST = {"prompt_lengths": (8, 16), "decode_tokens": 4, "repeats": 2, "warmup": 1}

@@ -34,10 +34,12 @@ import abc
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:  # torch is imported by whoever measures; reading a grid's sections does not need it
+    import torch
 
 Aggregate = Literal["mean", "median"]
 

@@ -16,12 +16,14 @@ defaults), which is why the defaults are smaller than perplexity's.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import Field
 
 from algorithms.evaluations.base import Column, EvalTarget, Evaluation, Params
+
+if TYPE_CHECKING:
+    import torch
 
 
 class KLParams(Params):
@@ -32,32 +34,36 @@ class KLParams(Params):
     batch_size: int = Field(4, ge=1)
 
 
-@torch.inference_mode()
 def next_token_log_probs(model: torch.nn.Module, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Float32 log-probabilities ``(W, T - 1, V)`` on the CPU of every next-token prediction."""
+    import torch
+
     device = next(model.parameters()).device
     out = []
-    for start in range(0, windows.shape[0], batch_size):
-        ids = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1, :].float()
-        out.append(torch.log_softmax(logits, dim=-1).cpu())
+    with torch.inference_mode():
+        for start in range(0, windows.shape[0], batch_size):
+            ids = windows[start : start + batch_size].to(device)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1, :].float()
+            out.append(torch.log_softmax(logits, dim=-1).cpu())
     return torch.cat(out)
 
 
-@torch.inference_mode()
 def kl_and_agreement(dense_log_probs: torch.Tensor, model: torch.nn.Module, windows: torch.Tensor,
                      batch_size: int) -> dict[str, float]:
     """Mean KL(dense ‖ model) and top-1 agreement over every next-token position of ``windows``."""
+    import torch
+
     device = next(model.parameters()).device
     kl_sum, agree, positions = 0.0, 0, 0
-    for start in range(0, windows.shape[0], batch_size):
-        ids = windows[start : start + batch_size].to(device)
-        log_q = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1, :].float(), dim=-1)
-        log_p = dense_log_probs[start : start + ids.shape[0]].to(device)
-        kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
-        kl_sum += float(kl.double().sum())
-        agree += int((log_p.argmax(dim=-1) == log_q.argmax(dim=-1)).sum())
-        positions += kl.numel()
+    with torch.inference_mode():
+        for start in range(0, windows.shape[0], batch_size):
+            ids = windows[start : start + batch_size].to(device)
+            log_q = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1, :].float(), dim=-1)
+            log_p = dense_log_probs[start : start + ids.shape[0]].to(device)
+            kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+            kl_sum += float(kl.double().sum())
+            agree += int((log_p.argmax(dim=-1) == log_q.argmax(dim=-1)).sum())
+            positions += kl.numel()
     return {"kl": kl_sum / positions, "top1": agree / positions, "positions": positions}
 
 

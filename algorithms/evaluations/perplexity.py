@@ -10,17 +10,20 @@ float64). Perplexities of models with different tokenizers are not comparable.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import Field
 
 from algorithms.evaluations.base import Column, EvalTarget, Evaluation, Params
-from algorithms.models.nll import mean_nll, perplexity_of
+
+if TYPE_CHECKING:
+    import torch
 
 
 def perplexity(model, windows: torch.Tensor, *, batch_size: int = 4) -> dict[str, float]:
     """Return ``{"ppl", "nll", "tokens"}`` of ``model`` on ``windows`` (LongTensor ``(W, T)``)."""
+    from algorithms.models.nll import mean_nll, perplexity_of
+
     nll, tokens = mean_nll(model, windows, batch_size=batch_size)
     return {"ppl": perplexity_of(nll), "nll": nll, "tokens": tokens}
 
