@@ -131,7 +131,17 @@ def run(
             + (f", {summary.elsewhere} left to another process" if summary.elsewhere else "")
             + f". Records in {results_dir / 'records'}"
         )
+        if spent := stage_times(runner.pipeline.seconds):
+            err.print(f"time by step in this run: {spent}")
     raise typer.Exit(summary.exit_code)
+
+
+def stage_times(seconds) -> str:
+    """``load 1.2 s, capture 10.4 s, scoring 2.0 s, ...``: where this process spent its time (steps served
+    by a cache cost nothing and are not listed); empty when nothing ran here."""
+    order = ["load", "capture", "scoring", "selection"]
+    names = order + sorted(k for k in seconds if k not in order)
+    return ", ".join(f"{name} {seconds[name]:.1f} s" for name in names if seconds.get(name))
 
 
 def _run_resumably(runner, cells, results_dir: Path, **run_options):

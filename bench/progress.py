@@ -12,6 +12,7 @@ from rich.progress import (
     SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 
 
@@ -20,6 +21,7 @@ class Reporter:
 
     def start(self, total: int, skipped: int) -> None: ...
     def stage(self, text: str) -> None: ...
+    def note(self, text: str) -> None: ...
     def cell_done(self, cell: Any, record: Any) -> None: ...
     def cell_skipped(self, cell: Any) -> None: ...
     def finish(self) -> None: ...
@@ -34,6 +36,8 @@ class RichReporter(Reporter):
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),  # from the cells done so far: shown once the first cells finished
             TextColumn("{task.description}"),
             console=self.console,
             transient=False,
@@ -51,6 +55,10 @@ class RichReporter(Reporter):
     def stage(self, text: str) -> None:
         if self.task is not None:
             self.progress.update(self.task, description=text)
+
+    def note(self, text: str) -> None:
+        """A line above the bar (something the user should know: a large file about to be written)."""
+        self.console.print(text)
 
     def cell_done(self, cell: Any, record: Any) -> None:
         if record.status != "ok":

@@ -70,6 +70,8 @@ from estimators import METRICS
 
 #: objectives every chosen set is scored on in its record (lower = better set to remove)
 PROXY_OBJECTIVES = ("proxy_sum", "proxy_span")
+#: a hidden-state cache entry at least this large is announced before it is written
+LARGE_CACHE_BYTES = 256 * 1024 * 1024
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -130,6 +132,10 @@ def environment(device: torch.device) -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[pkg] = None
     commit, dirty = git_state()
+    commit_of = "package" if commit else None
+    if commit is None and _is_blockbench_checkout(Path.cwd()):  # `pip install .`, run from the clone
+        commit, dirty = git_state(Path.cwd())
+        commit_of = "working directory" if commit else None
     return {
         "host": platform.node(),
         "machine": platform.machine(),
@@ -141,8 +147,18 @@ def environment(device: torch.device) -> dict[str, Any]:
         "blockbench": __version__,
         "git_commit": commit,
         "git_dirty": dirty,
+        #: where the commit was read: the installed package's own checkout, or (an installed copy run from
+        #: a clone of blockbench) the working directory, whose source the installed copy may not match
+        "git_commit_of": commit_of,
         "packages": versions,
     }
+
+
+def _is_blockbench_checkout(folder: Path) -> bool:
+    try:
+        return 'name = "blockbench"' in (folder / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        return False
 
 
 def machine_key(env: dict[str, Any]) -> dict[str, Any]:
@@ -304,6 +320,8 @@ class Pipeline:
             name: EVALUATIONS.get(name)(params) for name, params in config.evaluations.items()
         }
         self.counters: Counter[str] = Counter()
+        #: seconds this process really spent per step (cache hits cost nothing), for the end-of-run summary
+        self.seconds: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ load
     def load(self, spec: dict[str, Any]) -> LoadedModel:
@@ -317,6 +335,7 @@ class Pipeline:
         model, tokenizer, info = load_model(spec["name"], device=str(self.device), dtype=self.dtype,
                                             trust_remote_code=spec["trust_remote_code"])
         self.counters["model_loads"] += 1
+        self.seconds["load"] += time.perf_counter() - start
         model_info = ModelInfo(**{k: info[k] for k in ("name", "fingerprint", "n_blocks", "architecture",
                                                         "parameters")})
         return LoadedModel(spec=spec, model=model, tokenizer=tokenizer, info=model_info,
@@ -349,11 +368,17 @@ class Pipeline:
         with timer.stage("capture"):
             states, stats = capture_hidden_states(loaded.model, ids, batch_size=self.config.calibration.batch_size)
         self.counters["captures"] += 1
+        self.seconds["capture"] += timer.times["capture"]
         if not torch.isfinite(states).all():
             bad = sorted({int(i) for i in (~torch.isfinite(states)).nonzero()[:, 0].tolist()})
             raise FloatingPointError(f"hidden states contain NaN or inf at depths {bad}")
         stats["capture_seconds"] = timer.times["capture"]
         if self.config.cache_hidden_states:
+            size = states.numel() * states.element_size()
+            if size >= LARGE_CACHE_BYTES:
+                self.reporter.note(f"writing {size / 1e9:.2f} GB of hidden states to "
+                                   f"{self.store.cache_dir / 'hidden'} for reruns (cache_hidden_states: false "
+                                   "in the grid turns this off)")
             self.store.put_tensors("hidden", key, {"states": states}, {k: repr(v) for k, v in stats.items()})
         return CapturedStates(key=key, states=states, input_ids=ids, stats=stats, seconds=timer.times["capture"],
                               cached=False)
@@ -378,6 +403,7 @@ class Pipeline:
         with timer.stage("scoring"):
             values = metric.score_blocks(states).cpu()
         self.counters["scorings"] += 1
+        self.seconds["scoring"] += timer.times["scoring"]
         if not torch.isfinite(values).all():
             bad = [i for i, s in enumerate(values.tolist()) if s != s or abs(s) == float("inf")]
             raise FloatingPointError(f"metric {cell.metric.name!r} gave non-finite scores for blocks {bad}")
@@ -420,8 +446,10 @@ class Pipeline:
         # every selector's choice scored on the same cheap proxies, so selectors compare on equal terms
         t0 = time.perf_counter()
         proxies = {kind: factory.get(kind)(removed) for kind in PROXY_OBJECTIVES}
+        proxy_seconds = time.perf_counter() - t0
+        self.seconds["selection"] += seconds + proxy_seconds
         return Selection(k=k, removed=removed, evaluations=chosen.evaluations, info=chosen.info, proxies=proxies,
-                         seconds=seconds, proxy_seconds=time.perf_counter() - t0)
+                         seconds=seconds, proxy_seconds=proxy_seconds)
 
     # ------------------------------------------------------------------ transform
     @staticmethod
@@ -484,7 +512,9 @@ class Pipeline:
             self.store.distrust(kind, key, why)
         self.reporter.stage(f"blocks {list(removed) or 'none'}: {name}")
         if name not in memo.references:
+            start = time.perf_counter()
             memo.references[name] = evaluation.reference(loaded.model, loaded.tokenizer)
+            self.seconds[name] += time.perf_counter() - start
         target = EvalTarget(model=loaded.model, tokenizer=loaded.tokenizer, removed=removed,
                             n_blocks=loaded.info.n_blocks, transform=self.transform,
                             reference=memo.references[name])
@@ -492,6 +522,7 @@ class Pipeline:
         with timer.stage(name):
             result = evaluation.measure(target)
         self.counters[f"measure:{name}"] += 1
+        self.seconds[name] += timer.times[name]
         self.store.put_json(kind, key, {"result": result, "seconds": timer.times[name],
                                         "evaluation": evaluation.describe(), "removed": list(removed)})
         return EvalResult(name, result, timer.times[name], False)

@@ -189,6 +189,14 @@ def test_report_on_records_of_an_older_version_exits_2_saying_how_to_rerun(tmp_p
     assert "rerun the grid (`bench run --grid FILE`" in text
 
 
+def test_stage_times_lists_the_steps_that_ran_in_order():
+    from bench.cli import stage_times
+
+    assert stage_times({"perplexity": 2.0, "capture": 10.44, "load": 1.0, "scoring": 0.0, "accuracy": 3.25}) == (
+        "load 1.0 s, capture 10.4 s, accuracy 3.2 s, perplexity 2.0 s")
+    assert stage_times({}) == ""
+
+
 def test_a_typo_is_reported_without_importing_torch(tmp_path):
     """Config errors come from the registries and pydantic alone: no torch, transformers or lm-eval import
     (what made `bench validate` take 10-16 s on a busy machine; README "Performance" has the figure)."""

@@ -11,10 +11,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from bench import report
+from bench import report, stages
 from bench.cli import app
 from bench.config import load_config, parse_config
 from bench.grid import expand
+from bench.progress import Reporter
 from bench.runner import Runner
 from estimators import METRICS
 from estimators.base import Metric
@@ -33,9 +34,23 @@ def first_run(tmp_path_factory):
     grid = root / "grid.yaml"
     grid.write_text(yaml.safe_dump(SMALL_GRID))
     config = load_config(grid)
-    runner = Runner(config, root / "results")
-    summary = runner.run()
-    return {"grid": grid, "config": config, "results": root / "results", "summary": summary, "runner": runner}
+    notes = NoteTaker()
+    runner = Runner(config, root / "results", reporter=notes)
+    threshold, stages.LARGE_CACHE_BYTES = stages.LARGE_CACHE_BYTES, 1  # every hidden-state cache is "large"
+    try:
+        summary = runner.run()
+    finally:
+        stages.LARGE_CACHE_BYTES = threshold
+    return {"grid": grid, "config": config, "results": root / "results", "summary": summary, "runner": runner,
+            "notes": notes.notes}
+
+
+class NoteTaker(Reporter):
+    def __init__(self):
+        self.notes = []
+
+    def note(self, text):
+        self.notes.append(text)
 
 
 def test_first_run_writes_one_good_record_per_cell(first_run):
@@ -46,6 +61,13 @@ def test_first_run_writes_one_good_record_per_cell(first_run):
     # dense once, each distinct set once; the model once, the hidden states once per seed
     assert dict(runner.counters) == {"model_loads": 1, "captures": 2, "scorings": 4,
                                      "measure:perplexity": 1 + len(distinct_sets)}
+    # the time each step really took in this process, for the end-of-run summary
+    assert sorted(runner.pipeline.seconds) == ["capture", "load", "perplexity", "scoring", "selection"]
+    # a hidden-state cache at or above LARGE_CACHE_BYTES is announced with its size and how to turn it off
+    size = 31 * 4 * 128 * 576 * 4 / 1e9  # depths x samples x seq_len x width, float32
+    hidden = first_run["results"] / "cache" / "hidden"
+    assert first_run["notes"] == [f"writing {size:.2f} GB of hidden states to {hidden} for reruns "
+                                  "(cache_hidden_states: false in the grid turns this off)"] * 2
     for r in records.values():
         assert r.status == "ok" and r.schema_version == 2
         assert r.model.n_blocks == 30
