@@ -47,7 +47,7 @@ class _Frozen(BaseModel):
 
 def _seed_in_range(seed: int) -> int:
     if not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"seed {seed} is out of range: seeds are integers 0 <= seed < 2**63")
+        raise ValueError("out of range: seeds are integers 0 <= seed < 2**63")
     return seed
 
 

@@ -81,7 +81,7 @@ def test_resolve_k_rounds_half_up_and_refuses_everything():
         ({"budgets": {"blocks": [2.0]}}, r"budgets.blocks\[0\]: Input should be a valid integer \(got 2.0\)"),
         ({"budgets": {"ratios": [True]}}, r"budgets.ratios\[0\]: Input should be a valid number \(got True\)"),
         ({"models": [{"name": "x", "trust_remote_code": "yes"}]}, r"models\[0\].trust_remote_code: .*valid boolean"),
-        ({"calibration": {"seeds": [2**63]}}, r"calibration.seeds\[0\]: seed 9223372036854775808 is out of range"),
+        ({"calibration": {"seeds": [2**63]}}, r"calibration.seeds\[0\]: out of range: .* \(got 9223372036854775808\)"),
         ({"calibration": {"seq_len": "32"}}, r"calibration.seq_len: Input should be a valid integer \(got '32'\)"),
         ({"perplexity": {"max_windows": False}}, r"perplexity.max_windows"),
         ({"dtype": "int8"}, "dtype: Input should be 'float32'"),
