@@ -7,9 +7,12 @@ Sources (a string in the grid config):
   markup stripped with gensim's ``filter_wiki``.
 - ``news``: the Lee news corpus in gensim's test data (``lee_background.cor``, one article per line).
 - a local path: ``.txt`` (documents separated by blank lines), ``.jsonl`` (one object per line with a
-  ``text`` field) or a folder of ``.txt`` files.
+  ``text`` field) or a folder of ``.txt`` files. Only regular files are read (never ``/dev/zero`` or a
+  pipe), at most :data:`MAX_SOURCE_BYTES` in all, and they must be UTF-8 text without NUL bytes.
 - ``hf:NAME[:CONFIG][@SPLIT]``: a Hugging Face dataset with a ``text`` column, when the ``datasets``
-  package is installed and the user has access (never used by the built-in configs).
+  package is installed and the dataset is in the local Hugging Face cache already (never used by the
+  built-in configs). ``NAME`` is a hub id (``owner/name``: letters, digits, ``-``, ``_``, ``.``);
+  :func:`check_source` (``bench validate``) never reaches the network.
 
 Every source is a list of documents. A document goes to the *held-out* part when a hash of its text
 falls in the held-out share (default 20%), otherwise to the *calibration* part, so the two never
@@ -29,7 +32,9 @@ import bz2
 import functools
 import hashlib
 import json
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Literal
 
@@ -40,6 +45,12 @@ HELDOUT_SHARE = 0.2
 BUILTIN_SOURCES = ("wikipedia", "news")
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 NEWS_FILE = "lee_background.cor"
+#: the most bytes a local text source (a file, or a folder's .txt files together) may hold: 256 MiB
+MAX_SOURCE_BYTES = 256 * 2**20
+_HF_PART = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_-])?"
+_HF_NAME = re.compile(rf"{_HF_PART}(?:/{_HF_PART})?")
+_HF_CONFIG = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+_HF_SPLIT = re.compile(r"[A-Za-z0-9_.:%+\[\]-]{1,100}")
 
 
 class DataError(ValueError):
@@ -85,15 +96,49 @@ def _news_documents() -> list[str]:
     return [line.strip() for line in lines if line.strip()]
 
 
-def _file_documents(path: Path) -> list[str]:
+def _read_text(path: Path, budget: int | None = None) -> str:
+    """A regular file's UTF-8 text (a leading BOM dropped): :class:`DataError` for anything else, for more
+    than ``budget`` bytes (default :data:`MAX_SOURCE_BYTES`), for a NUL byte or for bytes that are not UTF-8."""
+    budget = MAX_SOURCE_BYTES if budget is None else budget
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a pipe must not block the open
+    except OSError as exc:
+        raise DataError(f"text source {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DataError(f"text source {str(path)!r} is not a regular file")
+        raw = fh.read(budget + 1)
+    if len(raw) > budget:
+        raise DataError(f"text source {str(path)!r} is larger than {MAX_SOURCE_BYTES // 2**20} MiB "
+                        "(algorithms.data.MAX_SOURCE_BYTES)")
+    if (nul := raw.find(b"\0")) >= 0:
+        raise DataError(f"text source {str(path)!r} is binary data, not text (NUL byte at offset {nul})")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"text source {str(path)!r} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                        f"{exc.start})") from None
+
+
+def _file_documents(path: Path, budget: int | None = None) -> list[str]:
+    budget = MAX_SOURCE_BYTES if budget is None else budget
     if path.is_dir():
         files = sorted(path.glob("*.txt"))
         if not files:
             raise DataError(f"text folder {str(path)!r} holds no .txt files")
-        return [d for f in files for d in _file_documents(f)]
+        docs = []
+        for f in files:
+            if not f.is_file():
+                raise DataError(f"text source {str(f)!r} is not a regular file")
+            if (budget := budget - f.stat().st_size) < 0:
+                raise DataError(f"text folder {str(path)!r} holds more than {MAX_SOURCE_BYTES // 2**20} MiB of "
+                                ".txt files (algorithms.data.MAX_SOURCE_BYTES)")
+            docs += _file_documents(f, budget + f.stat().st_size)
+        return docs
+    text = _read_text(path, budget)
     if path.suffix == ".jsonl":
         docs = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -104,38 +149,103 @@ def _file_documents(path: Path) -> list[str]:
                 raise DataError(f"{path}:{n}: each JSONL line needs a string field 'text'")
             docs.append(obj["text"])
         return docs
-    text = path.read_text(encoding="utf-8", errors="replace")
     return [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
 
 
-def _hf_documents(spec: str) -> list[str]:
+def _hf_parts(spec: str) -> tuple[str, str | None, str]:
+    """``(name, config, split)`` of ``hf:NAME[:CONFIG][@SPLIT]``; :class:`DataError` for a name that is
+    not a hub id (an empty one, ``..``, a path, odd characters)."""
+    name, at, split = spec[3:].partition("@")
+    name, colon, config = name.partition(":")
+    form = "hf:NAME[:CONFIG][@SPLIT]"
+    if not name:
+        raise DataError(f"text source {spec!r} names no dataset: write {form}")
+    if not _HF_NAME.fullmatch(name) or ".." in name:
+        raise DataError(f"text source {spec!r}: {name!r} is not a Hugging Face dataset id (owner/name of "
+                        "letters, digits, '-', '_', '.'); a local file or folder is given by its path")
+    if colon and not _HF_CONFIG.fullmatch(config):
+        raise DataError(f"text source {spec!r}: {config!r} is not a dataset config name ({form})")
+    if at and not _HF_SPLIT.fullmatch(split):
+        raise DataError(f"text source {spec!r}: {split!r} is not a split such as train or train[:10%] ({form})")
+    return name, config or None, split or "train"
+
+
+def _hf_cached(name: str) -> bool:
+    """Whether dataset ``name`` is in the local Hugging Face caches (the hub's or the datasets library's):
+    what an offline load can find. Looks at folder names only: no network."""
+    import importlib.util
+
+    from huggingface_hub import constants
+
+    hub = Path(constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}"
+    if (hub / "snapshots").is_dir():
+        return True
+    if importlib.util.find_spec("datasets") is None:
+        return False
+    folder = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets")
+    wanted = {name.replace("/", "___").lower(), name.split("/")[-1].lower()}
     try:
-        import datasets
-    except ImportError:
-        raise DataError(f"source {spec!r} needs the 'datasets' package: pip install 'blockbench[hf]'") from None
-    name, _, split = spec[3:].partition("@")
-    name, _, config = name.partition(":")
-    ds = datasets.load_dataset(name, config or None, split=split or "train")
+        return any(entry.is_dir() and entry.name.lower() in wanted for entry in folder.iterdir())
+    except OSError:
+        return False
+
+
+def _check_hf(spec: str) -> tuple[str, str | None, str]:
+    import importlib.util
+
+    name, config, split = _hf_parts(spec)
+    if importlib.util.find_spec("datasets") is None:
+        raise DataError(f"source {spec!r} needs the 'datasets' package: pip install 'blockbench[hf]'")
+    if not _hf_cached(name):
+        raise DataError(f"text source {spec!r}: dataset {name!r} is not in the local Hugging Face cache; "
+                        f"download it once (python -c \"import datasets; datasets.load_dataset('{name}')\") "
+                        "or give a local file")
+    return name, config, split
+
+
+def _hf_documents(spec: str) -> list[str]:
+    name, config, split = _check_hf(spec)
+    import datasets
+
+    ds = datasets.load_dataset(name, config, split=split)
     if "text" not in ds.column_names:
         raise DataError(f"dataset {name!r} has no 'text' column (columns: {ds.column_names})")
     return [t for t in ds["text"] if isinstance(t, str) and t.strip()]
 
 
-def check_source(source: str) -> None:
-    """Raise :class:`DataError` if ``source`` names nothing readable (cheap: no tokenising)."""
-    if source in BUILTIN_SOURCES or source.startswith("hf:"):
-        return
-    if not Path(source).expanduser().exists():
+def _source_path(source: str) -> Path:
+    """The file or folder a local source names: :class:`DataError` when it is missing, or is neither a
+    regular file nor a folder (``/dev/zero``, a pipe), or holds more than :data:`MAX_SOURCE_BYTES`."""
+    path = Path(source).expanduser()
+    if not source or not path.exists():
         raise DataError(
             f"text source {source!r} is neither a built-in ({', '.join(BUILTIN_SOURCES)}), "
             "an existing path, nor 'hf:NAME'"
         )
+    if not path.is_file() and not path.is_dir():
+        raise DataError(f"text source {source!r} is not a regular file or a folder")
+    if path.is_file() and path.stat().st_size > MAX_SOURCE_BYTES:
+        raise DataError(f"text source {source!r} is larger than {MAX_SOURCE_BYTES // 2**20} MiB "
+                        "(algorithms.data.MAX_SOURCE_BYTES)")
+    return path
+
+
+def check_source(source: str) -> None:
+    """Raise :class:`DataError` if ``source`` names nothing readable, without tokenising or any network:
+    a built-in; an ``hf:`` dataset id found in the local cache; a local file or folder, read once (and
+    kept for the run) to check its size, its text (UTF-8, no NUL bytes) and its JSONL lines."""
+    if source in BUILTIN_SOURCES:
+        return
+    if source.startswith("hf:"):
+        _check_hf(source)
+        return
+    _source_path(source)
+    load_documents(source)
 
 
 @functools.lru_cache(maxsize=8)
 def load_documents(source: str) -> tuple[str, ...]:
     """All documents of a source, in a stable order."""
-    check_source(source)
     if source == "wikipedia":
         docs = _wikipedia_documents()
     elif source == "news":
@@ -143,7 +253,7 @@ def load_documents(source: str) -> tuple[str, ...]:
     elif source.startswith("hf:"):
         docs = _hf_documents(source)
     else:
-        docs = _file_documents(Path(source).expanduser())
+        docs = _file_documents(_source_path(source))
     if not docs:
         raise DataError(f"text source {source!r} holds no documents")
     return tuple(docs)

@@ -39,11 +39,21 @@ AllowRemoteOpt = Annotated[bool, typer.Option(
 
 def _load(grid: Path, allow_remote_code: bool = False):
     """The validated grid and its cells; exit 2 on a config error, or on a model that wants to run its
-    own code without ``--allow-remote-code`` (a grid file alone cannot turn that on)."""
+    own code without ``--allow-remote-code`` (a grid file alone cannot turn that on), or on a ``device``
+    this machine lacks (``run``, ``validate`` and ``stability`` only: ``report``, ``check`` and ``baseline
+    save`` read results that may have been measured on another machine)."""
+    from bench.config import check_device
     from bench.grid import validate
 
+    # _board (report, check, baseline save) reads results that may come from another machine's device
+    reading = sys._getframe(1).f_code.co_name == "_board"
     try:
         config = load_config(grid)
+        if not reading:
+            try:
+                check_device(config.device)
+            except ConfigError as exc:
+                raise ConfigError(f"{grid}: {exc}") from None
         cells = validate(config)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
@@ -62,10 +72,24 @@ def _results_dir(config: GridConfig, results: Path | None) -> Path:
 def _runner(config: GridConfig, results: Path | None, *, quiet: bool, allow_remote_code: bool = False):
     """A runner on ``results`` (default ``results/<grid name>``) with a live display unless ``quiet``;
     returns it and its results folder. A device that is asked for but absent is a usage error."""
+    import os
+
     from bench.progress import Reporter, RichReporter
     from bench.runner import Runner
 
     results_dir = _results_dir(config, results)
+    # checked before any cell runs and before anything is written
+    key = "--results" if results is not None else "results folder"
+    if results_dir.exists() and not results_dir.is_dir():
+        raise _fail(f"{key}: {str(results_dir)!r} is a file, not a folder")
+    existing = results_dir
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise _fail(f"{key}: {str(results_dir)!r} cannot be created: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "is" if existing == results_dir else f"cannot be created: {str(existing)!r} is"
+        raise _fail(f"{key}: {str(results_dir)!r} {where} read-only")
     try:
         runner = Runner(config, results_dir, reporter=Reporter() if quiet else RichReporter(err),
                         allow_remote_code=allow_remote_code)

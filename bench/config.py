@@ -2,6 +2,11 @@
 
 Every error is a :class:`ConfigError` whose message names the offending key (``metrics[1].name``)
 and, where it helps, the allowed values. The CLI maps it to exit code 2.
+
+A grid file is read defensively (:func:`load_config`): at most :data:`GRID_FILE_LIMIT` bytes of UTF-8
+text, YAML's safe loader only, no key given twice in one mapping (at any level), aliases expanding to
+at most :data:`ALIAS_EXPANSION_LIMIT` extra nodes (no "billion laughs"), no recursive aliases. Types
+are strict: a bool is not a number, a string is not a bool, a float is not an int (an int is a float).
 """
 
 from __future__ import annotations
@@ -11,7 +16,24 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+#: the largest grid file read (bytes); a grid is a few hundred lines
+GRID_FILE_LIMIT = 1 << 20
+#: how many nodes YAML aliases may add to a grid file once expanded (each use of ``*name`` counts the
+#: whole value it repeats); a "billion laughs" file needs billions
+ALIAS_EXPANSION_LIMIT = 10_000
+#: calibration seeds are integers 0 <= seed < SEED_LIMIT (what torch.Generator.manual_seed and
+#: random.seed take alike)
+SEED_LIMIT = 2**63
 
 
 class ConfigError(ValueError):
@@ -19,7 +41,17 @@ class ConfigError(ValueError):
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a YAML ``true`` is no block count, ``"yes"`` no bool, ``2.5`` no int (ints are floats)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _seed_in_range(seed: int) -> int:
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError("out of range: seeds are integers 0 <= seed < 2**63")
+    return seed
+
+
+Seed = Annotated[int, AfterValidator(_seed_in_range)]
 
 
 class ComponentSpec(_Frozen):
@@ -49,7 +81,7 @@ class CalibrationSpec(_Frozen):
     source: str = "wikipedia"
     samples: int = Field(8, ge=1)
     seq_len: int = Field(256, ge=2)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     batch_size: int = Field(4, ge=1)
 
     @field_validator("seeds")
@@ -146,7 +178,7 @@ class GridConfig(_Frozen):
     ``evaluations`` (perplexity always, with its defaults when the section is absent), in the
     evaluation registry's order."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, strict=True)
 
     #: results go to results/<name>: a plain folder name (no '.', '..', leading dot or separator)
     name: str = Field(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$", max_length=100)
@@ -197,7 +229,7 @@ class GridConfig(_Frozen):
     @field_validator("device")
     @classmethod
     def _device_known(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "cuda", "mps") and not v.startswith("cuda:"):
+        if v not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:[0-9]+", v):
             raise ValueError(f"device {v!r} is not one of auto, cpu, cuda, cuda:N, mps")
         return v
 
@@ -217,9 +249,9 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out or "<root>"
 
 
-def format_validation_error(exc: ValidationError) -> str:
+def format_validation_error(exc: ValidationError | list[dict[str, Any]]) -> str:
     lines = []
-    for err in exc.errors():
+    for err in exc.errors() if isinstance(exc, ValidationError) else exc:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -256,7 +288,27 @@ def _evaluation_sections(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str
             out[name] = cls.Params.model_validate(section)
         except ValidationError as exc:
             errors.extend(f"{name}.{line}" for line in format_validation_error(exc).split("\n"))
+            continue
+        if coerced := _coerced_scalars(cls.Params, section):
+            errors.extend(f"{name}.{line}" for line in format_validation_error(coerced).split("\n"))
+            del out[name]
     return rest, out, errors
+
+
+#: pydantic's strict-mode errors for a scalar its lax mode would have coerced (True -> 1, "yes" -> True,
+#: 2.0 -> 2, "8" -> 8)
+_SCALAR_TYPE_ERRORS = ("int_type", "bool_type", "float_type", "string_type")
+
+
+def _coerced_scalars(model: type[BaseModel], data: Any) -> list[dict[str, Any]]:
+    """The errors of the scalars in ``data`` that ``model`` accepts only by coercing them. An evaluation's
+    ``Params`` (a plugin's among them) validate in lax mode, so a str still becomes its ``Path``; its
+    bools, ints, floats and strings are held to the grid's strict types."""
+    try:
+        model.model_validate(data, strict=True)
+    except ValidationError as exc:
+        return [e for e in exc.errors() if e["type"] in _SCALAR_TYPE_ERRORS]
+    return []
 
 
 def _unknown_key_hint(key: str) -> str:
@@ -269,6 +321,9 @@ def _unknown_key_hint(key: str) -> str:
 def parse_config(data: Any, *, origin: str = "<config>") -> GridConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: the grid must be a mapping of keys, got {type(data).__name__}")
+    if odd := [k for k in data if not isinstance(k, str)]:
+        raise ConfigError(f"{origin}: invalid grid config\n{odd[0]!r}: unknown key (keys are names, got a "
+                          f"{type(odd[0]).__name__})")
     if "evaluations" in data:
         raise ConfigError(f"{origin}: invalid grid config\nevaluations: unknown key; configure an evaluation "
                           "by a section named after it (perplexity:, accuracy:, speed:, kl:, or a plugin's name)")
@@ -297,12 +352,114 @@ def config_sections(config: GridConfig) -> dict[str, Any]:
 
 
 def load_config(path: str | Path) -> GridConfig:
-    """Read a grid YAML file (safe loader only)."""
+    """Read a grid YAML file: UTF-8 text of at most :data:`GRID_FILE_LIMIT` bytes, safe loader only, no
+    duplicate keys, aliases within :data:`ALIAS_EXPANSION_LIMIT`."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"grid file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"grid file {str(path)!r} is not a regular file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with path.open("rb") as fh:
+            raw = fh.read(GRID_FILE_LIMIT + 1)
+    except OSError as exc:
+        raise ConfigError(f"grid file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+    if len(raw) > GRID_FILE_LIMIT:
+        raise ConfigError(f"{path}: the grid file is larger than {GRID_FILE_LIMIT} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                          "save the grid file as UTF-8") from None
+    return parse_config(_safe_yaml(text, str(path)), origin=str(path))
+
+
+class _GridLoader(yaml.SafeLoader):
+    """PyYAML's safe loader; :func:`_safe_yaml` checks the composed node graph before constructing it."""
+
+
+def _safe_yaml(text: str, origin: str) -> Any:
+    """The YAML document in ``text`` (safe types only), refusing duplicate keys, recursive aliases and
+    aliases that expand past :data:`ALIAS_EXPANSION_LIMIT`."""
+    loader = None
+    try:
+        loader = _GridLoader(text)  # reads the first characters already: a NUL is a ReaderError here
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        _check_nodes(root, origin)
+        return loader.construct_document(root)
+    except ConfigError:
+        raise
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: malformed YAML: {exc}") from None
-    return parse_config(data, origin=str(path))
+        raise ConfigError(f"{origin}: malformed YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{origin}: malformed YAML: nested too deeply") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. a timestamp such as 2001-02-30
+        raise ConfigError(f"{origin}: malformed YAML: {exc}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _check_nodes(root: yaml.Node, origin: str) -> None:
+    """Walk the composed graph once (an aliased node is one object): duplicate keys, recursive aliases,
+    and how many nodes the aliases add once the document is expanded."""
+    constructor = yaml.constructor.SafeConstructor()
+    sizes: dict[int, int] = {}  # id(node) -> nodes in its expanded value
+    active: set[int] = set()
+
+    def walk(node: yaml.Node, where: str) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in active:
+            raise ConfigError(f"{origin}: {where}: a YAML alias refers to the value that contains it "
+                              f"(line {node.start_mark.line + 1}); recursive values are not supported")
+        active.add(id(node))
+        size = 1
+        if isinstance(node, yaml.SequenceNode):
+            for i, child in enumerate(node.value):
+                size += walk(child, f"{where}[{i}]")
+        elif isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key, value in node.value:
+                name = str(key.value) if isinstance(key, yaml.ScalarNode) else f"<{key.id}>"
+                name = name if re.fullmatch(r"[\w-]+", name) else repr(name)
+                inner = f"{where}.{name}" if where != "<root>" else str(name)
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    ident = constructor.construct_object(key, deep=True)
+                    if (first := seen.setdefault(ident, key)) is not key:
+                        raise ConfigError(
+                            f"{origin}: {inner}: duplicate key {key.value!r} (lines {first.start_mark.line + 1} "
+                            f"and {key.start_mark.line + 1}); give each key once")
+                size += walk(key, inner) + walk(value, inner)
+        active.discard(id(node))
+        sizes[id(node)] = size
+        extra = size - len(sizes)
+        if extra > ALIAS_EXPANSION_LIMIT:
+            raise ConfigError(f"{origin}: {where}: YAML aliases expand this value to {size} nodes, over the limit "
+                              f"of {ALIAS_EXPANSION_LIMIT} repeated nodes; write the values out instead")
+        return size
+
+    walk(root, "<root>")
+
+
+def check_device(device: str) -> None:
+    """Raise :class:`ConfigError` when ``device`` names an accelerator this machine lacks (``cuda`` without
+    CUDA, ``cuda:N`` past the last card, ``mps`` off Apple silicon). ``bench validate`` and ``bench run``
+    check it; :func:`bench.grid.expand` never does (cell ids of a GPU grid are computed anywhere)."""
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: {device!r} was asked for but this machine has no CUDA device "
+                              "(use device: cpu or auto)")
+        index = int(device.partition(":")[2] or 0)
+        if index >= (count := torch.cuda.device_count()):
+            raise ConfigError(f"device: {device!r} was asked for but this machine has {count} CUDA device(s) "
+                              f"(cuda:0 to cuda:{count - 1})")
+    elif device == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(f"device: {device!r} was asked for but this machine has no MPS (Apple GPU) "
+                              "device (use device: cpu or auto)")

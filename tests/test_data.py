@@ -1,6 +1,7 @@
 """Text sources, the calibration / held-out split and the windowing protocol."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -103,3 +104,65 @@ def test_bos_leads_every_window_when_the_tokenizer_adds_one():
     # the text tokens continue without gaps: 31 per window
     assert torch.equal(with_bos[:, 1:].reshape(-1), plain.reshape(-1)[:93])
     assert data.default_bos(TOK) is None and data.default_bos(BosTokenizer()) == 1
+
+
+def test_hostile_text_sources_are_refused_before_tokenising(tmp_path, monkeypatch):
+    binary = tmp_path / "b.jsonl"
+    binary.write_bytes(b'{"text": "ok"}\n\x00\x01\x02')
+    with pytest.raises(data.DataError, match=r"is binary data, not text \(NUL byte at offset 15\)"):
+        data.check_source(str(binary))
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("naïve".encode("latin-1"))
+    with pytest.raises(data.DataError, match=r"is not UTF-8 text \(byte 0xef at offset 2\)"):
+        data.check_source(str(latin))
+    with pytest.raises(data.DataError, match="'/dev/zero' is not a regular file or a folder"):
+        data.check_source("/dev/zero")
+    huge = tmp_path / "huge.txt"
+    with huge.open("wb") as fh:
+        fh.truncate(data.MAX_SOURCE_BYTES + 1)  # sparse: never read
+    with pytest.raises(data.DataError, match="is larger than 256 MiB"):
+        data.check_source(str(huge))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.txt").write_text("word " * 100)
+    monkeypatch.setattr(data, "MAX_SOURCE_BYTES", 1000)  # a folder's files count together
+    with pytest.raises(data.DataError, match="holds more than"):
+        data._file_documents(folder)
+    monkeypatch.undo()
+    assert len(data.load_documents(str(folder))) == 3
+    (folder / "3.txt").mkdir()
+    data.load_documents.cache_clear()
+    with pytest.raises(data.DataError, match=r"3.txt' is not a regular file"):
+        data.check_source(str(folder))
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ("hf:", "names no dataset"),
+    ("hf:../../etc", "'../../etc' is not a Hugging Face dataset id"),
+    ("hf:/etc/passwd", "is not a Hugging Face dataset id"),
+    ("hf:a b", "is not a Hugging Face dataset id"),
+    ("hf:owner/name/extra", "is not a Hugging Face dataset id"),
+    ("hf:owner/name:", "'' is not a dataset config name"),
+    ("hf:owner/name@tr ain", "'tr ain' is not a split"),
+    ("hf:nobody/no-such-set:cfg@train[:10%]", "dataset 'nobody/no-such-set' is not in the local Hugging Face cache"),
+])
+def test_hf_names_are_checked_offline(source, message, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path))
+    with pytest.raises(data.DataError, match=re.escape(message)):
+        data.check_source(source)
+
+
+def test_hf_dataset_in_the_hub_cache_passes_the_check(tmp_path, monkeypatch):
+    import importlib.util
+
+    from huggingface_hub import constants
+
+    if importlib.util.find_spec("datasets") is None:
+        pytest.skip("datasets is not installed")
+    (tmp_path / "hub" / "datasets--someone--corpus" / "snapshots").mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    data.check_source("hf:someone/corpus@train")

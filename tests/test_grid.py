@@ -76,6 +76,14 @@ def test_resolve_k_rounds_half_up_and_refuses_everything():
         ({"metrics": [{"name": "bi", "parms": {}}]}, r"metrics\[0\].parms: unknown key"),
         ({"models": []}, "models: List should have at least 1 item"),
         ({"device": "tpu"}, "device 'tpu' is not one of"),
+        ({"device": "cuda:x"}, "device 'cuda:x' is not one of"),
+        ({"budgets": {"blocks": [True]}}, r"budgets.blocks\[0\]: Input should be a valid integer \(got True\)"),
+        ({"budgets": {"blocks": [2.0]}}, r"budgets.blocks\[0\]: Input should be a valid integer \(got 2.0\)"),
+        ({"budgets": {"ratios": [True]}}, r"budgets.ratios\[0\]: Input should be a valid number \(got True\)"),
+        ({"models": [{"name": "x", "trust_remote_code": "yes"}]}, r"models\[0\].trust_remote_code: .*valid boolean"),
+        ({"calibration": {"seeds": [2**63]}}, r"calibration.seeds\[0\]: out of range: .* \(got 9223372036854775808\)"),
+        ({"calibration": {"seq_len": "32"}}, r"calibration.seq_len: Input should be a valid integer \(got '32'\)"),
+        ({"perplexity": {"max_windows": False}}, r"perplexity.max_windows"),
         ({"dtype": "int8"}, "dtype: Input should be 'float32'"),
     ],
 )
@@ -99,6 +107,57 @@ def test_load_config_errors(tmp_path):
     evil.write_text("name: !!python/object/apply:os.system ['echo hi']\n")
     with pytest.raises(ConfigError, match="malformed YAML"):
         load_config(evil)
+
+
+def test_ints_are_floats_and_big_seeds_fit():
+    config = cfg(resources={"num_cpus": 2}, calibration={"seeds": [0, 2**63 - 1]})
+    assert config.resources.num_cpus == 2.0 and config.calibration.seeds[1] == 2**63 - 1
+
+
+def test_yaml_duplicate_keys_aliases_and_encoding(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    base = yaml.safe_dump(BASE, sort_keys=False)
+    grid.write_text(base + "name: again\n")
+    with pytest.raises(ConfigError, match=r"name: duplicate key 'name' \(lines 1 and 21\)"):
+        load_config(grid)
+    grid.write_text(base.replace("  samples: 4", "  samples: 4\n  samples: 8"))
+    with pytest.raises(ConfigError, match=r"calibration.samples: duplicate key 'samples' \(lines 16 and 17\)"):
+        load_config(grid)
+    # an alias or two is fine
+    grid.write_text(base + "description: &d wikipedia\nstability: {sources: [*d, news]}\n")
+    assert load_config(grid).stability.sources == ["wikipedia", "news"]
+    laughs = "a: &a [" + ",".join(["x"] * 10) + "]\n" + "".join(
+        f"{b}: &{b} [" + ",".join([f"*{a}"] * 10) + "]\n" for a, b in zip("abcdefgh", "bcdefghi", strict=True))
+    grid.write_text(laughs)
+    with pytest.raises(ConfigError, match="d: YAML aliases expand this value to 11111 nodes"):
+        load_config(grid)
+    grid.write_text("a: &a [*a]\n")
+    with pytest.raises(ConfigError, match=r"a\[0\]: a YAML alias refers to the value that contains it"):
+        load_config(grid)
+    grid.write_bytes(base.encode("utf-16"))
+    with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte 0xff at offset 0\)"):
+        load_config(grid)
+    grid.write_bytes(b"\xef\xbb\xbf" + base.encode())  # UTF-8 with a BOM is UTF-8
+    assert load_config(grid).name == "t"
+    grid.write_text("a: 2001-02-30\n")
+    with pytest.raises(ConfigError, match="malformed YAML: day is out of range"):
+        load_config(grid)
+
+
+def test_check_device_refuses_absent_accelerators_expand_does_not():
+    import torch
+
+    from bench.config import check_device
+
+    check_device("cpu")
+    check_device("auto")
+    assert expand(cfg(device="cuda"))  # cell ids of a GPU grid are computed anywhere
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device: 'cuda:1' was asked for but this machine has no CUDA"):
+            check_device("cuda:1")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ConfigError, match="device: 'mps' was asked for"):
+            check_device("mps")
 
 
 def test_shipped_configs_parse():
