@@ -37,16 +37,15 @@ AllowRemoteOpt = Annotated[bool, typer.Option(
     "--allow-remote-code", help="let models with trust_remote_code: true run the code shipped with them")]
 
 
-def _load(grid: Path, allow_remote_code: bool = False):
+def _load(grid: Path, allow_remote_code: bool = False, *, reading: bool = False):
     """The validated grid and its cells; exit 2 on a config error, or on a model that wants to run its
     own code without ``--allow-remote-code`` (a grid file alone cannot turn that on), or on a ``device``
     this machine lacks (``run``, ``validate`` and ``stability`` only: ``report``, ``check`` and ``baseline
-    save`` read results that may have been measured on another machine)."""
+    save`` read results that may have been measured on another machine, and run no model code: they pass
+    ``reading=True``)."""
     from bench.config import check_device
     from bench.grid import validate
 
-    # _board (report, check, baseline save) reads results that may come from another machine's device
-    reading = sys._getframe(1).f_code.co_name == "_board"
     try:
         config = load_config(grid)
         if not reading:
@@ -58,7 +57,7 @@ def _load(grid: Path, allow_remote_code: bool = False):
     except ConfigError as exc:
         raise _fail(str(exc)) from None
     trusting = [(i, m.name) for i, m in enumerate(config.models) if m.trust_remote_code]
-    if trusting and not allow_remote_code:
+    if trusting and not allow_remote_code and not reading:
         i, name = trusting[0]
         raise _fail(f"{grid}: models[{i}].trust_remote_code: model {name!r} asks to run code shipped with it; "
                     "the grid file alone cannot allow that: add --allow-remote-code to the command line")
@@ -198,7 +197,7 @@ def _board(results: Path | None, grid: Path | None, rank_by: str = "auto"):
     cell_ids = None
     title = "blockbench leaderboard"
     if grid is not None:
-        config, cells = _load(grid)
+        config, cells = _load(grid, reading=True)
         cell_ids = {c.cell_id for c in cells}
         results = _results_dir(config, results)
         title += f": {config.name}"

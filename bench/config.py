@@ -448,6 +448,8 @@ def check_device(device: str) -> None:
     """Raise :class:`ConfigError` when ``device`` names an accelerator this machine lacks (``cuda`` without
     CUDA, ``cuda:N`` past the last card, ``mps`` off Apple silicon). ``bench validate`` and ``bench run``
     check it; :func:`bench.grid.expand` never does (cell ids of a GPU grid are computed anywhere)."""
+    if device in ("cpu", "auto"):
+        return  # always there (auto falls back to the CPU): no torch import for the commonest grids
     import torch
 
     if device.startswith("cuda"):

@@ -168,7 +168,7 @@ def test_report_rank_by_accuracy_without_accuracy_is_refused(tmp_path):
 
     (tmp_path / "records").mkdir()
     record = make_record(1, removed=[3, 4], values={"ppl_pruned": 30.0, "ppl_dense": 20.0})
-    (tmp_path / "records" / "cell1.json").write_text(json.dumps(record.to_json()))
+    (tmp_path / "records" / f"{record.cell_id}.json").write_text(json.dumps(record.to_json()))
     result = cli.invoke(app, ["report", "--results", str(tmp_path), "--rank-by", "accuracy"])
     assert result.exit_code == 2
     assert result.output.startswith("error: rank_by: unknown 'accuracy'; choose from auto, an evaluation (perplexity)"), result.output
