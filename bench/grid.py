@@ -190,6 +190,9 @@ def _check_component(kind: str, registry, index: int, spec: ComponentSpec) -> No
         cls(**spec.params)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{key}.params: {exc}") from None
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - a plugin's constructor failing in its own way
+        raise ConfigError(f"{key}: {kind[:-1]} {spec.name!r} ({registry.origin(spec.name)}) cannot be built "
+                          f"with {spec.params}: {type(exc).__name__}: {exc}") from None
 
 
 def validate(config: GridConfig) -> list[Cell]:

@@ -269,3 +269,31 @@ def test_every_shipped_config_parses_and_expands():
         config = load_config(path)
         cells = expand(config)
         assert len({c.cell_id for c in cells}) == len(cells), path
+
+
+def test_a_plugin_constructor_that_fails_its_own_way_is_a_config_error(monkeypatch):
+    from bench.grid import validate
+    from estimators import METRICS
+    from estimators.metrics import BlockInfluence
+
+    class Exploding(BlockInfluence):
+        name = "exploding"
+
+        def __init__(self, **params):
+            raise RuntimeError("no GPU driver")
+
+    class Exiting(BlockInfluence):
+        name = "exiting"
+
+        def __init__(self, **params):
+            raise SystemExit(3)
+
+    monkeypatch.setattr(METRICS, "_entries", {**METRICS._entries, "exploding": Exploding, "exiting": Exiting})
+    monkeypatch.setattr(METRICS, "_origins", {**METRICS._origins, "exploding": "test", "exiting": "test"})
+    with pytest.raises(ConfigError) as info:
+        validate(cfg(metrics=["bi", "exploding"]))
+    assert str(info.value) == ("metrics[1]: metric 'exploding' (test) cannot be built with {}: "
+                               "RuntimeError: no GPU driver")
+    with pytest.raises(ConfigError, match=r"^metrics\[0\]: metric 'exiting' \(test\) cannot be built with \{\}: "
+                                          r"SystemExit: 3$"):
+        validate(cfg(metrics=["exiting"]))
