@@ -103,7 +103,8 @@ def test_half_written_files_are_never_read(tmp_path):
     path = store.cache_path("hidden", "k", ".safetensors")
     path.parent.mkdir(parents=True)
     path.write_bytes(b"\x00garbage")
-    assert store.get_tensors("hidden", "k") is None
+    with pytest.warns(CacheWarning, match=r"k\.safetensors: not a readable safetensors file; ignored, computed again"):
+        assert store.get_tensors("hidden", "k") is None
 
 
 def test_a_claimed_cell_is_refused_to_a_second_claimant(tmp_path):
@@ -408,3 +409,28 @@ def test_damaged_caches_and_a_misplaced_record_on_the_real_grid(tmp_path):
         assert after[cell_id][0] == before[cell_id][0]
         assert after[cell_id][1] == pytest.approx(before[cell_id][1], rel=1e-6)
         assert after[cell_id][2] == pytest.approx(before[cell_id][2], rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.download
+def test_two_bench_run_processes_share_a_results_folder_without_running_a_cell_twice(tmp_path):
+    """Two `bench run` on one results folder at once: every cell is run by exactly one of them (per-cell
+    locks), both exit 0, and the records equal one process's."""
+    import yaml
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump(SMALL_GRID))
+    results = tmp_path / "results"
+    command = [sys.executable, "-m", "bench.cli", "run", "--grid", str(grid), "--results", str(results), "--json"]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    summaries = [json.loads(out) for out, _ in outs]
+    ran = [s["ran"] for s in summaries]
+    assert sum(ran) == 4, summaries  # each cell ran once, in one process or the other
+    # a cell is skipped as finished, or left to the process that holds its lock
+    assert all(s["ran"] + s["skipped"] + s["elsewhere"] == 4 for s in summaries), summaries
+    store = ResultStore(results)
+    from bench.grid import expand
+
+    assert sorted(r.cell_id for r in store.records() if r.ok) == sorted(c.cell_id for c in expand(parse_config(SMALL_GRID)))
