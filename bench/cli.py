@@ -351,23 +351,30 @@ def baseline_save(
     each row with the ids of the cells it was computed from; with --grid, the grid's name too, and every
     cell of the grid must have finished."""
     from bench import gate
-    from bench.grid import expand
     from bench.stages import environment, resolve_device
 
     if out_file.is_dir():
         raise _fail(f"--out {str(out_file)!r} is a folder: give a file path (e.g. {str(out_file / 'baseline.json')!r}); "
                     "nothing written")
     board, results, _ = _board(results, grid)  # the grid, when given, is validated here
-    name = expected = None
-    if grid is not None:
-        config = load_config(grid)
-        name, expected = config.name, gate.grid_cells(expand(config))
+    name, expected = _grid_identity(grid)
     try:
         payload = gate.save_baseline(board, out_file, grid=name, env=environment(resolve_device("cpu")),
                                      cells=gate.row_cells(_grid_records(results, grid)), expected=expected)
     except gate.GateError as exc:
         raise _fail(f"{exc}; nothing written") from None
     err.print(f"baseline of {len(payload['rows'])} rows written to {out_file}")
+
+
+def _grid_identity(grid: Path | None):
+    """``(name, cell ids per leaderboard row)`` of an already validated grid, or ``(None, None)``."""
+    if grid is None:
+        return None, None
+    from bench import gate
+    from bench.grid import expand
+
+    config = load_config(grid)
+    return config.name, gate.grid_cells(expand(config))
 
 
 @app.command()
@@ -386,7 +393,6 @@ def check(
     from rich.table import Table
 
     from bench import gate
-    from bench.grid import expand
 
     where = f"baseline {str(baseline)!r}"
     try:
@@ -396,10 +402,7 @@ def check(
     except gate.GateError as exc:
         raise _fail(str(exc)) from None
     board, results, _ = _board(results, grid)  # the grid, when given, is validated here
-    name = grid_ids = None
-    if grid is not None:
-        config = load_config(grid)
-        name, grid_ids = config.name, gate.grid_cells(expand(config))
+    name, grid_ids = _grid_identity(grid)
     try:
         warnings = gate.identity(stored, grid=name, cells=grid_ids, where=where)
         table = gate.compare(stored, board, tolerances, cells=gate.row_cells(_grid_records(results, grid)))

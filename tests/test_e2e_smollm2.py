@@ -204,19 +204,25 @@ def test_cli_run_report_and_a_failing_cell(first_run, tmp_path, monkeypatch):
     assert sorted(row["metric"] for row in json.loads(result.stdout)) == ["angular", "bi"]  # failed cells: no row
 
 
-def test_kill_minus_9_then_rerun_loses_nothing(first_run, tmp_path):
-    """kill -9 mid-grid, rerun: finished records untouched, the leaderboard equals an uninterrupted run's."""
+def run_until_a_record(tmp_path, results, **popen):
+    """`bench run` of SMALL_GRID on ``results`` in a subprocess, returned once its first record exists."""
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump(SMALL_GRID))
-    killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.cli", "run", "--grid", str(grid), "--results", str(killed), "--quiet"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    records = killed / "records"
+        [sys.executable, "-m", "bench.cli", "run", "--grid", str(grid), "--results", str(results), "--quiet"], **popen)
+    records = results / "records"
     deadline = time.time() + 300
     while time.time() < deadline and not (records.is_dir() and list(records.glob("*.json"))):
         time.sleep(0.2)
+    return proc
+
+
+def test_kill_minus_9_then_rerun_loses_nothing(first_run, tmp_path):
+    """kill -9 mid-grid, rerun: finished records untouched, the leaderboard equals an uninterrupted run's."""
+    killed = tmp_path / "killed"
+    proc = run_until_a_record(tmp_path, killed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    records = killed / "records"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = {p.name: p.read_text() for p in records.glob("*.json")}
@@ -237,17 +243,9 @@ def test_kill_minus_9_then_rerun_loses_nothing(first_run, tmp_path):
 
 
 def test_sigterm_says_what_is_recorded_and_that_a_rerun_resumes(tmp_path):
-    grid = tmp_path / "grid.yaml"
-    grid.write_text(yaml.safe_dump(SMALL_GRID))
     results = tmp_path / "results"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.cli", "run", "--grid", str(grid), "--results", str(results), "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    proc = run_until_a_record(tmp_path, results, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     records = results / "records"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (records.is_dir() and list(records.glob("*.json"))):
-        time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     done = len(list(records.glob("*.json")))
