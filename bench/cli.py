@@ -241,14 +241,22 @@ def report_cmd(
     from bench import report as rep
 
     board, results, title = _board(results, grid, rank_by)
-    paths = rep.write_reports(board, results, title=title)
-    if html:
-        paths += _write_html(results, _grid_records(results, grid), board, title)
+    try:
+        paths = rep.write_reports(board, results, title=title)
+        if html:
+            paths += _write_html(results, _grid_records(results, grid), board, title)
+    except OSError as exc:  # a read-only or full results folder: still show the leaderboard
+        paths, unwritten = [], f"{exc.strerror or exc}: {exc.filename or results}"
+    else:
+        unwritten = None
     if as_json:
         print(board.to_json(orient="records", indent=2))
     else:
-        rep.render_terminal(board, out, title=title, full_table=str(paths[0]))
-        err.print("written: " + ", ".join(str(p) for p in paths))
+        rep.render_terminal(board, out, title=title, full_table=str(paths[0]) if paths else None)
+        if paths:
+            err.print("written: " + ", ".join(str(p) for p in paths))
+    if unwritten:
+        err.print(f"warning: the leaderboard files could not be written ({unwritten}); shown here only")
 
 
 def _grid_records(results: Path, grid: Path | None) -> list[dict]:

@@ -214,3 +214,22 @@ def test_a_typo_is_reported_without_importing_torch(tmp_path):
                 "print('exit', code, 'heavy', heavy)")
         done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
         assert done.stdout.strip().splitlines()[-1] == "exit 2 heavy []", (case, done.stdout, done.stderr[-2000:])
+
+
+def test_report_on_a_read_only_results_folder_still_prints_the_leaderboard(tmp_path, monkeypatch):
+    from bench import report as rep
+    from tests.records_factory import make_record
+
+    (tmp_path / "records").mkdir()
+    record = make_record(1, removed=[3, 4], values={"ppl_pruned": 30.0, "ppl_dense": 20.0})
+    (tmp_path / "records" / f"{record.cell_id}.json").write_text(json.dumps(record.to_json()))
+
+    def read_only(board, out_dir, *, title):  # what a read-only folder does to the first write (root ignores modes)
+        raise PermissionError(13, "Permission denied", str(out_dir / "leaderboard.csv"))
+
+    monkeypatch.setattr(rep, "write_reports", read_only)
+    result = cli.invoke(app, ["report", "--results", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "30.00 ± 0.00" in result.stdout  # the pruned perplexity, whole, in the terminal table
+    assert (f"warning: the leaderboard files could not be written (Permission denied: {tmp_path / 'leaderboard.csv'}); "
+            "shown here only") in " ".join(result.output.split())
