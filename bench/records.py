@@ -163,10 +163,9 @@ def calibration_order(col: pd.Series) -> pd.Series:
     return col.map(lambda label: tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", str(label))))
 
 
-def record_columns(records: list[CellRecord]) -> list[Column]:
-    """Every evaluation column the successful ``records`` carry, once each, evaluations in ranking
-    order (highest ``rank`` first: accuracy, perplexity, KL, then unranked ones such as speed), columns
-    in each evaluation's own order."""
+def columns_by_evaluation(records: list[CellRecord]) -> dict[str, list[Column]]:
+    """Each evaluation's name → its columns (each key once, in the evaluation's order), over the
+    successful ``records``, evaluations in the order first seen."""
     per_eval: dict[str, list[Column]] = {}
     for r in records:
         if not r.ok:
@@ -175,6 +174,14 @@ def record_columns(records: list[CellRecord]) -> list[Column]:
             cols = per_eval.setdefault(name, [])
             known = {c.key for c in cols}
             cols.extend(c for c in outcome.column_specs() if c.key not in known)
+    return per_eval
+
+
+def record_columns(records: list[CellRecord]) -> list[Column]:
+    """Every evaluation column the successful ``records`` carry, once each, evaluations in ranking
+    order (highest ``rank`` first: accuracy, perplexity, KL, then unranked ones such as speed), columns
+    in each evaluation's own order."""
+    per_eval = columns_by_evaluation(records)
 
     def priority(cols: list[Column]) -> int:
         ranks = [c.rank for c in cols if c.rank is not None]

@@ -42,7 +42,14 @@ from rich.text import Text
 from scipy import stats
 
 from algorithms.evaluations.base import Column
-from bench.records import CellRecord, budget_labels, calibration_order, compact_blocks, records_frame
+from bench.records import (
+    CellRecord,
+    budget_labels,
+    calibration_order,
+    columns_by_evaluation,
+    compact_blocks,
+    records_frame,
+)
 from bench.stability import group_stability
 from bench.store import ResultStore, write_bytes_atomic
 
@@ -62,14 +69,7 @@ def board_columns(board: pd.DataFrame) -> list[Column]:
 
 def evaluation_keys(records: list[CellRecord]) -> dict[str, list[str]]:
     """Each evaluation's name → its column keys, over the successful ``records``."""
-    out: dict[str, list[str]] = {}
-    for r in records:
-        if not r.ok:
-            continue
-        for name, outcome in r.evaluations.items():
-            keys = out.setdefault(name, [])
-            keys.extend(c.key for c in outcome.column_specs() if c.key not in keys)
-    return out
+    return {name: [c.key for c in columns] for name, columns in columns_by_evaluation(records).items()}
 
 
 def _auto(columns: list[Column]) -> Column | None:
