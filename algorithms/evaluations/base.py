@@ -33,7 +33,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -84,8 +84,6 @@ class Column:
         return format(value, self.fmt)
 
     def as_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         return asdict(self)
 
     @classmethod
@@ -106,7 +104,6 @@ class EvalTarget:
     n_blocks: int
     transform: Callable[[torch.nn.Module, tuple[int, ...]], contextlib.AbstractContextManager]
     reference: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
