@@ -180,8 +180,9 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _validate(blocks: Iterable[int] | int, n: int) -> list[int]:
-    """Sorted, checked block indices; ``ValueError`` naming the bad value and the block count."""
+def check_indices(blocks: Iterable[int] | int, n: int, *, allow_all: bool = False) -> list[int]:
+    """Sorted, checked block indices; ``ValueError`` naming the bad value and the block count.
+    ``allow_all``: every block may be named (removing every attention branch leaves the MLPs)."""
     if isinstance(blocks, int) and not isinstance(blocks, bool):
         blocks = [blocks]
     try:
@@ -201,7 +202,7 @@ def _validate(blocks: Iterable[int] | int, n: int) -> list[int]:
         if i in out:
             raise ValueError(f"block index {i} is given twice (the model has {n} blocks)")
         out.append(i)
-    if len(out) == n:
+    if len(out) == n and not allow_all:
         raise ValueError(f"cannot remove all {n} blocks: at least one must stay")
     return sorted(out)
 
@@ -394,7 +395,7 @@ def removal_changes(model: nn.Module, blocks: Iterable[int] | int) -> list[Chang
     path = block_path(model)
     layers: nn.ModuleList = _resolve(model, path)
     n = len(layers)
-    drop = _validate(blocks, n)
+    drop = check_indices(blocks, n)
     if not drop:
         return []
     keep = [i for i in range(n) if i not in drop]
@@ -435,5 +436,5 @@ def remove_blocks(model: M, blocks: Iterable[int] | int) -> M:
 
 def pruned_copy(model: M, blocks: Iterable[int] | int) -> M:
     """A deep copy of ``model`` with ``blocks`` removed; ``model`` itself is untouched."""
-    drop = _validate(blocks, num_blocks(model))  # fail before paying for the copy
+    drop = check_indices(blocks, num_blocks(model))  # fail before paying for the copy
     return remove_blocks(copy.deepcopy(model), drop)

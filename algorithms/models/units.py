@@ -1,0 +1,306 @@
+"""Pruning units: whole blocks, or one residual branch (attention or MLP) of a block.
+
+A pre-norm decoder block adds two branches to the residual stream, one after the other::
+
+    h = x + attention(x)        # the attention branch (norms included)
+    y = h + mlp(h)              # the MLP branch
+
+Removing the ``attention`` unit of block ``i`` keeps its MLP (``y = x + mlp(x)``); removing its ``mlp``
+keeps its attention (``y = h``). This is what BlockPruner (arXiv 2406.10594) and "What Matters in
+Transformers? Not All Attention is Needed" (arXiv 2406.15786) remove.
+
+How a branch is removed (:func:`unit_changes`): its core module (``self_attn`` / ``mlp``) is replaced
+by a :class:`DroppedBranch`, which adds nothing to the residual stream and computes nothing, and the
+norms that only feed it (and, in sandwich-norm models such as Gemma-2/3, the norm applied to its
+output: an RMS norm of zero is zero) by ``nn.Identity``; the branch's parameters are gone. A dropped
+attention holds no keys or values: it appends a zero-width entry (``head_dim`` 0, no memory) to its
+layer of the KV cache, so that the cache's count of positions stays right for every cache layout
+transformers builds (the first layer's length gives the positions of new tokens; sliding layers keep
+their own counts). The block list, ``layer_idx`` and every per-layer config field are unchanged.
+The config records what was removed as ``blockbench_removed_units = {"attention": [...], "mlp":
+[...]}`` (block numbering of the model it was removed from).
+
+The families whose two branches can be told apart are listed in :data:`FAMILIES` (verified by oracle
+tests: a forward pass written by hand with the branches skipped); blocks whose branches run in
+parallel from the same input (GPT-J, GPT-NeoX with ``use_parallel_residual``, Falcon, Phi-1/2, CodeGen,
+Cohere) cannot lose one branch without changing the other, and are refused by name, as is any family
+not listed.
+
+Saving: :func:`save_pruned` writes the dense architecture with the removed branches' parameters set to
+zero, plus the record. Plain ``transformers`` loads that folder and computes the same function (a
+zeroed branch adds exactly zero), but at the dense model's cost; :func:`load_pruned` loads it and
+drops the recorded branches again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from algorithms.models.blocks import Change, block_path, check_indices, get_blocks, removal_changes
+
+#: what a grid's ``units:`` may name
+UNIT_KINDS = ("block", "attention", "mlp")
+SUBLAYER_KINDS = ("attention", "mlp")
+#: the config attribute that records removed branches
+RECORD_ATTR = "blockbench_removed_units"
+
+
+class UnitError(ValueError):
+    """A model whose sub-layers cannot be removed (the family is named)."""
+
+
+@dataclass(frozen=True)
+class Branch:
+    """Where one residual branch lives in a block: the norm before it (``None``: none), its core module,
+    and the norm applied to its output before the residual add (``None``: none; Gemma-2/3, OLMo-2)."""
+
+    pre: str | None
+    core: str
+    post: str | None = None
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n in (self.pre, self.core, self.post) if n is not None)
+
+
+@dataclass(frozen=True)
+class Family:
+    """The two branches of a family's blocks, in the order they run."""
+
+    attention: Branch
+    mlp: Branch
+
+    def branch(self, kind: str) -> Branch:
+        return self.attention if kind == "attention" else self.mlp
+
+
+_LLAMA = Family(Branch("input_layernorm", "self_attn"), Branch("post_attention_layernorm", "mlp"))
+_SANDWICH = Family(Branch("input_layernorm", "self_attn", "post_attention_layernorm"),
+                   Branch("pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm"))
+#: ``config.model_type`` -> the layout of its blocks (each verified by tests/test_units.py)
+FAMILIES: dict[str, Family] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "phi3": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": _SANDWICH,
+    "gemma3_text": _SANDWICH,
+    "gpt2": Family(Branch("ln_1", "attn"), Branch("ln_2", "mlp")),
+}
+#: families whose attention and MLP read the same input and are summed (parallel residual)
+PARALLEL_RESIDUAL = ("gptj", "gpt_neox", "falcon", "phi", "codegen", "cohere", "cohere2", "stablelm", "gpt_neox_japanese")
+
+
+def _model_type(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return str(getattr(text, "model_type", None) or getattr(config, "model_type", None) or type(model).__name__)
+
+
+def family_of(model: nn.Module) -> Family:
+    """The branch layout of ``model``'s blocks; :class:`UnitError` naming the family when sub-layers
+    cannot be removed from it."""
+    kind = _model_type(model)
+    family = FAMILIES.get(kind)
+    if family is None:
+        if kind in PARALLEL_RESIDUAL:
+            why = ("its attention and MLP branches run in parallel from the same input (parallel residual), so "
+                   "one cannot be removed without changing the other")
+        else:
+            why = "its block layout has not been verified for sub-layer removal"
+        raise UnitError(f"cannot remove attention or MLP sub-layers from model type {kind!r}: {why}; "
+                        f"supported: {', '.join(sorted(FAMILIES))} (units: block works for every model)")
+    blocks = get_blocks(model)
+    for kind_name in SUBLAYER_KINDS:
+        missing = [n for n in family.branch(kind_name).names() if not hasattr(blocks[0], n)]
+        if missing:
+            raise UnitError(f"model type {kind!r}: block 0 has no {', '.join(missing)} (expected by the "
+                            f"{kind_name} branch layout)")
+    return family
+
+
+def _first_tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    raise TypeError(f"cannot find the hidden state in a {type(value).__name__}")
+
+
+class DroppedBranch(nn.Module):
+    """Stands in for a removed attention or MLP core: returns zeros of its input's shape (the branch adds
+    nothing to the residual stream) and holds no parameters.
+
+    ``shapes`` keeps the names, shapes and dtypes of the parameters it replaced (with those of the norms
+    removed with it), so :func:`save_pruned` can write them as zeros for plain transformers. A dropped
+    attention appends a zero-width key and value to its layer of the KV cache (see the module doc).
+    """
+
+    def __init__(self, kind: str, layer_idx: int | None, shapes: dict[str, tuple[tuple[int, ...], str]]) -> None:
+        super().__init__()
+        self.kind = kind
+        self.layer_idx = layer_idx
+        self.shapes = shapes
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        zeros = torch.zeros_like(hidden_states)
+        if self.kind == "mlp":
+            return zeros
+        cache = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("past_key_value")))
+        if cache is not None and self.layer_idx is not None:
+            cache = getattr(cache, "self_attention_cache", cache)  # an encoder-decoder cache's own part
+            empty = hidden_states.new_zeros((hidden_states.shape[0], 1, hidden_states.shape[1], 0))
+            cache.update(empty, empty, self.layer_idx, kwargs={k: v for k, v in kwargs.items()
+                                                               if k == "cache_position"})
+        return zeros, None
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, layer_idx={self.layer_idx}"
+
+
+def _attention_layer_idx(module: nn.Module) -> int | None:
+    value = getattr(module, "layer_idx", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _shapes(block: nn.Module, names: Iterable[str]) -> dict[str, tuple[tuple[int, ...], str]]:
+    out = {}
+    for name in names:
+        for pname, p in getattr(block, name).named_parameters():
+            out[f"{name}.{pname}"] = (tuple(p.shape), str(p.dtype).removeprefix("torch."))
+    return out
+
+
+def _check_indices(model: nn.Module, unit: str, indices: Iterable[int] | int) -> list[int]:
+    if unit not in UNIT_KINDS:
+        raise ValueError(f"unknown unit {unit!r}; known: {', '.join(UNIT_KINDS)}")
+    # removing every attention (or every MLP) branch is allowed: the other branch of each block stays
+    return check_indices(indices, len(get_blocks(model)), allow_all=unit != "block")
+
+
+def unit_changes(model: nn.Module, unit: str, indices: Iterable[int] | int) -> list[Change]:
+    """The attribute assignments that remove the ``unit`` (``block``, ``attention`` or ``mlp``) of the
+    blocks ``indices`` (current numbering). Everything is checked before anything is assigned."""
+    if unit == "block":
+        return removal_changes(model, indices)
+    drop = _check_indices(model, unit, indices)
+    if not drop:
+        return []
+    family = family_of(model)
+    branch = family.branch(unit)
+    blocks = get_blocks(model)
+    changes: list[Change] = []
+    for i in drop:
+        block = blocks[i]
+        core = getattr(block, branch.core)
+        if isinstance(core, DroppedBranch):
+            raise ValueError(f"the {unit} of block {i} is removed already")
+        stub = DroppedBranch(unit, _attention_layer_idx(core) if unit == "attention" else None,
+                             _shapes(block, branch.names()))
+        changes.append((block, branch.core, stub))
+        for norm in (branch.pre, branch.post):
+            if norm is not None:
+                changes.append((block, norm, nn.Identity()))
+    config = getattr(model, "config", None)
+    if config is not None:
+        record = {k: list(v) for k, v in (getattr(config, RECORD_ATTR, None) or {}).items()}
+        record[unit] = sorted(set(record.get(unit, [])) | set(drop))
+        changes.append((config, RECORD_ATTR, {k: record[k] for k in SUBLAYER_KINDS if k in record}))
+    return changes
+
+
+def remove_units(model: nn.Module, unit: str, indices: Iterable[int] | int) -> nn.Module:
+    """Remove the ``unit`` of blocks ``indices`` in place; return the model."""
+    for obj, attr, value in unit_changes(model, unit, indices):
+        setattr(obj, attr, value)
+    return model
+
+
+def pruned_units_copy(model: nn.Module, unit: str, indices: Iterable[int] | int) -> nn.Module:
+    """A deep copy of ``model`` without the ``unit`` of blocks ``indices``; ``model`` is untouched."""
+    _check_indices(model, unit, indices)
+    if unit != "block":
+        family_of(model)
+    return remove_units(copy.deepcopy(model), unit, indices)
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def skip_units(model: nn.Module, unit: str, indices: Iterable[int]) -> Iterator[nn.Module]:
+    """Within the ``with`` block, ``model`` runs without the ``unit`` of blocks ``indices`` (no copy:
+    the modules are swapped in place and put back on exit, even when the body raises)."""
+    saved: list[tuple[object, str, object]] = []
+    try:
+        for obj, attr, value in unit_changes(model, unit, indices):
+            saved.append((obj, attr, getattr(obj, attr, _MISSING)))
+            setattr(obj, attr, value)
+        yield model
+    finally:
+        for obj, attr, value in reversed(saved):
+            if value is _MISSING:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, value)
+
+
+def unit_parameters(model: nn.Module, unit: str) -> list[int]:
+    """Parameters of each block's ``unit`` (its norms included), block by block."""
+    blocks = get_blocks(model)
+    if unit == "block":
+        return [sum(p.numel() for p in b.parameters()) for b in blocks]
+    branch = family_of(model).branch(unit)
+    return [sum(p.numel() for name in branch.names() for p in getattr(b, name).parameters()) for b in blocks]
+
+
+# ---------------------------------------------------------------------------------------- capture
+def branch_output_module(model: nn.Module, block_index: int, kind: str) -> nn.Module:
+    """The module whose output a ``kind`` branch adds to the residual stream (its post-norm when it
+    has one, else its core)."""
+    branch = family_of(model).branch(kind)
+    return getattr(get_blocks(model)[block_index], branch.post or branch.core)
+
+
+# ---------------------------------------------------------------------------------------- save / load
+def save_pruned(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> Path:
+    """Save a sub-layer-pruned model so that plain transformers can load it: the removed branches'
+    parameters are written as zeros (the branch then adds exactly zero); the config keeps the record,
+    from which :func:`load_pruned` removes them again."""
+    folder = Path(folder)
+    blocks = get_blocks(model)
+    block_prefix = block_path(model)
+    state = {k: v for k, v in model.state_dict().items()}
+    for i, block in enumerate(blocks):
+        for name, module in block.named_modules():
+            if isinstance(module, DroppedBranch):
+                for pname, (shape, dtype) in module.shapes.items():
+                    state[f"{block_prefix}.{i}.{pname}"] = torch.zeros(shape, dtype=getattr(torch, dtype))
+    model.save_pretrained(folder, state_dict=state)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load_pruned(folder: str | Path, **kwargs: Any) -> nn.Module:
+    """Load a model saved by :func:`save_pruned` (or any model) and remove the branches its config
+    records, so it runs at the pruned cost again."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    record = getattr(model.config, RECORD_ATTR, None) or {}
+    if record:
+        setattr(model.config, RECORD_ATTR, None)
+        for kind in SUBLAYER_KINDS:
+            if record.get(kind):
+                remove_units(model, kind, record[kind])
+    return model
