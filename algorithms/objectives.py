@@ -24,6 +24,11 @@ Kinds built by :class:`ObjectiveFactory`:
     :mod:`algorithms.evaluations.perplexity`), or its ``exp`` (perplexity) with ``true_loss="ppl"``. Runs in
     ``inference_mode`` on the model's device, ``batch_size`` sequences at a time.
 
+Units: with ``unit="attention"`` or ``"mlp"`` the indices are blocks whose branch is removed. Two
+attention branches of consecutive blocks are not consecutive in the residual stream (an MLP lies
+between them), so every branch is its own run and ``proxy_span`` equals ``proxy_sum``; ``loss`` skips
+the branches (:func:`algorithms.models.units.skip_units`).
+
 Any other callable ``frozenset[int] -> float`` can stand in for a kind (``custom={"loss": fn}``), which
 is how the tests build objectives with a known optimum.
 """
@@ -159,6 +164,7 @@ class ObjectiveFactory:
         share: ObjectiveFactory | None = None,
         span_scores: Callable[[int], torch.Tensor] | None = None,
         fingerprint: str | None = None,
+        unit: str = "block",
     ) -> None:
         if true_loss not in ("nll", "ppl"):
             raise ValueError(f"true_loss must be 'nll' or 'ppl', got {true_loss!r}")
@@ -175,10 +181,12 @@ class ObjectiveFactory:
         self.true_loss = true_loss
         self.custom = dict(custom or {})
         self.fingerprint = fingerprint
+        self.unit = unit
         self._span_fn = span_scores
         self._objectives: dict[str, Objective] = {}
         #: model-level objectives (``loss``), shared with ``share`` when it wraps the same model and ids
-        same = share is not None and share.model is model and share.input_ids is input_ids
+        same = (share is not None and share.model is model and share.input_ids is input_ids
+                and share.unit == unit)
         self._shared: dict[str, Objective] = share._shared if same else {}
         self._spans: dict[int, list[float]] = {}
         if block_scores is not None:
@@ -202,6 +210,7 @@ class ObjectiveFactory:
             "metric": self.metric.describe() if hasattr(self.metric, "describe") else None,
             "higher_is_important": self.higher_is_important,
             "true_loss": self.true_loss,
+            **({"unit": self.unit} if self.unit != "block" else {}),
             "custom": sorted(self.custom),
         }
 
@@ -219,7 +228,8 @@ class ObjectiveFactory:
             return Objective(lambda s: sum(self.span_importance(b, 1) for b in s), name=kind)
         if kind == "proxy_span":
             self._need("proxy_span", states_or_scores=False)
-            return Objective(lambda s: sum(self.span_importance(start, n) for start, n in runs(s)), name=kind)
+            split = runs if self.unit == "block" else (lambda s: [(b, 1) for b in sorted(s)])
+            return Objective(lambda s: sum(self.span_importance(start, n) for start, n in split(s)), name=kind)
         if kind == "loss":
             missing = [n for n, v in (("model", self.model), ("input_ids", self.input_ids)) if v is None]
             if missing:
@@ -252,9 +262,9 @@ class ObjectiveFactory:
         return self._spans[n]
 
     def _calibration_loss(self, blocks: frozenset[int]) -> float:
-        from algorithms.models.masking import skip_blocks
         from algorithms.models.nll import mean_nll, perplexity_of
+        from algorithms.models.units import skip_units
 
-        with skip_blocks(self.model, sorted(blocks)) as model:
+        with skip_units(self.model, self.unit, sorted(blocks)) as model:
             nll, _ = mean_nll(model, self.input_ids, batch_size=self.batch_size)
         return perplexity_of(nll) if self.true_loss == "ppl" else nll

@@ -21,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationInfo,
     ValidationError,
     field_validator,
     model_validator,
@@ -93,17 +94,22 @@ class CalibrationSpec(_Frozen):
 
 
 class BudgetSpec(_Frozen):
-    """How many blocks to remove: shares of the block count, absolute counts, or both."""
+    """How much to remove: shares of the unit count (``ratios``), absolute unit counts (``blocks``),
+    shares of the model's parameters to keep (``params``), or any mix. A unit is a block, or one
+    attention or MLP branch (the grid's ``units``); ``params`` is how units of different sizes are
+    compared fairly."""
 
     ratios: list[float] = Field(default_factory=list)
     blocks: list[int] = Field(default_factory=list)
+    params: list[float] = Field(default_factory=list)
 
-    @field_validator("ratios")
+    @field_validator("ratios", "params")
     @classmethod
-    def _ratios_in_range(cls, ratios: list[float]) -> list[float]:
+    def _ratios_in_range(cls, ratios: list[float], info: ValidationInfo) -> list[float]:
+        what = "ratio" if info.field_name == "ratios" else "share of parameters kept"
         for r in ratios:
             if not 0.0 < r < 1.0:
-                raise ValueError(f"ratio {r} must be strictly between 0 and 1")
+                raise ValueError(f"{what} {r} must be strictly between 0 and 1")
         return ratios
 
     @field_validator("blocks")
@@ -116,12 +122,13 @@ class BudgetSpec(_Frozen):
 
     @model_validator(mode="after")
     def _not_empty(self) -> BudgetSpec:
-        if not self.ratios and not self.blocks:
-            raise ValueError("give at least one of 'ratios' or 'blocks'")
+        if not self.ratios and not self.blocks and not self.params:
+            raise ValueError("give at least one of 'ratios', 'blocks' or 'params'")
         return self
 
     def items(self) -> list[dict[str, float | int]]:
-        return [{"ratio": r} for r in self.ratios] + [{"blocks": b} for b in self.blocks]
+        return ([{"ratio": r} for r in self.ratios] + [{"blocks": b} for b in self.blocks]
+                + [{"params": p} for p in self.params])
 
 
 class StabilitySpec(_Frozen):
@@ -169,6 +176,9 @@ class ResourcesSpec(_Frozen):
 
 
 Device = Literal["auto", "cpu", "cuda"] | str
+Unit = Literal["block", "attention", "mlp"]
+#: the healing entry that means "no healing" (not in the healing registry)
+NO_HEALING = "none"
 DType = Literal["float32", "bfloat16", "float16", "float64"]
 
 
@@ -187,6 +197,10 @@ class GridConfig(_Frozen):
     metrics: list[ComponentSpec] = Field(min_length=1)
     selectors: list[ComponentSpec] = Field(min_length=1)
     budgets: BudgetSpec
+    #: what a selector removes: whole blocks, or attention / MLP branches (residual branches of a block)
+    units: list[Unit] = Field(default_factory=lambda: ["block"], min_length=1)
+    #: what follows removal, before evaluation: none, or a healing method (``linear``, ``lora``, a plugin)
+    healing: list[ComponentSpec] = Field(default_factory=lambda: [ComponentSpec(name=NO_HEALING)], min_length=1)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     #: evaluation name -> its validated parameters (a pydantic model of that evaluation's ``Params``)
     evaluations: dict[str, Any] = Field(default_factory=dict)
@@ -221,10 +235,22 @@ class GridConfig(_Frozen):
     def _model_shorthand(cls, v: Any) -> Any:
         return [{"name": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
 
-    @field_validator("metrics", "selectors", mode="before")
+    @field_validator("metrics", "selectors", "healing", mode="before")
     @classmethod
     def _component_shorthand(cls, v: Any) -> Any:
         return [{"name": c} if isinstance(c, str) else c for c in v] if isinstance(v, list) else v
+
+    @field_validator("units", "healing", mode="before")
+    @classmethod
+    def _one_or_more(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (str, dict)) else v
+
+    @field_validator("units")
+    @classmethod
+    def _units_unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"units repeat: {v}")
+        return v
 
     @field_validator("device")
     @classmethod

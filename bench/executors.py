@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 from bench.config import config_sections, parse_config
 from bench.grid import Cell, expand, short_hash
 from bench.records import CellRecord
-from bench.stages import CELL_FAILURES, Lazy, ModelMemo, Pipeline, SetEvaluation, StageError, failure
+from bench.stages import CELL_FAILURES, Lazy, ModelMemo, Pipeline, Removal, SetEvaluation, StageError, failure
 from estimators.registry import Registry
 
 
@@ -97,7 +97,9 @@ class LocalExecutor(Executor):
             memo = ModelMemo()
             for _, group in itertools.groupby(model_cells, key=lambda c: short_hash(c.calibration)):
                 group = list(group)
-                captured = Lazy("capture", lambda cal=group[0].calibration, m=model: pipeline.capture(m.get(), cal))
+                sub = needs_sublayers(group)
+                captured = Lazy("capture", lambda cal=group[0].calibration, m=model, sub=sub:
+                                pipeline.capture(m.get(), cal, **_sublayers(sub)))
                 for cell in group:
                     with store.claim(cell.cell_id) as mine:
                         if not mine or store.is_done(cell.cell_id):
@@ -118,13 +120,24 @@ def select_group(config_json: dict[str, Any], results_dir: str, cell_ids: list[s
     wanted = set(cell_ids)
     cells = [c for c in expand(pipeline.config) if c.cell_id in wanted]
     model = Lazy("load_model", lambda: pipeline.load(cells[0].model))
-    captured = Lazy("capture", lambda: pipeline.capture(model.get(), cells[0].calibration))
+    captured = Lazy("capture", lambda: pipeline.capture(model.get(), cells[0].calibration,
+                                                        **_sublayers(needs_sublayers(cells))))
     return [pipeline.select_cell(cell, model, captured).to_json() for cell in cells]
 
 
+def needs_sublayers(cells: list[Cell]) -> bool:
+    """Whether a calibration group captures the stream between the branches (a cell removes branches)."""
+    return any(c.unit != "block" for c in cells)
+
+
+def _sublayers(needed: bool) -> dict[str, bool]:
+    # only passed when needed: a block-only grid calls capture(loaded, calibration) as before
+    return {"sublayers": True} if needed else {}
+
+
 def evaluate_set(config_json: dict[str, Any], results_dir: str, model_spec: dict[str, Any],
-                 removed: tuple[int, ...], allow_remote_code: bool = False) -> SetEvaluation | dict[str, Any]:
-    """Evaluation of one block set of one model (a Ray task): the :class:`SetEvaluation`, or
+                 removed: Removal | tuple[int, ...], allow_remote_code: bool = False) -> SetEvaluation | dict[str, Any]:
+    """Evaluation of one removal of one model (a Ray task): the :class:`SetEvaluation`, or
     ``{"stage", "exc", "traceback"}`` so the driver fails exactly the cells that chose the set."""
     pipeline = Pipeline(parse_config(config_json), results_dir, allow_remote_code=allow_remote_code)
     try:
@@ -132,7 +145,7 @@ def evaluate_set(config_json: dict[str, Any], results_dir: str, model_spec: dict
             loaded = pipeline.load(model_spec)
         except CELL_FAILURES as exc:  # reported in the records of the cells that need it
             raise StageError("load_model", exc) from exc
-        return pipeline.evaluate(loaded, tuple(removed))
+        return pipeline.evaluate(loaded, removed if isinstance(removed, Removal) else tuple(removed))
     except StageError as exc:
         return _error(exc.stage, exc.exc, exc.tb)
 
@@ -218,8 +231,8 @@ class RayExecutor(Executor):
                 summary.add(record)
                 reporter.cell_done(by_id[record.cell_id], record)
 
-            def need(cell: Cell, removed: tuple[int, ...]) -> tuple:
-                key = (short_hash(cell.model), tuple(removed))
+            def need(cell: Cell, removed: Removal) -> tuple:
+                key = (short_hash(cell.model), removed)
                 if key not in submitted:
                     submitted.add(key)
                     eval_refs[evaluate_task.remote(config_json, results_dir, cell.model, removed, remote_code)] = key
@@ -240,7 +253,8 @@ class RayExecutor(Executor):
                             finish(record)
                             continue
                         cell = by_id[record.cell_id]
-                        waiting.append((record, need(cell, ()), need(cell, tuple(record.removed_blocks or ()))))
+                        waiting.append((record, need(cell, Removal(())),
+                                        need(cell, Removal.of(cell, record.removed_blocks or ()))))
                 else:
                     key = eval_refs.pop(ref)
                     try:

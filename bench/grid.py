@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from algorithms import SELECTORS
-from bench.config import ComponentSpec, ConfigError, GridConfig
+from bench.config import NO_HEALING, ComponentSpec, ConfigError, GridConfig
 from estimators import METRICS
 from estimators.registry import RegistryError, resolve_params
 
@@ -74,6 +74,19 @@ class Cell:
     evaluations: tuple[tuple[str, dict[str, Any]], ...]
     dtype: str
     device: str  # device type: cpu, cuda, mps
+    #: what is removed: ``block``, ``attention`` or ``mlp`` (a residual branch of each chosen block)
+    unit: str = "block"
+    #: what follows removal (``none``: nothing)
+    healing: ComponentSpec = ComponentSpec(name=NO_HEALING)
+
+    @cached_property
+    def healing_identity(self) -> dict[str, Any] | None:
+        """The healing's name, version and resolved parameters (``None``: no healing)."""
+        if self.healing.name == NO_HEALING:
+            return None
+        from algorithms.healing import HEALINGS
+
+        return HEALINGS.get(self.healing.name)(self.healing.params).describe()
 
     @cached_property
     def metric_identity(self) -> dict[str, Any]:
@@ -95,6 +108,9 @@ class Cell:
             "evaluations": dict(self.evaluations),
             "dtype": self.dtype,
             "device": self.device,
+            # only when not the default, so the cells of grids without these axes keep their ids
+            **({"unit": self.unit} if self.unit != "block" else {}),
+            **({"healing": self.healing_identity} if self.healing_identity is not None else {}),
         }
 
     def versions(self) -> dict[str, str]:
@@ -103,6 +119,7 @@ class Cell:
             "selector": self.selector_identity["version"],
             "protocol": PROTOCOL_VERSION,
             **{name: identity["version"] for name, identity in self.evaluations},
+            **({"healing": self.healing_identity["version"]} if self.healing_identity is not None else {}),
         }
 
     @cached_property
@@ -111,18 +128,41 @@ class Cell:
 
     @property
     def budget_label(self) -> str:
-        return f"{self.budget['ratio']:.0%}" if "ratio" in self.budget else f"{self.budget['blocks']} blocks"
+        if "ratio" in self.budget:
+            return f"{self.budget['ratio']:.0%}"
+        if "params" in self.budget:
+            return f"params {self.budget['params']:.0%}"
+        return f"{self.budget['blocks']} {'blocks' if self.unit == 'block' else 'units'}"
 
-    def resolve_k(self, n_blocks: int) -> int:
-        """Blocks to remove: ``floor(ratio * n_blocks + 0.5)`` (at least 1), or the absolute count."""
+    @property
+    def unit_noun(self) -> str:
+        return {"block": "blocks", "attention": "attention branches", "mlp": "MLP branches"}[self.unit]
+
+    def resolve_k(self, n_blocks: int, unit_parameters: list[int] | None = None,
+                  total_parameters: int | None = None) -> int:
+        """Units to remove: ``floor(ratio * n_blocks + 0.5)`` (at least 1), the absolute count, or for a
+        ``params`` budget (share of the model's parameters kept) the whole number of units nearest to
+        ``(1 - share) * total_parameters / mean unit size`` (at least 1). The record keeps the share
+        really kept."""
+        protected = self.resolve_protected(n_blocks)
         if "ratio" in self.budget:
             k = max(1, int(self.budget["ratio"] * n_blocks + 0.5))
+        elif "params" in self.budget:
+            if unit_parameters is None or total_parameters is None:
+                raise ConfigError(f"budget params {self.budget['params']} needs the model's parameter counts")
+            free_sizes = [p for i, p in enumerate(unit_parameters) if i not in protected]
+            size = sum(free_sizes) / max(1, len(free_sizes))
+            k = max(1, round((1 - self.budget["params"]) * total_parameters / size)) if size else n_blocks
         else:
             k = int(self.budget["blocks"])
-        free = n_blocks - len(self.resolve_protected(n_blocks))
-        if k >= n_blocks or k > free:
+        free = n_blocks - len(protected)
+        # a block must stay; every attention (or MLP) branch may go, the other branch stays
+        if (self.unit == "block" and k >= n_blocks) or k > free:
+            what = f"{k} {self.unit_noun}"
+            if "params" in self.budget:
+                what += f" (to keep {self.budget['params']:.0%} of {total_parameters:,} parameters)"
             raise ConfigError(
-                f"budget {self.budget} asks to remove {k} blocks but the model has {n_blocks} "
+                f"budget {self.budget} asks to remove {what} but the model has {n_blocks} "
                 f"({free} removable)"
             )
         return k
@@ -151,9 +191,9 @@ def expand(config: GridConfig) -> list[Cell]:
     variants = [variant for variant, _ in config.calibration_variants()]
     evaluations = tuple((name, EVALUATIONS.get(name)(params).describe()) for name, params in config.evaluations.items())
     device = device_type(config.device)
-    for model, variant, seed, metric, selector, budget in itertools.product(
-        config.models, variants, config.calibration.seeds, config.metrics, config.selectors,
-        config.budgets.items(),
+    for model, variant, seed, unit, healing, metric, selector, budget in itertools.product(
+        config.models, variants, config.calibration.seeds, config.units, config.healing, config.metrics,
+        config.selectors, config.budgets.items(),
     ):
         cells.append(
             Cell(
@@ -167,6 +207,8 @@ def expand(config: GridConfig) -> list[Cell]:
                 evaluations=evaluations,
                 dtype=config.dtype,
                 device=device,
+                unit=unit,
+                healing=healing,
             )
         )
     seen: dict[str, Cell] = {}
@@ -202,6 +244,8 @@ def validate(config: GridConfig) -> list[Cell]:
         for i, spec in enumerate(specs):
             if spec.name not in registry:
                 raise ConfigError(f"{kind}[{i}].name: {registry.unknown_message(spec.name)}")
+    for i, spec in enumerate(config.healing):
+        _check_healing(i, spec)
     from algorithms.data import DataError, check_source
     from algorithms.models.zoo import model_block_count, model_width
 
@@ -231,6 +275,8 @@ def validate(config: GridConfig) -> list[Cell]:
             raise ConfigError(f"models[{i}].name: {exc}") from None
         if n_blocks is None:
             continue  # a hub id: its size is known once loaded
+        _check_units(config, i, model.name)
+        unit_sizes = _unit_sizes(config, i, model.name)
         width = model_width(model.name)
         for variant, keys in config.calibration_variants():
             n_tokens = variant["samples"] * variant["seq_len"]
@@ -243,7 +289,8 @@ def validate(config: GridConfig) -> list[Cell]:
         for cell in cells:
             if cell.model["name"] == model.name:
                 try:
-                    k = cell.resolve_k(n_blocks)
+                    sizes, total = unit_sizes.get(cell.unit, (None, None))
+                    k = cell.resolve_k(n_blocks, sizes, total)
                     n_free = n_blocks - len(cell.resolve_protected(n_blocks))
                 except ConfigError as exc:
                     raise ConfigError(f"budgets: {exc} (models[{i}] = {model.name!r})") from None
@@ -255,6 +302,83 @@ def validate(config: GridConfig) -> list[Cell]:
                                       f"models[{i}] = {model.name!r})") from None
         _check_text_length(config, i, model.name)
     return cells
+
+
+def _check_healing(index: int, spec: ComponentSpec) -> None:
+    if spec.name == NO_HEALING:
+        if spec.params:
+            raise ConfigError(f"healing[{index}].params: '{NO_HEALING}' takes no parameters, got {spec.params}")
+        return
+    from algorithms.healing import HEALINGS
+
+    if spec.name not in HEALINGS:
+        raise ConfigError(f"healing[{index}].name: {HEALINGS.unknown_message(spec.name)} (or '{NO_HEALING}')")
+    try:
+        HEALINGS.get(spec.name)(spec.params)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"healing[{index}].params: {exc}") from None
+
+
+def _local_config(name: str) -> dict[str, Any] | None:
+    """A model's config.json when it is on disk already (a local folder, or a zoo model built before)."""
+    from algorithms.models.zoo import MODELS, cache_root
+
+    folder = cache_root() / "models" / name if name in MODELS else Path(name).expanduser()
+    try:
+        data = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _check_units(config: GridConfig, index: int, name: str) -> None:
+    """Refuse sub-layer units for a model family whose branches cannot be removed (from config.json;
+    the zoo's models are all of supported families)."""
+    if all(u == "block" for u in config.units):
+        return
+    from algorithms.models.units import UnitError, check_model_type
+
+    data = _local_config(name)
+    if data is None:
+        return
+    model_type = data.get("text_config", {}).get("model_type") or data.get("model_type")
+    try:
+        check_model_type(str(model_type))
+    except UnitError as exc:
+        units = [u for u in config.units if u != "block"]
+        raise ConfigError(f"units: {units} for models[{index}] = {name!r}: {exc}") from None
+
+
+def _unit_sizes(config: GridConfig, index: int, name: str) -> dict[str, tuple[list[int], int]]:
+    """Each unit kind's per-block parameter counts and the model's total, for ``params`` budgets: from
+    the model built on the meta device from its config (no weights read). Empty when the grid has no
+    ``params`` budget or the config is not on disk yet (checked when the model loads)."""
+    if not config.budgets.params:
+        return {}
+    data = _local_config(name)
+    if data is None:
+        return {}
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from algorithms.models.blocks import count_parameters
+    from algorithms.models.units import UnitError, unit_parameters
+
+    folder = Path(name).expanduser() if Path(name).expanduser().is_dir() else None
+    if folder is None:
+        from algorithms.models.zoo import cache_root
+
+        folder = cache_root() / "models" / name
+    hf_config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    out = {}
+    for unit in config.units:
+        try:
+            out[unit] = (unit_parameters(model, unit), count_parameters(model))
+        except UnitError as exc:
+            raise ConfigError(f"units: {unit!r} for models[{index}] = {name!r}: {exc}") from None
+    return out
 
 
 def _variant_note(config: GridConfig, variant: dict[str, Any], keys: dict[str, str]) -> str:

@@ -52,6 +52,9 @@ class Labels(_Model):
     budget: str
     seed: int
     calibration: str
+    #: what was removed (``block``, ``attention``, ``mlp``) and what followed (``none``, a healing's label)
+    unit: str = "block"
+    healing: str = "none"
 
 
 class ModelInfo(_Model):
@@ -72,6 +75,16 @@ class Parameters(_Model):
     dense: int
     pruned: int
     kept_share: float
+
+
+class HealingOutcome(_Model):
+    """What healing the pruned model cost and did (``info``: the healing's own report)."""
+
+    name: str
+    seconds: float
+    trained_parameters: int
+    info: dict[str, Any] = Field(default_factory=dict)
+    cached: bool = False
 
 
 class EvaluationOutcome(_Model):
@@ -112,6 +125,7 @@ class CellRecord(_Model):
     calibration_stats: dict[str, float] = Field(default_factory=dict)
     selector_result: SelectorOutcome | None = None
     parameters: Parameters | None = None
+    healing: HealingOutcome | None = None
     evaluations: dict[str, EvaluationOutcome] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict)
     cache_hits: dict[str, bool] = Field(default_factory=dict)
@@ -204,6 +218,8 @@ def records_frame(records: list[CellRecord]) -> pd.DataFrame:
             "cell_id": r.cell_id,
             "model": r.labels.model, "metric": r.labels.metric, "selector": r.labels.selector,
             "budget": r.labels.budget, "seed": r.labels.seed, "calibration": r.labels.calibration,
+            "unit": r.labels.unit, "healing": r.labels.healing,
+            "healing_s": r.healing.seconds if r.healing is not None else None,
             "k": r.k,
             "n_blocks": r.model.n_blocks,
             "removed": " ".join(str(b) for b in r.removed_blocks),

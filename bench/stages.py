@@ -54,12 +54,13 @@ import torch
 from algorithms.evaluations import EVALUATIONS, EvalTarget, Evaluation
 from algorithms.selectors import SELECTORS, SelectionProblem
 from bench import __version__
-from bench.config import GridConfig
+from bench.config import NO_HEALING, ComponentSpec, GridConfig
 from bench.grid import PROTOCOL_VERSION, Cell, calibration_label, short_hash
 from bench.progress import Reporter
 from bench.records import (
     CellRecord,
     EvaluationOutcome,
+    HealingOutcome,
     Labels,
     ModelInfo,
     Parameters,
@@ -227,7 +228,11 @@ class CapturedStates:
     """The ``capture`` step's output for one calibration group (model × calibration variant × seed).
 
     ``states[i]`` enters block ``i``, ``states[L]`` leaves the last block (hooks, never
-    ``hidden_states[-1]``), float32 on the CPU; ``input_ids`` are the calibration windows."""
+    ``hidden_states[-1]``), float32 on the CPU; ``input_ids`` are the calibration windows. With
+    ``sublayers`` (a group with attention or MLP units), ``states`` is the residual stream between the
+    branches too, ``(2L + 1, ...)`` (:mod:`algorithms.models.capture`), and :meth:`blocks` its block
+    states. ``block_key`` identifies the block states whichever way they were captured (block scores are
+    cached under it, so adding sub-layer units to a grid does not recompute them)."""
 
     key: str
     states: torch.Tensor
@@ -238,8 +243,10 @@ class CapturedStates:
     #: one host-to-device copy per group, shared by every metric (made on first use)
     device_states: torch.Tensor | None = None
     to_device_seconds: float = 0.0
-    #: search objectives per metric label (one ObjectiveFactory each; they share true-loss evaluations)
-    objectives: dict[str, Any] = field(default_factory=dict)
+    #: search objectives per (unit, metric label) (one ObjectiveFactory each; they share true-loss evaluations)
+    objectives: dict[tuple[str, str], Any] = field(default_factory=dict)
+    sublayers: bool = False
+    block_key: str = ""
 
     def on_device(self, device: torch.device) -> torch.Tensor:
         if self.device_states is None:
@@ -248,6 +255,15 @@ class CapturedStates:
                 self.device_states = self.states.to(device)
             self.to_device_seconds = timer.times["to_device"]
         return self.device_states
+
+    def blocks(self, device: torch.device | None = None) -> torch.Tensor:
+        """The block states ``(L + 1, ...)`` (on ``device`` when given)."""
+        states = self.states if device is None else self.on_device(device)
+        return states[0::2] if self.sublayers else states
+
+    @property
+    def n_blocks(self) -> int:
+        return (self.states.shape[0] - 1) // 2 if self.sublayers else self.states.shape[0] - 1
 
 
 @dataclass
@@ -273,6 +289,43 @@ class Selection:
     proxy_seconds: float
 
 
+@dataclass(frozen=True)
+class Removal:
+    """What the ``transform`` step takes from a model: the ``unit`` (``block``, ``attention``, ``mlp``) of
+    the blocks ``removed``, then an optional healing fitted on one calibration set. ``Removal(())`` is
+    the dense model. Hashable: the evaluation of one removal is shared by every cell that chose it."""
+
+    removed: tuple[int, ...]
+    unit: str = "block"
+    healing: ComponentSpec | None = None
+    #: the calibration set the healing fits on, as sorted ``(key, value)`` pairs (None without healing)
+    calibration: tuple[tuple[str, Any], ...] | None = None
+
+    @classmethod
+    def of(cls, cell: Cell, removed: tuple[int, ...] | list[int]) -> Removal:
+        """The removal a cell's chosen units make (healed on the cell's calibration set)."""
+        heals = cell.healing.name != NO_HEALING
+        return cls(tuple(sorted(removed)), cell.unit, cell.healing if heals else None,
+                   tuple(sorted(cell.calibration.items())) if heals else None)
+
+    @property
+    def dense(self) -> bool:
+        return not self.removed
+
+    def identity(self) -> dict[str, Any]:
+        """What enters cache keys: the set, and the unit and healing only when not the defaults (so the
+        keys of plain block removal stay those of earlier versions)."""
+        out: dict[str, Any] = {"removed": list(self.removed)}
+        if self.unit != "block":
+            out["unit"] = self.unit
+        if self.healing is not None and self.removed:
+            from algorithms.healing import HEALINGS
+
+            out["healing"] = HEALINGS.get(self.healing.name)(self.healing.params).describe()
+            out["healing_calibration"] = dict(self.calibration or ())
+        return out
+
+
 @dataclass
 class EvalResult:
     """One evaluation of one block set (JSON-ready ``result``, cached on disk)."""
@@ -290,6 +343,8 @@ class SetEvaluation:
     removed: tuple[int, ...]
     parameters: int
     results: dict[str, EvalResult]
+    #: the healing's cost and report (``seconds``, ``trained_parameters``, ``info``, ``cached``), if healed
+    healing: dict[str, Any] | None = None
 
 
 @dataclass
@@ -342,16 +397,20 @@ class Pipeline:
                            seconds=time.perf_counter() - start)
 
     # ------------------------------------------------------------------ capture
-    def capture(self, loaded: LoadedModel, calibration: dict[str, Any]) -> CapturedStates:
-        """Hidden states entering every block and leaving the last, from hooks, for one calibration set."""
+    def capture(self, loaded: LoadedModel, calibration: dict[str, Any], *, sublayers: bool = False) -> CapturedStates:
+        """Hidden states entering every block and leaving the last, from hooks, for one calibration set
+        (``sublayers``: between the attention and MLP branches of every block too)."""
         from algorithms.data import calibration_batch, source_fingerprint
         from algorithms.models.capture import capture_hidden_states
 
-        key = short_hash({
+        parts = {
             "model": loaded.info.fingerprint, "calibration": calibration,
             "source": source_fingerprint(calibration["source"]), "dtype": self.config.dtype,
             "device": self.device.type, "protocol": PROTOCOL_VERSION,
-        })
+        }
+        block_key = short_hash(parts)
+        key = short_hash({**parts, "resolution": "sublayer"}) if sublayers else block_key
+        depths = 2 * loaded.info.n_blocks + 1 if sublayers else loaded.info.n_blocks + 1
         ids = calibration_batch(  # cheap; kept for the true-loss objective of search selectors
             loaded.tokenizer, calibration["source"], samples=calibration["samples"],
             seq_len=calibration["seq_len"], seed=calibration["seed"],
@@ -359,14 +418,16 @@ class Pipeline:
         cached = self.store.get_tensors("hidden", key) if self.config.cache_hidden_states else None
         if cached is not None:
             tensors, meta = cached
-            why = _unusable_states(tensors, meta, loaded.info.n_blocks, tuple(ids.shape))
+            why = _unusable_states(tensors, meta, depths, tuple(ids.shape))
             if why is None:
                 return CapturedStates(key=key, states=tensors["states"], input_ids=ids,
-                                      stats={k: float(v) for k, v in meta.items()}, seconds=0.0, cached=True)
+                                      stats={k: float(v) for k, v in meta.items()}, seconds=0.0, cached=True,
+                                      sublayers=sublayers, block_key=block_key)
             self.store.distrust("hidden", key, why, ".safetensors")
         timer = Timer(self.device)
         with timer.stage("capture"):
-            states, stats = capture_hidden_states(loaded.model, ids, batch_size=self.config.calibration.batch_size)
+            states, stats = capture_hidden_states(loaded.model, ids, batch_size=self.config.calibration.batch_size,
+                                                  sublayers=sublayers)
         self.counters["captures"] += 1
         self.seconds["capture"] += timer.times["capture"]
         if not torch.isfinite(states).all():
@@ -381,24 +442,33 @@ class Pipeline:
                                    "in the grid turns this off)")
             self.store.put_tensors("hidden", key, {"states": states}, {k: repr(v) for k, v in stats.items()})
         return CapturedStates(key=key, states=states, input_ids=ids, stats=stats, seconds=timer.times["capture"],
-                              cached=False)
+                              cached=False, sublayers=sublayers, block_key=block_key)
 
     # ------------------------------------------------------------------ score
     def score(self, captured: CapturedStates, cell: Cell) -> Scores:
-        """The cell's metric on every block, once per (hidden states, resolved metric)."""
+        """The cell's metric on every unit, once per (hidden states, resolved metric). A block compares the
+        states entering and leaving it; an attention (MLP) branch the states entering and leaving the
+        branch: the metric scores every step of the sub-layer stream once, and each branch kind takes
+        its steps (cached once for both)."""
         identity = cell.metric_identity
         cls = METRICS.get(cell.metric.name)
-        key = short_hash({"hidden": captured.key, "metric": identity, "device": self.device.type})
+        sublayer = cell.unit != "block"
+        if sublayer and not captured.sublayers:
+            raise RuntimeError(f"unit {cell.unit!r} needs the sub-layer stream; this group captured blocks only")
+        hidden = captured.key if sublayer else captured.block_key or captured.key
+        key = short_hash({"hidden": hidden, "metric": identity, "device": self.device.type})
+        steps = 2 * captured.n_blocks if sublayer else captured.n_blocks
+        pick = {"block": slice(None), "attention": slice(0, None, 2), "mlp": slice(1, None, 2)}[cell.unit]
         cached = self.store.get_json("scores", key)
         if cached is not None:
-            why = _unusable_scores(cached, captured.states.shape[0] - 1, bool(cls.higher_is_important))
+            why = _unusable_scores(cached, steps, bool(cls.higher_is_important))
             if why is None:
-                return Scores(values=torch.tensor(cached["scores"], dtype=torch.float64),
+                return Scores(values=torch.tensor(cached["scores"], dtype=torch.float64)[pick],
                               higher_is_important=cached["higher_is_important"], seconds=float(cached["seconds"]),
                               cached=True)
             self.store.distrust("scores", key, why)
         metric = cls(**cell.metric.params)
-        states = captured.on_device(self.device)
+        states = captured.on_device(self.device) if sublayer else captured.blocks(self.device)
         timer = Timer(self.device)
         with timer.stage("scoring"):
             values = metric.score_blocks(states).cpu()
@@ -410,28 +480,29 @@ class Pipeline:
         self.store.put_json("scores", key, {"scores": values.tolist(), "seconds": timer.times["scoring"],
                                             "device": str(self.device),
                                             "higher_is_important": cls.higher_is_important})
-        return Scores(values=values, higher_is_important=bool(cls.higher_is_important),
+        return Scores(values=values[pick], higher_is_important=bool(cls.higher_is_important),
                       seconds=timer.times["scoring"], cached=False)
 
     # ------------------------------------------------------------------ select
     def select(self, cell: Cell, loaded: LoadedModel, captured: CapturedStates, scores: Scores) -> Selection:
         """The cell's selector on its scores; the chosen set is then scored on the shared proxies."""
         n_blocks = loaded.info.n_blocks
-        k = cell.resolve_k(n_blocks)
+        k = self.resolve_k(cell, loaded)
         protected = cell.resolve_protected(n_blocks)
         selector = SELECTORS.get(cell.selector.name)(**cell.selector.params)
-        label = cell.metric.label()
+        label = (cell.unit, cell.metric.label())
         if label not in captured.objectives:
-            # one factory per (calibration group, metric); factories of one group share true-loss results
+            # one factory per (calibration group, unit, metric); those of one unit share true-loss results
             from algorithms.objectives import ObjectiveFactory
 
             captured.objectives[label] = ObjectiveFactory(
                 model=loaded.model, input_ids=captured.input_ids,
-                states=lambda: captured.on_device(self.device),
+                states=lambda: captured.blocks(self.device),
                 metric=METRICS.get(cell.metric.name)(**cell.metric.params),
                 higher_is_important=scores.higher_is_important, block_scores=scores.values,
                 batch_size=self.config.calibration.batch_size, fingerprint=captured.key,
-                share=next(iter(captured.objectives.values()), None),
+                share=next((f for (u, _), f in captured.objectives.items() if u == cell.unit), None),
+                unit=cell.unit,
             )
         factory = captured.objectives[label]
         problem = SelectionProblem(
@@ -451,22 +522,67 @@ class Pipeline:
         return Selection(k=k, removed=removed, evaluations=chosen.evaluations, info=chosen.info, proxies=proxies,
                          seconds=seconds, proxy_seconds=proxy_seconds)
 
+    def resolve_k(self, cell: Cell, loaded: LoadedModel) -> int:
+        """How many units the cell removes (a ``params`` budget needs the loaded model's unit sizes)."""
+        if "params" not in cell.budget:
+            return cell.resolve_k(loaded.info.n_blocks)
+        from algorithms.models.blocks import count_parameters
+        from algorithms.models.units import unit_parameters
+
+        return cell.resolve_k(loaded.info.n_blocks, unit_parameters(loaded.model, cell.unit),
+                              count_parameters(loaded.model))
+
     # ------------------------------------------------------------------ transform
     @staticmethod
-    def transform(model: torch.nn.Module, removed: tuple[int, ...]) -> contextlib.AbstractContextManager:
-        """The model without ``removed``, for the duration of a ``with`` block: the blocks are masked in
-        place (bit-identical to removal, no copy of the model). Pruning units and healing plug in here."""
-        from algorithms.models.masking import skip_blocks
+    def transform(model: torch.nn.Module, removed: tuple[int, ...], unit: str = "block") -> contextlib.AbstractContextManager:
+        """The model without the ``unit`` of blocks ``removed``, for the duration of a ``with`` block: masked
+        in place (bit-identical to removal, no copy of the model). Healing is applied by :meth:`evaluate`
+        on a copy (:meth:`heal`)."""
+        if unit == "block":
+            from algorithms.models.masking import skip_blocks
 
-        return skip_blocks(model, removed)
+            return skip_blocks(model, removed)
+        from algorithms.models.units import skip_units
+
+        return skip_units(model, unit, removed)
+
+    def _masked(self, model: torch.nn.Module, removed: tuple[int, ...], unit: str) -> contextlib.AbstractContextManager:
+        # ``transform(model, removed)`` for blocks: a replaced transform with that signature keeps working
+        return self.transform(model, removed) if unit == "block" else self.transform(model, removed, unit)
+
+    def heal(self, loaded: LoadedModel, removal: Removal) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """A copy of the model with ``removal``'s units removed and then healed on its calibration set;
+        with the healing's cost and report (``seconds``, ``trained_parameters``, ``info``)."""
+        from algorithms.data import calibration_batch
+        from algorithms.healing import HEALINGS, HealTarget
+        from algorithms.models.units import pruned_units_copy
+
+        assert removal.healing is not None and removal.calibration is not None
+        calibration = dict(removal.calibration)
+        ids = calibration_batch(loaded.tokenizer, calibration["source"], samples=calibration["samples"],
+                                seq_len=calibration["seq_len"], seed=calibration["seed"])
+        healing = HEALINGS.get(removal.healing.name)(removal.healing.params)
+        self.reporter.stage(f"{removal.unit} {list(removal.removed)}: healing ({removal.healing.label()})")
+        pruned = pruned_units_copy(loaded.model, removal.unit, removal.removed)
+        timer = Timer(self.device)
+        with timer.stage("healing"):
+            outcome = healing.heal(HealTarget(dense=loaded.model, pruned=pruned, unit=removal.unit,
+                                              removed=removal.removed, input_ids=ids.to(self.device),
+                                              batch_size=self.config.calibration.batch_size))
+        pruned.eval()
+        self.seconds["healing"] += timer.times["healing"]
+        self.counters["healings"] += 1
+        return pruned, {"name": removal.healing.name, "seconds": timer.times["healing"],
+                        "trained_parameters": outcome.trained_parameters, "info": outcome.info}
 
     # ------------------------------------------------------------------ evaluate
-    def evaluation_key(self, loaded: LoadedModel, removed: tuple[int, ...], evaluation: Evaluation) -> str:
-        """Cache key of one evaluation of one block set: model content, set, resolved evaluation
-        (parameters and version), the contents of the data it reads, dtype, device type, protocol, and
-        the machine for timings."""
+    def evaluation_key(self, loaded: LoadedModel, removal: Removal | tuple[int, ...], evaluation: Evaluation) -> str:
+        """Cache key of one evaluation of one removal: model content, the removal (set, and unit and
+        healing when not the defaults), resolved evaluation (parameters and version), the contents of the
+        data it reads, dtype, device type, protocol, and the machine for timings."""
+        removal = _removal(removal)
         parts: dict[str, Any] = {
-            "model": loaded.info.fingerprint, "removed": list(removed), "evaluation": evaluation.describe(),
+            "model": loaded.info.fingerprint, **removal.identity(), "evaluation": evaluation.describe(),
             "data": evaluation.data_fingerprint(), "dtype": self.config.dtype, "device": self.device.type,
             "protocol": PROTOCOL_VERSION,
         }
@@ -474,35 +590,70 @@ class Pipeline:
             parts["machine"] = machine_key(self.env)
         return short_hash(parts)
 
-    def evaluate(self, loaded: LoadedModel, removed: tuple[int, ...], memo: ModelMemo | None = None) -> SetEvaluation:
-        """Every evaluation of the grid on the model without ``removed`` (``()``: the dense model, for the
-        evaluations that measure it). Raises :class:`StageError` naming the evaluation that failed."""
+    def healing_key(self, loaded: LoadedModel, removal: Removal) -> str:
+        """Cache key of a healing's report (its cost and what it fitted)."""
+        return short_hash({"model": loaded.info.fingerprint, **removal.identity(), "dtype": self.config.dtype,
+                           "device": self.device.type, "protocol": PROTOCOL_VERSION})
+
+    def evaluate(self, loaded: LoadedModel, removal: Removal | tuple[int, ...],
+                 memo: ModelMemo | None = None) -> SetEvaluation:
+        """Every evaluation of the grid on the model after ``removal`` (a block set is a removal of
+        blocks; ``()``: the dense model, for the evaluations that measure it). A healed removal is healed
+        once, on a copy, when an evaluation is not cached. Raises :class:`StageError` naming the
+        evaluation (or ``healing``) that failed."""
         from algorithms.models.blocks import count_parameters
 
         memo = memo if memo is not None else ModelMemo()
-        removed = tuple(sorted(removed))
-        memo_key = short_hash({"model": loaded.info.fingerprint, "removed": list(removed)})
+        removal = _removal(removal)
+        memo_key = short_hash({"model": loaded.info.fingerprint, **removal.identity()})
         if memo_key in memo.results:
             hit = memo.results[memo_key]
-            return SetEvaluation(removed, hit.parameters,
-                                 {n: EvalResult(n, r.result, r.seconds, True) for n, r in hit.results.items()})
-        with self.transform(loaded.model, removed) as model:
+            return SetEvaluation(removal.removed, hit.parameters,
+                                 {n: EvalResult(n, r.result, r.seconds, True) for n, r in hit.results.items()},
+                                 None if hit.healing is None else {**hit.healing, "cached": True})
+        with self._masked(loaded.model, removal.removed, removal.unit) as model:
             parameters = count_parameters(model)
+        healed: Lazy | None = None
+        healing: dict[str, Any] | None = None
+        if removal.healing is not None:
+            healed = Lazy("healing", lambda: self.heal(loaded, removal))
         results: dict[str, EvalResult] = {}
-        for name, evaluation in self.evaluations.items():
-            if not removed and not evaluation.measures_dense:
-                continue
-            try:
-                results[name] = self._measure(loaded, removed, name, evaluation, memo)
-            except CELL_FAILURES as exc:  # recorded in the records of the cells that chose the set
-                raise StageError(name, exc) from exc
-        out = SetEvaluation(removed=removed, parameters=parameters, results=results)
+        try:
+            for name, evaluation in self.evaluations.items():
+                if removal.dense and not evaluation.measures_dense:
+                    continue
+                try:
+                    results[name] = self._measure(loaded, removal, name, evaluation, memo, healed)
+                except StageError:
+                    raise
+                except CELL_FAILURES as exc:  # recorded in the records of the cells that chose the set
+                    raise StageError(name, exc) from exc
+            if healed is not None:
+                healing = self._healing_report(loaded, removal, healed)
+        finally:
+            if healed is not None and healed.done:
+                healed.value = None  # the healed copy goes as soon as its evaluations are done
+        out = SetEvaluation(removed=removal.removed, parameters=parameters, results=results, healing=healing)
         memo.results[memo_key] = out
         return out
 
-    def _measure(self, loaded: LoadedModel, removed: tuple[int, ...], name: str, evaluation: Evaluation,
-                 memo: ModelMemo) -> EvalResult:
-        key = self.evaluation_key(loaded, removed, evaluation)
+    def _healing_report(self, loaded: LoadedModel, removal: Removal, healed: Lazy) -> dict[str, Any]:
+        """The healing's report: from this run when it healed, else from its cache (healing again only
+        when the report is missing: every evaluation was cached)."""
+        key = self.healing_key(loaded, removal)
+        if not healed.done:
+            cached = self.store.get_json("healing", key)
+            if isinstance(cached, dict) and _number(cached.get("seconds")) and isinstance(cached.get("info"), dict):
+                return {**cached, "cached": True}
+            if cached is not None:
+                self.store.distrust("healing", key, "the cached healing report lacks 'seconds' or 'info'")
+        report = healed.get()[1]
+        self.store.put_json("healing", key, report)
+        return {**report, "cached": False}
+
+    def _measure(self, loaded: LoadedModel, removal: Removal, name: str, evaluation: Evaluation,
+                 memo: ModelMemo, healed: Lazy | None = None) -> EvalResult:
+        key = self.evaluation_key(loaded, removal, evaluation)
         kind = f"evaluations/{name}"
         cached = self.store.get_json(kind, key)
         if cached is not None:
@@ -510,21 +661,29 @@ class Pipeline:
             if why is None:
                 return EvalResult(name, cached["result"], cached.get("seconds"), True)
             self.store.distrust(kind, key, why)
-        self.reporter.stage(f"blocks {list(removed) or 'none'}: {name}")
+        what = f"{removal.unit}s" if removal.unit != "block" else "blocks"
+        self.reporter.stage(f"{what} {list(removal.removed) or 'none'}: {name}")
         if name not in memo.references:
             start = time.perf_counter()
             memo.references[name] = evaluation.reference(loaded.model, loaded.tokenizer)
             self.seconds[name] += time.perf_counter() - start
-        target = EvalTarget(model=loaded.model, tokenizer=loaded.tokenizer, removed=removed,
-                            n_blocks=loaded.info.n_blocks, transform=self.transform,
-                            reference=memo.references[name])
+        if healed is not None and not removal.dense:
+            def transform(_model: torch.nn.Module, _removed: tuple[int, ...]) -> contextlib.AbstractContextManager:
+                return contextlib.nullcontext(healed.get()[0])
+        else:
+            def transform(model: torch.nn.Module, removed: tuple[int, ...]) -> contextlib.AbstractContextManager:
+                return self._masked(model, removed, removal.unit)
+        target = EvalTarget(model=loaded.model, tokenizer=loaded.tokenizer, removed=removal.removed,
+                            n_blocks=loaded.info.n_blocks, transform=transform,
+                            reference=memo.references[name], unit=removal.unit,
+                            healing=removal.healing.name if removal.healing is not None else None)
         timer = Timer(self.device)
         with timer.stage(name):
             result = evaluation.measure(target)
         self.counters[f"measure:{name}"] += 1
         self.seconds[name] += timer.times[name]
         self.store.put_json(kind, key, {"result": result, "seconds": timer.times[name],
-                                        "evaluation": evaluation.describe(), "removed": list(removed)})
+                                        "evaluation": evaluation.describe(), **removal.identity()})
         return EvalResult(name, result, timer.times[name], False)
 
     # ------------------------------------------------------------------ records
@@ -534,7 +693,8 @@ class Pipeline:
             cell_id=cell.cell_id, grid=cell.grid, spec=cell.spec(), versions=cell.versions(), env=self.env,
             labels=Labels(model=cell.model["name"], metric=cell.metric.label(), selector=cell.selector.label(),
                           budget=cell.budget_label, seed=cell.calibration["seed"],
-                          calibration=calibration_label(cell.calibration)),
+                          calibration=calibration_label(cell.calibration), unit=cell.unit,
+                          healing=cell.healing.label()),
             status="selected",
         )
 
@@ -548,7 +708,7 @@ class Pipeline:
             loaded: LoadedModel = model.get()
             record.model = loaded.info
             stage = "budget"
-            cell.resolve_k(loaded.info.n_blocks)
+            self.resolve_k(cell, loaded)
             stage = "capture"
             self.reporter.stage(f"{cell.model['name']}: hidden states, {calibration_label(cell.calibration)}, "
                                 f"seed {cell.calibration['seed']}")
@@ -592,6 +752,10 @@ class Pipeline:
             if p.seconds is not None:
                 timings[f"{name}_pruned"] = p.seconds
             cache_hits[name] = p.cached
+        if pruned.healing is not None:
+            record.healing = HealingOutcome(**pruned.healing)
+            timings["healing"] = pruned.healing["seconds"]
+            cache_hits["healing"] = bool(pruned.healing.get("cached"))
         record.status = "ok"
         record.evaluations = outcomes
         record.parameters = Parameters(dense=dense.parameters, pruned=pruned.parameters,
@@ -609,7 +773,7 @@ class Pipeline:
         try:
             loaded = model.get()
             dense = self.evaluate(loaded, (), memo)
-            pruned = self.evaluate(loaded, tuple(selected.removed_blocks or ()), memo)
+            pruned = self.evaluate(loaded, Removal.of(cell, selected.removed_blocks or ()), memo)
         except StageError as exc:
             return self.failed(selected, exc, exc.stage)
         return self.complete(selected, dense, pruned)
@@ -624,20 +788,27 @@ class Pipeline:
         return failure(record, exc.stage if isinstance(exc, StageError) else stage, f"{type(err).__name__}: {err}", tb)
 
 
+def _removal(removal: Removal | tuple[int, ...] | list[int]) -> Removal:
+    """A block set as a :class:`Removal`; the dense model is ``Removal(())`` whatever unit or healing."""
+    if not isinstance(removal, Removal):
+        removal = Removal(tuple(sorted(removal)))
+    return Removal(()) if removal.dense else removal
+
+
 # ---------------------------------------------------------------------------------------- cached payloads
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
         and abs(value) != float("inf")
 
 
-def _unusable_states(tensors: dict[str, torch.Tensor], meta: dict[str, str], n_blocks: int,
+def _unusable_states(tensors: dict[str, torch.Tensor], meta: dict[str, str], depths: int,
                      ids_shape: tuple[int, ...]) -> str | None:
-    """Why cached hidden states cannot serve a calibration group (None: they can)."""
+    """Why cached hidden states (``depths`` of them) cannot serve a calibration group (None: they can)."""
     states = tensors.get("states")
     if states is None:
         return "no 'states' tensor"
-    if states.dim() != 4 or tuple(states.shape[:3]) != (n_blocks + 1, *ids_shape):
-        return (f"states of shape {tuple(states.shape)}, expected ({n_blocks + 1}, {ids_shape[0]}, {ids_shape[1]}, "
+    if states.dim() != 4 or tuple(states.shape[:3]) != (depths, *ids_shape):
+        return (f"states of shape {tuple(states.shape)}, expected ({depths}, {ids_shape[0]}, {ids_shape[1]}, "
                 "hidden)")
     if not states.is_floating_point() or not torch.isfinite(states).all():
         return "states that are not finite floats"

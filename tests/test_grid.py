@@ -70,7 +70,7 @@ def test_resolve_k_rounds_half_up_and_refuses_everything():
         ({"metricz": ["bi"]}, "metricz: unknown key"),
         ({"budgets": {"ratios": [1.0]}}, r"budgets.ratios: ratio 1.0 must be strictly between 0 and 1"),
         ({"budgets": {"blocks": [0]}}, r"budgets.blocks: block count 0 must be at least 1"),
-        ({"budgets": {}}, "budgets: give at least one of 'ratios' or 'blocks'"),
+        ({"budgets": {}}, "budgets: give at least one of 'ratios', 'blocks' or 'params'"),
         ({"calibration": {"samples": 0}}, r"calibration.samples: .*greater than or equal to 1"),
         ({"calibration": {"seeds": [1, 1]}}, r"calibration.seeds: seeds repeat"),
         ({"metrics": [{"name": "bi", "parms": {}}]}, r"metrics\[0\].parms: unknown key"),

@@ -94,9 +94,10 @@ class Column:
 
 @dataclass
 class EvalTarget:
-    """What :meth:`Evaluation.measure` receives: the dense model object, its tokenizer, the block set
-    to remove (``()`` for the dense model), the transform that removes it, and the evaluation's
-    dense reference (:meth:`Evaluation.reference`)."""
+    """What :meth:`Evaluation.measure` receives: the dense model object, its tokenizer, the blocks whose
+    ``unit`` is removed (``()`` for the dense model; ``unit`` is ``block``, ``attention`` or ``mlp``),
+    the transform that removes them (and heals, when the cell heals), and the evaluation's dense
+    reference (:meth:`Evaluation.reference`)."""
 
     model: torch.nn.Module
     tokenizer: Any
@@ -104,6 +105,8 @@ class EvalTarget:
     n_blocks: int
     transform: Callable[[torch.nn.Module, tuple[int, ...]], contextlib.AbstractContextManager]
     reference: Any = None
+    unit: str = "block"
+    healing: str | None = None
 
     @property
     def device(self) -> torch.device:

@@ -55,7 +55,9 @@ class Speed(Evaluation):
                                decode_tokens=p.decode_tokens, repeats=p.repeats, warmup=p.warmup,
                                threads=p.threads, transform=target.transform)
         result["dense"]["n_blocks"] = target.n_blocks
-        result["pruned"]["n_blocks"] = target.n_blocks - len(target.removed)
+        result["pruned"]["n_blocks"] = target.n_blocks - (len(target.removed) if target.unit == "block" else 0)
+        if target.unit != "block":
+            result["pruned"]["removed_branches"] = {target.unit: len(target.removed)}
         return result
 
     def values(self, dense: dict[str, Any] | None, pruned: dict[str, Any]) -> dict[str, float | None]:

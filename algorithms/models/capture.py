@@ -4,6 +4,14 @@
 is not the last block's output; hooks on the blocks themselves give the raw residual stream at every
 depth. The result is one tensor ``(L + 1, samples, seq_len, d)`` in float32 on the CPU:
 ``states[i]`` enters block ``i`` and ``states[L]`` leaves block ``L - 1``.
+
+With ``sublayers=True`` the residual stream is captured between the two branches of every block as
+well: ``(2L + 1, samples, seq_len, d)`` with ``states[2i] = x_i`` (entering block ``i``),
+``states[2i + 1] = h_i = x_i + attention_i`` (after its attention branch, before its MLP) and
+``states[2L]`` leaving the last block, so attention ``i`` maps ``states[2i]`` to ``states[2i + 1]`` and
+MLP ``i`` maps ``states[2i + 1]`` to ``states[2i + 2]``; ``states[0::2]`` are the block states. ``h_i``
+is the output of the attention branch's last module (a hook on it) added to ``x_i``: the same addition
+the block performs.
 """
 
 from __future__ import annotations
@@ -24,9 +32,11 @@ def _first_tensor(value):
 
 @torch.inference_mode()
 def capture_hidden_states(
-    model, input_ids: torch.Tensor, *, batch_size: int = 4, store_dtype: torch.dtype = torch.float32
+    model, input_ids: torch.Tensor, *, batch_size: int = 4, store_dtype: torch.dtype = torch.float32,
+    sublayers: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Run ``input_ids`` (``(samples, seq_len)``) through ``model`` and return ``(states, stats)``.
+    """Run ``input_ids`` (``(samples, seq_len)``) through ``model`` and return ``(states, stats)``
+    (``sublayers``: the stream between the branches too, see the module doc).
 
     ``stats`` holds the calibration loss of the dense model on the same tokens (a free by-product:
     ``nll`` and ``ppl``), measured by :func:`algorithms.models.nll.batch_nll`, the one NLL of blockbench.
@@ -48,8 +58,21 @@ def capture_hidden_states(
     def post_hook(_module, _args, output):
         current[n_blocks] = _first_tensor(output).detach()
 
+    def branch_hook(index):
+        def hook(_module, _args, output):
+            current[("attention", index)] = _first_tensor(output).detach()
+
+        return hook
+
     handles = [b.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
     handles.append(blocks[-1].register_forward_hook(post_hook))
+    if sublayers:
+        from algorithms.models.units import branch_output_module
+
+        handles += [branch_output_module(model, i, "attention").register_forward_hook(branch_hook(i))
+                    for i in range(n_blocks)]
+    depths = 2 * n_blocks + 1 if sublayers else n_blocks + 1
+    expected = n_blocks + 1 + (n_blocks if sublayers else 0)
     total_nll, total_tokens = 0.0, 0
     try:
         for start in range(0, samples, batch_size):
@@ -58,13 +81,18 @@ def capture_hidden_states(
             nll, n = batch_nll(model, ids)
             total_nll += nll
             total_tokens += n
-            if len(current) != n_blocks + 1:
-                raise RuntimeError(f"captured {len(current)} hidden states, expected {n_blocks + 1}")
+            if len(current) != expected:
+                raise RuntimeError(f"captured {len(current)} hidden states, expected {expected}")
             if states is None:
                 d = current[0].shape[-1]
-                states = torch.empty((n_blocks + 1, samples, seq_len, d), dtype=store_dtype)
-            for depth, hidden in current.items():
-                states[depth, start : start + ids.shape[0]] = hidden.to("cpu", store_dtype)
+                states = torch.empty((depths, samples, seq_len, d), dtype=store_dtype)
+            rows = slice(start, start + ids.shape[0])
+            for where, hidden in current.items():
+                if isinstance(where, tuple):  # the attention branch's output: h_i = x_i + a_i
+                    i = where[1]
+                    states[2 * i + 1, rows] = (current[i] + hidden).to("cpu", store_dtype)
+                else:
+                    states[2 * where if sublayers else where, rows] = hidden.to("cpu", store_dtype)
     finally:
         for h in handles:
             h.remove()

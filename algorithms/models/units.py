@@ -106,10 +106,9 @@ def _model_type(model: nn.Module) -> str:
     return str(getattr(text, "model_type", None) or getattr(config, "model_type", None) or type(model).__name__)
 
 
-def family_of(model: nn.Module) -> Family:
-    """The branch layout of ``model``'s blocks; :class:`UnitError` naming the family when sub-layers
-    cannot be removed from it."""
-    kind = _model_type(model)
+def check_model_type(kind: str) -> Family:
+    """The branch layout of ``config.model_type == kind``; :class:`UnitError` naming the family when
+    sub-layers cannot be removed from it."""
     family = FAMILIES.get(kind)
     if family is None:
         if kind in PARALLEL_RESIDUAL:
@@ -119,6 +118,14 @@ def family_of(model: nn.Module) -> Family:
             why = "its block layout has not been verified for sub-layer removal"
         raise UnitError(f"cannot remove attention or MLP sub-layers from model type {kind!r}: {why}; "
                         f"supported: {', '.join(sorted(FAMILIES))} (units: block works for every model)")
+    return family
+
+
+def family_of(model: nn.Module) -> Family:
+    """The branch layout of ``model``'s blocks; :class:`UnitError` naming the family when sub-layers
+    cannot be removed from it."""
+    kind = _model_type(model)
+    family = check_model_type(kind)
     blocks = get_blocks(model)
     for kind_name in SUBLAYER_KINDS:
         missing = [n for n in family.branch(kind_name).names() if not hasattr(blocks[0], n)]
