@@ -288,7 +288,7 @@ def save_pruned(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> 
     block_prefix = block_path(model)
     state = {k: v for k, v in model.state_dict().items()}
     for i, block in enumerate(blocks):
-        for name, module in block.named_modules():
+        for module in block.modules():
             if isinstance(module, DroppedBranch):
                 for pname, (shape, dtype) in module.shapes.items():
                     state[f"{block_prefix}.{i}.{pname}"] = torch.zeros(shape, dtype=getattr(torch, dtype))
