@@ -296,10 +296,31 @@ def test_a_local_task_scores_as_the_direct_loglikelihood_argmax(smollm2, tmp_pat
     monkeypatch.chdir(tmp_path)
     acc = Accuracy(tasks=["my_task"], limit=8, seed=3,
                    task_files={"my_task": {"yaml": "my_task.yaml", "data": "my_task.jsonl"}})
-    target = EvalTarget(model, tokenizer, (), 30, skip_blocks)
+    heard: list[tuple] = []
+    target = EvalTarget(model, tokenizer, (), 30, skip_blocks, progress=lambda *a: heard.append(a))
     measured = acc.measure(target)
     indices = lmeval._sample_indices("my_task", 20, 8, 3)
+    requests = sum(len(QUESTIONS[i][1]) for i in indices)  # one loglikelihood request per choice
+    assert heard[0] == ("lm-eval: loglikelihood requests", 0, requests, "requests")
+    assert heard[-1] == ("lm-eval: loglikelihood requests", requests, requests, "requests")
+    assert [h[1] for h in heard] == list(range(requests + 1))
     expected, ties = direct_acc(lls, QUESTIONS, indices)
     assert measured["tasks"]["my_task"]["n"] == 8
     assert measured["tasks"]["my_task"]["acc"] == pytest.approx(expected, abs=ties / 8 + 1e-9)
     assert acc.values(None, measured)["acc:my_task"] == measured["tasks"]["my_task"]["acc"]
+
+
+def test_lm_eval_request_loops_report_progress_and_other_bars_stay_silent():
+    from lm_eval.api import model as lm_model
+    from lm_eval.models import huggingface
+
+    heard: list[tuple] = []
+    with lmeval._quiet_lm_eval(False, lambda *a: heard.append(a)):
+        bar = huggingface.tqdm(total=3, disable=False, desc="Running loglikelihood requests")
+        for _ in range(3):
+            bar.update(1)
+        bar.set_postfix(x=1)
+        bar.close()
+        assert list(lm_model.tqdm([1, 2], desc="Tokenizing inputs")) == [1, 2]  # silent, not reported
+    assert heard == [("lm-eval: loglikelihood requests", i, 3, "requests") for i in range(4)]
+    assert huggingface.tqdm.__module__.startswith("tqdm")  # restored

@@ -136,7 +136,8 @@ class Accuracy(Evaluation):
         with target.pruned() as model:
             tasks = evaluate_tasks(model, target.tokenizer, list(p.tasks), limit=p.limit,
                                    num_fewshot=p.num_fewshot, batch_size=p.batch_size, seed=p.seed,
-                                   task_sources={name: f.source() for name, f in p.task_files.items()})
+                                   task_sources={name: f.source() for name, f in p.task_files.items()},
+                                   progress=target.progress)
         return {"tasks": tasks, "score": accuracy_score(tasks)}
 
     def values(self, dense: dict[str, Any] | None, pruned: dict[str, Any]) -> dict[str, float | None]:

@@ -41,6 +41,8 @@ from pydantic import BaseModel, ConfigDict
 if TYPE_CHECKING:  # torch is imported by whoever measures; reading a grid's sections does not need it
     import torch
 
+    from algorithms.progress import Progress
+
 Aggregate = Literal["mean", "median"]
 
 
@@ -96,7 +98,9 @@ class Column:
 class EvalTarget:
     """What :meth:`Evaluation.measure` receives: the dense model object, its tokenizer, the block set
     to remove (``()`` for the dense model), the transform that removes it, and the evaluation's
-    dense reference (:meth:`Evaluation.reference`)."""
+    dense reference (:meth:`Evaluation.reference`). ``progress``, when given, is where a long
+    :meth:`Evaluation.measure` reports its sub-progress (:mod:`algorithms.progress`; accuracy: lm-eval's
+    requests done / total)."""
 
     model: torch.nn.Module
     tokenizer: Any
@@ -104,6 +108,7 @@ class EvalTarget:
     n_blocks: int
     transform: Callable[[torch.nn.Module, tuple[int, ...]], contextlib.AbstractContextManager]
     reference: Any = None
+    progress: Progress | None = None
 
     @property
     def device(self) -> torch.device:
