@@ -324,3 +324,39 @@ def test_lm_eval_request_loops_report_progress_and_other_bars_stay_silent():
         assert list(lm_model.tqdm([1, 2], desc="Tokenizing inputs")) == [1, 2]  # silent, not reported
     assert heard == [("lm-eval: loglikelihood requests", i, 3, "requests") for i in range(4)]
     assert huggingface.tqdm.__module__.startswith("tqdm")  # restored
+
+
+def test_task_files_of_a_grid_file_are_found_next_to_it_from_any_directory(tmp_path, monkeypatch):
+    """Relative task files are taken from the grid file's folder and are absolute once the grid is read
+    (a Ray worker with another current directory finds them); validate works from another directory."""
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+    from bench.config import config_sections, load_config, parse_config
+
+    spec, data = write_task(tmp_path / "grids" / "tasks")
+    grid = tmp_path / "grids" / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "name": "local-task", "models": ["smollm2-135m"], "metrics": ["bi"], "selectors": ["topk"],
+        "budgets": {"blocks": [4]}, "device": "cpu",
+        "accuracy": {"tasks": ["my_task"],
+                     "task_files": {"my_task": {"yaml": "tasks/my_task.yaml", "data": "tasks/my_task.jsonl"}}},
+    }))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(grid)
+    task = config.evaluations["accuracy"].task_files["my_task"]
+    assert (task.yaml, task.data) == (str(spec), str(data))
+    assert task.data_sha256 == lmeval.file_sha256(data)
+    assert parse_config(config_sections(config)) == config  # what a worker parses, from any directory
+    monkeypatch.setattr("bench.grid._check_text_length", lambda *args: None)  # no tokenizer needed here
+    result = CliRunner().invoke(app, ["validate", "--grid", str(grid)])
+    assert result.exit_code == 0, result.output
+    assert "ok: 1 cells" in result.output
+    # a file that is not next to the grid is named with where it was looked for
+    grid.write_text(grid.read_text().replace("tasks/my_task.jsonl", "tasks/gone.jsonl"))
+    result = CliRunner().invoke(app, ["validate", "--grid", str(grid)])
+    assert result.exit_code == 2
+    assert "accuracy.task_files.my_task.data" in result.output and str(tmp_path / "grids" / "tasks" / "gone.jsonl") \
+        in result.output
