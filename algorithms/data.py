@@ -35,8 +35,9 @@ import json
 import os
 import re
 import stat
+import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -58,9 +59,14 @@ class DataError(ValueError):
 
 
 def _gensim_file(name: str) -> Path:
-    from gensim.test.utils import datapath
+    """A file of gensim's test data (``gensim/test/test_data``, what ``gensim.test.utils.datapath``
+    gives), found without importing gensim (1-2 s)."""
+    import importlib.util
 
-    path = Path(datapath(name))
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:  # pragma: no cover - gensim is a dependency
+        raise DataError("gensim is not installed; the built-in text sources come from its test data")
+    path = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data" / name
     if not path.exists():  # pragma: no cover - depends on the gensim build
         raise DataError(f"gensim's test data has no {name}; reinstall gensim")
     return path
@@ -281,6 +287,43 @@ def source_fingerprint(source: str) -> str:
     for doc in load_documents(source):
         h.update(hashlib.sha256(doc.encode("utf-8")).digest())
     return h.hexdigest()[:16]
+
+
+#: a file changed less than this long ago has no :func:`source_version` (file times are coarse)
+_RACY_NS = 2_000_000_000
+
+
+def file_versions(paths: list[Path]) -> list[list[Any]] | None:
+    """``[path, size, mtime_ns, inode]`` of each file: a cheap stand-in for their contents in memo keys
+    (what git's index and the zoo's digest memo key on). None when a file is missing or changed less
+    than two seconds ago (a rewrite within the clock's granularity could keep its time)."""
+    now = time.time_ns()
+    out: list[list[Any]] = []
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        if now - st.st_mtime_ns < _RACY_NS:
+            return None
+        out.append([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino])
+    return out
+
+
+def source_version(source: str) -> list[list[Any]] | None:
+    """The versions (:func:`file_versions`) of the files a source reads, without reading them: a
+    built-in's gensim file, a local file, a folder's ``.txt`` files. None when that is not known cheaply
+    (``hf:`` datasets, a missing path, a file changed moments ago): then nothing may be memoised."""
+    if source == "wikipedia":
+        return file_versions([_gensim_file(WIKI_FILE)])
+    if source == "news":
+        return file_versions([_gensim_file(NEWS_FILE)])
+    if source.startswith("hf:"):
+        return None
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return file_versions(sorted(path.glob("*.txt")))
+    return file_versions([path]) if path.is_file() else None
 
 
 @functools.lru_cache(maxsize=16)

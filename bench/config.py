@@ -287,10 +287,12 @@ def format_validation_error(exc: ValidationError | list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _evaluation_sections(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+def _evaluation_sections(data: dict[str, Any], base_dir: Path | None = None,
+                         ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """Split the evaluation sections out of a grid mapping: ``(rest, {name: params}, errors)``. A section
     named after a registered evaluation configures it (``null`` or ``{}``: its defaults); perplexity
-    is always measured."""
+    is always measured. ``base_dir`` (the grid file's folder) is the validation context's ``base_dir``:
+    where an evaluation's relative file paths are taken from (accuracy's ``task_files``)."""
     from algorithms.evaluations import EVALUATIONS
     from estimators.registry import RegistryError
 
@@ -299,6 +301,7 @@ def _evaluation_sections(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str
     sections.setdefault("perplexity", {})
     out: dict[str, Any] = {}
     errors: list[str] = []
+    context = {"base_dir": base_dir} if base_dir is not None else None
     for name, section in sections.items():
         try:
             cls = EVALUATIONS.get(name)
@@ -311,11 +314,11 @@ def _evaluation_sections(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str
             errors.append(f"{name}: the section must be a mapping of parameters, got {type(section).__name__}")
             continue
         try:
-            out[name] = cls.Params.model_validate(section)
+            out[name] = cls.Params.model_validate(section, context=context)
         except ValidationError as exc:
             errors.extend(f"{name}.{line}" for line in format_validation_error(exc).split("\n"))
             continue
-        if coerced := _coerced_scalars(cls.Params, section):
+        if coerced := _coerced_scalars(cls.Params, section, context):
             errors.extend(f"{name}.{line}" for line in format_validation_error(coerced).split("\n"))
             del out[name]
     return rest, out, errors
@@ -326,12 +329,13 @@ def _evaluation_sections(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str
 _SCALAR_TYPE_ERRORS = ("int_type", "bool_type", "float_type", "string_type")
 
 
-def _coerced_scalars(model: type[BaseModel], data: Any) -> list[dict[str, Any]]:
+def _coerced_scalars(model: type[BaseModel], data: Any, context: dict[str, Any] | None = None,
+                     ) -> list[dict[str, Any]]:
     """The errors of the scalars in ``data`` that ``model`` accepts only by coercing them. An evaluation's
     ``Params`` (a plugin's among them) validate in lax mode, so a str still becomes its ``Path``; its
     bools, ints, floats and strings are held to the grid's strict types."""
     try:
-        model.model_validate(data, strict=True)
+        model.model_validate(data, strict=True, context=context)
     except ValidationError as exc:
         return [e for e in exc.errors() if e["type"] in _SCALAR_TYPE_ERRORS]
     return []
@@ -344,7 +348,10 @@ def _unknown_key_hint(key: str) -> str:
     return did_you_mean(key, [*GridConfig.model_fields, *EVALUATIONS.list()])
 
 
-def parse_config(data: Any, *, origin: str = "<config>") -> GridConfig:
+def parse_config(data: Any, *, origin: str = "<config>", base_dir: str | Path | None = None) -> GridConfig:
+    """A grid mapping as a :class:`GridConfig`; :class:`ConfigError` naming every bad key. ``base_dir``:
+    where relative file paths of evaluation sections are taken from (:func:`load_config` gives the grid
+    file's folder; they are absolute in the result); without it, the current directory."""
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: the grid must be a mapping of keys, got {type(data).__name__}")
     if odd := [k for k in data if not isinstance(k, str)]:
@@ -353,7 +360,7 @@ def parse_config(data: Any, *, origin: str = "<config>") -> GridConfig:
     if "evaluations" in data:
         raise ConfigError(f"{origin}: invalid grid config\nevaluations: unknown key; configure an evaluation "
                           "by a section named after it (perplexity:, accuracy:, speed:, kl:, or a plugin's name)")
-    rest, evaluations, errors = _evaluation_sections(data)
+    rest, evaluations, errors = _evaluation_sections(data, Path(base_dir).absolute() if base_dir is not None else None)
     try:
         config = GridConfig.model_validate({**rest, "evaluations": evaluations})
     except ValidationError as exc:
@@ -379,7 +386,8 @@ def config_sections(config: GridConfig) -> dict[str, Any]:
 
 def load_config(path: str | Path) -> GridConfig:
     """Read a grid YAML file: UTF-8 text of at most :data:`GRID_FILE_LIMIT` bytes, safe loader only, no
-    duplicate keys, aliases within :data:`ALIAS_EXPANSION_LIMIT`."""
+    duplicate keys, aliases within :data:`ALIAS_EXPANSION_LIMIT`. Relative paths of accuracy's
+    ``task_files`` are taken from the file's folder (absolute in the result)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"grid file {str(path)!r} does not exist")
@@ -397,7 +405,7 @@ def load_config(path: str | Path) -> GridConfig:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
                           "save the grid file as UTF-8") from None
-    return parse_config(_safe_yaml(text, str(path)), origin=str(path))
+    return parse_config(_safe_yaml(text, str(path)), origin=str(path), base_dir=path.parent)
 
 
 class _GridLoader(yaml.SafeLoader):

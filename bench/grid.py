@@ -9,6 +9,7 @@ that depend on it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -389,14 +390,75 @@ def _variant_note(config: GridConfig, variant: dict[str, Any], keys: dict[str, s
     return f"; calibration variant {calibration_label(variant)}: {parts}"
 
 
+#: memo of text-length checks that passed (``bench validate`` on a valid grid loads no tokenizer)
+TEXT_CHECKS = "text-checks.json"
+_TEXT_CHECKS_KEPT = 256
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+
+
+def _text_check_key(config: GridConfig, folder: Path) -> str | None:
+    """What decides the outcome of :func:`_check_text_length` for the model in ``folder``: the versions of
+    its tokenizer files (every file but weights) and of the text sources, the window sizes, the data
+    protocol and the transformers version. None when a version is not known cheaply (nothing memoised)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from algorithms.data import file_versions, source_version
+
+    files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES))
+    parts: dict[str, Any] = {"tokenizer": file_versions(files), "protocol": PROTOCOL_VERSION, "windows": [],
+                             "heldout": []}
+    try:
+        parts["transformers"] = version("transformers")
+    except PackageNotFoundError:  # pragma: no cover - transformers is a dependency
+        return None
+    for variant, _ in config.calibration_variants():
+        parts["windows"].append([source_version(variant["source"]), variant["samples"], variant["seq_len"]])
+    for params in config.evaluations.values():
+        if all(hasattr(params, a) for a in ("source", "seq_len", "max_windows")):
+            parts["heldout"].append([source_version(params.source), params.seq_len, params.max_windows])
+    if parts["tokenizer"] is None or any(v[0] is None for v in parts["windows"] + parts["heldout"]):
+        return None
+    return short_hash(parts, 32)
+
+
+def _text_checks_memo() -> tuple[Path, dict[str, Any]]:
+    from algorithms.models.zoo import cache_root
+
+    path = cache_root() / TEXT_CHECKS
+    try:
+        memo = json.loads(path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    return path, memo if isinstance(memo, dict) else {}
+
+
+def _remember_text_check(key: str) -> None:
+    """Add ``key`` to the memo (the newest :data:`_TEXT_CHECKS_KEPT` kept); an unwritable memo only costs
+    the next check."""
+    from bench.store import write_bytes_atomic
+
+    path, memo = _text_checks_memo()
+    memo.pop(key, None)
+    memo[key] = True
+    memo = dict(list(memo.items())[-_TEXT_CHECKS_KEPT:])
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, json.dumps(memo, indent=0).encode())
+
+
 def _check_text_length(config: GridConfig, index: int, name: str) -> None:
     """Refuse a calibration set longer than its text, when the tokenizer is on disk already (a zoo
-    model not yet built is checked when it runs, rather than downloaded by ``validate``)."""
+    model not yet built is checked when it runs, rather than downloaded by ``validate``). A check that
+    passed is memoised under ``cache_root()/text-checks.json`` by :func:`_text_check_key`, so validating
+    an unchanged grid again imports no transformers and loads no tokenizer."""
     from algorithms.data import DataError, calibration_batch, heldout_windows
     from algorithms.models.zoo import MODELS, cache_root
 
     folder = cache_root() / "models" / name if name in MODELS else Path(name).expanduser()
     if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
+        return
+    key = _text_check_key(config, folder)
+    if key is not None and key in _text_checks_memo()[1]:
         return
     from transformers import AutoTokenizer
 
@@ -416,3 +478,5 @@ def _check_text_length(config: GridConfig, index: int, name: str) -> None:
             heldout_windows(tokenizer, params.source, seq_len=params.seq_len, max_windows=params.max_windows)
         except DataError as exc:
             raise ConfigError(f"{section}: {exc} (models[{index}] = {name!r})") from None
+    if key is not None:
+        _remember_text_check(key)

@@ -296,10 +296,67 @@ def test_a_local_task_scores_as_the_direct_loglikelihood_argmax(smollm2, tmp_pat
     monkeypatch.chdir(tmp_path)
     acc = Accuracy(tasks=["my_task"], limit=8, seed=3,
                    task_files={"my_task": {"yaml": "my_task.yaml", "data": "my_task.jsonl"}})
-    target = EvalTarget(model, tokenizer, (), 30, skip_blocks)
+    heard: list[tuple] = []
+    target = EvalTarget(model, tokenizer, (), 30, skip_blocks, progress=lambda *a: heard.append(a))
     measured = acc.measure(target)
     indices = lmeval._sample_indices("my_task", 20, 8, 3)
+    requests = sum(len(QUESTIONS[i][1]) for i in indices)  # one loglikelihood request per choice
+    assert heard[0] == ("lm-eval: loglikelihood requests", 0, requests, "requests")
+    assert heard[-1] == ("lm-eval: loglikelihood requests", requests, requests, "requests")
+    assert [h[1] for h in heard] == list(range(requests + 1))
     expected, ties = direct_acc(lls, QUESTIONS, indices)
     assert measured["tasks"]["my_task"]["n"] == 8
     assert measured["tasks"]["my_task"]["acc"] == pytest.approx(expected, abs=ties / 8 + 1e-9)
     assert acc.values(None, measured)["acc:my_task"] == measured["tasks"]["my_task"]["acc"]
+
+
+def test_lm_eval_request_loops_report_progress_and_other_bars_stay_silent():
+    from lm_eval.api import model as lm_model
+    from lm_eval.models import huggingface
+
+    heard: list[tuple] = []
+    with lmeval._quiet_lm_eval(False, lambda *a: heard.append(a)):
+        bar = huggingface.tqdm(total=3, disable=False, desc="Running loglikelihood requests")
+        for _ in range(3):
+            bar.update(1)
+        bar.set_postfix(x=1)
+        bar.close()
+        assert list(lm_model.tqdm([1, 2], desc="Tokenizing inputs")) == [1, 2]  # silent, not reported
+    assert heard == [("lm-eval: loglikelihood requests", i, 3, "requests") for i in range(4)]
+    assert huggingface.tqdm.__module__.startswith("tqdm")  # restored
+
+
+def test_task_files_of_a_grid_file_are_found_next_to_it_from_any_directory(tmp_path, monkeypatch):
+    """Relative task files are taken from the grid file's folder and are absolute once the grid is read
+    (a Ray worker with another current directory finds them); validate works from another directory."""
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+    from bench.config import config_sections, load_config, parse_config
+
+    spec, data = write_task(tmp_path / "grids" / "tasks")
+    grid = tmp_path / "grids" / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "name": "local-task", "models": ["smollm2-135m"], "metrics": ["bi"], "selectors": ["topk"],
+        "budgets": {"blocks": [4]}, "device": "cpu",
+        "accuracy": {"tasks": ["my_task"],
+                     "task_files": {"my_task": {"yaml": "tasks/my_task.yaml", "data": "tasks/my_task.jsonl"}}},
+    }))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(grid)
+    task = config.evaluations["accuracy"].task_files["my_task"]
+    assert (task.yaml, task.data) == (str(spec), str(data))
+    assert task.data_sha256 == lmeval.file_sha256(data)
+    assert parse_config(config_sections(config)) == config  # what a worker parses, from any directory
+    monkeypatch.setattr("bench.grid._check_text_length", lambda *args: None)  # no tokenizer needed here
+    result = CliRunner().invoke(app, ["validate", "--grid", str(grid)])
+    assert result.exit_code == 0, result.output
+    assert "ok: 1 cells" in result.output
+    # a file that is not next to the grid is named with where it was looked for
+    grid.write_text(grid.read_text().replace("tasks/my_task.jsonl", "tasks/gone.jsonl"))
+    result = CliRunner().invoke(app, ["validate", "--grid", str(grid)])
+    assert result.exit_code == 2
+    assert "accuracy.task_files.my_task.data" in result.output and str(tmp_path / "grids" / "tasks" / "gone.jsonl") \
+        in result.output

@@ -297,3 +297,86 @@ def test_a_plugin_constructor_that_fails_its_own_way_is_a_config_error(monkeypat
     with pytest.raises(ConfigError, match=r"^metrics\[0\]: metric 'exiting' \(test\) cannot be built with \{\}: "
                                           r"SystemExit: 3$"):
         validate(cfg(metrics=["exiting"]))
+
+
+# ------------------------------------------------------------------ the text-length check is memoised
+
+
+def _tiny_model_folder(folder):
+    """A model folder with a word-level tokenizer (no download) and a config giving its size."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(50)]
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 4,
+                                                    "hidden_size": 8, "num_attention_heads": 2}))
+    return folder
+
+
+def _age(*paths):
+    import os
+
+    for path in paths:
+        for f in [path] if path.is_file() else path.iterdir():
+            past = f.stat().st_mtime_ns - 10 * 10**9
+            os.utime(f, ns=(past, past))
+
+
+def test_a_passed_text_check_is_memoised_and_a_changed_input_checks_again(tmp_path, monkeypatch):
+    import json
+
+    import transformers
+
+    from algorithms import data
+    from bench import grid as grid_module
+
+    monkeypatch.setenv("BLOCKBENCH_CACHE", str(tmp_path / "cache"))
+    model = _tiny_model_folder(tmp_path / "model")
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(" ".join(f"w{(i * 7 + j) % 50}" for j in range(40)) for i in range(100)))
+    _age(model, text)
+    grid = {"name": "memo", "models": [str(model)], "metrics": ["bi"], "selectors": ["topk"],
+            "budgets": {"blocks": [1]}, "device": "cpu",
+            "calibration": {"source": str(text), "samples": 4, "seq_len": 16, "seeds": [0]},
+            "perplexity": {"source": str(text), "seq_len": 16, "max_windows": 2}}
+    loads: list[str] = []
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def counting(path, *args, **kwargs):
+        loads.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", counting)
+    grid_module.validate(parse_config(grid))
+    grid_module.validate(parse_config(grid))
+    assert loads == [str(model)]  # the second validate loaded no tokenizer
+    memo = json.loads((tmp_path / "cache" / grid_module.TEXT_CHECKS).read_text())
+    assert list(memo.values()) == [True]
+
+    grid_module.validate(parse_config({**grid, "calibration": {**grid["calibration"], "seq_len": 17}}))
+    assert len(loads) == 2  # another window length: checked again (and memoised)
+    text.write_text("w1 w2 w3")  # the text changed: checked again, and now it is too short
+    _age(text)
+    data.load_documents.cache_clear()  # this process's memory of the text (a new CLI process has none)
+    data._token_stream.cache_clear()
+    with pytest.raises(ConfigError, match=r"^calibration: calibration text of .* is too short"):
+        grid_module.validate(parse_config(grid))
+    assert len(loads) == 3
+    assert len(json.loads((tmp_path / "cache" / grid_module.TEXT_CHECKS).read_text())) == 2  # a failure is not kept
+
+
+def test_text_changed_moments_ago_is_not_memoised(tmp_path, monkeypatch):
+    from algorithms.data import source_version
+
+    text = tmp_path / "text.txt"
+    text.write_text("fresh")
+    assert source_version(str(text)) is None
+    _age(text)
+    (version,) = source_version(str(text))
+    assert version[:2] == [str(text.resolve()), 5]
+    assert source_version("hf:owner/name") is None and source_version(str(tmp_path / "missing.txt")) is None

@@ -247,7 +247,7 @@ def test_materialize_joins_pieces_in_order_and_renames_when_complete(tmp_path, m
     recipe = _fake_recipe(tmp_path, monkeypatch, pieces, hashlib.sha256(b"".join(pieces)).hexdigest())
     seen = {}
 
-    def fake_convert(gguf: Path, folder: Path, *, dtype: torch.dtype) -> None:
+    def fake_convert(gguf: Path, folder: Path, *, dtype: torch.dtype, progress=None) -> None:
         seen["bytes"], seen["dtype"] = gguf.read_bytes(), dtype
         folder.mkdir()
         (folder / "config.json").write_text("{}")
@@ -264,7 +264,7 @@ def test_materialize_joins_pieces_in_order_and_renames_when_complete(tmp_path, m
 def test_interrupted_conversion_leaves_no_folder(tmp_path, monkeypatch):
     recipe = _fake_recipe(tmp_path, monkeypatch, [b"GGUF"])
 
-    def dies_halfway(gguf: Path, folder: Path, *, dtype: torch.dtype) -> None:
+    def dies_halfway(gguf: Path, folder: Path, *, dtype: torch.dtype, progress=None) -> None:
         folder.mkdir()
         (folder / "config.json").write_text("{}")
         raise KeyboardInterrupt
@@ -276,7 +276,7 @@ def test_interrupted_conversion_leaves_no_folder(tmp_path, monkeypatch):
     assert not (models / "fake").exists() and not list(models.glob(".fake-*"))
     (models / ".fake-killed").mkdir()  # what a kill -9 mid-conversion leaves
 
-    def completes(gguf: Path, folder: Path, *, dtype: torch.dtype) -> None:
+    def completes(gguf: Path, folder: Path, *, dtype: torch.dtype, progress=None) -> None:
         folder.mkdir()
         (folder / "config.json").write_text("{}")
 
@@ -376,7 +376,7 @@ def test_pip_downloads_binary_wheels_only_with_hashes(tmp_path, monkeypatch):
     assert cmd[1:4] == ["-m", "pip", "download"]
     assert {"--only-binary=:all:", "--no-deps", "--require-hashes"} <= set(cmd)
     assert requirements == [f"fake-pkg==1.0 --hash=sha256:{expected}\n"]
-    assert [p.name for p in downloads.iterdir()] == [wheel.name]  # the temporary folder is gone
+    assert sorted(p.name for p in downloads.iterdir()) == [".download.lock", wheel.name]  # the temporary folder is gone
     assert zoo.fetch_wheel(downloads, "fake-pkg==1.0") == wheel and len(calls) == 1  # cached: no second pip
 
 
@@ -389,7 +389,7 @@ def test_a_downloaded_wheel_that_misses_its_pin_is_not_kept(tmp_path, monkeypatc
     with pytest.raises(zoo.WheelHashError, match=f"fake_pkg-1.0-py3-none-any.whl has sha256 [0-9a-f]{{64}}, "
                                                  f"expected {'cd' * 32}"):
         zoo.fetch_wheel(downloads, "fake-pkg==1.0")
-    assert list(downloads.iterdir()) == []
+    assert [p.name for p in downloads.iterdir()] == [".download.lock"]
 
 
 @pytest.mark.download
@@ -417,3 +417,139 @@ def test_big_zoo_models(name, width, architecture):
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss
     assert loss.exp() < 30  # a broken conversion (wrong norms, random lm_head) gives hundreds or more
+
+
+# ------------------------------------------------------------------ converted folders verify against a manifest
+
+
+def _converts_to(weights: bytes, calls: list[str]):
+    def fake_convert(gguf: Path, folder: Path, *, dtype: torch.dtype, progress=None) -> None:
+        calls.append(gguf.name)
+        folder.mkdir()
+        (folder / "config.json").write_text('{"model_type": "llama"}')
+        (folder / "model.safetensors").write_bytes(weights)
+
+    return fake_convert
+
+
+def test_a_converted_folder_records_a_manifest_written_last(tmp_path, monkeypatch):
+    import hashlib
+
+    recipe = _fake_recipe(tmp_path, monkeypatch, [b"GGUF"])
+    weights = bytes(range(256)) * 64
+    monkeypatch.setattr(zoo, "convert_gguf", _converts_to(weights, []))
+    target = recipe.materialize(tmp_path)
+    manifest = __import__("json").loads((target / zoo.MANIFEST).read_text())
+    assert manifest == {"format": 1, "files": {
+        "config.json": {"size": 23, "sha256": hashlib.sha256(b'{"model_type": "llama"}').hexdigest()},
+        "model.safetensors": {"size": len(weights), "sha256": hashlib.sha256(weights).hexdigest()},
+    }}
+    assert zoo.verify_manifest(target) is None
+    assert sorted(p.name for p in target.iterdir()) == [zoo.MANIFEST, "config.json", "model.safetensors"]
+    monkeypatch.setattr(zoo, "convert_gguf", None)  # an intact folder is used as it is
+    assert recipe.materialize(tmp_path) == target
+
+
+@pytest.mark.parametrize(("damage", "why"), [
+    (lambda f: f.write_bytes(f.read_bytes()[:1000] + bytes(24) + f.read_bytes()[1024:]),
+     "model.safetensors does not match the sha256 recorded in blockbench-manifest.json"),
+    (lambda f: f.write_bytes(f.read_bytes()[:-1]), "model.safetensors has 16383 bytes, blockbench-manifest.json "
+                                                   "records 16384"),
+    (lambda f: f.unlink(), "model.safetensors is missing"),
+    (lambda f: (f.parent / zoo.MANIFEST).unlink(), "has no blockbench-manifest.json"),
+    (lambda f: (f.parent / zoo.MANIFEST).write_text("{"), "blockbench-manifest.json is not a readable manifest"),
+    (lambda f: (f.parent / "extra.safetensors").write_bytes(b"x"), "extra.safetensors is not listed"),
+])
+def test_a_damaged_converted_folder_is_rebuilt_with_a_warning_naming_the_file(tmp_path, monkeypatch, damage, why):
+    recipe = _fake_recipe(tmp_path, monkeypatch, [b"GGUF"])
+    weights = bytes(range(256)) * 64
+    calls: list[str] = []
+    monkeypatch.setattr(zoo, "convert_gguf", _converts_to(weights, calls))
+    target = recipe.materialize(tmp_path)
+    weights_file = target / "model.safetensors"
+    past = weights_file.stat().st_mtime_ns - 10 * 10**9
+    os.utime(weights_file, ns=(past, past))
+    assert recipe.materialize(tmp_path) == target and len(calls) == 1  # verified (and memoised): not rebuilt
+    damage(weights_file)
+    with pytest.warns(zoo.ModelFolderWarning, match=re.escape(why)):
+        assert recipe.materialize(tmp_path) == target
+    assert calls == ["fake.gguf", "fake.gguf"]
+    assert weights_file.read_bytes() == weights and zoo.verify_manifest(target) is None
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [".fake.lock", "fake"]  # nothing left over
+
+
+# ------------------------------------------------------------------ progress of downloads and conversions
+
+
+def test_download_progress_reports_bytes_so_far_then_the_size(tmp_path, monkeypatch):
+    """pip's temporary files are under the watched folder (TMPDIR): the bytes written so far are heard
+    while pip runs, then the wheel's size as done and total."""
+    import threading
+
+    monkeypatch.setenv("BLOCKBENCH_CACHE", str(tmp_path / "cache"))
+    expected = zoo._hash_file(_fake_wheel(tmp_path / "reference", "fake-pkg", {"fake_pkg/data.bin": b"payload"}))
+    monkeypatch.setitem(zoo.WHEEL_SHA256, "fake-pkg==1.0", expected)
+    heard: list[tuple] = []
+    partial_seen = threading.Event()
+
+    def progress(label, done, total, unit):
+        heard.append((label, done, total, unit))
+        if done == 1000:
+            partial_seen.set()
+
+    def slow_pip(cmd, **kwargs):
+        partial = Path(kwargs["env"]["TMPDIR"]) / "pip-unpack-x" / "fake_pkg-1.0-py3-none-any.whl"
+        partial.parent.mkdir()
+        partial.write_bytes(b"\0" * 1000)  # what pip has written so far
+        assert partial_seen.wait(60), "the watcher never reported the partial download"
+        partial.unlink()
+        return _fake_pip([], b"payload")(cmd, **kwargs)
+
+    monkeypatch.setattr(zoo.subprocess, "run", slow_pip)
+    wheel = zoo.fetch_wheel(tmp_path / "downloads", "fake-pkg==1.0", progress=progress)
+    size = wheel.stat().st_size
+    assert ("downloading fake-pkg==1.0", 1000, None, "B") in heard
+    assert heard[-1] == ("downloading fake-pkg==1.0", size, size, "B")
+    assert all(h[1] <= 1000 for h in heard[:-1])  # never decreasing to 0 when pip's file moves
+
+
+def test_a_killed_download_leaves_nothing_after_the_next_fetch(tmp_path, monkeypatch):
+    """kill -9 during pip leaves a ``.pip-*`` folder with a partial wheel; the next download (holding the
+    folder's lock, so no live process owns one) removes it, and keeps its own folder while pip runs."""
+    monkeypatch.setenv("BLOCKBENCH_CACHE", str(tmp_path / "cache"))
+    downloads = tmp_path / "downloads"
+    for name in (".pip-abc123", ".pip-killed"):
+        (downloads / name / "tmp" / "pip-unpack-1").mkdir(parents=True)
+        (downloads / name / "tmp" / "pip-unpack-1" / "part.whl").write_bytes(b"\0" * 52)
+    (downloads / ".pip-file").write_bytes(b"not a folder: left alone")
+    expected = zoo._hash_file(_fake_wheel(tmp_path / "reference", "fake-pkg", {"fake_pkg/data.bin": b"payload"}))
+    monkeypatch.setitem(zoo.WHEEL_SHA256, "fake-pkg==1.0", expected)
+    seen: list[list[str]] = []
+    run = _fake_pip([], b"payload")
+
+    def looking(cmd, **kwargs):
+        seen.append(sorted(p.name for p in downloads.glob(".pip-*") if p.is_dir()))
+        return run(cmd, **kwargs)
+
+    monkeypatch.setattr(zoo.subprocess, "run", looking)
+    wheel = zoo.fetch_wheel(downloads, "fake-pkg==1.0")
+    (own,) = seen[0]  # the stale ones are gone before pip runs; our own folder is there
+    assert own.startswith(".pip-") and own not in (".pip-abc123", ".pip-killed")
+    assert sorted(p.name for p in downloads.iterdir()) == [".download.lock", ".pip-file", wheel.name]
+
+
+def test_conversion_progress_counts_tensors(monkeypatch):
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    heard: list[tuple] = []
+    plain = gguf_utils.tqdm
+    with zoo._quiet_progress(lambda *a: heard.append(a), "converting x.gguf"):
+        items = list(gguf_utils.tqdm(["a", "b", "c"], desc="Converting and de-quantizing GGUF tensors..."))
+    assert items == ["a", "b", "c"] and gguf_utils.tqdm is plain
+    assert heard == [("converting x.gguf", i, 3, "tensors") for i in range(4)]
+
+
+def test_load_model_passes_progress_down_to_the_zoo():
+    for fn in (zoo.load_model, zoo.resolve_model_path, zoo.ModelRecipe.materialize, zoo.fetch_wheel,
+               zoo.convert_gguf):
+        assert inspect.signature(fn).parameters["progress"].default is None, fn

@@ -3,6 +3,7 @@ lm-eval, the task registry and the data live in :mod:`algorithms.evaluations.lme
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, ValidationInfo, field_validator, model_serializer, model_validator
@@ -15,7 +16,10 @@ if TYPE_CHECKING:
 
 class TaskFile(Params):
     """A task of your own, in the grid: an lm-eval task YAML and a local data file (``.jsonl``/``.json``,
-    ``.csv``, ``.parquet``, ``.arrow``), both relative to the current directory.
+    ``.csv``, ``.parquet``, ``.arrow``). In a grid file, relative paths are taken from the grid file's
+    folder and made absolute when the grid is read (validation context ``base_dir``), so a worker with
+    another current directory finds them; built in Python without that context, from the current
+    directory.
 
     ``yaml_sha256`` and ``data_sha256`` are filled in with the files' digests when the grid is read, so
     they are part of the evaluation's identity (:meth:`Evaluation.describe`, cache keys): an edited
@@ -28,6 +32,18 @@ class TaskFile(Params):
     split: str = Field("test", min_length=1)  #: the name the documents are scored under
     yaml_sha256: str | None = None
     data_sha256: str | None = None
+
+    @field_validator("yaml", "data", mode="before")
+    @classmethod
+    def _from_grid_folder(cls, value: Any, info: ValidationInfo) -> Any:
+        """A relative path joined to the grid file's folder (``context={"base_dir": ...}``)."""
+        from algorithms.evaluations.lmeval import LM_EVAL, OLMO_EVAL
+
+        base = (info.context or {}).get("base_dir")
+        if base is None or not isinstance(value, str) or not value or value.startswith((LM_EVAL, OLMO_EVAL)):
+            return value
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else Path(base).absolute() / path)
 
     @field_validator("yaml")
     @classmethod
@@ -136,7 +152,8 @@ class Accuracy(Evaluation):
         with target.pruned() as model:
             tasks = evaluate_tasks(model, target.tokenizer, list(p.tasks), limit=p.limit,
                                    num_fewshot=p.num_fewshot, batch_size=p.batch_size, seed=p.seed,
-                                   task_sources={name: f.source() for name, f in p.task_files.items()})
+                                   task_sources={name: f.source() for name, f in p.task_files.items()},
+                                   progress=target.progress)
         return {"tasks": tasks, "score": accuracy_score(tasks)}
 
     def values(self, dense: dict[str, Any] | None, pruned: dict[str, Any]) -> dict[str, float | None]:

@@ -41,6 +41,8 @@ from pydantic import BaseModel, ConfigDict
 if TYPE_CHECKING:  # torch is imported by whoever measures; reading a grid's sections does not need it
     import torch
 
+    from algorithms.progress import Progress
+
 Aggregate = Literal["mean", "median"]
 
 
@@ -97,7 +99,9 @@ class EvalTarget:
     """What :meth:`Evaluation.measure` receives: the dense model object, its tokenizer, the blocks whose
     ``unit`` is removed (``()`` for the dense model; ``unit`` is ``block``, ``attention`` or ``mlp``),
     the transform that removes them (and heals, when the cell heals), and the evaluation's dense
-    reference (:meth:`Evaluation.reference`)."""
+    reference (:meth:`Evaluation.reference`). ``progress``, when given, is where a long
+    :meth:`Evaluation.measure` reports its sub-progress (:mod:`algorithms.progress`; accuracy: lm-eval's
+    requests done / total)."""
 
     model: torch.nn.Module
     tokenizer: Any
@@ -107,6 +111,7 @@ class EvalTarget:
     reference: Any = None
     unit: str = "block"
     healing: str | None = None
+    progress: Progress | None = None
 
     @property
     def device(self) -> torch.device:

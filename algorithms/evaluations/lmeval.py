@@ -72,6 +72,7 @@ from typing import Any
 import yaml
 
 from algorithms.models import zoo
+from algorithms.progress import Progress, report
 from estimators.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
@@ -589,9 +590,30 @@ def _no_bootstrap_pool() -> Iterator[None]:
             os.environ["DISABLE_MULTIPROC"] = before
 
 
+class _RequestCount:
+    """What lm-eval's scoring loops get instead of a tqdm bar: they call ``update(1)`` per request and
+    ``close()``; each update reports requests done / total to a :data:`~algorithms.progress.Progress`."""
+
+    def __init__(self, progress: Progress, label: str, total: int | None) -> None:
+        self.progress, self.label, self.total, self.n = progress, label, total, 0
+        report(progress, label, 0, total, "requests")
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        report(self.progress, self.label, self.n, self.total, "requests")
+
+    def close(self) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:  # set_description, refresh, ...: nothing to show
+        return lambda *args, **kwargs: None
+
+
 @contextlib.contextmanager
-def _quiet_lm_eval(verbose: bool) -> Iterator[None]:
-    """Silence lm-eval's progress bars and info logs (they would tear through the runner's display)."""
+def _quiet_lm_eval(verbose: bool, progress: Progress | None = None) -> Iterator[None]:
+    """Silence lm-eval's progress bars and info logs (they would tear through the runner's display);
+    with ``progress``, its request loops (``Running loglikelihood requests``, ``Running generate_until
+    requests``) report requests done / total to it instead."""
     if verbose:
         yield
         return
@@ -600,6 +622,9 @@ def _quiet_lm_eval(verbose: bool) -> Iterator[None]:
     from tqdm import tqdm
 
     def silent(*args: Any, **kwargs: Any) -> Any:
+        desc = str(kwargs.get("desc") or "")
+        if progress is not None and not args and desc.startswith("Running ") and desc.endswith(" requests"):
+            return _RequestCount(progress, f"lm-eval: {desc[len('Running '):]}", kwargs.get("total"))
         return tqdm(*args, **{**kwargs, "disable": True})
 
     patched = []
@@ -666,6 +691,7 @@ def evaluate_tasks(
     seed: int = 0,
     verbose: bool = False,
     task_sources: Mapping[str, TaskSource] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, dict[str, float]]:
     """Score ``model`` (in memory, as it is now: masked blocks stay masked) on lm-eval ``tasks``.
 
@@ -675,7 +701,9 @@ def evaluate_tasks(
     scored. ``limit`` documents per task are a seeded sample (see the module docstring); ``None``
     scores every document. ``seed`` also seeds lm-eval's few-shot sampler and its global seeds.
     lm-eval's progress bars and info logs are silenced unless ``verbose``. ``task_sources`` adds
-    tasks that are not registered (the grid's ``task_files``), by name.
+    tasks that are not registered (the grid's ``task_files``), by name. ``progress``
+    (:mod:`algorithms.progress`) hears lm-eval's requests done / total (all tasks together; label
+    ``lm-eval: loglikelihood requests``).
     Raises ``ValueError`` for a task neither registered (:data:`TASKS`) nor in ``task_sources``, or
     whose YAML or data file cannot be used.
     """
@@ -709,7 +737,7 @@ def evaluate_tasks(
         tokenizer = copy.deepcopy(tokenizer)
     try:
         with tempfile.TemporaryDirectory(prefix="blockbench-lm-eval-") as tmp, _global_rng_kept(), \
-                _no_bootstrap_pool(), _quiet_lm_eval(verbose):
+                _no_bootstrap_pool(), _quiet_lm_eval(verbose, progress):
             for i, task in enumerate(names):
                 _write_task_yaml(task, sources[task], data_files[task], Path(tmp) / f"task-{i}.yaml")
             manager = TaskManager(include_path=tmp, include_defaults=False)

