@@ -1,8 +1,9 @@
 """A regression gate: compare a grid's leaderboard with a stored baseline and fail on what got worse.
 
-``bench baseline save`` writes the leaderboard's gated numbers per (model, metric, selector, budget) to
-a JSON file; ``bench check --baseline FILE --fail acc:1%,ppl:5%,speedup:5%`` compares the current
-results with it and exits 1 on any regression past its tolerance, or on a baseline row with no result.
+``bench baseline save`` writes the leaderboard's gated numbers per (model, metric, selector, budget,
+unit, healing) to a JSON file; ``bench check --baseline FILE --fail acc:1%,ppl:5%,speedup:5%`` compares
+the current results with it and exits 1 on any regression past its tolerance, or on a baseline row with
+no result.
 
 Which numbers are gated, and which direction hurts, come from the evaluations' columns: every column
 with a ``gate`` (a measure name: ``acc``, ``ppl``, ``speedup``, ``kl``, ``top1`` for the built-ins, or a
@@ -14,6 +15,11 @@ Tolerances use pytest-benchmark's ``--benchmark-compare-fail`` grammar: ``NAME:5
 baseline value, ``NAME:0.01`` an absolute difference. Only the direction that hurts counts: accuracy
 going down, perplexity going up, a speedup going down. Speed is compared only as the pruned/dense
 ratios measured within each run, never as absolute times, because machines differ.
+
+A row's ``unit`` (``block``, ``attention``, ``mlp``) and ``healing`` (``none`` or a healing's label) are
+written only when they are not ``block`` / ``none``, and read as those defaults when absent: baselines
+saved before grids had these axes match their rows unchanged, and a default row is named as it always
+was (``m/bi/topk/25%``; ``m/bi/topk/params 90%/attention/linear`` otherwise).
 
 Baselines of schema 1 (blockbench 0.1.0: values ``acc_pruned``, ``ppl_mean``, ``prefill_speedup``,
 ``decode_speedup`` as plain numbers) are read by translating them (``ppl_mean`` is ``ppl_pruned``).
@@ -43,10 +49,15 @@ from typing import Any
 
 import pandas as pd
 
+from bench.records import DEFAULT_HEALING, DEFAULT_UNIT
 from bench.store import write_bytes_atomic
 
 SCHEMA = 2
+#: what every baseline row names
 KEY = ("model", "metric", "selector", "budget")
+#: what a row names only when it is not the default (the grid's ``units`` and ``healing`` axes): a row's
+#: key is its :data:`KEY` values, then both of these when either is not its default (:func:`row_key`)
+AXES: tuple[tuple[str, str], ...] = (("unit", DEFAULT_UNIT), ("healing", DEFAULT_HEALING))
 #: schema 1's value names -> (column key, measure, higher is better)
 LEGACY: dict[str, tuple[str, str, bool]] = {
     "acc_pruned": ("acc_pruned", "acc", True),
@@ -91,28 +102,48 @@ def parse_fail(text: str) -> list[Tolerance]:
     return out
 
 
+def make_key(model: str, metric: str, selector: str, budget: str, unit: str = DEFAULT_UNIT,
+             healing: str = DEFAULT_HEALING) -> tuple:
+    """A row's key: ``(model, metric, selector, budget)`` for whole blocks without healing (the key rows
+    always had), ``(model, metric, selector, budget, unit, healing)`` otherwise."""
+    if (unit, healing) == (DEFAULT_UNIT, DEFAULT_HEALING):
+        return (model, metric, selector, budget)
+    return (model, metric, selector, budget, unit, healing)
+
+
+def row_key(row: dict[str, Any]) -> tuple:
+    """A baseline or leaderboard row's key (:func:`make_key`), the unit and the healing at their defaults
+    where the row does not name them."""
+    return make_key(*(row[k] for k in KEY), *(row.get(k, default) for k, default in AXES))
+
+
 def label(key: tuple) -> str:
-    """A (model, metric, selector, budget) key as the gate names it: ``m/bi/topk/25%``."""
-    return "/".join(str(k) for k in key)
+    """A row key as the gate names it: ``m/bi/topk/25%``, then the unit and the healing where they are
+    not the defaults (``m/bi/topk/params 90%/attention/linear``, ``m/bi/topk/params 90%/linear``)."""
+    extra = [k for k, (_, default) in zip(key[len(KEY):], AXES, strict=False) if k != default]
+    return "/".join(str(k) for k in (*key[:len(KEY)], *extra))
 
 
 def row_cells(records: list[Any]) -> dict[tuple, list[str]]:
-    """The ids of the successful records per (model, metric, selector, budget): the cells each leaderboard
-    row is aggregated from (records as :class:`bench.records.CellRecord`)."""
+    """The ids of the successful records per row key (:func:`make_key`: model, metric, selector, budget, then
+    unit and healing when either is not the default): the cells each leaderboard row is aggregated from
+    (records as :class:`bench.records.CellRecord`)."""
     out: dict[tuple, set[str]] = {}
     for r in records:
         if r.ok:
-            key = (r.labels.model, r.labels.metric, r.labels.selector, r.labels.budget)
+            key = make_key(r.labels.model, r.labels.metric, r.labels.selector, r.labels.budget, r.labels.unit,
+                           r.labels.healing)
             out.setdefault(key, set()).add(r.cell_id)
     return {key: sorted(ids) for key, ids in out.items()}
 
 
 def grid_cells(cells: list[Any]) -> dict[tuple, list[str]]:
-    """The ids of a grid's cells (:class:`bench.grid.Cell`) per (model, metric, selector, budget), labelled
-    as their records are."""
+    """The ids of a grid's cells (:class:`bench.grid.Cell`) per row key (:func:`make_key`), labelled as
+    their records are."""
     out: dict[tuple, set[str]] = {}
     for c in cells:
-        key = (c.model["name"], c.metric.label(), c.selector.label(), c.budget_label)
+        key = make_key(c.model["name"], c.metric.label(), c.selector.label(), c.budget_label, c.unit,
+                       c.healing.label())
         out.setdefault(key, set()).add(c.cell_id)
     return {key: sorted(ids) for key, ids in out.items()}
 
@@ -123,7 +154,8 @@ def _ids(ids: list[str] | set[str], most: int = 4) -> str:
 
 
 def baseline_rows(board: pd.DataFrame, cells: dict[tuple, list[str]] | None = None) -> list[dict[str, Any]]:
-    """The leaderboard's gated numbers, one row per (model, metric, selector, budget): ``values`` maps each
+    """The leaderboard's gated numbers, one row per (model, metric, selector, budget, unit, healing), the
+    unit and the healing written only when not the defaults (:data:`AXES`): ``values`` maps each
     column key with a ``gate`` (from ``board.attrs["columns"]``) to ``{"value", "gate", "higher_is_better"}``;
     values not measured are left out. With ``cells`` (:func:`row_cells` of the board's records) each row
     also keeps ``cells``: the ids of the cells it was computed from. :class:`GateError` when two rows share
@@ -135,16 +167,18 @@ def baseline_rows(board: pd.DataFrame, cells: dict[tuple, list[str]] | None = No
     rows = []
     seen: dict[tuple, int] = {}
     for record in board.to_dict(orient="records"):
-        key = tuple(record[k] for k in KEY)
+        key = row_key(record)
         if key in seen:
             raise GateError(f"the leaderboard has several rows for {label(key)} (calibration variants?): the gate "
-                            "compares one row per model/metric/selector/budget")
+                            "compares one row per model/metric/selector/budget/unit/healing")
         seen[key] = len(rows)
         values = {
             c.key: {"value": float(record[c.key]), "gate": c.gate, "higher_is_better": bool(c.higher_is_better)}
             for c in gated if record.get(c.key) is not None and not pd.isna(record[c.key])
         }
-        row = {**{k: record[k] for k in KEY}, "values": values, "seeds": int(record["seeds"])}
+        row = {**{k: record[k] for k in KEY},
+               **{k: value for (k, default), value in zip(AXES, key[len(KEY):], strict=False) if value != default},
+               "values": values, "seeds": int(record["seeds"])}
         if cells is not None:
             if key not in cells:
                 raise GateError(f"no records for leaderboard row {label(key)}")
@@ -167,7 +201,7 @@ def save_baseline(board: pd.DataFrame, path: Path, *, grid: str | None, env: dic
     if board.empty:
         raise GateError("no finished cells to save as a baseline")
     rows = baseline_rows(board, cells)
-    if empty := [label(tuple(r[k] for k in KEY)) for r in rows if not r["values"]]:
+    if empty := [label(row_key(r)) for r in rows if not r["values"]]:
         raise GateError(f"leaderboard row {empty[0]} has no gated value (accuracy, perplexity, speedup, ...): "
                         "nothing to compare it by")
     if expected is not None:
@@ -220,7 +254,10 @@ def upgrade(payload: dict[str, Any], where: str = "baseline") -> dict[str, Any]:
                 raise GateError(f"{where}: rows[{i}].{k}: missing")
             if not isinstance(row[k], str) or not row[k]:
                 raise GateError(f"{where}: rows[{i}].{k}: expected a non-empty string, got {row[k]!r}")
-        key = tuple(row[k] for k in KEY)
+        for k, _ in AXES:
+            if k in row and (not isinstance(row[k], str) or not row[k]):
+                raise GateError(f"{where}: rows[{i}].{k}: expected a non-empty string, got {row[k]!r}")
+        key = row_key(row)
         if key in keys:
             raise GateError(f"{where}: rows[{i}]: {label(key)} again (also rows[{keys[key]}])")
         keys[key] = i
@@ -325,7 +362,7 @@ def identity(baseline: dict[str, Any], *, grid: str | None = None, cells: dict[t
         return warnings
     if cells is not None:
         for row in baseline["rows"]:
-            key = tuple(row[k] for k in KEY)
+            key = row_key(row)
             if key not in cells:
                 raise GateError(f"baseline row {label(key)} is not a row of grid {grid!r}: rerun `bench baseline save`")
             if set(cells[key]) != set(row["cells"]):
@@ -333,7 +370,7 @@ def identity(baseline: dict[str, Any], *, grid: str | None = None, cells: dict[t
                                 f"(grid {grid!r} has {_ids(set(cells[key]) - set(row['cells']))} that the baseline "
                                 f"lacks; the baseline has {_ids(set(row['cells']) - set(cells[key]))} that the grid "
                                 "lacks)")
-        known = {tuple(r[k] for k in KEY) for r in baseline["rows"]}
+        known = {row_key(r) for r in baseline["rows"]}
         if extra := [label(key) for key in cells if key not in known]:
             raise GateError(f"grid {grid!r} has rows the baseline lacks ({', '.join(extra[:4])}"
                             + (f" and {len(extra) - 4} more" if len(extra) > 4 else "")
@@ -362,10 +399,10 @@ def compare(baseline: dict[str, Any], board: pd.DataFrame, tolerances: list[Tole
             raise GateError(f"unknown measure {tol.measure!r}; the baseline has {', '.join(gates) or 'nothing'}"
                             + (f" (or one of its columns: {', '.join(keys)})" if keys else ""))
     by_name = {t.measure: t for t in tolerances}
-    current = {tuple(r[k] for k in KEY): r["values"] for r in baseline_rows(board)}
+    current = {row_key(r): r["values"] for r in baseline_rows(board)}
     out = []
     for row in baseline["rows"]:
-        key = tuple(row[k] for k in KEY)
+        key = row_key(row)
         now = current.get(key)
         incomplete = False
         if now is not None and cells is not None and "cells" in row:

@@ -13,6 +13,11 @@ writes ``RESULTS/report.html`` with the leaderboard, the stability table and the
   accuracy, else perplexity, else KL for the built-ins) against the share of blocks removed, per method,
   the dense model at 0 when the column names its dense counterpart (``dense_key``), a log scale when
   the column asks for one (``log_scale``), error bars ± std over seeds.
+
+A method is ``metric/selector``; a row that removes attention or MLP branches or heals after removal
+adds them in brackets (``bi/topk [attention +linear]``, ``bi/topk [+lora(steps=30)]``), so every
+(unit, healing) combination is its own series; rows of whole blocks without healing are labelled as
+they always were.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from scipy import stats
 
 from algorithms.evaluations.base import Column
 from bench import stability as stab
-from bench.records import CellRecord
+from bench.records import DEFAULT_HEALING, DEFAULT_UNIT, CellRecord, with_default_axes
 from bench.report import display, notes, ranking_column
 from bench.store import write_bytes_atomic
 
@@ -71,8 +76,15 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+def _axes_suffix(unit: str = DEFAULT_UNIT, healing: str = DEFAULT_HEALING) -> str:
+    """`` [attention +linear]``: the unit and the healing where they are not the defaults; ``""`` else."""
+    parts = ([unit] if unit != DEFAULT_UNIT else []) + ([f"+{healing}"] if healing != DEFAULT_HEALING else [])
+    return f" [{' '.join(parts)}]" if parts else ""
+
+
 def _method(row) -> str:
-    return f"{row['metric']}/{row['selector']}"
+    return f"{row['metric']}/{row['selector']}" + _axes_suffix(row.get("unit", DEFAULT_UNIT),
+                                                                row.get("healing", DEFAULT_HEALING))
 
 
 def _variant_suffix(label: str, several: bool) -> str:
@@ -96,22 +108,23 @@ def _heat(fig: Figure, ax, matrix: np.ndarray, rows: list[str], title: str, cbar
 
 
 def importance_figure(runs: pd.DataFrame) -> Figure:
-    """Blocks × metrics heatmap of normalised importance, one panel per model."""
-    scored = runs.drop_duplicates(["model", "calibration", "metric", "seed"])
+    """Blocks × metrics heatmap of normalised importance, one panel per model (one row per metric and
+    unit: attention and MLP branches have scores of their own; healing, after selection, changes none)."""
+    scored = with_default_axes(runs).drop_duplicates(["model", "calibration", "metric", "unit", "seed"])
     models = list(dict.fromkeys(scored["model"]))
     several = scored["calibration"].nunique() > 1
     panels = []
     for model in models:
         sub = scored[scored["model"] == model]
         rows, labels = [], []
-        for (metric, cal), g in sub.groupby(["metric", "calibration"], sort=False):
+        for (metric, unit, cal), g in sub.groupby(["metric", "unit", "calibration"], sort=False):
             oriented = np.array([np.asarray(s) if hi else -np.asarray(s)
                                  for s, hi in zip(g["scores"], g["higher_is_important"], strict=True)])
             # the rank of the seed-averaged score, scaled to 0..1: a few extreme blocks (block 0 is often
             # ten times more important than any other) would otherwise flatten the rest of the row
             ranks = stats.rankdata(oriented.mean(axis=0), method="average") - 1.0
             rows.append(ranks / max(len(ranks) - 1, 1))
-            labels.append(metric + _variant_suffix(cal, several))
+            labels.append(metric + _axes_suffix(unit) + _variant_suffix(cal, several))
         panels.append((model, np.vstack(rows), labels))
     height = sum(0.35 * len(p[2]) + 1.2 for p in panels)
     fig = Figure(figsize=(10, max(2.5, height)), layout="constrained")
@@ -130,8 +143,10 @@ def frequency_figure(frame: pd.DataFrame) -> Figure:
     for (model, budget), g in frame.groupby(["model", "budget"], sort=False):
         matrix = np.vstack([np.asarray(f) for f in g["frequency"]])
         labels = [_method(r) + _variant_suffix(r["calibration"], several) for _, r in g.iterrows()]
-        k, n = int(g["k"].iloc[0]), int(g["n_blocks"].iloc[0])
-        panels.append((f"{model}, {budget} ({k}/{n} blocks): share of seeds removing each block", matrix, labels))
+        n = int(g["n_blocks"].iloc[0])
+        # rows of several units at one params budget remove different numbers of units
+        size = f"{int(g['k'].iloc[0])}/{n} blocks" if g["k"].nunique() == 1 else f"{n} blocks"
+        panels.append((f"{model}, {budget} ({size}): share of seeds removing each block", matrix, labels))
     height = sum(0.35 * len(p[2]) + 1.2 for p in panels)
     fig = Figure(figsize=(10, max(2.5, height)), layout="constrained")
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
@@ -191,7 +206,7 @@ def curves_figure(runs: pd.DataFrame, column: Column) -> Figure:
     dense = column.dense_key if column.dense_key in runs and runs[column.dense_key].notna().any() else None
     values = pd.to_numeric(runs[column.key], errors="coerce")
     log = column.log_scale and bool((values.dropna() > 0).all())
-    runs = runs.assign(share=runs["k"] / runs["n_blocks"], _value=values)
+    runs = with_default_axes(runs).assign(share=runs["k"] / runs["n_blocks"], _value=values)
     panels = list(runs.groupby(["model", "calibration"], sort=False))
     ncols = min(len(panels), 2)
     nrows = math.ceil(len(panels) / ncols)
@@ -199,12 +214,12 @@ def curves_figure(runs: pd.DataFrame, column: Column) -> Figure:
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, ((model, cal), g) in zip(axes, panels, strict=False):
         base = float(pd.to_numeric(g[dense], errors="coerce").mean()) if dense else math.nan
-        for (metric, selector), m in g.groupby(["metric", "selector"], sort=False):
+        for (metric, selector, unit, healing), m in g.groupby(["metric", "selector", "unit", "healing"], sort=False):
             pts = m.groupby("share")["_value"].agg(["mean", "std"]).fillna({"std": 0.0}).sort_index()
             x, y, e = pts.index.to_numpy(), pts["mean"].to_numpy(), pts["std"].to_numpy()
             if not math.isnan(base):
                 x, y, e = np.concatenate([[0.0], x]), np.concatenate([[base], y]), np.concatenate([[0.0], e])
-            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=f"{metric}/{selector}")
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=f"{metric}/{selector}" + _axes_suffix(unit, healing))
         if log:
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(ScalarFormatter())

@@ -37,6 +37,17 @@ from algorithms.evaluations.base import Column
 RECORD_SCHEMA = 2
 
 
+#: a record's unit and healing labels when its grid has no ``units`` / ``healing`` axis (``"none"`` is
+#: :data:`bench.config.NO_HEALING`); reports, stability tables and the gate show and store these two
+#: labels only where some row differs from them, so the outputs of grids without the axes are unchanged
+DEFAULT_UNIT = "block"
+DEFAULT_HEALING = "none"
+#: the pruning units in the order reports list them
+UNITS = ("block", "attention", "mlp")
+#: the ``removed`` cells of sub-layer rows: the blocks whose branch was removed, after this prefix
+UNIT_PREFIX = {"attention": "attn ", "mlp": "mlp "}
+
+
 class RecordError(ValueError):
     """A record this version of blockbench cannot read (older schema, damaged fields)."""
 
@@ -53,8 +64,8 @@ class Labels(_Model):
     seed: int
     calibration: str
     #: what was removed (``block``, ``attention``, ``mlp``) and what followed (``none``, a healing's label)
-    unit: str = "block"
-    healing: str = "none"
+    unit: str = DEFAULT_UNIT
+    healing: str = DEFAULT_HEALING
 
 
 class ModelInfo(_Model):
@@ -175,6 +186,41 @@ def calibration_order(col: pd.Series) -> pd.Series:
     if col.name != "calibration":
         return col
     return col.map(lambda label: tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", str(label))))
+
+
+def row_order(col: pd.Series) -> pd.Series:
+    """``sort_values`` key of the reports' rows: calibration variants as :func:`calibration_order`, units
+    in :data:`UNITS` order (block, attention, mlp), no healing before any healing; other columns as they
+    are."""
+    if col.name == "unit":
+        return col.map(lambda u: (UNITS.index(u) if u in UNITS else len(UNITS), str(u)))
+    if col.name == "healing":
+        return col.map(lambda h: (h != DEFAULT_HEALING, str(h)))
+    return calibration_order(col)
+
+
+def with_default_axes(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with ``unit`` and ``healing`` columns (their defaults where it has none: a frame of a
+    grid without these axes, or of an older blockbench)."""
+    missing = {k: v for k, v in (("unit", DEFAULT_UNIT), ("healing", DEFAULT_HEALING)) if k not in frame}
+    if not missing:
+        return frame
+    out = frame.assign(**missing)
+    out.attrs = dict(frame.attrs)
+    return out
+
+
+def varied_axes(frame: pd.DataFrame) -> list[str]:
+    """Which of ``unit`` and ``healing`` some row of ``frame`` holds at other than its default, in that
+    order: the reports' columns for them are shown only then."""
+    return [k for k, default in (("unit", DEFAULT_UNIT), ("healing", DEFAULT_HEALING))
+            if k in frame and bool((frame[k] != default).any())]
+
+
+def removed_text(blocks: str, unit: str = DEFAULT_UNIT) -> str:
+    """The removed set as the reports print it: :func:`compact_blocks`, after ``attn `` / ``mlp `` when
+    the removed units are attention or MLP branches of those blocks (``"attn 3,12-14"``)."""
+    return UNIT_PREFIX.get(unit, "" if unit == DEFAULT_UNIT else f"{unit} ") + compact_blocks(blocks)
 
 
 def columns_by_evaluation(records: list[CellRecord]) -> dict[str, list[Column]]:

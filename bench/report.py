@@ -1,8 +1,12 @@
 """Leaderboards from result records: a pandas frame, rendered to the terminal, Markdown and CSV.
 
-One row per (model, metric, selector, budget) (and calibration variant, when a grid has several),
-ranked *within* each (model, budget): perplexities of models with different tokenizers are not
-comparable, so ranks never cross models.
+One row per (model, metric, selector, budget, unit, healing) (and calibration variant, when a grid has
+several), ranked *within* each (model, budget): perplexities of models with different tokenizers are not
+comparable, so ranks never cross models. Rows that remove attention or MLP branches (``unit``) or heal
+after removal (``healing``) rank together with whole-block rows of the same budget: at one ``params``
+budget, sub-layer methods compete with block methods. The ``unit`` and ``healing`` columns (and the mean
+healing seconds) appear only when some row is not whole blocks without healing, so a grid without those
+axes gets the same tables as before them.
 
 The evaluation columns are whatever the records' evaluations declare (:class:`Column`): each
 aggregates over calibration seeds as its ``aggregate`` says, keeps its key (the leaderboard's mean
@@ -45,18 +49,25 @@ from algorithms.evaluations.base import Column
 from bench.records import (
     CellRecord,
     budget_labels,
-    calibration_order,
     columns_by_evaluation,
-    compact_blocks,
     records_frame,
+    removed_text,
+    row_order,
+    varied_axes,
+    with_default_axes,
 )
 from bench.stability import group_stability
 from bench.store import ResultStore, write_bytes_atomic
 
-GROUP = ["model", "budget", "metric", "selector"]
+GROUP = ["model", "budget", "metric", "selector", "unit", "healing"]
+#: the terminal's short names of units (as in the ``removed`` column's prefix)
+TERMINAL_UNIT = {"attention": "attn"}
+#: ties in rank are listed in this order (units block, attention, mlp; no healing first: :func:`row_order`)
+TIES = ["metric", "selector", "unit", "healing"]
 #: leaderboard and records-frame columns that are not evaluation columns: no evaluation column may take
 #: one of these keys (nor ``<key>_std`` of a spread column)
-CORE = ("rank", "rank_group", "model", "budget", "metric", "selector", "calibration", "seed", "seeds", "k",
+CORE = ("rank", "rank_group", "model", "budget", "metric", "selector", "unit", "healing", "healing_s",
+        "calibration", "seed", "seeds", "k",
         "n_blocks", "params_kept", "scoring_s", "evaluations", "proxy_span", "distinct_sets", "typical_removed", "jaccard",
         "tau", "cell_id", "removed", "removed_set", "scores", "higher_is_important")
 
@@ -211,7 +222,7 @@ def _rank_group_column(runs: pd.DataFrame, agg: pd.DataFrame, group: list[str], 
         if not pd.isna(value):
             per_seed.setdefault(tuple(key[:-1]), {})[int(key[-1])] = float(value)
     for _, part in agg.groupby(within, sort=False):
-        ordered = part.sort_values(["rank", "metric", "selector"], kind="stable")
+        ordered = part.sort_values(["rank", *TIES], kind="stable", key=row_order)
         values = [per_seed.get(tuple(row), {}) for row in ordered[group].itertuples(index=False)]
         for index, label in zip(ordered.index, rank_groups(values), strict=True):
             out[agg.index.get_loc(index)] = label
@@ -220,19 +231,23 @@ def _rank_group_column(runs: pd.DataFrame, agg: pd.DataFrame, group: list[str], 
 
 # ---------------------------------------------------------------------------------------- the board
 def leaderboard(records: list[CellRecord], rank_by: str = "auto") -> pd.DataFrame:
-    """One row per (model, budget, metric, selector) [and calibration variant]: every evaluation column
-    aggregated over seeds (``<key>_std`` for spread columns), ranked within (model, budget), with its
-    ``rank_group`` (letters, :func:`rank_groups`; ``""`` for a row without a ranking value). Its
+    """One row per (model, budget, metric, selector, unit, healing) [and calibration variant]: every
+    evaluation column aggregated over seeds (``<key>_std`` for spread columns), ranked within (model,
+    budget), with its ``rank_group`` (letters, :func:`rank_groups`; ``""`` for a row without a ranking
+    value). The ``unit`` and ``healing`` columns are kept only when some row is not at its default
+    (:func:`bench.records.varied_axes`), ``healing_s`` (mean healing seconds) only when some row healed. Its
     ``attrs``: ``columns`` (the evaluation :class:`Column` specs, in display order) and ``ranked_by``
     (the ranking column's key; ``None`` when no column has a direction: every row is rank 1)."""
     df = records_frame(records)
+    if not df.empty:
+        df = with_default_axes(df)
     if df.empty:
         board = pd.DataFrame()
         board.attrs.update(columns=[], ranked_by=None)
         return board
     columns = board_columns(df)
     _check_keys(columns)
-    for key in [c.key for c in columns] + ["params_kept", "scoring_s", "evaluations", "proxy_span"]:
+    for key in [c.key for c in columns] + ["params_kept", "scoring_s", "evaluations", "proxy_span", "healing_s"]:
         df[key] = pd.to_numeric(df[key], errors="coerce")  # None (not measured) -> NaN
     measured = [c for c in columns if df[c.key].notna().any()]
     ranked = ranking_column(measured, rank_by, evaluation_keys(records))
@@ -253,6 +268,7 @@ def leaderboard(records: list[CellRecord], rank_by: str = "auto") -> pd.DataFram
         scoring_s=("scoring_s", "mean"),
         evaluations=("evaluations", "mean"),
         proxy_span=("proxy_span", "mean"),
+        healing_s=("healing_s", "mean"),
         distinct_sets=("removed", "nunique"),
         typical_removed=("removed", lambda s: Counter(s).most_common(1)[0][0]),
     ).reset_index()
@@ -270,7 +286,11 @@ def leaderboard(records: list[CellRecord], rank_by: str = "auto") -> pd.DataFram
             method="min", ascending=not ranked.higher_is_better, na_option="bottom").astype(int)
     # rows whose difference in the ranking column is within the seeds' noise share a rank group
     agg["rank_group"] = _rank_group_column(df, agg, group, within, ranked)
-    board = agg.sort_values([*within, "rank", "metric", "selector"], key=calibration_order).reset_index(drop=True)
+    board = agg.sort_values([*within, "rank", *TIES], key=row_order).reset_index(drop=True)
+    # a grid without units or healing: the columns it always had, in the order it always had them
+    shown = varied_axes(board)
+    hidden = [k for k in ("unit", "healing") if k not in shown] + ([] if "healing" in shown else ["healing_s"])
+    board = board.drop(columns=hidden)
     board.attrs.update(columns=columns, ranked_by=ranked.key if ranked is not None else None)
     return board
 
@@ -309,9 +329,13 @@ def _table(board: pd.DataFrame, *, terminal: bool) -> tuple[pd.DataFrame, set[st
         "metric": board["metric"],
         "selector": board["selector"],
     })
+    if "unit" in board:  # only when some row removes branches (leaderboard()); the terminal says attn
+        out["unit"] = board["unit"].map(lambda u: TERMINAL_UNIT.get(u, u)) if terminal else board["unit"]
+    if "healing" in board:  # only when some row heals
+        out["healing"] = board["healing"]
     if "calibration" in board:  # several calibration variants: one row each
         out.insert(3, "calibration", board["calibration"])
-    right = {"evals", "seeds", "jaccard", "τ", "score s", "scoring s"}
+    right = {"evals", "seeds", "jaccard", "τ", "score s", "scoring s", "heal s", "healing s"}
     if not any(" " in cell for cell in out["rank"]):
         right.add("rank")  # bare numbers; with rank groups (``2 ab``) the rank is read from the left
     keys: dict[str, str] = {}
@@ -336,7 +360,11 @@ def _table(board: pd.DataFrame, *, terminal: bool) -> tuple[pd.DataFrame, set[st
         if col in board:
             out[label] = board[col].map(_number(".2f"))
     out["score s" if terminal else "scoring s"] = board["scoring_s"].map(_number(".3f"))
-    out["removed" if terminal else "typical removed"] = board["typical_removed"].map(compact_blocks)
+    if "healing_s" in board:
+        out["heal s" if terminal else "healing s"] = board["healing_s"].map(_number(".2f"))
+    units = board["unit"] if "unit" in board else ["block"] * len(board)
+    out["removed" if terminal else "typical removed"] = [
+        removed_text(blocks, unit) for blocks, unit in zip(board["typical_removed"], units, strict=True)]
     return out, right, keys
 
 
@@ -350,7 +378,7 @@ def display(board: pd.DataFrame, *, terminal: bool = False) -> pd.DataFrame:
 
 
 #: the terminal table's columns that come first when the terminal is too narrow for all of them
-IDENTITY = ("rank", "model", "budget", "calibration", "metric", "selector")
+IDENTITY = ("rank", "model", "budget", "calibration", "metric", "selector", "unit", "healing")
 #: between two terminal columns: the box's divider and one space of padding
 GUTTER = 2
 
@@ -372,7 +400,7 @@ def _heading(heading: str, values_width: int) -> tuple[str, int]:
 
 def terminal_priority(shown: pd.DataFrame, keys: dict[str, str], ranked_by: str | None) -> list[str]:
     """The terminal table's headings in the order they are kept when not all fit: the row's identity
-    (rank, model, budget, calibration, metric, selector), the ranking column, the other evaluation
+    (rank, model, budget, calibration, metric, selector, unit, healing), the ranking column, the other evaluation
     columns in display order, seeds, then the rest in display order."""
     order = [h for h in IDENTITY if h in shown]
     order += [h for h, key in keys.items() if key == ranked_by]
@@ -455,6 +483,15 @@ def notes(board: pd.DataFrame) -> str:
         parts.append("`jaccard`: mean overlap |A ∩ B| / |A ∪ B| of the removed block sets of two seeds (1 = every "
                      "seed removes the same blocks); `τ`: mean Kendall rank correlation of the block scores of two "
                      "seeds (`bench stability` for the full study).")
+    if "unit" in board:
+        parts.append("`unit`: what the row removes: whole blocks, or the attention (`attn`) or MLP (`mlp`) branch of "
+                     "the chosen blocks, which keep their other branch; `typical removed` lists those blocks after "
+                     "that prefix and a budget's (k/n) counts units of the row's kind out of the model's blocks. Rows "
+                     "of every unit rank together within a budget (a `params` budget keeps the same share of "
+                     "parameters whatever the unit).")
+    if "healing" in board:
+        parts.append("`healing`: what followed removal, before evaluation (`none`: nothing); `healing s`: its mean "
+                     "seconds.")
     parts.append("`span loss`: the chosen set's proxy span objective (sum over its contiguous runs of the metric's "
                  "span importance; lower = the set the metric calls more removable), the common yardstick for "
                  "selectors. `evals`: objective evaluations the selector used.")

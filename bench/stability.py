@@ -2,7 +2,9 @@
 
 A stability study reruns scoring and selection for every calibration seed (and, with a grid's
 ``stability:`` section, every calibration variant: source × samples × seq_len). Per (model,
-calibration variant, metric, selector, budget) this module reports, over the runs of that group:
+calibration variant, metric, selector, budget, unit, healing) this module reports, over the runs of that
+group (``unit`` and ``healing`` columns only when some row is not whole blocks without healing; a
+sub-layer row's "blocks" are the blocks whose attention or MLP branch was removed):
 
 - ``jaccard_mean`` / ``jaccard_std``: |A ∩ B| / |A ∪ B| of the removed block sets, over all pairs of runs
   (1 = every seed removes the same blocks, 0 = no two seeds share a block);
@@ -34,11 +36,19 @@ import pandas as pd
 from scipy import stats
 
 from algorithms.evaluations.base import Column
-from bench.records import CellRecord, budget_labels, calibration_order, compact_blocks, records_frame
+from bench.records import (
+    CellRecord,
+    budget_labels,
+    records_frame,
+    removed_text,
+    row_order,
+    varied_axes,
+    with_default_axes,
+)
 from bench.store import write_bytes_atomic
 
 #: one stability row per these keys
-KEY = ["model", "calibration", "metric", "selector", "budget"]
+KEY = ["model", "calibration", "metric", "selector", "budget", "unit", "healing"]
 #: calibration label of the rows that pool every calibration variant
 POOLED = "all"
 CONFIDENCE = 0.95
@@ -127,14 +137,15 @@ def summarize(values: Sequence[float], *, confidence: float = CONFIDENCE, n_resa
 # ---------------------------------------------------------------------------------------- records → table
 def runs_frame(records: list[CellRecord]) -> pd.DataFrame:
     """One row per successful record (:func:`bench.records.records_frame`: it carries each block set and
-    score vector), sorted by method, calibration variant in natural order, seed; ``attrs["columns"]`` as
-    the records frame's."""
+    score vector, and its ``unit`` and ``healing``), sorted by method, calibration variant in natural order,
+    seed; ``attrs["columns"]`` as the records frame's."""
     df = records_frame(records)
     if df.empty:
         return df
     columns = df.attrs["columns"]
-    df = df.sort_values(["model", "budget", "metric", "selector", "calibration", "seed", "cell_id"],
-                        kind="stable", key=calibration_order).reset_index(drop=True)
+    df = with_default_axes(df)
+    df = df.sort_values(["model", "budget", "metric", "selector", "unit", "healing", "calibration", "seed", "cell_id"],
+                        kind="stable", key=row_order).reset_index(drop=True)
     df.attrs["columns"] = columns
     return df
 
@@ -170,12 +181,14 @@ _FIXED = ("k", "n_blocks", "runs", "seeds", "distinct_sets", "jaccard_mean", "ja
 
 
 def stability_frame(records: list[CellRecord], *, pooled: bool = True, seed: int = 0) -> pd.DataFrame:
-    """One row per (model, calibration variant, metric, selector, budget) with the statistics above, plus,
-    when the records hold several calibration variants and ``pooled``, one ``all`` row per method.
-    ``attrs["columns"]``: the evaluation columns summarised (those with a ``spread``), in display order."""
+    """One row per (model, calibration variant, metric, selector, budget, unit, healing) with the statistics
+    above, plus, when the records hold several calibration variants and ``pooled``, one ``all`` row per
+    method. The ``unit`` and ``healing`` columns are kept only when some row is not at its default
+    (:func:`bench.records.varied_axes`). ``attrs["columns"]``: the evaluation columns summarised (those with
+    a ``spread``), in display order."""
     runs = runs_frame(records)
     if runs.empty:
-        frame = pd.DataFrame(columns=KEY)
+        frame = pd.DataFrame(columns=[k for k in KEY if k not in ("unit", "healing")])
         frame.attrs["columns"] = []
         return frame
     columns = spread_columns(runs)
@@ -193,8 +206,10 @@ def stability_frame(records: list[CellRecord], *, pooled: bool = True, seed: int
     frame = pd.DataFrame(rows)
     order = {c: i for i, c in enumerate(dict.fromkeys(list(runs["calibration"]) + [POOLED]))}
     frame["_order"] = frame["calibration"].map(order)
-    frame = frame.sort_values(["model", "budget", "metric", "selector", "_order"], kind="stable")
-    frame = frame.drop(columns="_order").reset_index(drop=True)
+    frame = frame.sort_values(["model", "budget", "metric", "selector", "unit", "healing", "_order"], kind="stable",
+                              key=row_order)
+    hidden = [k for k in ("unit", "healing") if k not in varied_axes(frame)]
+    frame = frame.drop(columns=["_order", *hidden]).reset_index(drop=True)
     frame.attrs["columns"] = [c for c in columns if f"{c.key}_mean" in frame]
     return frame
 
@@ -202,7 +217,9 @@ def stability_frame(records: list[CellRecord], *, pooled: bool = True, seed: int
 def group_stability(runs: pd.DataFrame, group: list[str]) -> pd.DataFrame:
     """Mean pairwise Jaccard and Kendall τ per ``group`` of a records frame (its ``removed_set`` and
     ``scores`` columns), for groups of two runs or more: the leaderboard's stability columns. τ is NaN
-    where a record has no scores."""
+    where a record has no scores. ``unit`` and ``healing`` in ``group`` take their defaults where ``runs``
+    has no such column."""
+    runs = with_default_axes(runs)
     rows = []
     for keys, g in runs.groupby(group, sort=False):
         if len(g) < 2:
@@ -243,6 +260,7 @@ def display(frame: pd.DataFrame) -> pd.DataFrame:
         "budget": budget_labels(frame),
         "metric": frame["metric"],
         "selector": frame["selector"],
+        **{axis: frame[axis] for axis in ("unit", "healing") if axis in frame},
         "runs": frame["runs"],
         "distinct sets": frame["distinct_sets"],
         "jaccard": [_pm(m, s, ".2f") for m, s in zip(frame["jaccard_mean"], frame["jaccard_std"], strict=True)],
@@ -256,7 +274,8 @@ def display(frame: pd.DataFrame) -> pd.DataFrame:
         out[heading] = [_pm(m, s, c.fmt) for m, s in zip(frame[f"{c.key}_mean"], frame[f"{c.key}_std"], strict=True)]
         out[f"{heading} {CONFIDENCE:.0%} CI"] = [
             _ci(lo, hi, c.fmt) for lo, hi in zip(frame[f"{c.key}_ci_low"], frame[f"{c.key}_ci_high"], strict=True)]
-    out["always removed"] = frame["always"].map(lambda s: compact_blocks(s) if s else "–")
+    units = frame["unit"] if "unit" in frame else ["block"] * len(frame)
+    out["always removed"] = [removed_text(s, unit) if s else "–" for s, unit in zip(frame["always"], units, strict=True)]
     out["blocks ever removed"] = frame["ever"]
     return out
 

@@ -55,10 +55,16 @@ def make_record(
     n_blocks: int = 6,
     higher_is_important: bool = True,
     kept_share: float = 0.7,
+    unit: str | None = None,
+    healing: str | None = None,
+    healing_seconds: float | None = None,
+    trained_parameters: int = 0,
 ) -> CellRecord:
     """An ``ok`` record, cell id ``cell<i>``. ``values`` maps column keys to numbers; every column of
     every evaluation must be given (a key no evaluation declares is an error, so typos fail loudly).
-    ``evaluations`` defaults to the built-ins that ``values`` names."""
+    ``evaluations`` defaults to the built-ins that ``values`` names. ``unit`` and ``healing`` (a
+    healing's label) go into the labels only when given, as a record of a grid without these axes has
+    them at their defaults; ``healing_seconds`` adds the healing outcome (name: the label's name)."""
     evaluations = builtin_evaluations(values) if evaluations is None else evaluations
     outcomes: dict[str, Any] = {}
     used: set[str] = set()
@@ -81,7 +87,9 @@ def make_record(
         "schema": 2, "cell_id": f"cell{i:03d}", "grid": "test", "spec": {"calibration": calibration},
         "versions": {}, "env": {},
         "labels": {"model": model, "metric": metric, "selector": selector, "budget": budget, "seed": seed,
-                   "calibration": calibration_label(calibration)},
+                   "calibration": calibration_label(calibration),
+                   **({"unit": unit} if unit is not None else {}),
+                   **({"healing": healing} if healing is not None else {})},
         "status": "ok",
         "model": {"name": model, "fingerprint": "f" * 8, "n_blocks": n_blocks},
         "k": len(removed), "removed_blocks": list(removed),
@@ -92,4 +100,39 @@ def make_record(
         "evaluations": outcomes,
         "timings": {"scoring": 0.1},
     }
+    if healing_seconds is not None:
+        data["healing"] = {"name": (healing or "none").split("(")[0], "seconds": healing_seconds,
+                           "trained_parameters": trained_parameters}
     return parse_record(data, where=f"cell{i:03d}")
+
+
+#: mean pruned accuracy of each (unit, healing) row of :func:`units_grid`: dyadic, so the paired
+#: differences over seeds are exact (every pair separable: rank groups a, b, c, d)
+UNITS_ACC = {("block", "none"): 0.25, ("block", "linear"): 0.375, ("attention", "none"): 0.5,
+             ("attention", "linear"): 0.625}
+#: each seed's shift of every row's accuracy (the same for every row: the seed's calibration sample)
+UNITS_SEED_SHIFT = (0.0, 0.03125, 0.0625)
+
+
+def units_grid(*, shift: dict[tuple[str, str], float] | None = None, budget: str = "params 90%") -> list[CellRecord]:
+    """Records of a grid with units block/attention × healing none/linear at one ``params`` budget, three
+    seeds (cells ``cell000``..``cell011``, three per row in :data:`UNITS_ACC` order). Block rows remove
+    blocks 3 and 4, attention rows the attention branches of blocks 2-5; a linear healing took 1.5, 2.0 and
+    2.5 s over the seeds. ``shift`` adds to a row's accuracy (a regression in one row)."""
+    from algorithms.evaluations.accuracy import Accuracy
+    from algorithms.evaluations.perplexity import Perplexity
+
+    evaluations = [Accuracy(tasks=["piqa"]), Perplexity()]
+    records = []
+    for row, (axes, mean) in enumerate(UNITS_ACC.items()):
+        unit, healing = axes
+        for seed, offset in enumerate(UNITS_SEED_SHIFT):
+            acc = mean + offset + (shift or {}).get(axes, 0.0)
+            values = {"acc_pruned": acc, "acc_dense": 0.75, "acc_retained": acc / 0.75, "acc:piqa": acc,
+                      "ppl_pruned": 40.0 - 10.0 * acc, "ppl_dense": 10.0}
+            records.append(make_record(
+                3 * row + seed, removed=(3, 4) if unit == "block" else (2, 3, 4, 5), values=values,
+                evaluations=evaluations, scores=[6, 5, 1, 2, 4, 3], seed=seed, budget=budget,
+                unit=None if unit == "block" else unit, healing=None if healing == "none" else healing,
+                healing_seconds=None if healing == "none" else 1.5 + 0.5 * seed, trained_parameters=0))
+    return records

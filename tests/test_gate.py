@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from bench import gate, report
 from bench.cli import app
 from tests.conftest import SMALL_GRID
-from tests.records_factory import make_record
+from tests.records_factory import make_record, units_grid
 
 cli = CliRunner()
 
@@ -516,3 +516,84 @@ def test_save_refuses_a_folder_an_unfinished_grid_and_an_empty_board(saved):
     assert result.exit_code == 2 and result.output.startswith(
         "error: no finished cells to save as a baseline; nothing written"), result.output
     assert tree(saved["root"]) == [p for p in before if p != f"results/records/{saved['ids'][0]}.json"]
+
+
+# ---------------------------------------------------------------------------------------- units and healing
+UNIT_ROWS = [("attention", "linear"), ("attention", "none"), ("block", "linear"), ("block", "none")]
+
+
+def test_a_units_baseline_round_trips_and_catches_a_regression_in_one_row(tmp_path):
+    records = units_grid()
+    cells = gate.row_cells(records)
+    assert cells == {
+        ("m", "bi", "topk", "params 90%"): ["cell000", "cell001", "cell002"],
+        ("m", "bi", "topk", "params 90%", "block", "linear"): ["cell003", "cell004", "cell005"],
+        ("m", "bi", "topk", "params 90%", "attention", "none"): ["cell006", "cell007", "cell008"],
+        ("m", "bi", "topk", "params 90%", "attention", "linear"): ["cell009", "cell010", "cell011"]}
+    saved = gate.save_baseline(report.leaderboard(records), tmp_path / "b.json", grid="units", env={}, cells=cells,
+                               expected=cells)
+    # unit and healing are written only where they are not the defaults
+    assert [(r.get("unit"), r.get("healing"), r["cells"][0]) for r in saved["rows"]] == [
+        ("attention", "linear", "cell009"), ("attention", None, "cell006"), (None, "linear", "cell003"),
+        (None, None, "cell000")]
+    assert [sorted(r) for r in saved["rows"]][3] == ["budget", "cells", "metric", "model", "seeds", "selector",
+                                                     "values"]
+    stored = gate.load_baseline(tmp_path / "b.json")
+    assert stored["rows"] == saved["rows"]
+    assert gate.identity(stored, grid="units", cells=cells) == []
+    tols = gate.parse_fail("acc:1%")
+    same = gate.compare(stored, report.leaderboard(records), tols, cells=cells)
+    assert list(same["cell"]) == ["m/bi/topk/params 90%/attention/linear", "m/bi/topk/params 90%/attention",
+                                  "m/bi/topk/params 90%/linear", "m/bi/topk/params 90%"]
+    assert list(same["status"]) == ["ok"] * 4 and not gate.failed(same)
+    # the attention rows healed worse: only that row regresses (the others, ranked with it, are unchanged)
+    worse = units_grid(shift={("attention", "linear"): -0.125})
+    table = gate.compare(stored, report.leaderboard(worse), tols, cells=gate.row_cells(worse))
+    assert list(zip(table["cell"], table["status"], strict=True)) == [
+        ("m/bi/topk/params 90%/attention/linear", "regression"), ("m/bi/topk/params 90%/attention", "ok"),
+        ("m/bi/topk/params 90%/linear", "ok"), ("m/bi/topk/params 90%", "ok")]
+    assert table.loc[0, "change"] == -0.125 and gate.failed(table)
+    # a row of the units grid the baseline lacks is another grid's row
+    with pytest.raises(gate.GateError, match=r"^grid 'units' has rows the baseline lacks "
+                                             r"\(m/bi/topk/params 90%/attention/linear\): rerun "):
+        gate.identity({**stored, "rows": stored["rows"][1:]}, grid="units", cells=cells)
+
+
+def test_an_old_baseline_without_unit_and_healing_matches_the_default_rows():
+    records = units_grid()
+    default = report.leaderboard(records[:3])
+    old = {"schema": 2, "grid": "units", "rows": gate.baseline_rows(default, gate.row_cells(records[:3]))}
+    assert not {"unit", "healing"} & set(old["rows"][0])
+    # the same rows a default-only board always gave: the key and label texts unchanged
+    assert gate.row_key(old["rows"][0]) == ("m", "bi", "topk", "params 90%")
+    assert gate.label(gate.row_key(old["rows"][0])) == "m/bi/topk/params 90%"
+    # against the board of the units grid it finds its row (block, none), not one of the others
+    table = gate.compare(old, report.leaderboard(records), gate.parse_fail("acc:1%,ppl:1%"),
+                         cells=gate.row_cells(records))
+    assert list(zip(table["cell"], table["measure"], table["status"], table["current"], strict=True)) == [
+        ("m/bi/topk/params 90%", "acc_pruned", "ok", 0.28125), ("m/bi/topk/params 90%", "ppl_pruned", "ok", 37.1875)]
+    # default values written out explicitly are the same row; an empty unit is refused by index and field
+    explicit = {**old, "rows": [{**old["rows"][0], "unit": "block", "healing": "none"}]}
+    assert list(gate.compare(explicit, default, gate.parse_fail("acc:1%"))["status"]) == ["ok"]
+    with pytest.raises(gate.GateError, match=r"^baseline: rows\[0\]\.unit: expected a non-empty string, got ''$"):
+        gate.upgrade({**old, "rows": [{**old["rows"][0], "unit": ""}]})
+
+
+def test_grid_cells_key_units_and_healing_as_the_records_do():
+    from bench.config import ComponentSpec
+    from bench.grid import Cell
+
+    def cell(unit="block", healing="none"):
+        return Cell(grid="g", model={"name": "m"}, calibration={"source": "wikipedia", "samples": 8, "seq_len": 64,
+                                                                "seed": 0},
+                    metric=ComponentSpec(name="bi"), selector=ComponentSpec(name="topk"), budget={"blocks": 2},
+                    protect=(), evaluations=(), dtype="float32", device="cpu", unit=unit,
+                    healing=ComponentSpec(name=healing))
+
+    cells = [cell(), cell("attention"), cell("mlp", "linear")]
+    # the healing's identity as the registry would resolve it (only its label keys the row here)
+    cells[2].__dict__["healing_identity"] = {"name": "linear", "version": "1", "params": {}}
+    assert gate.grid_cells(cells) == {
+        ("m", "bi", "topk", "2 blocks"): [cells[0].cell_id],
+        ("m", "bi", "topk", "2 units", "attention", "none"): [cells[1].cell_id],
+        ("m", "bi", "topk", "2 units", "mlp", "linear"): [cells[2].cell_id]}

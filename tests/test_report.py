@@ -14,7 +14,7 @@ from rich.console import Console
 
 from algorithms.evaluations.base import Column, Evaluation, Params
 from bench import gate, report, stability
-from tests.records_factory import make_record
+from tests.records_factory import make_record, units_grid
 
 SCORES = [6, 5, 1, 2, 4, 3]
 
@@ -459,3 +459,111 @@ def test_a_plugin_measure_is_gated(tmp_path):
         gate.compare(stored, worse, gate.parse_fail("acc:1%"))
     assert str(info.value) == ("unknown measure 'acc'; the baseline has mine, ppl "
                                "(or one of its columns: my_score, ppl_pruned)")
+
+
+# ---------------------------------------------------------------------------------------- units and healing
+UNIT_HEADINGS = [
+    "rank", "model", "budget", "metric", "selector", "unit", "healing", "acc", "acc (dense)", "retained", "piqa",
+    "ppl (pruned)", "ppl (dense)", "params kept", "span loss", "evals", "seeds", "distinct sets", "jaccard", "τ",
+    "scoring s", "healing s", "typical removed"]
+
+
+def test_units_and_healing_rank_together_within_one_params_budget():
+    board = report.leaderboard(units_grid())
+    # one row per (unit, healing), all four ranked within (model, budget): sub-layer rows compete with blocks
+    assert list(zip(board["unit"], board["healing"], board["rank"], board["rank_group"], strict=True)) == [
+        ("attention", "linear", 1, "a"), ("attention", "none", 2, "b"), ("block", "linear", 3, "c"),
+        ("block", "none", 4, "d")]
+    assert list(board["acc_pruned"]) == [0.65625, 0.53125, 0.40625, 0.28125]
+    assert list(board["seeds"]) == [3, 3, 3, 3] and list(board["k"]) == [4, 4, 2, 2]
+    assert list(board["healing_s"].fillna(-1.0)) == [2.0, -1.0, 2.0, -1.0]  # mean over seeds; no healing: NaN
+    assert list(board.columns[:7]) == ["model", "budget", "metric", "selector", "unit", "healing", "seeds"]
+    shown = report.display(board)
+    assert list(shown.columns) == UNIT_HEADINGS
+    assert list(shown["rank"]) == ["1 a", "2 b", "3 c", "4 d"]
+    assert list(shown["unit"]) == ["attention", "attention", "block", "block"]
+    assert list(shown["healing"]) == ["linear", "none", "linear", "none"]
+    assert list(shown["healing s"]) == ["2.00", "–", "2.00", "–"]
+    assert list(shown["typical removed"]) == ["attn 2-5", "attn 2-5", "3,4", "3,4"]
+    assert list(shown["budget"]) == ["params 90% (4/6)", "params 90% (4/6)", "params 90% (2/6)", "params 90% (2/6)"]
+
+
+def test_units_and_healing_columns_only_when_some_row_is_not_the_default():
+    records = units_grid()
+    # default rows only: neither column, nor healing seconds, in the board, the tables or the CSV
+    default = report.leaderboard(records[:3])
+    assert not {"unit", "healing", "healing_s"} & set(default.columns)
+    assert list(report.display(default).columns) == [
+        "rank", "model", "budget", "metric", "selector", "acc", "acc (dense)", "retained", "piqa", "ppl (pruned)",
+        "ppl (dense)", "params kept", "span loss", "evals", "seeds", "distinct sets", "jaccard", "τ", "scoring s",
+        "typical removed"]
+    assert list(report.display(default, terminal=True).columns) == [
+        "rank", "model", "budget", "metric", "selector", "acc", "retained", "ppl pruned", "dense", "evals", "seeds",
+        "jaccard", "τ", "score s", "removed"]
+    assert "unit" not in report.notes(default) and "healing" not in report.notes(default)
+    # blocks with and without healing: a healing column and its seconds, no unit column
+    healed = report.display(report.leaderboard(records[:6]))
+    assert list(healed.columns[4:7]) == ["selector", "healing", "acc"] and "unit" not in healed
+    assert list(healed.columns[-3:]) == ["scoring s", "healing s", "typical removed"]
+    assert list(healed["healing"]) == ["linear", "none"]
+    # attention and blocks without healing: a unit column, no healing column nor seconds
+    units = report.display(report.leaderboard(records[:3] + records[6:9]))
+    assert list(units.columns[4:7]) == ["selector", "unit", "acc"]
+    assert not {"healing", "healing s"} & set(units.columns)
+    assert list(zip(units["unit"], units["typical removed"], strict=True)) == [("attention", "attn 2-5"),
+                                                                                ("block", "3,4")]
+
+
+def test_units_and_healing_in_the_terminal_markdown_and_csv(tmp_path):
+    board = report.leaderboard(units_grid())
+    shown = report.display(board, terminal=True)
+    assert list(shown.columns) == [
+        "rank", "model", "budget", "metric", "selector", "unit", "healing", "acc", "retained", "ppl pruned", "dense",
+        "evals", "seeds", "jaccard", "τ", "score s", "heal s", "removed"]
+    assert list(shown["unit"]) == ["attn", "attn", "block", "block"] and list(shown["removed"])[0] == "attn 2-5"
+    # at 80 columns the unit and the healing are part of the row's identity: kept before any number
+    header, rows, note = _terminal(board, 80)
+    assert header[-1][:8] == ["rank", "model", "budget", "metric", "selector", "unit", "healing", "acc"]
+    assert [row[5:8] for row in rows] == [["attn", "linear", "0.656 ± 0.031"], ["attn", "none", "0.531 ± 0.031"],
+                                          ["block", "linear", "0.406 ± 0.031"], ["block", "none", "0.281 ± 0.031"]]
+    assert note.startswith("Left out to fit 80 columns: retained, ppl pruned, dense, evals, seeds, jaccard, τ, "
+                           "score s, heal s, removed.")
+    md_path, csv_path = report.write_reports(board, tmp_path, title="units")
+    md = md_path.read_text()
+    assert "| rank   | model   | budget           | metric   | selector   | unit      | healing   |" in md
+    assert "`unit`: what the row removes" in md and "`healing s`: its mean seconds" in md
+    assert csv_path.read_text().splitlines()[0].startswith("model,budget,metric,selector,unit,healing,seeds,")
+
+
+def test_units_and_healing_in_the_stability_table_and_the_figures():
+    records = units_grid()
+    frame = stability.stability_frame(records)
+    assert list(frame.columns[:7]) == ["model", "calibration", "metric", "selector", "budget", "unit", "healing"]
+    assert list(zip(frame["unit"], frame["healing"], frame["runs"], strict=True)) == [
+        ("block", "none", 3), ("block", "linear", 3), ("attention", "none", 3), ("attention", "linear", 3)]
+    shown = stability.display(frame)
+    assert list(shown.columns[4:8]) == ["selector", "unit", "healing", "runs"]
+    assert list(shown["always removed"]) == ["3,4", "3,4", "attn 2-5", "attn 2-5"]
+    default = stability.stability_frame(records[:3])
+    assert not {"unit", "healing"} & set(default.columns)
+    assert list(default.columns[:6]) == ["model", "calibration", "metric", "selector", "budget", "k"]
+    assert list(stability.display(default).columns[:6]) == ["model", "calibration", "budget", "metric", "selector",
+                                                            "runs"]
+    # the leaderboard's stability columns per (unit, healing) row, and a frame without the columns still groups
+    assert list(stability.group_stability(stability.runs_frame(records).drop(columns=["unit", "healing"]),
+                                          report.GROUP)["unit"]) == ["block"]
+    from bench import html_report
+
+    runs = stability.runs_frame(records)
+    curves = html_report.curves_figure(runs, html_report.curves_column(runs))
+    assert curves.axes[0].get_legend_handles_labels()[1] == [
+        "bi/topk", "bi/topk [+linear]", "bi/topk [attention]", "bi/topk [attention +linear]"]
+    frequency = html_report.frequency_figure(frame)
+    assert [t.get_text() for t in frequency.axes[0].get_yticklabels()] == [
+        "bi/topk", "bi/topk [+linear]", "bi/topk [attention]", "bi/topk [attention +linear]"]
+    assert frequency.axes[0].get_title() == "m, params 90% (6 blocks): share of seeds removing each block"
+    importance = html_report.importance_figure(runs)  # scores per unit; healing comes after selection
+    assert [t.get_text() for t in importance.axes[0].get_yticklabels()] == ["bi", "bi [attention]"]
+    old = html_report.frequency_figure(stability.stability_frame(records[:3]))
+    assert [t.get_text() for t in old.axes[0].get_yticklabels()] == ["bi/topk"]
+    assert old.axes[0].get_title() == "m, params 90% (2/6 blocks): share of seeds removing each block"
