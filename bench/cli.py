@@ -340,7 +340,9 @@ def validate(grid: GridOpt, allow_remote_code: AllowRemoteOpt = False) -> None:
         f"{grid}: ok: {len(cells)} cells ({len(config.models)} model(s) × "
         + (f"{n_variants} calibration variant(s) × " if config.stability is not None else "")
         + f"{len(config.calibration.seeds)} seed(s) "
-        f"× {len(config.metrics)} metric(s) × {len(config.selectors)} selector(s) × "
+        + (f"× {len(config.units)} unit kind(s) " if config.units != ["block"] else "")
+        + (f"× {len(config.healing)} healing(s) " if [h.name for h in config.healing] != ["none"] else "")
+        + f"× {len(config.metrics)} metric(s) × {len(config.selectors)} selector(s) × "
         f"{len(config.budgets.items())} budget(s)); evaluations: {', '.join(config.evaluations)}"
     )
 

@@ -388,7 +388,8 @@ class Pipeline:
                                   "with the model; allow it with --allow-remote-code (Runner(allow_remote_code=True))")
         start = time.perf_counter()
         model, tokenizer, info = load_model(spec["name"], device=str(self.device), dtype=self.dtype,
-                                            trust_remote_code=spec["trust_remote_code"])
+                                            trust_remote_code=spec["trust_remote_code"],
+                                            progress=self.reporter.step(spec["name"]))
         self.counters["model_loads"] += 1
         self.seconds["load"] += time.perf_counter() - start
         model_info = ModelInfo(**{k: info[k] for k in ("name", "fingerprint", "n_blocks", "architecture",
@@ -676,7 +677,8 @@ class Pipeline:
         target = EvalTarget(model=loaded.model, tokenizer=loaded.tokenizer, removed=removal.removed,
                             n_blocks=loaded.info.n_blocks, transform=transform,
                             reference=memo.references[name], unit=removal.unit,
-                            healing=removal.healing.name if removal.healing is not None else None)
+                            healing=removal.healing.name if removal.healing is not None else None,
+                            progress=self.reporter.step(name))
         timer = Timer(self.device)
         with timer.stage(name):
             result = evaluation.measure(target)
