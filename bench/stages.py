@@ -569,7 +569,8 @@ class Pipeline:
         with timer.stage("healing"):
             outcome = healing.heal(HealTarget(dense=loaded.model, pruned=pruned, unit=removal.unit,
                                               removed=removal.removed, input_ids=ids.to(self.device),
-                                              batch_size=self.config.calibration.batch_size))
+                                              batch_size=self.config.calibration.batch_size,
+                                              progress=self.reporter.step("healing")))
         pruned.eval()
         self.seconds["healing"] += timer.times["healing"]
         self.counters["healings"] += 1

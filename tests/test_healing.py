@@ -179,7 +179,7 @@ def test_linear_healing_is_exact_on_an_exactly_linear_run():
     before = state(dense)
     calls = []
     outcome = heal(LinearHealing(), dense, pruned, "block", [2], calib, batch_size=3,
-                   progress=lambda done, total: calls.append((done, total)))
+                   progress=lambda _label, done, total, _unit: calls.append((done, total)))
     assert_same(logits(pruned, held_out), want, tol=1e-10)  # healed: the dense function again
     assert (unhealed - want).abs().max() > 1e-2  # unhealed: not
     assert_same(logits(pruned, calib), logits(dense, calib), tol=1e-10)
@@ -328,7 +328,7 @@ def lora_runs():
         pruned = pruned_copy(dense, [2])
         calls = []
         outcome = heal(LoraHealing(**LORA, batch_size=8), dense, pruned, "block", [2], x,
-                       progress=lambda done, total, calls=calls: calls.append((done, total)))
+                       progress=lambda _label, done, total, _unit, calls=calls: calls.append((done, total)))
         out.append((pruned, outcome, calls))
     return dense, x, out
 

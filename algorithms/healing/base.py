@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import abc
 import operator
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
+
+from algorithms.progress import Progress, report
 
 if TYPE_CHECKING:  # torch is imported by whoever heals; reading a grid does not need it
     import torch
@@ -43,7 +44,7 @@ class HealTarget:
     it with the ``unit`` (``block``, ``attention`` or ``mlp``) of the blocks ``removed`` (dense
     numbering, sorted) taken out; healing modifies this object in place. ``input_ids``: calibration
     text, a LongTensor ``(samples, seq_len)``, read ``batch_size`` rows per forward pass.
-    ``progress``: called as ``progress(done, total)`` as the work advances, or None.
+    ``progress``: an :data:`algorithms.progress.Progress` callback told how the work advances, or None.
     """
 
     dense: torch.nn.Module
@@ -52,7 +53,7 @@ class HealTarget:
     removed: tuple[int, ...]
     input_ids: torch.Tensor
     batch_size: int = 4
-    progress: Callable[[int, int], None] | None = None
+    progress: Progress | None = None
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
@@ -75,8 +76,7 @@ class HealTarget:
 
     def report(self, done: int, total: int) -> None:
         """Tell ``progress`` (when set) that ``done`` of ``total`` steps are finished."""
-        if self.progress is not None:
-            self.progress(done, total)
+        report(self.progress, "healing", done, total, "steps")
 
 
 @dataclass
