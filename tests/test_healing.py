@@ -292,6 +292,15 @@ def test_parallel_residual_family_is_refused_by_name():
         heal(LinearHealing(), dense, pruned_copy(dense, [2]), "block", [2], ids())
 
 
+def test_fewer_calibration_tokens_than_the_width_are_refused_without_a_ridge():
+    # d = 32 (tests/test_removal.py); 2 x 12 = 24 tokens cannot determine a 32 x 32 map
+    dense = build("llama")
+    with pytest.raises(ValueError, match=r"has 24 tokens: the least-squares problem is underdetermined"):
+        heal(LinearHealing(), dense, pruned_copy(dense, [2]), "block", [2], ids(batch=2, length=12))
+    healed = heal(LinearHealing({"ridge": 0.1}), dense, pruned_copy(dense, [2]), "block", [2], ids(batch=2, length=12))
+    assert healed.info["runs"][0]["tokens"] == 24
+
+
 def test_run_at_the_start_is_left_unhealed():
     dense = build("llama")
     x = ids(batch=8, length=16)

@@ -397,6 +397,12 @@ class LinearHealing(Healing):
                 infos.append(info)
                 continue
             eq = eqs[r]
+            if eq.rows < eq.d and p.ridge == 0:
+                raise ValueError(
+                    f"linear healing fits a {eq.d}x{eq.d} map per run, but the calibration set has {eq.rows} tokens: "
+                    "the least-squares problem is underdetermined and its map does not generalise (held-out "
+                    "perplexity explodes); use at least as many calibration tokens (calibration.samples x "
+                    f"seq_len >= {eq.d}, better 10x more) or healing params ridge > 0")
             t = eq.solve(p.ridge)
             if p.objective == "cosine":
                 m, y, s_out = (torch.cat(v) for v in stored[r])
