@@ -47,8 +47,8 @@ from pydantic import Field
 from torch import nn
 
 from algorithms.healing.base import Healing, HealOutcome, HealTarget, Params
-from algorithms.models.blocks import block_path, get_blocks
-from algorithms.models.units import UnitError, branch_output_module, family_of
+from algorithms.models.blocks import block_path, get_blocks, hidden_tensor
+from algorithms.models.units import UnitError, branch_output_module, family_of, model_type
 
 #: names of a branch core's last output projection, tried in order (Llama-style, GPT-2, others)
 OUTPUT_PROJECTIONS = {
@@ -229,21 +229,6 @@ def output_projection(core: nn.Module, kind: str) -> tuple[str, nn.Module]:
 
 
 # ---------------------------------------------------------------------------------------- capture
-def _hidden(value: Any) -> torch.Tensor:
-    """The hidden-state tensor of a module's input or output (the first tensor of a tuple)."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
-    raise TypeError(f"cannot find the hidden state in a {type(value).__name__}")
-
-
-def _model_type(model: nn.Module) -> str:
-    config = getattr(model, "config", None)
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    return str(getattr(text, "model_type", None) or getattr(config, "model_type", None) or type(model).__name__)
-
-
 class _StreamTap:
     """Forward hooks on the dense model that keep, per forward pass, the stream states ``s_p`` and the
     branch outputs at the positions asked for. ``s_2i`` is the input of block ``i`` (pre-hook),
@@ -262,10 +247,10 @@ class _StreamTap:
 
         def keep(store: dict[int, torch.Tensor], key: int, output: bool):
             def pre(_module, args, kwargs):
-                store[key] = _hidden(args) if args else kwargs["hidden_states"]
+                store[key] = hidden_tensor(args) if args else kwargs["hidden_states"]
 
             def post(_module, _args, out):
-                store[key] = _hidden(out)
+                store[key] = hidden_tensor(out)
 
             return post if output else pre
 
@@ -329,13 +314,13 @@ class LinearHealing(Healing):
         try:
             family = family_of(dense)
         except UnitError as exc:
-            raise ValueError(f"linear healing cannot fold into model type {_model_type(dense)!r}: {exc}") from None
+            raise ValueError(f"linear healing cannot fold into model type {model_type(dense)!r}: {exc}") from None
         healable = [r for r in runs if r.previous is not None]
         for r in healable:
             block, kind = r.previous
             if family.branch(kind).post is not None:
                 raise ValueError(
-                    f"linear healing cannot fold into model type {_model_type(dense)!r}: its {kind} branch "
+                    f"linear healing cannot fold into model type {model_type(dense)!r}: its {kind} branch "
                     f"ends in a norm ({family.branch(kind).post}), so a linear map on the branch output is "
                     "not a change of its output projection"
                 )

@@ -119,6 +119,15 @@ def _n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def hidden_tensor(value: Any) -> torch.Tensor:
+    """The hidden-state tensor of a block's or branch's input or output (the first tensor of a tuple)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    raise TypeError(f"cannot find the hidden state in a {type(value).__name__}")
+
+
 def block_path(model: nn.Module) -> str:
     """Dotted attribute path of the block ``ModuleList`` (e.g. ``"model.layers"``).
 

@@ -18,16 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from algorithms.models.blocks import get_blocks
+from algorithms.models.blocks import get_blocks, hidden_tensor
 from algorithms.models.nll import batch_nll
-
-
-def _first_tensor(value):
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
-    raise TypeError(f"cannot find the hidden state in a block's {type(value).__name__}")
 
 
 @torch.inference_mode()
@@ -56,11 +48,11 @@ def capture_hidden_states(
         return hook
 
     def post_hook(_module, _args, output):
-        current[n_blocks] = _first_tensor(output).detach()
+        current[n_blocks] = hidden_tensor(output).detach()
 
     def branch_hook(index):
         def hook(_module, _args, output):
-            current[("attention", index)] = _first_tensor(output).detach()
+            current[("attention", index)] = hidden_tensor(output).detach()
 
         return hook
 

@@ -100,7 +100,8 @@ FAMILIES: dict[str, Family] = {
 PARALLEL_RESIDUAL = ("gptj", "gpt_neox", "falcon", "phi", "codegen", "cohere", "cohere2", "stablelm", "gpt_neox_japanese")
 
 
-def _model_type(model: nn.Module) -> str:
+def model_type(model: nn.Module) -> str:
+    """``config.model_type`` of a model (its decoder text config's for a composite model)."""
     config = getattr(model, "config", None)
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     return str(getattr(text, "model_type", None) or getattr(config, "model_type", None) or type(model).__name__)
@@ -124,7 +125,7 @@ def check_model_type(kind: str) -> Family:
 def family_of(model: nn.Module) -> Family:
     """The branch layout of ``model``'s blocks; :class:`UnitError` naming the family when sub-layers
     cannot be removed from it."""
-    kind = _model_type(model)
+    kind = model_type(model)
     family = check_model_type(kind)
     blocks = get_blocks(model)
     for kind_name in SUBLAYER_KINDS:
@@ -133,14 +134,6 @@ def family_of(model: nn.Module) -> Family:
             raise UnitError(f"model type {kind!r}: block 0 has no {', '.join(missing)} (expected by the "
                             f"{kind_name} branch layout)")
     return family
-
-
-def _first_tensor(value: Any) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
-    raise TypeError(f"cannot find the hidden state in a {type(value).__name__}")
 
 
 class DroppedBranch(nn.Module):
