@@ -447,6 +447,7 @@ class ListKind(str, Enum):
     selectors = "selectors"
     evaluations = "evaluations"
     executors = "executors"
+    healings = "healings"
     models = "models"
     tasks = "tasks"
 
@@ -456,14 +457,15 @@ def list_cmd(
     kind: ListKind,
     pattern: Annotated[str, typer.Argument(help="shell wildcard, e.g. 'mi_*'")] = "*",
 ) -> None:
-    """List registered metrics, selectors (built-in and plugins), zoo models or accuracy tasks."""
+    """List registered metrics, selectors, evaluations, executors, healings (built-in and plugins), zoo
+    models or accuracy tasks."""
     from rich.table import Table
 
     from estimators.registry import describe
 
     table = Table(title=kind.value)
     broken: dict[str, str] = {}
-    if kind in (ListKind.metrics, ListKind.selectors, ListKind.evaluations, ListKind.executors):
+    if kind in (ListKind.metrics, ListKind.selectors, ListKind.evaluations, ListKind.executors, ListKind.healings):
         registry = _registry(kind)
         extra = {ListKind.metrics: ["high means"], ListKind.evaluations: ["columns"]}.get(kind, [])
         for col in ["name", "origin", *extra, "description"]:
@@ -520,6 +522,10 @@ def _registry(kind: ListKind):
         from algorithms.evaluations import EVALUATIONS
 
         return EVALUATIONS
+    if kind is ListKind.healings:
+        from algorithms.healing import HEALINGS
+
+        return HEALINGS
     from bench.executors import EXECUTORS
 
     return EXECUTORS

@@ -88,6 +88,27 @@ def test_list_evaluations_and_executors():
     assert result.exit_code == 0
     origins = {name: row[1] for name, row in table_rows(result.stdout).items()}
     assert (origins["local"], origins["ray"]) == ("built-in", "built-in")
+    result = cli.invoke(app, ["list", "healings"])
+    assert result.exit_code == 0
+    origins = {name: row[1] for name, row in table_rows(result.stdout).items() if name}  # "": wrapped lines
+    assert origins == {"linear": "built-in", "lora": "built-in"}
+
+
+def test_units_and_healing_mistakes_exit_2_naming_the_key(tmp_path):
+    cases = [
+        ({"units": ["block", "head"]}, "units[1]: Input should be 'block', 'attention' or 'mlp'"),
+        ({"units": ["mlp", "mlp"]}, "units: units repeat: ['mlp', 'mlp']"),
+        ({"healing": ["lineer"]}, "healing[0].name: unknown healing 'lineer'. Did you mean 'linear'?"),
+        ({"healing": [{"name": "lora", "params": {"rank": 0}}]}, "healing[0].params:"),
+        ({"healing": [{"name": "none", "params": {"x": 1}}]}, "healing[0].params: 'none' takes no parameters"),
+        ({"units": ["attention"], "budgets": {"params": [0.7]}},
+         "budgets: budget {'params': 0.7} asks to remove 46 attention branches (to keep 70% of 134,515,008 parameters) but the model has 30 (30 removable)"),
+        ({"budgets": {"params": [1.5]}}, "budgets.params: share of parameters kept 1.5 must be"),
+    ]
+    for override, message in cases:
+        result = cli.invoke(app, ["validate", "--grid", str(write(tmp_path, {**SMALL_GRID, **override}))])
+        assert result.exit_code == 2, (override, result.output)
+        assert message in " ".join(result.output.split()), (override, result.output)
 
 
 def test_unknown_executor_exits_2_with_a_suggestion(tmp_path):
