@@ -55,7 +55,7 @@ from algorithms.evaluations import EVALUATIONS, EvalTarget, Evaluation
 from algorithms.selectors import SELECTORS, SelectionProblem
 from bench import __version__
 from bench.config import NO_HEALING, ComponentSpec, GridConfig
-from bench.grid import PROTOCOL_VERSION, Cell, calibration_label, short_hash
+from bench.grid import PROTOCOL_VERSION, Cell, calibration_label, canonical_json, short_hash
 from bench.progress import Reporter
 from bench.records import (
     CellRecord,
@@ -289,7 +289,7 @@ class Selection:
     proxy_seconds: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Removal:
     """What the ``transform`` step takes from a model: the ``unit`` (``block``, ``attention``, ``mlp``) of
     the blocks ``removed``, then an optional healing fitted on one calibration set. ``Removal(())`` is
@@ -311,6 +311,16 @@ class Removal:
     @property
     def dense(self) -> bool:
         return not self.removed
+
+    def _key(self) -> str:
+        healing = self.healing.model_dump() if self.healing is not None else None
+        return canonical_json([list(self.removed), self.unit, healing, self.calibration])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Removal) and self._key() == other._key()
+
+    def __hash__(self) -> int:  # a healing's params are a dict: hash the canonical form
+        return hash(self._key())
 
     def identity(self) -> dict[str, Any]:
         """What enters cache keys: the set, and the unit and healing only when not the defaults (so the

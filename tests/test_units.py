@@ -137,3 +137,37 @@ def test_bad_indices_are_refused():
     remove_units(model, "mlp", [1])
     with pytest.raises(ValueError, match="the mlp of block 1 is removed already"):
         remove_units(model, "mlp", [1])
+
+
+def test_validate_refuses_branch_units_for_a_parallel_residual_folder(tmp_path):
+    """`bench validate` reads the folder's config.json: a GPT-NeoX model cannot lose one branch (exit 2,
+    the model type named), and the same grid with units: [block] is fine as far as units go."""
+    import yaml
+    from transformers import GPTNeoXConfig
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+    from tests.conftest import SMALL_GRID
+
+    folder = tmp_path / "neox"
+    GPTNeoXConfig(num_hidden_layers=6, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                  vocab_size=101).save_pretrained(folder)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({**SMALL_GRID, "models": [str(folder)], "units": ["block", "attention"]}))
+    result = CliRunner().invoke(app, ["validate", "--grid", str(grid)])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert (f"units: ['attention'] for models[0] = '{folder}': cannot remove attention or MLP sub-layers from "
+            "model type 'gpt_neox': its attention and MLP branches run in parallel") in text
+
+
+def test_removals_are_hashable_and_equal_by_content():
+    """The Ray driver keys evaluation tasks by (model, Removal): a healing's params dict must not break it."""
+    from bench.config import ComponentSpec
+    from bench.stages import Removal
+
+    a = Removal((1, 2), "mlp", ComponentSpec(name="linear", params={"ridge": 0.1}), (("seed", 0),))
+    b = Removal((1, 2), "mlp", ComponentSpec(name="linear", params={"ridge": 0.1}), (("seed", 0),))
+    c = Removal((1, 2), "mlp", ComponentSpec(name="linear", params={"ridge": 0.2}), (("seed", 0),))
+    assert a == b and hash(a) == hash(b) and a != c
+    assert len({a, b, c, Removal((1, 2)), Removal((1, 2), "mlp")}) == 4

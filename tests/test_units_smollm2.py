@@ -132,3 +132,20 @@ def test_linear_healing_with_too_few_tokens_fails_its_cells_by_name(tmp_path):
     (record,) = summary.records
     assert record.status == "failed" and record.stage == "healing"
     assert "has 256 tokens: the least-squares problem is underdetermined" in record.error
+
+
+def test_ray_executor_gives_the_same_units_and_healing_records(units_run, tmp_path):
+    """The Ray executor keys evaluation tasks by removal (unit + healing + calibration): same records."""
+    pytest.importorskip("ray")
+    local = {r.cell_id: r for r in units_run["summary"].records}
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump(GRID))
+    summary = Runner(load_config(grid), tmp_path / "ray").run(executor="ray")
+    assert (summary.ran, summary.failed) == (6, 0), [r.error for r in summary.records]
+    for r in summary.records:
+        mine = local[r.cell_id]
+        assert (r.labels.unit, r.labels.healing, r.removed_blocks) == (mine.labels.unit, mine.labels.healing,
+                                                                      mine.removed_blocks)
+        assert r.evaluations["perplexity"].values["ppl_pruned"] == pytest.approx(
+            mine.evaluations["perplexity"].values["ppl_pruned"], rel=1e-5)
+        assert (r.healing is None) == (mine.healing is None)
