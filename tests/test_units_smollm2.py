@@ -139,9 +139,9 @@ def test_ray_executor_gives_the_same_units_and_healing_records(units_run, tmp_pa
     pytest.importorskip("ray")
     local = {r.cell_id: r for r in units_run["summary"].records}
     grid = tmp_path / "grid.yaml"
-    grid.write_text(yaml.safe_dump(GRID))
+    grid.write_text(yaml.safe_dump({**GRID, "units": ["mlp"]}))  # two of the six cells: none and linear
     summary = Runner(load_config(grid), tmp_path / "ray").run(executor="ray")
-    assert (summary.ran, summary.failed) == (6, 0), [r.error for r in summary.records]
+    assert (summary.ran, summary.failed) == (2, 0), [r.error for r in summary.records]
     for r in summary.records:
         mine = local[r.cell_id]
         assert (r.labels.unit, r.labels.healing, r.removed_blocks) == (mine.labels.unit, mine.labels.healing,
