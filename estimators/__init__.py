@@ -21,6 +21,7 @@ METRICS.register("bi", "estimators.metrics:BlockInfluence")
 METRICS.register("angular", "estimators.metrics:AngularDistance")
 METRICS.register("mi_gauss", "estimators.mi:GaussianMI")
 METRICS.register("mi_ksg", "estimators.mi:KSGMI")
+METRICS.register("mi_renyi", "estimators.mi:RenyiMI")
 METRICS.register("hsic", "estimators.kernel:HSIC")
 METRICS.register("cka_linear", "estimators.kernel:LinearCKA")
 

@@ -2,9 +2,10 @@
 
 Hidden states arrive as ``(..., d)`` (any leading token shape) in any float dtype. Estimators work on
 ``(N, d)`` rows in float32 or wider (:func:`promote`, :func:`flatten_states`, :func:`flatten_tokens`),
-draw token samples from a seeded CPU generator (:func:`sample_tokens`), bound memory by walking rows
-in chunks (:func:`row_chunks`), and keep CUDA matmuls in full float32 (:func:`no_tf32`). A pair
-estimator split into a per-depth and a per-pair part is put back together by :func:`on_both_sides`.
+draw token samples from a seeded CPU generator (:func:`sample_tokens`; the same tokens at every depth:
+:func:`sample_depth_tokens`), bound memory by walking rows in chunks (:func:`row_chunks`), and keep
+CUDA matmuls in full float32 (:func:`no_tf32`). A pair estimator split into a per-depth and a per-pair
+part is put back together by :func:`on_both_sides`.
 """
 
 from __future__ import annotations
@@ -63,6 +64,19 @@ def sample_tokens(z: Tensor, n_tokens: int | None, generator: torch.Generator) -
     if n_tokens is None or z.shape[0] <= n_tokens:
         return z
     return z[torch.randperm(z.shape[0], generator=generator)[:n_tokens].to(z.device)]
+
+
+def sample_depth_tokens(states: Tensor, n_tokens: int | None, generator: torch.Generator) -> Tensor:
+    """The same token sample at every depth of ``states`` ``(depths, ..., d)``, as ``(depths, 1, n, d)``:
+    ``out[i, 0]`` holds the rows :func:`sample_tokens` would pick from ``states[i]`` flattened with a
+    generator in ``generator``'s state (so a metric's ``select_tokens`` and its per-depth sampling agree),
+    gathered once for all depths without copying the rest."""
+    if states.dim() < 2 or states.shape[-1] == 0:
+        raise ValueError(f"states need a depth and a feature dimension, got {tuple(states.shape)}")
+    flat = states.reshape(states.shape[0], -1, states.shape[-1])
+    if n_tokens is not None and flat.shape[1] > n_tokens:
+        flat = flat[:, torch.randperm(flat.shape[1], generator=generator)[:n_tokens].to(states.device)]
+    return flat[:, None]
 
 
 def row_chunks(n: int, chunk_size: int) -> Iterator[slice]:
