@@ -5,7 +5,7 @@ A selector is a small class (optuna-sampler style): set ``name`` and ``version``
 scores are already oriented as *redundancy* (high = safe to remove) so no selector guesses a sign.
 
 One-shot rules (``topk``) use the scores only. Search selectors (``iterative``, ``span``, ``fbs``,
-``exhaustive``, ``optuna``) evaluate candidate sets with an *objective* (a loss, lower = better to
+``exhaustive``, ``optuna``, and ``ising`` in :mod:`algorithms.ising`) evaluate candidate sets with an *objective* (a loss, lower = better to
 remove; see :mod:`algorithms.objectives`) named by their ``objective`` parameter and taken from
 ``problem.objectives``; ``SelectionResult.evaluations`` is the number of distinct sets they asked for.
 """

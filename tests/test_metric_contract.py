@@ -27,7 +27,7 @@ def test_unknown_parameter_is_refused(name):
     metric_contract.check_unknown_parameter_refused(name)
 
 
-SELECTOR_PARAMS = {"optuna": {"trials": 12}, "iterative": {"objective": "proxy_sum"}}
+SELECTOR_PARAMS = {"optuna": {"trials": 12}, "iterative": {"objective": "proxy_sum"}, "ising": {"objective": "proxy_sum"}}
 
 
 @pytest.mark.parametrize("name", SELECTORS.list())

@@ -55,7 +55,7 @@ def test_problem_validation():
 # ---------------------------------------------------------------------------------------------------
 # search selectors on synthetic objectives with a known optimum
 
-SEARCHERS = ["iterative", "span", "fbs", "exhaustive", "optuna"]
+SEARCHERS = ["iterative", "span", "fbs", "exhaustive", "optuna", "ising"]
 
 
 def pairwise_instance(seed, n=12, k=3, scale=0.5, protected=frozenset()):
