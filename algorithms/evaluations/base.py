@@ -36,7 +36,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
+
+from algorithms.params import Parameterised, Params
 
 if TYPE_CHECKING:  # torch is imported by whoever measures; reading a grid's sections does not need it
     import torch
@@ -44,12 +46,6 @@ if TYPE_CHECKING:  # torch is imported by whoever measures; reading a grid's sec
     from algorithms.progress import Progress
 
 Aggregate = Literal["mean", "median"]
-
-
-class Params(BaseModel):
-    """Base of an evaluation's parameters: frozen, unknown keys refused."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 @dataclass(frozen=True)
@@ -124,7 +120,7 @@ class EvalTarget:
             yield model
 
 
-class Evaluation(abc.ABC):
+class Evaluation(Parameterised, abc.ABC):
     """Base class of evaluations (registry ``algorithms.evaluations.EVALUATIONS``, plugin group
     ``blockbench.evaluations``). Subclasses set ``name``, ``version``, ``Params`` and implement
     :meth:`columns`, :meth:`measure` and :meth:`values`."""
@@ -138,16 +134,6 @@ class Evaluation(abc.ABC):
     machine_dependent: ClassVar[bool] = False
     #: parameters that change how fast it runs, not what it measures: left out of :meth:`describe`
     speed_only: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self, params: Params | dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if isinstance(params, Params):
-            if kwargs:
-                raise TypeError("give parameters either as a Params object or as keywords, not both")
-            if not isinstance(params, self.Params):
-                raise TypeError(f"{self.name}: expected {self.Params.__name__}, got {type(params).__name__}")
-            self.params = params
-        else:
-            self.params = self.Params.model_validate({**(params or {}), **kwargs})
 
     def describe(self) -> dict[str, Any]:
         """The resolved identity: name, version and every parameter with its default filled in."""

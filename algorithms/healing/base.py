@@ -18,8 +18,9 @@ import operator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
+from algorithms.params import Parameterised, Params
 from algorithms.progress import Progress, report
 
 if TYPE_CHECKING:  # torch is imported by whoever heals; reading a grid does not need it
@@ -28,12 +29,6 @@ if TYPE_CHECKING:  # torch is imported by whoever heals; reading a grid does not
 #: the pruning units a target may name (``algorithms.models.units.UNIT_KINDS``, repeated here so that
 #: reading this module imports no torch)
 UNITS = ("block", "attention", "mlp")
-
-
-class Params(BaseModel):
-    """Base of a healing method's parameters: frozen, unknown keys refused."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 @dataclass
@@ -90,7 +85,7 @@ class HealOutcome:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-class Healing(abc.ABC):
+class Healing(Parameterised, abc.ABC):
     """Base class of healing methods (registry ``algorithms.healing.HEALINGS``, plugin group
     ``blockbench.healings``). Subclasses set ``name``, ``version``, ``Params`` and implement
     :meth:`heal`."""
@@ -98,16 +93,6 @@ class Healing(abc.ABC):
     name: ClassVar[str] = ""
     version: ClassVar[str] = "1"
     Params: ClassVar[type[Params]] = Params
-
-    def __init__(self, params: Params | dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if isinstance(params, Params):
-            if kwargs:
-                raise TypeError("give parameters either as a Params object or as keywords, not both")
-            if not isinstance(params, self.Params):
-                raise TypeError(f"{self.name}: expected {self.Params.__name__}, got {type(params).__name__}")
-            self.params = params
-        else:
-            self.params = self.Params.model_validate({**(params or {}), **kwargs})
 
     def describe(self) -> dict[str, Any]:
         """The resolved identity: name, version and every parameter with its default filled in."""

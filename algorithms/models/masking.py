@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 
 from torch import nn
 
-from algorithms.models.blocks import removal_changes
+from algorithms.models.blocks import Change, removal_changes
 
 _MISSING = object()
 
@@ -32,9 +32,17 @@ _MISSING = object()
 @contextlib.contextmanager
 def skip_blocks(model: nn.Module, blocks: Iterable[int]) -> Iterator[nn.Module]:
     """Within the ``with`` block, ``model`` runs without ``blocks`` (current numbering); yields it."""
+    with applied(model, removal_changes(model, blocks)):
+        yield model
+
+
+@contextlib.contextmanager
+def applied(model: nn.Module, changes: Iterable[Change]) -> Iterator[nn.Module]:
+    """Within the ``with`` block, every ``(object, attribute, value)`` of ``changes`` is assigned; on exit
+    each attribute gets its original object back (or is deleted again), even when the body raises."""
     saved: list[tuple[object, str, object]] = []
     try:
-        for obj, attr, value in removal_changes(model, blocks):
+        for obj, attr, value in changes:
             saved.append((obj, attr, getattr(obj, attr, _MISSING)))
             setattr(obj, attr, value)
         yield model

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,25 +233,12 @@ def pruned_units_copy(model: nn.Module, unit: str, indices: Iterable[int] | int)
     return remove_units(copy.deepcopy(model), unit, indices)
 
 
-_MISSING = object()
-
-
-@contextlib.contextmanager
-def skip_units(model: nn.Module, unit: str, indices: Iterable[int]) -> Iterator[nn.Module]:
+def skip_units(model: nn.Module, unit: str, indices: Iterable[int]) -> contextlib.AbstractContextManager:
     """Within the ``with`` block, ``model`` runs without the ``unit`` of blocks ``indices`` (no copy:
     the modules are swapped in place and put back on exit, even when the body raises)."""
-    saved: list[tuple[object, str, object]] = []
-    try:
-        for obj, attr, value in unit_changes(model, unit, indices):
-            saved.append((obj, attr, getattr(obj, attr, _MISSING)))
-            setattr(obj, attr, value)
-        yield model
-    finally:
-        for obj, attr, value in reversed(saved):
-            if value is _MISSING:
-                delattr(obj, attr)
-            else:
-                setattr(obj, attr, value)
+    from algorithms.models.masking import applied
+
+    return applied(model, unit_changes(model, unit, indices))
 
 
 def unit_parameters(model: nn.Module, unit: str) -> list[int]:
