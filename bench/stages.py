@@ -438,7 +438,7 @@ class Pipeline:
         timer = Timer(self.device)
         with timer.stage("capture"):
             states, stats = capture_hidden_states(loaded.model, ids, batch_size=self.config.calibration.batch_size,
-                                                  sublayers=sublayers)
+                                                  sublayers=sublayers, progress=self.reporter.step("capture"))
         self.counters["captures"] += 1
         self.seconds["capture"] += timer.times["capture"]
         if not torch.isfinite(states).all():

@@ -36,3 +36,16 @@ def test_hooks_are_removed():
     model = tiny_llama()
     capture_hidden_states(model, torch.zeros(1, 4, dtype=torch.long))
     assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in model.model.layers)
+
+
+def test_capture_and_mean_nll_report_windows_done():
+    from algorithms.models.nll import mean_nll
+
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (5, 8), generator=torch.Generator().manual_seed(0))
+    calls = []
+    capture_hidden_states(model, ids, batch_size=2, progress=lambda *a: calls.append(a))
+    assert calls == [("windows", 2, 5, "windows"), ("windows", 4, 5, "windows"), ("windows", 5, 5, "windows")]
+    calls.clear()
+    mean_nll(model, ids, batch_size=3, progress=lambda *a: calls.append(a))
+    assert calls == [("windows", 3, 5, "windows"), ("windows", 5, 5, "windows")]

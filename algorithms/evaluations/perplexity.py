@@ -20,11 +20,12 @@ if TYPE_CHECKING:
     import torch
 
 
-def perplexity(model, windows: torch.Tensor, *, batch_size: int = 4) -> dict[str, float]:
-    """Return ``{"ppl", "nll", "tokens"}`` of ``model`` on ``windows`` (LongTensor ``(W, T)``)."""
+def perplexity(model, windows: torch.Tensor, *, batch_size: int = 4, progress=None) -> dict[str, float]:
+    """Return ``{"ppl", "nll", "tokens"}`` of ``model`` on ``windows`` (LongTensor ``(W, T)``;
+    ``progress``: an :data:`algorithms.progress.Progress` told the windows done)."""
     from algorithms.models.nll import mean_nll, perplexity_of
 
-    nll, tokens = mean_nll(model, windows, batch_size=batch_size)
+    nll, tokens = mean_nll(model, windows, batch_size=batch_size, progress=progress)
     return {"ppl": perplexity_of(nll), "nll": nll, "tokens": tokens}
 
 
@@ -57,7 +58,7 @@ class Perplexity(Evaluation):
         p = self.params
         windows = heldout_windows(target.tokenizer, p.source, seq_len=p.seq_len, max_windows=p.max_windows)
         with target.pruned() as model:
-            return perplexity(model, windows, batch_size=p.batch_size)
+            return perplexity(model, windows, batch_size=p.batch_size, progress=target.progress)
 
     def values(self, dense: dict[str, Any] | None, pruned: dict[str, Any]) -> dict[str, float | None]:
         return {"ppl_pruned": pruned["ppl"], "ppl_dense": dense["ppl"] if dense else None}

@@ -20,12 +20,13 @@ import torch
 
 from algorithms.models.blocks import get_blocks, hidden_tensor
 from algorithms.models.nll import batch_nll
+from algorithms.progress import Progress, report
 
 
 @torch.inference_mode()
 def capture_hidden_states(
     model, input_ids: torch.Tensor, *, batch_size: int = 4, store_dtype: torch.dtype = torch.float32,
-    sublayers: bool = False,
+    sublayers: bool = False, progress: Progress | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Run ``input_ids`` (``(samples, seq_len)``) through ``model`` and return ``(states, stats)``
     (``sublayers``: the stream between the branches too, see the module doc).
@@ -85,6 +86,7 @@ def capture_hidden_states(
                     states[2 * i + 1, rows] = (current[i] + hidden).to("cpu", store_dtype)
                 else:
                     states[2 * where if sublayers else where, rows] = hidden.to("cpu", store_dtype)
+            report(progress, "windows", rows.stop, samples, "windows")
     finally:
         for h in handles:
             h.remove()

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from algorithms.progress import Progress, report
+
 
 def batch_nll(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, int]:
     """Summed next-token NLL (float64) and the number of predicted tokens of one batch ``(B, T)``
@@ -24,9 +26,10 @@ def batch_nll(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, int]:
 
 
 @torch.inference_mode()
-def mean_nll(model: torch.nn.Module, input_ids: torch.Tensor, *, batch_size: int = 4) -> tuple[float, int]:
+def mean_nll(model: torch.nn.Module, input_ids: torch.Tensor, *, batch_size: int = 4,
+             progress: Progress | None = None) -> tuple[float, int]:
     """Mean next-token NLL of ``model`` over the rows of ``input_ids`` ``(W, T >= 2)`` and the number
-    of predicted tokens, ``W * (T - 1)``."""
+    of predicted tokens, ``W * (T - 1)`` (``progress``: told the windows done)."""
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must have shape (W, T >= 2), got {tuple(input_ids.shape)}")
     if batch_size < 1:
@@ -37,6 +40,7 @@ def mean_nll(model: torch.nn.Module, input_ids: torch.Tensor, *, batch_size: int
         nll, n = batch_nll(model, input_ids[start : start + batch_size].to(device))
         total += nll
         tokens += n
+        report(progress, "windows", min(start + batch_size, input_ids.shape[0]), input_ids.shape[0], "windows")
     return total / tokens, tokens
 
 
