@@ -145,7 +145,9 @@ class ObjectiveFactory:
     orientation) seeds the length-1 span scores, so ``proxy_sum`` agrees exactly with the scores a
     selection problem carries. ``share`` is another factory whose ``loss`` objective (which does not
     depend on the metric) is reused, so cells with different metrics on the same model and
-    calibration batch share true-loss evaluations. ``fingerprint`` identifies model + calibration
+    calibration batch share true-loss evaluations; ``loss`` passes that objective in directly.
+    ``run_score(start, length)`` scores a run of blocks for ``proxy_span`` when the metric has no
+    hidden-state span scores (a model metric). ``fingerprint`` identifies model + calibration
     data (it enters Optuna study names).
     """
 
@@ -165,6 +167,8 @@ class ObjectiveFactory:
         span_scores: Callable[[int], torch.Tensor] | None = None,
         fingerprint: str | None = None,
         unit: str = "block",
+        loss: Objective | None = None,
+        run_score: Callable[[int, int], float] | None = None,
     ) -> None:
         if true_loss not in ("nll", "ppl"):
             raise ValueError(f"true_loss must be 'nll' or 'ppl', got {true_loss!r}")
@@ -188,6 +192,12 @@ class ObjectiveFactory:
         same = (share is not None and share.model is model and share.input_ids is input_ids
                 and share.unit == unit)
         self._shared: dict[str, Objective] = share._shared if same else {}
+        if loss is not None:  # a memoised loss of this model and these windows, kept by the caller
+            self._shared["loss"] = loss
+        #: (start, length) -> score of the run (raw orientation), for metrics whose run scores do not come
+        #: from hidden states (model metrics: :meth:`algorithms.model_metrics.ModelMetric.span_score`)
+        self._run_score = run_score
+        self._runs: dict[tuple[int, int], float] = {}
         self._spans: dict[int, list[float]] = {}
         if block_scores is not None:
             self._spans[1] = [float(v) for v in torch.as_tensor(block_scores, dtype=torch.float64).tolist()]
@@ -216,7 +226,12 @@ class ObjectiveFactory:
 
     def span_importance(self, start: int, length: int) -> float:
         """Importance of the run ``[start, start + length)`` (lower = more removable)."""
-        raw = self._span_scores(length)[start]
+        if length > 1 and self._run_score is not None:
+            if (start, length) not in self._runs:
+                self._runs[start, length] = float(self._run_score(start, length))
+            raw = self._runs[start, length]
+        else:
+            raw = self._span_scores(length)[start]
         return raw if self.higher_is_important else -raw
 
     # ------------------------------------------------------------------ builders
@@ -242,7 +257,7 @@ class ObjectiveFactory:
             raise ValueError(f"objective {kind!r} needs the metric's orientation (higher_is_important)")
         if states_or_scores and 1 in self._spans:
             return
-        if self._span_fn is None and (self._states is None or self.metric is None):
+        if self._span_fn is None and self._run_score is None and (self._states is None or self.metric is None):
             raise ValueError(f"objective {kind!r} needs hidden states and a metric; this factory lacks them")
 
     def _span_scores(self, n: int) -> list[float]:

@@ -466,23 +466,26 @@ def list_cmd(
     table = Table(title=kind.value)
     broken: dict[str, str] = {}
     if kind in (ListKind.metrics, ListKind.selectors, ListKind.evaluations, ListKind.executors, ListKind.healings):
-        registry = _registry(kind)
-        extra = {ListKind.metrics: ["high means"], ListKind.evaluations: ["columns"]}.get(kind, [])
+        registries = _registries(kind)
+        extra = {ListKind.metrics: ["high means", "scores from"], ListKind.evaluations: ["columns"]}.get(kind, [])
         for col in ["name", "origin", *extra, "description"]:
             table.add_column(col)
-        for name in registry.list(pattern):
+        rows = sorted((name, registry) for registry in registries for name in registry.list(pattern))
+        for name, registry in rows:
             if (why := registry.error(name)) is not None:  # a broken plugin: shown, never fatal
                 table.add_row(name, registry.origin(name), *([""] * len(extra)), f"[red]broken: {why}[/red]")
                 continue
             obj = registry.get(name)
             if kind is ListKind.metrics:
-                cells = ["important" if obj.higher_is_important else "redundant"]
+                cells = ["important" if obj.higher_is_important else "redundant",
+                         "the model" if registry is registries[-1] else "hidden states"]
             elif kind is ListKind.evaluations:
                 cells = [_column_summary(obj)]
             else:
                 cells = []
             table.add_row(name, registry.origin(name), *cells, describe(obj))
-        broken = {k: v for k, v in registry.errors().items() if k not in registry.list(pattern)}
+        broken = {k: v for registry in registries for k, v in registry.errors().items()
+                  if k not in registry.list(pattern)}
     elif kind is ListKind.models:
         from algorithms.models.zoo import MODELS
 
@@ -509,26 +512,28 @@ def list_cmd(
         err.print(f"[red]plugin not loaded:[/red] {name}: {why}")
 
 
-def _registry(kind: ListKind):
+def _registries(kind: ListKind) -> list:
+    """The registries a ``bench list`` kind shows (metrics: those of hidden states, then of models)."""
     if kind is ListKind.metrics:
+        from algorithms import MODEL_METRICS
         from estimators import METRICS
 
-        return METRICS
+        return [METRICS, MODEL_METRICS]
     if kind is ListKind.selectors:
         from algorithms.selectors import SELECTORS
 
-        return SELECTORS
+        return [SELECTORS]
     if kind is ListKind.evaluations:
         from algorithms.evaluations import EVALUATIONS
 
-        return EVALUATIONS
+        return [EVALUATIONS]
     if kind is ListKind.healings:
         from algorithms.healing import HEALINGS
 
-        return HEALINGS
+        return [HEALINGS]
     from bench.executors import EXECUTORS
 
-    return EXECUTORS
+    return [EXECUTORS]
 
 
 def _column_summary(cls) -> str:

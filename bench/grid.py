@@ -18,10 +18,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from algorithms import SELECTORS
+from algorithms import MODEL_METRICS, SELECTORS
 from bench.config import NO_HEALING, ComponentSpec, ConfigError, GridConfig
 from estimators import METRICS
-from estimators.registry import RegistryError, resolve_params
+from estimators.registry import RegistryError, find, resolve_params
 
 #: bump when hidden-state capture, data windowing or the perplexity protocol change their numbers
 PROTOCOL_VERSION = "2"  # 2: BOS leads each window for tokenizers that add one
@@ -44,6 +44,23 @@ def device_type(device: str) -> str:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device.split(":", 1)[0]
+
+
+def metric_registry(name: str):
+    """The registry of the metric ``name``: :data:`estimators.METRICS` (scores from hidden states) or
+    :data:`algorithms.MODEL_METRICS` (scores that run the model: ``ppl``, ``taylor``). ``RegistryError``
+    with a did-you-mean over both when it is in neither."""
+    return find(name, METRICS, MODEL_METRICS)
+
+
+def metric_class(name: str) -> Any:
+    """The class of the metric ``name``, whichever registry holds it."""
+    return metric_registry(name).get(name)
+
+
+def is_model_metric(name: str) -> bool:
+    """Whether the metric ``name`` runs the model (no hidden states needed to score it)."""
+    return metric_registry(name) is MODEL_METRICS
 
 
 def resolved_component(registry, spec: ComponentSpec) -> dict[str, Any]:
@@ -91,7 +108,7 @@ class Cell:
 
     @cached_property
     def metric_identity(self) -> dict[str, Any]:
-        return resolved_component(METRICS, self.metric)
+        return resolved_component(metric_registry(self.metric.name), self.metric)
 
     @cached_property
     def selector_identity(self) -> dict[str, Any]:
@@ -241,17 +258,21 @@ def _check_component(kind: str, registry, index: int, spec: ComponentSpec) -> No
 def validate(config: GridConfig) -> list[Cell]:
     """Check names, parameters, sources, models and budgets without running anything."""
     # names first, from the registries alone (no module imported: a typo is reported at once)
-    for kind, registry, specs in (("metrics", METRICS, config.metrics), ("selectors", SELECTORS, config.selectors)):
-        for i, spec in enumerate(specs):
-            if spec.name not in registry:
-                raise ConfigError(f"{kind}[{i}].name: {registry.unknown_message(spec.name)}")
+    for i, spec in enumerate(config.metrics):
+        try:
+            metric_registry(spec.name)
+        except RegistryError as exc:
+            raise ConfigError(f"metrics[{i}].name: {exc}") from None
+    for i, spec in enumerate(config.selectors):
+        if spec.name not in SELECTORS:
+            raise ConfigError(f"selectors[{i}].name: {SELECTORS.unknown_message(spec.name)}")
     for i, spec in enumerate(config.healing):
         _check_healing(i, spec)
     from algorithms.data import DataError, check_source
     from algorithms.models.zoo import model_block_count, model_width
 
     for i, m in enumerate(config.metrics):
-        _check_component("metrics", METRICS, i, m)
+        _check_component("metrics", metric_registry(m.name), i, m)
     for i, s in enumerate(config.selectors):
         _check_component("selectors", SELECTORS, i, s)
     sources = [("calibration.source", config.calibration.source)]
@@ -283,7 +304,7 @@ def validate(config: GridConfig) -> list[Cell]:
             n_tokens = variant["samples"] * variant["seq_len"]
             for j, spec in enumerate(config.metrics):
                 try:
-                    METRICS.get(spec.name)(**spec.params).check_input(n_tokens, width)
+                    metric_class(spec.name)(**spec.params).check_input(n_tokens, width)
                 except ValueError as exc:
                     raise ConfigError(f"metrics[{j}].params: {exc} (models[{i}] = {model.name!r}"
                                       f"{_variant_note(config, variant, keys)})") from None

@@ -55,7 +55,15 @@ from algorithms.evaluations import EVALUATIONS, EvalTarget, Evaluation
 from algorithms.selectors import SELECTORS, SelectionProblem
 from bench import __version__
 from bench.config import NO_HEALING, ComponentSpec, GridConfig
-from bench.grid import PROTOCOL_VERSION, Cell, calibration_label, canonical_json, short_hash
+from bench.grid import (
+    PROTOCOL_VERSION,
+    Cell,
+    calibration_label,
+    canonical_json,
+    is_model_metric,
+    metric_class,
+    short_hash,
+)
 from bench.progress import Reporter
 from bench.records import (
     CellRecord,
@@ -67,7 +75,6 @@ from bench.records import (
     SelectorOutcome,
 )
 from bench.store import ResultStore
-from estimators import METRICS
 
 #: objectives every chosen set is scored on in its record (lower = better set to remove)
 PROXY_OBJECTIVES = ("proxy_sum", "proxy_span")
@@ -247,6 +254,18 @@ class CapturedStates:
     objectives: dict[tuple[str, str], Any] = field(default_factory=dict)
     sublayers: bool = False
     block_key: str = ""
+    #: the calibration loss of removal sets per unit kind, memoised: shared by model-metric scoring
+    #: (``ppl``) and every search objective ``loss`` of the group
+    losses: dict[str, Any] = field(default_factory=dict)
+
+    def loss(self, model: torch.nn.Module, unit: str, batch_size: int) -> Any:
+        """The group's memoised ``loss`` objective (:class:`algorithms.objectives.Objective`) for ``unit``."""
+        if unit not in self.losses:
+            from algorithms.objectives import ObjectiveFactory
+
+            self.losses[unit] = ObjectiveFactory(model=model, input_ids=self.input_ids, batch_size=batch_size,
+                                                 unit=unit).get("loss")
+        return self.losses[unit]
 
     def on_device(self, device: torch.device) -> torch.Tensor:
         if self.device_states is None:
@@ -456,13 +475,18 @@ class Pipeline:
                               cached=False, sublayers=sublayers, block_key=block_key)
 
     # ------------------------------------------------------------------ score
-    def score(self, captured: CapturedStates, cell: Cell) -> Scores:
+    def score(self, captured: CapturedStates, cell: Cell, loaded: LoadedModel | None = None) -> Scores:
         """The cell's metric on every unit, once per (hidden states, resolved metric). A block compares the
         states entering and leaving it; an attention (MLP) branch the states entering and leaving the
         branch: the metric scores every step of the sub-layer stream once, and each branch kind takes
-        its steps (cached once for both)."""
+        its steps (cached once for both). A model metric (``ppl``, ``taylor``) runs ``loaded``'s model on
+        the group's calibration windows instead, once per unit kind."""
         identity = cell.metric_identity
-        cls = METRICS.get(cell.metric.name)
+        cls = metric_class(cell.metric.name)
+        if is_model_metric(cell.metric.name):
+            if loaded is None:
+                raise RuntimeError(f"metric {cell.metric.name!r} runs the model; score() needs the loaded model")
+            return self._score_model(captured, cell, cls, loaded)
         sublayer = cell.unit != "block"
         if sublayer and not captured.sublayers:
             raise RuntimeError(f"unit {cell.unit!r} needs the sub-layer stream; this group captured blocks only")
@@ -470,29 +494,59 @@ class Pipeline:
         key = short_hash({"hidden": hidden, "metric": identity, "device": self.device.type})
         steps = 2 * captured.n_blocks if sublayer else captured.n_blocks
         pick = {"block": slice(None), "attention": slice(0, None, 2), "mlp": slice(1, None, 2)}[cell.unit]
-        cached = self.store.get_json("scores", key)
+        cached = self._cached_scores(key, steps, bool(cls.higher_is_important))
         if cached is not None:
-            why = _unusable_scores(cached, steps, bool(cls.higher_is_important))
-            if why is None:
-                return Scores(values=torch.tensor(cached["scores"], dtype=torch.float64)[pick],
-                              higher_is_important=cached["higher_is_important"], seconds=float(cached["seconds"]),
-                              cached=True)
-            self.store.distrust("scores", key, why)
+            return Scores(values=cached.values[pick], higher_is_important=cached.higher_is_important,
+                          seconds=cached.seconds, cached=True)
         metric = cls(**cell.metric.params)
         states = captured.on_device(self.device) if sublayer else captured.blocks(self.device)
         timer = Timer(self.device)
         with timer.stage("scoring"):
             values = metric.score_blocks(states).cpu()
+        scores = self._store_scores(key, cell, cls, values, timer.times["scoring"])
+        return Scores(values=scores.values[pick], higher_is_important=scores.higher_is_important,
+                      seconds=scores.seconds, cached=False)
+
+    def _score_model(self, captured: CapturedStates, cell: Cell, cls: Any, loaded: LoadedModel) -> Scores:
+        from algorithms.model_metrics import ScoringTarget
+
+        key = short_hash({"calibration": captured.block_key or captured.key, "metric": cell.metric_identity,
+                          "unit": cell.unit, "device": self.device.type})
+        cached = self._cached_scores(key, captured.n_blocks, bool(cls.higher_is_important))
+        if cached is not None:
+            return cached
+        batch_size = self.config.calibration.batch_size
+        target = ScoringTarget(model=loaded.model, input_ids=captured.input_ids, unit=cell.unit,
+                               batch_size=batch_size, progress=self.reporter.step(cell.metric.label()),
+                               loss=captured.loss(loaded.model, cell.unit, batch_size))
+        timer = Timer(self.device)
+        with timer.stage("scoring"):
+            values = cls(**cell.metric.params).score_units(target).to(torch.float64).cpu()
+        return self._store_scores(key, cell, cls, values, timer.times["scoring"])
+
+    def _cached_scores(self, key: str, n: int, higher_is_important: bool) -> Scores | None:
+        cached = self.store.get_json("scores", key)
+        if cached is None:
+            return None
+        why = _unusable_scores(cached, n, higher_is_important)
+        if why is not None:
+            self.store.distrust("scores", key, why)
+            return None
+        return Scores(values=torch.tensor(cached["scores"], dtype=torch.float64),
+                      higher_is_important=cached["higher_is_important"], seconds=float(cached["seconds"]),
+                      cached=True)
+
+    def _store_scores(self, key: str, cell: Cell, cls: Any, values: torch.Tensor, seconds: float) -> Scores:
         self.counters["scorings"] += 1
-        self.seconds["scoring"] += timer.times["scoring"]
+        self.seconds["scoring"] += seconds
         if not torch.isfinite(values).all():
             bad = [i for i, s in enumerate(values.tolist()) if s != s or abs(s) == float("inf")]
             raise FloatingPointError(f"metric {cell.metric.name!r} gave non-finite scores for blocks {bad}")
-        self.store.put_json("scores", key, {"scores": values.tolist(), "seconds": timer.times["scoring"],
+        self.store.put_json("scores", key, {"scores": values.tolist(), "seconds": seconds,
                                             "device": str(self.device),
                                             "higher_is_important": cls.higher_is_important})
-        return Scores(values=values[pick], higher_is_important=bool(cls.higher_is_important),
-                      seconds=timer.times["scoring"], cached=False)
+        return Scores(values=values, higher_is_important=bool(cls.higher_is_important), seconds=seconds,
+                      cached=False)
 
     # ------------------------------------------------------------------ select
     def select(self, cell: Cell, loaded: LoadedModel, captured: CapturedStates, scores: Scores) -> Selection:
@@ -503,17 +557,29 @@ class Pipeline:
         selector = SELECTORS.get(cell.selector.name)(**cell.selector.params)
         label = (cell.unit, cell.metric.label())
         if label not in captured.objectives:
-            # one factory per (calibration group, unit, metric); those of one unit share true-loss results
+            # one factory per (calibration group, unit, metric); they share the group's true-loss results
             from algorithms.objectives import ObjectiveFactory
+
+            batch_size = self.config.calibration.batch_size
+            loss = captured.loss(loaded.model, cell.unit, batch_size)
+            metric = metric_class(cell.metric.name)(**cell.metric.params)
+            run_score = None
+            if is_model_metric(cell.metric.name):  # runs of blocks scored by the model, not by states
+                from algorithms.model_metrics import ScoringTarget
+
+                target = ScoringTarget(model=loaded.model, input_ids=captured.input_ids, unit=cell.unit,
+                                       batch_size=batch_size, loss=loss)
+                values = scores.values
+
+                def run_score(start: int, length: int) -> float:
+                    return metric.span_score(values, start, length, target)
 
             captured.objectives[label] = ObjectiveFactory(
                 model=loaded.model, input_ids=captured.input_ids,
-                states=lambda: captured.blocks(self.device),
-                metric=METRICS.get(cell.metric.name)(**cell.metric.params),
-                higher_is_important=scores.higher_is_important, block_scores=scores.values,
-                batch_size=self.config.calibration.batch_size, fingerprint=captured.key,
-                share=next((f for (u, _), f in captured.objectives.items() if u == cell.unit), None),
-                unit=cell.unit,
+                states=None if run_score is not None else (lambda: captured.blocks(self.device)),
+                metric=metric, higher_is_important=scores.higher_is_important, block_scores=scores.values,
+                batch_size=batch_size, fingerprint=captured.key, unit=cell.unit, loss=loss,
+                run_score=run_score,
             )
         factory = captured.objectives[label]
         problem = SelectionProblem(
@@ -728,7 +794,7 @@ class Pipeline:
             states: CapturedStates = captured.get()
             stage = "scoring"
             self.reporter.stage(f"{cell.metric.label()}: scoring")
-            scores = self.score(states, cell)
+            scores = self.score(states, cell, loaded)
             stage = "selection"
             selection = self.select(cell, loaded, states, scores)
         except CELL_FAILURES as exc:  # one failing cell never stops the grid (Ctrl-C does)

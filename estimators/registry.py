@@ -179,6 +179,21 @@ class Registry(Generic[T]):
         return f"Registry({self.kind!r}, {self.list()})"
 
 
+def find(name: str, *registries: Registry[Any]) -> Registry[Any]:
+    """The one of ``registries`` that holds ``name``: one axis served by several registries (a grid's
+    metrics: those of hidden states and those of models). Unknown names get a did-you-mean over all of
+    them; a name held by two is an error naming both origins."""
+    holders = [r for r in registries if name in r]
+    if len(holders) > 1:
+        origins = " and by ".join(r.origin(name) for r in holders)
+        raise RegistryError(f"{holders[0].kind} {name!r} is registered twice: by {origins}")
+    if not holders:
+        names = sorted({n for r in registries for n in r.list()})
+        raise RegistryError(f"unknown {registries[0].kind} {name!r}.{did_you_mean(name, names)} "
+                            f"Known: {', '.join(names)}")
+    return holders[0]
+
+
 def _import(target: str) -> Any:
     """The object a ``module:attr.sub`` string names."""
     module_name, _, attr = target.partition(":")
