@@ -336,13 +336,16 @@ def validate(grid: GridOpt, allow_remote_code: AllowRemoteOpt = False) -> None:
     """Check a grid config (keys, names, parameters, sources, budgets) without running it."""
     config, cells = _load(grid, allow_remote_code)
     n_variants = len(config.calibration_variants())
+    pairs = ((f"{len(config.units)} unit kind(s) × " if config.units != ["block"] else "")
+             + (f"{len(config.healing)} healing(s) × " if [h.name for h in config.healing] != ["none"] else "")
+             + f"{len(config.metrics)} metric(s) × {len(config.selectors)} selector(s)") if config.metrics else ""
+    methods = f"{len(config.methods)} method(s)" if config.methods else ""
+    # the methods are not crossed with units and healing (a preset fixes both)
+    crossed = f"({pairs} + {methods})" if pairs and methods else pairs or methods
     out.print(
         f"{grid}: ok: {len(cells)} cells ({len(config.models)} model(s) × "
         + (f"{n_variants} calibration variant(s) × " if config.stability is not None else "")
-        + f"{len(config.calibration.seeds)} seed(s) "
-        + (f"× {len(config.units)} unit kind(s) " if config.units != ["block"] else "")
-        + (f"× {len(config.healing)} healing(s) " if [h.name for h in config.healing] != ["none"] else "")
-        + f"× {len(config.metrics)} metric(s) × {len(config.selectors)} selector(s) × "
+        + f"{len(config.calibration.seeds)} seed(s) × {crossed} × "
         f"{len(config.budgets.items())} budget(s)); evaluations: {', '.join(config.evaluations)}"
     )
 
