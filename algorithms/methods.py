@@ -98,7 +98,7 @@ class MethodPreset:
 def check_method(obj: Any) -> str | None:
     """The registry's check of an entry: why ``obj`` cannot be a method preset, or None."""
     if not isinstance(obj, MethodPreset):
-        return f"{obj!r} is not an algorithms.methods.MethodPreset"
+        return f"it is a {type(obj).__module__}.{type(obj).__qualname__}, not an algorithms.methods.MethodPreset"
     return None
 
 
