@@ -399,3 +399,22 @@ def test_a_method_record_keeps_its_method_and_others_write_none():
     records = _records()
     assert records[1].labels.method == "shortgpt" and records[1].to_json()["labels"]["method"] == "shortgpt"
     assert "method" not in records[0].to_json()["labels"]  # records of grids without methods are as they were
+
+
+def test_a_presets_unit_is_refused_for_a_model_that_cannot_lose_a_branch(tmp_path):
+    """attention-drop removes attention branches: a GPT-NeoX folder (parallel residual) is refused naming the
+    method; shortgpt, whole blocks, is fine there as far as units go."""
+    from transformers import GPTNeoXConfig
+
+    folder = tmp_path / "neox"
+    GPTNeoXConfig(num_hidden_layers=6, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                  vocab_size=101).save_pretrained(folder)
+    grid = {**BASE, "models": [str(folder)], "budgets": {"blocks": [2]}, "methods": ["shortgpt", "attention-drop"]}
+    from algorithms.models.units import UnitError, check_model_type
+
+    with pytest.raises(UnitError) as why:
+        check_model_type("gpt_neox")
+    with pytest.raises(ConfigError) as err:
+        validate(parse_config(grid))
+    assert str(err.value) == f"methods[1]: 'attention' for models[0] = '{folder}': {why.value}"
+    assert str(why.value).startswith("cannot remove attention or MLP sub-layers from model type 'gpt_neox'")
