@@ -182,6 +182,22 @@ def test_bench_validate_exits_2_on_an_unknown_method(tmp_path):
                              f"'shortened-ppl' or 'shortened-taylor'? Known: {KNOWN}\n")
 
 
+def test_bench_validate_counts_the_method_cells(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "metrics": ["bi"], "selectors": ["topk"], "units": ["block", "mlp"],
+                                    "methods": ["shortgpt", "gromov"]}))
+    result = cli.invoke(app, ["validate", "--grid", str(path)])
+    assert result.exit_code == 0, result.output
+    # the console wraps the long path's line: compared with its whitespace normalised
+    assert " ".join(result.stdout.split()) == (f"{path}: ok: 16 cells (1 model(s) × 2 seed(s) × (2 unit kind(s) × 1 "
+                                               "metric(s) × 1 selector(s) + 2 method(s)) × 2 budget(s)); evaluations: "
+                                               "perplexity")
+    path.write_text(yaml.safe_dump({**BASE, "methods": ["gromov"]}))
+    result = cli.invoke(app, ["validate", "--grid", str(path)])
+    assert " ".join(result.stdout.split()) == (f"{path}: ok: 4 cells (1 model(s) × 2 seed(s) × 1 method(s) × 2 "
+                                               "budget(s)); evaluations: perplexity")
+
+
 def test_what_a_preset_expands_to_is_checked_like_the_grids_own_components(methods):
     from estimators.metrics import AngularDistance
 
