@@ -1,7 +1,8 @@
-"""Model adapters, block removal, hidden-state capture, data, selectors and evaluations.
+"""Model adapters, block removal, hidden-state capture, data, selectors, method presets and evaluations.
 
-``SELECTORS`` and ``MODEL_METRICS`` live here, not in :mod:`algorithms.selectors`, so that reading a grid (names checked
-against the registry) imports no torch; a selector's module is imported when its name is used.
+``SELECTORS``, ``MODEL_METRICS`` and ``METHODS`` live here, not in :mod:`algorithms.selectors` /
+:mod:`algorithms.model_metrics` / :mod:`algorithms.methods`, so that reading a grid (names checked
+against the registries) imports no torch; an entry's module is imported when its name is used.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING
 from estimators.registry import Registry
 
 if TYPE_CHECKING:
+    from algorithms.methods import MethodPreset
     from algorithms.model_metrics import ModelMetric
     from algorithms.selectors import Selector
 
@@ -38,3 +40,26 @@ MODEL_METRICS: Registry[type[ModelMetric]] = Registry("metric", entry_point_grou
                                                       check=_check_model_metric)
 MODEL_METRICS.register("ppl", "algorithms.model_metrics:RemovalLoss")
 MODEL_METRICS.register("taylor", "algorithms.model_metrics:TaylorImportance")
+
+
+def _check_method(obj: object) -> str | None:
+    from algorithms.methods import check_method
+
+    return check_method(obj)
+
+
+#: built-in method presets (``algorithms.methods``: a paper's metric × selector, unit, healing, protected
+#: blocks); entries are objects, not classes, so the registry checks them with ``check``, not ``base``.
+#: Other distributions add a ``MethodPreset`` under the entry-point group ``blockbench.methods``
+METHODS: Registry[MethodPreset] = Registry("method", entry_point_group="blockbench.methods", check=_check_method)
+METHODS.register("shortgpt", "algorithms.methods:SHORTGPT")
+METHODS.register("gromov", "algorithms.methods:GROMOV")
+METHODS.register("sleb", "algorithms.methods:SLEB")
+METHODS.register("shortened-ppl", "algorithms.methods:SHORTENED_PPL")
+METHODS.register("shortened-taylor", "algorithms.methods:SHORTENED_TAYLOR")
+METHODS.register("mi-prun-gauss", "algorithms.methods:MI_PRUN_GAUSS")
+METHODS.register("mi-prun-renyi", "algorithms.methods:MI_PRUN_RENYI")
+METHODS.register("mi-prun-ksg", "algorithms.methods:MI_PRUN_KSG")
+METHODS.register("cbo-like", "algorithms.methods:CBO_LIKE")
+METHODS.register("attention-drop", "algorithms.methods:ATTENTION_DROP")
+METHODS.register("replaceme", "algorithms.methods:REPLACEME")

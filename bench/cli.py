@@ -336,13 +336,16 @@ def validate(grid: GridOpt, allow_remote_code: AllowRemoteOpt = False) -> None:
     """Check a grid config (keys, names, parameters, sources, budgets) without running it."""
     config, cells = _load(grid, allow_remote_code)
     n_variants = len(config.calibration_variants())
+    pairs = ((f"{len(config.units)} unit kind(s) × " if config.units != ["block"] else "")
+             + (f"{len(config.healing)} healing(s) × " if [h.name for h in config.healing] != ["none"] else "")
+             + f"{len(config.metrics)} metric(s) × {len(config.selectors)} selector(s)") if config.metrics else ""
+    methods = f"{len(config.methods)} method(s)" if config.methods else ""
+    # the methods are not crossed with units and healing (a preset fixes both)
+    crossed = f"({pairs} + {methods})" if pairs and methods else pairs or methods
     out.print(
         f"{grid}: ok: {len(cells)} cells ({len(config.models)} model(s) × "
         + (f"{n_variants} calibration variant(s) × " if config.stability is not None else "")
-        + f"{len(config.calibration.seeds)} seed(s) "
-        + (f"× {len(config.units)} unit kind(s) " if config.units != ["block"] else "")
-        + (f"× {len(config.healing)} healing(s) " if [h.name for h in config.healing] != ["none"] else "")
-        + f"× {len(config.metrics)} metric(s) × {len(config.selectors)} selector(s) × "
+        + f"{len(config.calibration.seeds)} seed(s) × {crossed} × "
         f"{len(config.budgets.items())} budget(s)); evaluations: {', '.join(config.evaluations)}"
     )
 
@@ -448,6 +451,7 @@ class ListKind(str, Enum):
     evaluations = "evaluations"
     executors = "executors"
     healings = "healings"
+    methods = "methods"
     models = "models"
     tasks = "tasks"
 
@@ -457,8 +461,8 @@ def list_cmd(
     kind: ListKind,
     pattern: Annotated[str, typer.Argument(help="shell wildcard, e.g. 'mi_*'")] = "*",
 ) -> None:
-    """List registered metrics, selectors, evaluations, executors, healings (built-in and plugins), zoo
-    models or accuracy tasks."""
+    """List registered metrics, selectors, evaluations, executors, healings, method presets (built-in and
+    plugins), zoo models or accuracy tasks."""
     from rich.table import Table
 
     from estimators.registry import describe
@@ -486,6 +490,8 @@ def list_cmd(
             table.add_row(name, registry.origin(name), *cells, describe(obj))
         broken = {k: v for registry in registries for k, v in registry.errors().items()
                   if k not in registry.list(pattern)}
+    elif kind is ListKind.methods:
+        broken = _list_methods(table, pattern)
     elif kind is ListKind.models:
         from algorithms.models.zoo import MODELS
 
@@ -510,6 +516,33 @@ def list_cmd(
     out.print(table)
     for name, why in broken.items():  # e.g. a plugin that clashes with a built-in name
         err.print(f"[red]plugin not loaded:[/red] {name}: {why}")
+
+
+def _list_methods(table, pattern: str) -> dict[str, str]:
+    """Fill ``table`` with the method presets matching ``pattern``: paper, arXiv id, what each expands to
+    and where it deviates from the paper (a broken plugin preset: its row says why). Returns the broken
+    entries the rows do not show (a plugin clashing with a built-in name)."""
+    from rich.text import Text
+
+    from algorithms import METHODS
+    from algorithms.methods import method_preset
+    from estimators.registry import RegistryError
+
+    for col in ("name", "origin", "paper", "arXiv", "expands to", "deviations from the paper"):
+        # the identity stays on a row's first line; the long texts wrap
+        table.add_column(col, no_wrap=col in ("name", "origin", "arXiv"), overflow="fold")
+    names = METHODS.list(pattern)
+    for name in names:
+        try:
+            preset = method_preset(name)
+        except RegistryError as exc:  # a broken plugin: shown, never fatal
+            table.add_row(name, METHODS.origin(name), "", "", "", Text(f"broken: {exc}", style="red"))
+            continue
+        deviations = "\n".join(f"- {d}" for d in preset.deviations) or "–"
+        # Text: a preset's texts are never read as rich markup ("protect: [0, -1]")
+        table.add_row(name, METHODS.origin(name), Text(f"{preset.authors}: {preset.title}"), preset.arxiv,
+                      Text(preset.expands_to()), Text(deviations))
+    return {k: v for k, v in METHODS.errors().items() if k not in names}
 
 
 def _registries(kind: ListKind) -> list:

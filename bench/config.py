@@ -26,6 +26,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 #: the largest grid file read (bytes); a grid is a few hundred lines
 GRID_FILE_LIMIT = 1 << 20
@@ -39,6 +40,16 @@ SEED_LIMIT = 2**63
 
 class ConfigError(ValueError):
     """A grid config that cannot run. The message names the key and the value."""
+
+
+#: the error type of a check across keys, or inside a list: its ``ctx["key"]`` is the key it is about
+#: (``methods[2]``, ``selectors``), which :func:`format_validation_error` names instead of the location
+KEY_ERROR = "grid_key"
+
+
+def key_error(key: str, message: str) -> PydanticCustomError:
+    """A validation error about ``key`` (raise it from a validator whose own location is not that key)."""
+    return PydanticCustomError(KEY_ERROR, message, {"key": key})
 
 
 class _Frozen(BaseModel):
@@ -175,6 +186,20 @@ class ResourcesSpec(_Frozen):
     num_gpus: float = Field(0, ge=0)
 
 
+class MethodSpec(_Frozen):
+    """A method preset (``bench list methods``): a name only. A preset fixes its metric, selector, unit,
+    healing and protected blocks; a grid that wants other parameters lists the metric and selector."""
+
+    name: str
+    params: Any = Field(None, exclude=True)  # only to name it in the error: presets take no parameters
+
+    @field_validator("params")
+    @classmethod
+    def _no_params(cls, params: Any) -> Any:
+        raise ValueError("a method preset takes no parameters (it fixes its metric, selector, unit and healing); "
+                         "to change them, list its metric and selector under metrics and selectors instead")
+
+
 Device = Literal["auto", "cpu", "cuda"] | str
 Unit = Literal["block", "attention", "mlp"]
 #: the healing entry that means "no healing" (not in the healing registry)
@@ -194,8 +219,12 @@ class GridConfig(_Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$", max_length=100)
     description: str = ""
     models: list[ModelSpec] = Field(min_length=1)
-    metrics: list[ComponentSpec] = Field(min_length=1)
-    selectors: list[ComponentSpec] = Field(min_length=1)
+    #: every metric is crossed with every selector; both may be left out when ``methods`` is given
+    metrics: list[ComponentSpec] = Field(default_factory=list, min_length=1)
+    selectors: list[ComponentSpec] = Field(default_factory=list, min_length=1)
+    #: method presets (``algorithms.methods``): cells of their own, crossed with models, calibration and
+    #: budgets only (a preset fixes its unit and healing)
+    methods: list[MethodSpec] = Field(default_factory=list, min_length=1)
     budgets: BudgetSpec
     #: what a selector removes: whole blocks, or attention / MLP branches (residual branches of a block)
     units: list[Unit] = Field(default_factory=lambda: ["block"], min_length=1)
@@ -235,10 +264,33 @@ class GridConfig(_Frozen):
     def _model_shorthand(cls, v: Any) -> Any:
         return [{"name": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
 
-    @field_validator("metrics", "selectors", "healing", mode="before")
+    @field_validator("metrics", "selectors", "healing", "methods", mode="before")
     @classmethod
     def _component_shorthand(cls, v: Any) -> Any:
         return [{"name": c} if isinstance(c, str) else c for c in v] if isinstance(v, list) else v
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_unique(cls, methods: list[MethodSpec]) -> list[MethodSpec]:
+        first: dict[str, int] = {}
+        for i, m in enumerate(methods):
+            if (j := first.setdefault(m.name, i)) != i:
+                raise key_error(f"methods[{i}]", f"method {m.name!r} is listed twice (also methods[{j}])")
+        return methods
+
+    @model_validator(mode="after")
+    def _pairs_or_methods(self) -> GridConfig:
+        # metrics × selectors cells need both; methods bring their own
+        if self.metrics and not self.selectors:
+            raise key_error("selectors", "required when metrics are given (every metric is crossed with every "
+                                         "selector); or leave out metrics and list methods")
+        if self.selectors and not self.metrics:
+            raise key_error("metrics", "required when selectors are given (every metric is crossed with every "
+                                       "selector); or leave out selectors and list methods")
+        if not self.metrics and not self.methods:
+            raise key_error("metrics", "required: give metrics and selectors, or methods (presets: bench list "
+                                       "methods), or both")
+        return self
 
     @field_validator("units", "healing", mode="before")
     @classmethod
@@ -282,8 +334,9 @@ def format_validation_error(exc: ValidationError | list[dict[str, Any]]) -> str:
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         value = err.get("input")
-        shown = "" if isinstance(value, (dict, list)) or err["type"] == "missing" else f" (got {value!r})"
-        lines.append(f"{_loc(err['loc'])}: {msg}{shown}")
+        shown = "" if isinstance(value, (dict, list)) or err["type"] in ("missing", KEY_ERROR) else f" (got {value!r})"
+        key = err["ctx"]["key"] if err["type"] == KEY_ERROR else _loc(err["loc"])
+        lines.append(f"{key}: {msg}{shown}")
     return "\n".join(lines)
 
 
@@ -381,6 +434,9 @@ def config_sections(config: GridConfig) -> dict[str, Any]:
     how a config travels to a worker process."""
     data = config.model_dump(mode="json")
     evaluations = data.pop("evaluations")
+    for key in ("metrics", "selectors", "methods"):  # left out of the grid: absent, as in the file
+        if not data[key]:
+            del data[key]
     return {**data, **evaluations}
 
 

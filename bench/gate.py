@@ -1,7 +1,7 @@
 """A regression gate: compare a grid's leaderboard with a stored baseline and fail on what got worse.
 
 ``bench baseline save`` writes the leaderboard's gated numbers per (model, metric, selector, budget,
-unit, healing) to a JSON file; ``bench check --baseline FILE --fail acc:1%,ppl:5%,speedup:5%`` compares
+unit, healing, method) to a JSON file; ``bench check --baseline FILE --fail acc:1%,ppl:5%,speedup:5%`` compares
 the current results with it and exits 1 on any regression past its tolerance, or on a baseline row with
 no result.
 
@@ -19,7 +19,8 @@ ratios measured within each run, never as absolute times, because machines diffe
 A row's ``unit`` (``block``, ``attention``, ``mlp``) and ``healing`` (``none`` or a healing's label) are
 written only when they are not ``block`` / ``none``, and read as those defaults when absent: baselines
 saved before grids had these axes match their rows unchanged, and a default row is named as it always
-was (``m/bi/topk/25%``; ``m/bi/topk/params 90%/attention/linear`` otherwise).
+was (``m/bi/topk/25%``; ``m/bi/topk/params 90%/attention/linear`` otherwise). A row of a method preset
+also writes its ``method`` (named last: ``m/bi/topk/25%/shortgpt``); a metric × selector row has none.
 
 Baselines of schema 1 (blockbench 0.1.0: values ``acc_pruned``, ``ppl_mean``, ``prefill_speedup``,
 ``decode_speedup`` as plain numbers) are read by translating them (``ppl_mean`` is ``ppl_pruned``).
@@ -49,15 +50,16 @@ from typing import Any
 
 import pandas as pd
 
-from bench.records import DEFAULT_HEALING, DEFAULT_UNIT
+from bench.records import DEFAULT_HEALING, DEFAULT_METHOD, DEFAULT_UNIT
 from bench.store import write_bytes_atomic
 
 SCHEMA = 2
 #: what every baseline row names
 KEY = ("model", "metric", "selector", "budget")
-#: what a row names only when it is not the default (the grid's ``units`` and ``healing`` axes): a row's
-#: key is its :data:`KEY` values, then both of these when either is not its default (:func:`row_key`)
-AXES: tuple[tuple[str, str], ...] = (("unit", DEFAULT_UNIT), ("healing", DEFAULT_HEALING))
+#: what a row names only when it is not the default (the grid's ``units`` and ``healing`` axes, and the
+#: method preset): a row's key is its :data:`KEY` values, then unit and healing when one of the three is
+#: not its default, then the method when there is one (:func:`make_key`)
+AXES: tuple[tuple[str, str], ...] = (("unit", DEFAULT_UNIT), ("healing", DEFAULT_HEALING), ("method", DEFAULT_METHOD))
 #: schema 1's value names -> (column key, measure, higher is better)
 LEGACY: dict[str, tuple[str, str, bool]] = {
     "acc_pruned": ("acc_pruned", "acc", True),
@@ -103,36 +105,41 @@ def parse_fail(text: str) -> list[Tolerance]:
 
 
 def make_key(model: str, metric: str, selector: str, budget: str, unit: str = DEFAULT_UNIT,
-             healing: str = DEFAULT_HEALING) -> tuple:
-    """A row's key: ``(model, metric, selector, budget)`` for whole blocks without healing (the key rows
-    always had), ``(model, metric, selector, budget, unit, healing)`` otherwise."""
+             healing: str = DEFAULT_HEALING, method: str | None = DEFAULT_METHOD) -> tuple:
+    """A row's key: ``(model, metric, selector, budget)`` for whole blocks without healing or method (the
+    key rows always had), ``(model, metric, selector, budget, unit, healing)`` for other units or a
+    healing, and ``(..., unit, healing, method)`` for a method preset's row (``method``: None or ``""``
+    for none)."""
+    if method:
+        return (model, metric, selector, budget, unit, healing, method)
     if (unit, healing) == (DEFAULT_UNIT, DEFAULT_HEALING):
         return (model, metric, selector, budget)
     return (model, metric, selector, budget, unit, healing)
 
 
 def row_key(row: dict[str, Any]) -> tuple:
-    """A baseline or leaderboard row's key (:func:`make_key`), the unit and the healing at their defaults
-    where the row does not name them."""
+    """A baseline or leaderboard row's key (:func:`make_key`), the unit, the healing and the method at their
+    defaults where the row does not name them."""
     return make_key(*(row[k] for k in KEY), *(row.get(k, default) for k, default in AXES))
 
 
 def label(key: tuple) -> str:
-    """A row key as the gate names it: ``m/bi/topk/25%``, then the unit and the healing where they are
-    not the defaults (``m/bi/topk/params 90%/attention/linear``, ``m/bi/topk/params 90%/linear``)."""
+    """A row key as the gate names it: ``m/bi/topk/25%``, then the unit, the healing and the method where
+    they are not the defaults (``m/bi/topk/params 90%/attention/linear``, ``m/bi/topk/params 90%/linear``,
+    ``m/bi/topk/25%/shortgpt``)."""
     extra = [k for k, (_, default) in zip(key[len(KEY):], AXES, strict=False) if k != default]
     return "/".join(str(k) for k in (*key[:len(KEY)], *extra))
 
 
 def row_cells(records: list[Any]) -> dict[tuple, list[str]]:
     """The ids of the successful records per row key (:func:`make_key`: model, metric, selector, budget, then
-    unit and healing when either is not the default): the cells each leaderboard row is aggregated from
-    (records as :class:`bench.records.CellRecord`)."""
+    unit and healing when either is not the default, and the method of a preset's row): the cells each
+    leaderboard row is aggregated from (records as :class:`bench.records.CellRecord`)."""
     out: dict[tuple, set[str]] = {}
     for r in records:
         if r.ok:
             key = make_key(r.labels.model, r.labels.metric, r.labels.selector, r.labels.budget, r.labels.unit,
-                           r.labels.healing)
+                           r.labels.healing, r.labels.method)
             out.setdefault(key, set()).add(r.cell_id)
     return {key: sorted(ids) for key, ids in out.items()}
 
@@ -143,7 +150,7 @@ def grid_cells(cells: list[Any]) -> dict[tuple, list[str]]:
     out: dict[tuple, set[str]] = {}
     for c in cells:
         key = make_key(c.model["name"], c.metric.label(), c.selector.label(), c.budget_label, c.unit,
-                       c.healing.label())
+                       c.healing.label(), c.method)
         out.setdefault(key, set()).add(c.cell_id)
     return {key: sorted(ids) for key, ids in out.items()}
 
@@ -154,8 +161,8 @@ def _ids(ids: list[str] | set[str], most: int = 4) -> str:
 
 
 def baseline_rows(board: pd.DataFrame, cells: dict[tuple, list[str]] | None = None) -> list[dict[str, Any]]:
-    """The leaderboard's gated numbers, one row per (model, metric, selector, budget, unit, healing), the
-    unit and the healing written only when not the defaults (:data:`AXES`): ``values`` maps each
+    """The leaderboard's gated numbers, one row per (model, metric, selector, budget, unit, healing, method),
+    the unit, the healing and the method written only when not the defaults (:data:`AXES`): ``values`` maps each
     column key with a ``gate`` (from ``board.attrs["columns"]``) to ``{"value", "gate", "higher_is_better"}``;
     values not measured are left out. With ``cells`` (:func:`row_cells` of the board's records) each row
     also keeps ``cells``: the ids of the cells it was computed from. :class:`GateError` when two rows share
@@ -170,7 +177,7 @@ def baseline_rows(board: pd.DataFrame, cells: dict[tuple, list[str]] | None = No
         key = row_key(record)
         if key in seen:
             raise GateError(f"the leaderboard has several rows for {label(key)} (calibration variants?): the gate "
-                            "compares one row per model/metric/selector/budget/unit/healing")
+                            "compares one row per model/metric/selector/budget/unit/healing/method")
         seen[key] = len(rows)
         values = {
             c.key: {"value": float(record[c.key]), "gate": c.gate, "higher_is_better": bool(c.higher_is_better)}

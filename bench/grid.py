@@ -5,6 +5,10 @@ JSON: the *resolved* parameters and ``version`` of its metric, selector and ever
 capture / data protocol, the dtype and the device type. Writing a default out, or leaving it out, is
 the same cell; changing a metric's version, a default, or the device invalidates exactly the cells
 that depend on it.
+
+A method preset (``methods:``) is a cell with the preset's metric, selector, unit, healing and protected
+blocks (the grid's ``protect`` added), crossed with models, calibration variants, seeds and budgets only;
+its id hashes the method's name too, so the metric × selector cells of a grid keep their ids.
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from algorithms import MODEL_METRICS, SELECTORS
+from algorithms import METHODS, MODEL_METRICS, SELECTORS
 from bench.config import NO_HEALING, ComponentSpec, ConfigError, GridConfig
 from estimators import METRICS
-from estimators.registry import RegistryError, find, resolve_params
+from estimators.registry import Registry, RegistryError, find, resolve_params
+
+if TYPE_CHECKING:
+    from algorithms.methods import MethodPreset
 
 #: bump when hidden-state capture, data windowing or the perplexity protocol change their numbers
 PROTOCOL_VERSION = "2"  # 2: BOS leads each window for tokenizers that add one
@@ -46,7 +53,7 @@ def device_type(device: str) -> str:
     return device.split(":", 1)[0]
 
 
-def metric_registry(name: str):
+def metric_registry(name: str) -> Registry:
     """The registry of the metric ``name``: :data:`estimators.METRICS` (scores from hidden states) or
     :data:`algorithms.MODEL_METRICS` (scores that run the model: ``ppl``, ``taylor``). ``RegistryError``
     with a did-you-mean over both when it is in neither."""
@@ -96,6 +103,8 @@ class Cell:
     unit: str = "block"
     #: what follows removal (``none``: nothing)
     healing: ComponentSpec = ComponentSpec(name=NO_HEALING)
+    #: the method preset the cell runs (``None``: a metric × selector cell of the grid)
+    method: str | None = None
 
     @cached_property
     def healing_identity(self) -> dict[str, Any] | None:
@@ -129,6 +138,7 @@ class Cell:
             # only when not the default, so the cells of grids without these axes keep their ids
             **({"unit": self.unit} if self.unit != "block" else {}),
             **({"healing": self.healing_identity} if self.healing_identity is not None else {}),
+            **({"method": self.method} if self.method is not None else {}),
         }
 
     def versions(self) -> dict[str, str]:
@@ -199,36 +209,56 @@ def calibration_label(calibration: dict[str, Any]) -> str:
     return f"{calibration['source']}/{calibration['samples']}×{calibration['seq_len']}"
 
 
+def method_presets(config: GridConfig) -> list[MethodPreset]:
+    """The presets of the grid's ``methods``, in order; :class:`ConfigError` naming ``methods[i].name`` for
+    an unknown or broken one."""
+    from algorithms.methods import method_preset
+
+    out = []
+    for i, spec in enumerate(config.methods):
+        if spec.name not in METHODS:
+            raise ConfigError(f"methods[{i}].name: {METHODS.unknown_message(spec.name)}")
+        try:
+            out.append(method_preset(spec.name))
+        except RegistryError as exc:  # a broken plugin
+            raise ConfigError(f"methods[{i}].name: {exc}") from None
+    return out
+
+
+def _component(part) -> ComponentSpec:
+    """A preset's metric, selector or healing as a grid's component."""
+    return ComponentSpec(name=part.name, params=dict(part.params))
+
+
 def expand(config: GridConfig) -> list[Cell]:
     """All cells, ordered so a model and then its hidden states per calibration variant and seed are
-    loaded once. A grid's calibration variants (its ``stability:`` section) are ordinary cells whose
-    calibration differs; without that section the one variant is ``calibration`` itself."""
+    loaded once: for each, the metric × selector cells, then the method cells. A grid's calibration
+    variants (its ``stability:`` section) are ordinary cells whose calibration differs; without that
+    section the one variant is ``calibration`` itself."""
     from algorithms.evaluations import EVALUATIONS
 
     cells = []
     variants = [variant for variant, _ in config.calibration_variants()]
     evaluations = tuple((name, EVALUATIONS.get(name)(params).describe()) for name, params in config.evaluations.items())
     device = device_type(config.device)
-    for model, variant, seed, unit, healing, metric, selector, budget in itertools.product(
-        config.models, variants, config.calibration.seeds, config.units, config.healing, config.metrics,
-        config.selectors, config.budgets.items(),
-    ):
-        cells.append(
-            Cell(
-                grid=config.name,
-                model=model.model_dump(),
-                calibration={**variant, "seed": seed},
-                metric=metric,
-                selector=selector,
-                budget=budget,
-                protect=tuple(config.protect),
-                evaluations=evaluations,
-                dtype=config.dtype,
-                device=device,
-                unit=unit,
-                healing=healing,
-            )
-        )
+    presets = method_presets(config)
+
+    def make(model, variant: dict[str, Any], seed: int, **fields: Any) -> Cell:
+        return Cell(grid=config.name, model=model.model_dump(), calibration={**variant, "seed": seed},
+                    evaluations=evaluations, dtype=config.dtype, device=device, **fields)
+
+    for model, variant, seed in itertools.product(config.models, variants, config.calibration.seeds):
+        for unit, healing, metric, selector, budget in itertools.product(
+            config.units, config.healing, config.metrics, config.selectors, config.budgets.items(),
+        ):
+            cells.append(make(model, variant, seed, metric=metric, selector=selector, budget=budget,
+                              protect=tuple(config.protect), unit=unit, healing=healing))
+        for preset, budget in itertools.product(presets, config.budgets.items()):
+            # the preset fixes unit and healing; its protected blocks join the grid's
+            cells.append(make(model, variant, seed, metric=_component(preset.metric),
+                              selector=_component(preset.selector), budget=budget,
+                              protect=tuple(sorted(set(config.protect) | set(preset.protect))), unit=preset.unit,
+                              healing=_component(preset.healing), method=preset.name))
     seen: dict[str, Cell] = {}
     for cell in cells:
         if (first := seen.setdefault(cell.cell_id, cell)) is not cell:
@@ -240,19 +270,52 @@ def expand(config: GridConfig) -> list[Cell]:
     return cells
 
 
-def _check_component(kind: str, registry, index: int, spec: ComponentSpec) -> None:
-    key = f"{kind}[{index}]"
+def _component_problem(kind: str, registry, spec: ComponentSpec) -> tuple[str, str] | None:
+    """What is wrong with a metric's or selector's name or parameters, as ``(field, why)`` (field
+    ``.name``, ``.params``, or ``""`` for a constructor that fails in its own way); None when it builds."""
     try:
         cls = registry.get(spec.name)
     except RegistryError as exc:
-        raise ConfigError(f"{key}.name: {exc}") from None
+        return ".name", str(exc)
     try:
         cls(**spec.params)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{key}.params: {exc}") from None
+        return ".params", str(exc)
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - a plugin's constructor failing in its own way
-        raise ConfigError(f"{key}: {kind[:-1]} {spec.name!r} ({registry.origin(spec.name)}) cannot be built "
-                          f"with {spec.params}: {type(exc).__name__}: {exc}") from None
+        return "", (f"{kind} {spec.name!r} ({registry.origin(spec.name)}) cannot be built with {spec.params}: "
+                    f"{type(exc).__name__}: {exc}")
+    return None
+
+
+def _check_component(kind: str, registry, index: int, spec: ComponentSpec) -> None:
+    if (problem := _component_problem(kind[:-1], registry, spec)) is not None:
+        raise ConfigError(f"{kind}[{index}]{problem[0]}: {problem[1]}")
+
+
+def _expansion(index: int, preset: MethodPreset, kind: str, label: str) -> str:
+    """``methods[2]: method 'gromov' expands to metric 'angular(tokens=last)'``: the start of an error about
+    what a method preset sets."""
+    return f"methods[{index}]: method {preset.name!r} expands to {kind} {label!r}"
+
+
+def _check_methods(presets: list[MethodPreset]) -> None:
+    """Each preset's metric, selector and healing, checked as ``metrics[i]``, ``selectors[i]`` and
+    ``healing[i]`` are, the error naming ``methods[i]``."""
+    for i, preset in enumerate(presets):
+        metric, selector = _component(preset.metric), _component(preset.selector)
+        try:
+            registry = metric_registry(metric.name)
+        except RegistryError as exc:
+            raise ConfigError(f"{_expansion(i, preset, 'metric', metric.label())}: {exc}") from None
+        if selector.name not in SELECTORS:
+            raise ConfigError(f"{_expansion(i, preset, 'selector', selector.label())}: "
+                              f"{SELECTORS.unknown_message(selector.name)}")
+        healing = _component(preset.healing)
+        if (why := _healing_problem(healing)) is not None:
+            raise ConfigError(f"{_expansion(i, preset, 'healing', healing.label())}: {why[1]}")
+        for kind, reg, spec in (("metric", registry, metric), ("selector", SELECTORS, selector)):
+            if (problem := _component_problem(kind, reg, spec)) is not None:
+                raise ConfigError(f"{_expansion(i, preset, kind, spec.label())}: {problem[1]}")
 
 
 def validate(config: GridConfig) -> list[Cell]:
@@ -268,6 +331,8 @@ def validate(config: GridConfig) -> list[Cell]:
             raise ConfigError(f"selectors[{i}].name: {SELECTORS.unknown_message(spec.name)}")
     for i, spec in enumerate(config.healing):
         _check_healing(i, spec)
+    presets = method_presets(config)
+    _check_methods(presets)
     from algorithms.data import DataError, check_source
     from algorithms.models.zoo import model_block_count, model_width
 
@@ -290,6 +355,10 @@ def validate(config: GridConfig) -> list[Cell]:
         except DataError as exc:
             raise ConfigError(f"stability.sources[{i}]: {exc}") from None
     cells = expand(config)
+    method_index = {preset.name: i for i, preset in enumerate(presets)}
+    # the unit kinds the cells remove, each with the key that asks for it
+    units = [("units", u) for u in config.units if config.metrics] + [
+        (f"methods[{i}]", preset.unit) for i, preset in enumerate(presets)]
     for i, model in enumerate(config.models):
         try:
             n_blocks = model_block_count(model.name)
@@ -297,17 +366,23 @@ def validate(config: GridConfig) -> list[Cell]:
             raise ConfigError(f"models[{i}].name: {exc}") from None
         if n_blocks is None:
             continue  # a hub id: its size is known once loaded
-        _check_units(config, i, model.name)
-        unit_sizes = _unit_sizes(config, i, model.name)
+        _check_units(units, i, model.name)
+        unit_sizes = _unit_sizes(config, units, i, model.name)
         width = model_width(model.name)
         for variant, keys in config.calibration_variants():
             n_tokens = variant["samples"] * variant["seq_len"]
+            where = f"models[{i}] = {model.name!r}{_variant_note(config, variant, keys)}"
             for j, spec in enumerate(config.metrics):
                 try:
                     metric_class(spec.name)(**spec.params).check_input(n_tokens, width)
                 except ValueError as exc:
-                    raise ConfigError(f"metrics[{j}].params: {exc} (models[{i}] = {model.name!r}"
-                                      f"{_variant_note(config, variant, keys)})") from None
+                    raise ConfigError(f"metrics[{j}].params: {exc} ({where})") from None
+            for j, preset in enumerate(presets):
+                spec = _component(preset.metric)
+                try:
+                    metric_class(spec.name)(**spec.params).check_input(n_tokens, width)
+                except ValueError as exc:
+                    raise ConfigError(f"{_expansion(j, preset, 'metric', spec.label())}: {exc} ({where})") from None
         for cell in cells:
             if cell.model["name"] == model.name:
                 try:
@@ -315,30 +390,40 @@ def validate(config: GridConfig) -> list[Cell]:
                     k = cell.resolve_k(n_blocks, sizes, total)
                     n_free = n_blocks - len(cell.resolve_protected(n_blocks))
                 except ConfigError as exc:
-                    raise ConfigError(f"budgets: {exc} (models[{i}] = {model.name!r})") from None
-                j = config.selectors.index(cell.selector)
+                    what = f" (methods[{method_index[cell.method]}] = {cell.method!r})" if cell.method else ""
+                    raise ConfigError(f"budgets: {exc} (models[{i}] = {model.name!r}){what}") from None
                 try:
                     SELECTORS.get(cell.selector.name)(**cell.selector.params).check_size(n_free, k)
                 except ValueError as exc:
-                    raise ConfigError(f"selectors[{j}]: {exc} (budget {cell.budget_label}, "
+                    if cell.method is None:
+                        key = f"selectors[{config.selectors.index(cell.selector)}]"
+                    else:
+                        j = method_index[cell.method]
+                        key = _expansion(j, presets[j], "selector", cell.selector.label())
+                    raise ConfigError(f"{key}: {exc} (budget {cell.budget_label}, "
                                       f"models[{i}] = {model.name!r})") from None
         _check_text_length(config, i, model.name)
     return cells
 
 
-def _check_healing(index: int, spec: ComponentSpec) -> None:
+def _healing_problem(spec: ComponentSpec) -> tuple[str, str] | None:
+    """What is wrong with a healing's name or parameters, as ``(field, why)``; None when it builds."""
     if spec.name == NO_HEALING:
-        if spec.params:
-            raise ConfigError(f"healing[{index}].params: '{NO_HEALING}' takes no parameters, got {spec.params}")
-        return
+        return (".params", f"'{NO_HEALING}' takes no parameters, got {spec.params}") if spec.params else None
     from algorithms.healing import HEALINGS
 
     if spec.name not in HEALINGS:
-        raise ConfigError(f"healing[{index}].name: {HEALINGS.unknown_message(spec.name)} (or '{NO_HEALING}')")
+        return ".name", f"{HEALINGS.unknown_message(spec.name)} (or '{NO_HEALING}')"
     try:
         HEALINGS.get(spec.name)(spec.params)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"healing[{index}].params: {exc}") from None
+        return ".params", str(exc)
+    return None
+
+
+def _check_healing(index: int, spec: ComponentSpec) -> None:
+    if (problem := _healing_problem(spec)) is not None:
+        raise ConfigError(f"healing[{index}]{problem[0]}: {problem[1]}")
 
 
 def _local_config(name: str) -> dict[str, Any] | None:
@@ -353,10 +438,11 @@ def _local_config(name: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _check_units(config: GridConfig, index: int, name: str) -> None:
+def _check_units(units: list[tuple[str, str]], index: int, name: str) -> None:
     """Refuse sub-layer units for a model family whose branches cannot be removed (from config.json;
-    the zoo's models are all of supported families)."""
-    if all(u == "block" for u in config.units):
+    the zoo's models are all of supported families). ``units``: each unit kind the grid removes, with the
+    key asking for it (``units``, or ``methods[i]`` for a preset's unit)."""
+    if all(u == "block" for _, u in units):
         return
     from algorithms.models.units import UnitError, check_model_type
 
@@ -367,14 +453,18 @@ def _check_units(config: GridConfig, index: int, name: str) -> None:
     try:
         check_model_type(str(model_type))
     except UnitError as exc:
-        units = [u for u in config.units if u != "block"]
-        raise ConfigError(f"units: {units} for models[{index}] = {name!r}: {exc}") from None
+        key = next(k for k, u in units if u != "block")
+        asked = [u for k, u in units if k == key and u != "block"]
+        shown = asked if key == "units" else repr(asked[0])
+        raise ConfigError(f"{key}: {shown} for models[{index}] = {name!r}: {exc}") from None
 
 
-def _unit_sizes(config: GridConfig, index: int, name: str) -> dict[str, tuple[list[int], int]]:
+def _unit_sizes(config: GridConfig, units: list[tuple[str, str]], index: int, name: str,
+                ) -> dict[str, tuple[list[int], int]]:
     """Each unit kind's per-block parameter counts and the model's total, for ``params`` budgets: from
     the model built on the meta device from its config (no weights read). Empty when the grid has no
-    ``params`` budget or the config is not on disk yet (checked when the model loads)."""
+    ``params`` budget or the config is not on disk yet (checked when the model loads). ``units`` as
+    :func:`_check_units` takes them."""
     if not config.budgets.params:
         return {}
     data = _local_config(name)
@@ -395,11 +485,13 @@ def _unit_sizes(config: GridConfig, index: int, name: str) -> dict[str, tuple[li
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
     out = {}
-    for unit in config.units:
+    for key, unit in units:
+        if unit in out:
+            continue
         try:
             out[unit] = (unit_parameters(model, unit), count_parameters(model))
         except UnitError as exc:
-            raise ConfigError(f"units: {unit!r} for models[{index}] = {name!r}: {exc}") from None
+            raise ConfigError(f"{key}: {unit!r} for models[{index}] = {name!r}: {exc}") from None
     return out
 
 

@@ -17,7 +17,8 @@ writes ``RESULTS/report.html`` with the leaderboard, the stability table and the
 A method is ``metric/selector``; a row that removes attention or MLP branches or heals after removal
 adds them in brackets (``bi/topk [attention +linear]``, ``bi/topk [+lora(steps=30)]``), so every
 (unit, healing) combination is its own series; rows of whole blocks without healing are labelled as
-they always were.
+they always were. A method preset's row is its name, then what it sets in parentheses
+(``replaceme (angular/span [+linear])``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from scipy import stats
 
 from algorithms.evaluations.base import Column
 from bench import stability as stab
-from bench.records import DEFAULT_HEALING, DEFAULT_UNIT, CellRecord, with_default_axes
+from bench.records import DEFAULT_HEALING, DEFAULT_METHOD, DEFAULT_UNIT, CellRecord, with_default_axes
 from bench.report import display, notes, ranking_column
 from bench.store import write_bytes_atomic
 
@@ -82,9 +83,16 @@ def _axes_suffix(unit: str = DEFAULT_UNIT, healing: str = DEFAULT_HEALING) -> st
     return f" [{' '.join(parts)}]" if parts else ""
 
 
+def _method_label(metric: str, selector: str, unit: str = DEFAULT_UNIT, healing: str = DEFAULT_HEALING,
+                  method: str = DEFAULT_METHOD) -> str:
+    """``bi/topk [attention]``, or for a method preset's row ``attention-drop (bi/topk [attention])``."""
+    label = f"{metric}/{selector}" + _axes_suffix(unit, healing)
+    return f"{method} ({label})" if method != DEFAULT_METHOD else label
+
+
 def _method(row) -> str:
-    return f"{row['metric']}/{row['selector']}" + _axes_suffix(row.get("unit", DEFAULT_UNIT),
-                                                                row.get("healing", DEFAULT_HEALING))
+    return _method_label(row["metric"], row["selector"], row.get("unit", DEFAULT_UNIT),
+                         row.get("healing", DEFAULT_HEALING), row.get("method", DEFAULT_METHOD))
 
 
 def _variant_suffix(label: str, several: bool) -> str:
@@ -214,12 +222,13 @@ def curves_figure(runs: pd.DataFrame, column: Column) -> Figure:
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, ((model, cal), g) in zip(axes, panels, strict=False):
         base = float(pd.to_numeric(g[dense], errors="coerce").mean()) if dense else math.nan
-        for (metric, selector, unit, healing), m in g.groupby(["metric", "selector", "unit", "healing"], sort=False):
+        for (metric, selector, unit, healing, method), m in g.groupby(["metric", "selector", "unit", "healing", "method"],
+                                                                      sort=False):
             pts = m.groupby("share")["_value"].agg(["mean", "std"]).fillna({"std": 0.0}).sort_index()
             x, y, e = pts.index.to_numpy(), pts["mean"].to_numpy(), pts["std"].to_numpy()
             if not math.isnan(base):
                 x, y, e = np.concatenate([[0.0], x]), np.concatenate([[base], y]), np.concatenate([[0.0], e])
-            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=f"{metric}/{selector}" + _axes_suffix(unit, healing))
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=_method_label(metric, selector, unit, healing, method))
         if log:
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(ScalarFormatter())

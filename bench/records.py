@@ -8,7 +8,8 @@ hashed the YAML as written, so they cannot be matched to today's cells).
 Layout (``status`` ``ok``; a ``failed`` record keeps what was known and adds ``stage``, ``error``,
 ``traceback``)::
 
-    schema, cell_id, grid, spec, versions, env, labels{model, metric, selector, budget, seed, calibration}
+    schema, cell_id, grid, spec, versions, env, labels{model, metric, selector, budget, seed, calibration,
+                                                       unit, healing, method}
     model{name, fingerprint, n_blocks, architecture, parameters}
     k, removed_blocks, scores, higher_is_important, calibration_stats
     selector_result{evaluations, info, proxies{proxy_sum, proxy_span}}
@@ -29,7 +30,14 @@ import re
 from typing import Any, Literal
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 
 from algorithms.evaluations.base import Column
 
@@ -42,6 +50,11 @@ RECORD_SCHEMA = 2
 #: labels only where some row differs from them, so the outputs of grids without the axes are unchanged
 DEFAULT_UNIT = "block"
 DEFAULT_HEALING = "none"
+#: the records frame's ``method`` of a metric × selector cell (no method preset); its ``method`` column is
+#: shown, like ``unit`` and ``healing``, only where some row ran a preset
+DEFAULT_METHOD = ""
+#: the axes whose columns the reports show only where some row is not at the default, in column order
+AXES = (("unit", DEFAULT_UNIT), ("healing", DEFAULT_HEALING), ("method", DEFAULT_METHOD))
 #: the pruning units in the order reports list them
 UNITS = ("block", "attention", "mlp")
 #: the ``removed`` cells of sub-layer rows: the blocks whose branch was removed, after this prefix
@@ -66,6 +79,16 @@ class Labels(_Model):
     #: what was removed (``block``, ``attention``, ``mlp``) and what followed (``none``, a healing's label)
     unit: str = DEFAULT_UNIT
     healing: str = DEFAULT_HEALING
+    #: the method preset the cell ran (``shortgpt``); None for a metric × selector cell, and then not
+    #: written, so the records of grids without methods are as they were
+    method: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_no_method(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("method") is None:
+            data.pop("method", None)
+        return data
 
 
 class ModelInfo(_Model):
@@ -200,9 +223,9 @@ def row_order(col: pd.Series) -> pd.Series:
 
 
 def with_default_axes(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` with ``unit`` and ``healing`` columns (their defaults where it has none: a frame of a
-    grid without these axes, or of an older blockbench)."""
-    missing = {k: v for k, v in (("unit", DEFAULT_UNIT), ("healing", DEFAULT_HEALING)) if k not in frame}
+    """``frame`` with ``unit``, ``healing`` and ``method`` columns (their defaults where it has none: a
+    frame of a grid without these axes, or of an older blockbench)."""
+    missing = {k: v for k, v in AXES if k not in frame}
     if not missing:
         return frame
     out = frame.assign(**missing)
@@ -211,10 +234,20 @@ def with_default_axes(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def varied_axes(frame: pd.DataFrame) -> list[str]:
-    """Which of ``unit`` and ``healing`` some row of ``frame`` holds at other than its default, in that
-    order: the reports' columns for them are shown only then."""
-    return [k for k, default in (("unit", DEFAULT_UNIT), ("healing", DEFAULT_HEALING))
-            if k in frame and bool((frame[k] != default).any())]
+    """Which of ``unit``, ``healing`` and ``method`` some row of ``frame`` holds at other than its
+    default, in that order: the reports' columns for them are shown only then."""
+    return [k for k, default in AXES if k in frame and bool((frame[k] != default).any())]
+
+
+def hidden_axes(frame: pd.DataFrame) -> list[str]:
+    """The axis columns of ``frame`` that every row holds at its default (dropped from the reports)."""
+    shown = varied_axes(frame)
+    return [k for k, _ in AXES if k in frame and k not in shown]
+
+
+def method_text(method: str) -> str:
+    """A report's ``method`` cell: the preset's name, ``–`` for a metric × selector row."""
+    return method if method != DEFAULT_METHOD else "–"
 
 
 def removed_text(blocks: str, unit: str = DEFAULT_UNIT) -> str:
@@ -265,6 +298,7 @@ def records_frame(records: list[CellRecord]) -> pd.DataFrame:
             "model": r.labels.model, "metric": r.labels.metric, "selector": r.labels.selector,
             "budget": r.labels.budget, "seed": r.labels.seed, "calibration": r.labels.calibration,
             "unit": r.labels.unit, "healing": r.labels.healing,
+            "method": r.labels.method if r.labels.method is not None else DEFAULT_METHOD,
             "healing_s": r.healing.seconds if r.healing is not None else None,
             "k": r.k,
             "n_blocks": r.model.n_blocks,

@@ -1,12 +1,13 @@
 """Leaderboards from result records: a pandas frame, rendered to the terminal, Markdown and CSV.
 
-One row per (model, metric, selector, budget, unit, healing) (and calibration variant, when a grid has
-several), ranked *within* each (model, budget): perplexities of models with different tokenizers are not
+One row per (model, metric, selector, budget, unit, healing, method) (and calibration variant, when a grid
+has several), ranked *within* each (model, budget): perplexities of models with different tokenizers are not
 comparable, so ranks never cross models. Rows that remove attention or MLP branches (``unit``) or heal
 after removal (``healing``) rank together with whole-block rows of the same budget: at one ``params``
 budget, sub-layer methods compete with block methods. The ``unit`` and ``healing`` columns (and the mean
-healing seconds) appear only when some row is not whole blocks without healing, so a grid without those
-axes gets the same tables as before them.
+healing seconds) appear only when some row is not whole blocks without healing, and the ``method``
+column only when some row ran a method preset, so a grid without those axes gets the same tables as
+before them.
 
 The evaluation columns are whatever the records' evaluations declare (:class:`Column`): each
 aggregates over calibration seeds as its ``aggregate`` says, keeps its key (the leaderboard's mean
@@ -50,6 +51,8 @@ from bench.records import (
     CellRecord,
     budget_labels,
     columns_by_evaluation,
+    hidden_axes,
+    method_text,
     records_frame,
     removed_text,
     row_order,
@@ -59,14 +62,15 @@ from bench.records import (
 from bench.stability import group_stability
 from bench.store import ResultStore, write_bytes_atomic
 
-GROUP = ["model", "budget", "metric", "selector", "unit", "healing"]
+GROUP = ["model", "budget", "metric", "selector", "unit", "healing", "method"]
 #: the terminal's short names of units (as in the ``removed`` column's prefix)
 TERMINAL_UNIT = {"attention": "attn"}
-#: ties in rank are listed in this order (units block, attention, mlp; no healing first: :func:`row_order`)
-TIES = ["metric", "selector", "unit", "healing"]
+#: ties in rank are listed in this order (units block, attention, mlp; no healing first: :func:`row_order`;
+#: metric × selector rows before method rows)
+TIES = ["metric", "selector", "unit", "healing", "method"]
 #: leaderboard and records-frame columns that are not evaluation columns: no evaluation column may take
 #: one of these keys (nor ``<key>_std`` of a spread column)
-CORE = ("rank", "rank_group", "model", "budget", "metric", "selector", "unit", "healing", "healing_s",
+CORE = ("rank", "rank_group", "model", "budget", "metric", "selector", "unit", "healing", "method", "healing_s",
         "calibration", "seed", "seeds", "k",
         "n_blocks", "params_kept", "scoring_s", "evaluations", "proxy_span", "distinct_sets", "typical_removed", "jaccard",
         "tau", "cell_id", "removed", "removed_set", "scores", "higher_is_important")
@@ -231,10 +235,10 @@ def _rank_group_column(runs: pd.DataFrame, agg: pd.DataFrame, group: list[str], 
 
 # ---------------------------------------------------------------------------------------- the board
 def leaderboard(records: list[CellRecord], rank_by: str = "auto") -> pd.DataFrame:
-    """One row per (model, budget, metric, selector, unit, healing) [and calibration variant]: every
+    """One row per (model, budget, metric, selector, unit, healing, method) [and calibration variant]: every
     evaluation column aggregated over seeds (``<key>_std`` for spread columns), ranked within (model,
     budget), with its ``rank_group`` (letters, :func:`rank_groups`; ``""`` for a row without a ranking
-    value). The ``unit`` and ``healing`` columns are kept only when some row is not at its default
+    value). The ``unit``, ``healing`` and ``method`` columns are kept only when some row is not at its default
     (:func:`bench.records.varied_axes`), ``healing_s`` (mean healing seconds) only when some row healed. Its
     ``attrs``: ``columns`` (the evaluation :class:`Column` specs, in display order) and ``ranked_by``
     (the ranking column's key; ``None`` when no column has a direction: every row is rank 1)."""
@@ -287,9 +291,8 @@ def leaderboard(records: list[CellRecord], rank_by: str = "auto") -> pd.DataFram
     # rows whose difference in the ranking column is within the seeds' noise share a rank group
     agg["rank_group"] = _rank_group_column(df, agg, group, within, ranked)
     board = agg.sort_values([*within, "rank", *TIES], key=row_order).reset_index(drop=True)
-    # a grid without units or healing: the columns it always had, in the order it always had them
-    shown = varied_axes(board)
-    hidden = [k for k in ("unit", "healing") if k not in shown] + ([] if "healing" in shown else ["healing_s"])
+    # a grid without units, healing or methods: the columns it always had, in the order it always had them
+    hidden = hidden_axes(board) + ([] if "healing" in varied_axes(board) else ["healing_s"])
     board = board.drop(columns=hidden)
     board.attrs.update(columns=columns, ranked_by=ranked.key if ranked is not None else None)
     return board
@@ -333,6 +336,8 @@ def _table(board: pd.DataFrame, *, terminal: bool) -> tuple[pd.DataFrame, set[st
         out["unit"] = board["unit"].map(lambda u: TERMINAL_UNIT.get(u, u)) if terminal else board["unit"]
     if "healing" in board:  # only when some row heals
         out["healing"] = board["healing"]
+    if "method" in board:  # only when some row ran a method preset: before the metric and selector it sets
+        out.insert(3, "method", board["method"].map(method_text))
     if "calibration" in board:  # several calibration variants: one row each
         out.insert(3, "calibration", board["calibration"])
     right = {"evals", "seeds", "jaccard", "τ", "score s", "scoring s", "heal s", "healing s"}
@@ -378,7 +383,7 @@ def display(board: pd.DataFrame, *, terminal: bool = False) -> pd.DataFrame:
 
 
 #: the terminal table's columns that come first when the terminal is too narrow for all of them
-IDENTITY = ("rank", "model", "budget", "calibration", "metric", "selector", "unit", "healing")
+IDENTITY = ("rank", "model", "budget", "calibration", "method", "metric", "selector", "unit", "healing")
 #: between two terminal columns: the box's divider and one space of padding
 GUTTER = 2
 
@@ -400,7 +405,7 @@ def _heading(heading: str, values_width: int) -> tuple[str, int]:
 
 def terminal_priority(shown: pd.DataFrame, keys: dict[str, str], ranked_by: str | None) -> list[str]:
     """The terminal table's headings in the order they are kept when not all fit: the row's identity
-    (rank, model, budget, calibration, metric, selector, unit, healing), the ranking column, the other evaluation
+    (rank, model, budget, calibration, method, metric, selector, unit, healing), the ranking column, the other evaluation
     columns in display order, seeds, then the rest in display order."""
     order = [h for h in IDENTITY if h in shown]
     order += [h for h, key in keys.items() if key == ranked_by]
@@ -492,6 +497,9 @@ def notes(board: pd.DataFrame) -> str:
     if "healing" in board:
         parts.append("`healing`: what followed removal, before evaluation (`none`: nothing); `healing s`: its mean "
                      "seconds.")
+    if "method" in board:
+        parts.append("`method`: the method preset the row ran (`bench list methods`: its paper, and where it "
+                     "deviates), with the metric and selector it sets; `–`: the grid's own metric × selector.")
     parts.append("`span loss`: the chosen set's proxy span objective (sum over its contiguous runs of the metric's "
                  "span importance; lower = the set the metric calls more removable), the common yardstick for "
                  "selectors. `evals`: objective evaluations the selector used.")

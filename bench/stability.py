@@ -2,9 +2,10 @@
 
 A stability study reruns scoring and selection for every calibration seed (and, with a grid's
 ``stability:`` section, every calibration variant: source × samples × seq_len). Per (model,
-calibration variant, metric, selector, budget, unit, healing) this module reports, over the runs of that
-group (``unit`` and ``healing`` columns only when some row is not whole blocks without healing; a
-sub-layer row's "blocks" are the blocks whose attention or MLP branch was removed):
+calibration variant, metric, selector, budget, unit, healing, method) this module reports, over the runs of
+that group (``unit`` and ``healing`` columns only when some row is not whole blocks without healing,
+``method`` only when some row ran a method preset; a sub-layer row's "blocks" are the blocks whose
+attention or MLP branch was removed):
 
 - ``jaccard_mean`` / ``jaccard_std``: |A ∩ B| / |A ∪ B| of the removed block sets, over all pairs of runs
   (1 = every seed removes the same blocks, 0 = no two seeds share a block);
@@ -39,16 +40,17 @@ from algorithms.evaluations.base import Column
 from bench.records import (
     CellRecord,
     budget_labels,
+    hidden_axes,
+    method_text,
     records_frame,
     removed_text,
     row_order,
-    varied_axes,
     with_default_axes,
 )
 from bench.store import write_bytes_atomic
 
 #: one stability row per these keys
-KEY = ["model", "calibration", "metric", "selector", "budget", "unit", "healing"]
+KEY = ["model", "calibration", "metric", "selector", "budget", "unit", "healing", "method"]
 #: calibration label of the rows that pool every calibration variant
 POOLED = "all"
 CONFIDENCE = 0.95
@@ -144,8 +146,8 @@ def runs_frame(records: list[CellRecord]) -> pd.DataFrame:
         return df
     columns = df.attrs["columns"]
     df = with_default_axes(df)
-    df = df.sort_values(["model", "budget", "metric", "selector", "unit", "healing", "calibration", "seed", "cell_id"],
-                        kind="stable", key=row_order).reset_index(drop=True)
+    df = df.sort_values(["model", "budget", "metric", "selector", "unit", "healing", "method", "calibration", "seed",
+                         "cell_id"], kind="stable", key=row_order).reset_index(drop=True)
     df.attrs["columns"] = columns
     return df
 
@@ -181,14 +183,14 @@ _FIXED = ("k", "n_blocks", "runs", "seeds", "distinct_sets", "jaccard_mean", "ja
 
 
 def stability_frame(records: list[CellRecord], *, pooled: bool = True, seed: int = 0) -> pd.DataFrame:
-    """One row per (model, calibration variant, metric, selector, budget, unit, healing) with the statistics
-    above, plus, when the records hold several calibration variants and ``pooled``, one ``all`` row per
-    method. The ``unit`` and ``healing`` columns are kept only when some row is not at its default
+    """One row per (model, calibration variant, metric, selector, budget, unit, healing, method) with the
+    statistics above, plus, when the records hold several calibration variants and ``pooled``, one ``all`` row
+    per method. The ``unit``, ``healing`` and ``method`` columns are kept only when some row is not at its default
     (:func:`bench.records.varied_axes`). ``attrs["columns"]``: the evaluation columns summarised (those with
     a ``spread``), in display order."""
     runs = runs_frame(records)
     if runs.empty:
-        frame = pd.DataFrame(columns=[k for k in KEY if k not in ("unit", "healing")])
+        frame = pd.DataFrame(columns=[k for k in KEY if k not in ("unit", "healing", "method")])
         frame.attrs["columns"] = []
         return frame
     columns = spread_columns(runs)
@@ -206,10 +208,9 @@ def stability_frame(records: list[CellRecord], *, pooled: bool = True, seed: int
     frame = pd.DataFrame(rows)
     order = {c: i for i, c in enumerate(dict.fromkeys(list(runs["calibration"]) + [POOLED]))}
     frame["_order"] = frame["calibration"].map(order)
-    frame = frame.sort_values(["model", "budget", "metric", "selector", "unit", "healing", "_order"], kind="stable",
-                              key=row_order)
-    hidden = [k for k in ("unit", "healing") if k not in varied_axes(frame)]
-    frame = frame.drop(columns=["_order", *hidden]).reset_index(drop=True)
+    frame = frame.sort_values(["model", "budget", "metric", "selector", "unit", "healing", "method", "_order"],
+                              kind="stable", key=row_order)
+    frame = frame.drop(columns=["_order", *hidden_axes(frame)]).reset_index(drop=True)
     frame.attrs["columns"] = [c for c in columns if f"{c.key}_mean" in frame]
     return frame
 
@@ -217,8 +218,8 @@ def stability_frame(records: list[CellRecord], *, pooled: bool = True, seed: int
 def group_stability(runs: pd.DataFrame, group: list[str]) -> pd.DataFrame:
     """Mean pairwise Jaccard and Kendall τ per ``group`` of a records frame (its ``removed_set`` and
     ``scores`` columns), for groups of two runs or more: the leaderboard's stability columns. τ is NaN
-    where a record has no scores. ``unit`` and ``healing`` in ``group`` take their defaults where ``runs``
-    has no such column."""
+    where a record has no scores. ``unit``, ``healing`` and ``method`` in ``group`` take their defaults where
+    ``runs`` has no such column."""
     runs = with_default_axes(runs)
     rows = []
     for keys, g in runs.groupby(group, sort=False):
@@ -258,6 +259,7 @@ def display(frame: pd.DataFrame) -> pd.DataFrame:
         "model": frame["model"],
         "calibration": frame["calibration"],
         "budget": budget_labels(frame),
+        **({"method": frame["method"].map(method_text)} if "method" in frame else {}),
         "metric": frame["metric"],
         "selector": frame["selector"],
         **{axis: frame[axis] for axis in ("unit", "healing") if axis in frame},

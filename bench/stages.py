@@ -773,7 +773,7 @@ class Pipeline:
             labels=Labels(model=cell.model["name"], metric=cell.metric.label(), selector=cell.selector.label(),
                           budget=cell.budget_label, seed=cell.calibration["seed"],
                           calibration=calibration_label(cell.calibration), unit=cell.unit,
-                          healing=cell.healing.label()),
+                          healing=cell.healing.label(), method=cell.method),
             status="selected",
         )
 

@@ -59,12 +59,14 @@ def make_record(
     healing: str | None = None,
     healing_seconds: float | None = None,
     trained_parameters: int = 0,
+    method: str | None = None,
 ) -> CellRecord:
     """An ``ok`` record, cell id ``cell<i>``. ``values`` maps column keys to numbers; every column of
     every evaluation must be given (a key no evaluation declares is an error, so typos fail loudly).
     ``evaluations`` defaults to the built-ins that ``values`` names. ``unit`` and ``healing`` (a
     healing's label) go into the labels only when given, as a record of a grid without these axes has
-    them at their defaults; ``healing_seconds`` adds the healing outcome (name: the label's name)."""
+    them at their defaults; ``healing_seconds`` adds the healing outcome (name: the label's name);
+    ``method``: the method preset's name (a record of a metric × selector cell has none)."""
     evaluations = builtin_evaluations(values) if evaluations is None else evaluations
     outcomes: dict[str, Any] = {}
     used: set[str] = set()
@@ -89,7 +91,8 @@ def make_record(
         "labels": {"model": model, "metric": metric, "selector": selector, "budget": budget, "seed": seed,
                    "calibration": calibration_label(calibration),
                    **({"unit": unit} if unit is not None else {}),
-                   **({"healing": healing} if healing is not None else {})},
+                   **({"healing": healing} if healing is not None else {}),
+                   **({"method": method} if method is not None else {})},
         "status": "ok",
         "model": {"name": model, "fingerprint": "f" * 8, "n_blocks": n_blocks},
         "k": len(removed), "removed_blocks": list(removed),
