@@ -213,11 +213,12 @@ def test_what_a_preset_expands_to_is_checked_like_the_grids_own_components(metho
 
     with pytest.raises(ValueError) as ridge:
         LinearHealing({"ridge": -1.0})
+    from algorithms import MODEL_METRICS
     from estimators import METRICS
 
     cases = {
         "no-metric": "methods[1]: method 'no-metric' expands to metric 'no_such_metric': unknown metric "
-                     f"'no_such_metric'. Known: {', '.join(METRICS.list())}",
+                     f"'no_such_metric'. Known: {', '.join(sorted(METRICS.list() + MODEL_METRICS.list()))}",
         "no-selector": "methods[1]: method 'no-selector' expands to selector 'topkk': unknown selector 'topkk'. Did "
                        "you mean 'topk'? Known: exhaustive, fbs, ising, iterative, optuna, span, topk",
         "bad-params": f"methods[1]: method 'bad-params' expands to metric 'angular(tokens=first)': {angular.value}",
