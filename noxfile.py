@@ -47,3 +47,11 @@ def bench(session: nox.Session) -> None:
         "--benchmark-storage=file://results/bench", "--benchmark-autosave", "--benchmark-columns=min,median,max,rounds",
         *session.posargs, env={"BLOCKBENCH_PERF": "1"},
     )
+
+
+@nox.session(python=PYTHON)
+def gpu(session: nox.Session) -> None:
+    """The GPU check (.ci/gpu), on a machine with a CUDA device: every test marked ``cuda`` and
+    configs/gpu.yaml on CUDA with synchronised scoring times."""
+    session.install("-e", ".[test]")
+    session.run("bash", ".ci/gpu", *session.posargs, external=True)

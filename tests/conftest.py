@@ -17,6 +17,18 @@ configuration.set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "block
 settings.register_profile("blockbench", database=None)
 settings.load_profile("blockbench")
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are skipped on a machine without a CUDA device (``.ci/gpu`` runs them)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run .ci/gpu on a machine with one)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 SMALL_GRID = {
     "name": "e2e",
     "models": ["smollm2-135m"],

@@ -231,7 +231,7 @@ def test_invalid_params_name_the_parameter(name, params, message):
         METRICS.get(name)(**params)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda  # skipped without a CUDA device (tests/conftest.py); run them all with .ci/gpu
 def test_cuda_matches_cpu():
     z = draw(covariance("dense", 0.5, 5), 3000, seed=10).float()
     x, y = z[:, :5], z[:, 5:]

@@ -343,7 +343,7 @@ def test_params_are_recorded():
     assert METRICS.get("mi_gauss")().params == {"bias_correction": True, "max_dim": None, "seed": 0}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda  # skipped without a CUDA device (tests/conftest.py); run them all with .ci/gpu
 def test_cuda_matches_cpu():
     x, y = gaussian_pair("dense", 0.5, 5, n=3000)
     for fn in (F.mi_gauss, F.mi_ksg):

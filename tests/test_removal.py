@@ -455,7 +455,7 @@ def test_fallback_finder_on_an_unusual_path():
         block_path(model)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda  # skipped without a CUDA device (tests/conftest.py); run them all with .ci/gpu
 @pytest.mark.parametrize("arch", NAMES)
 def test_cuda(arch):
     dense = build(arch).cuda()
