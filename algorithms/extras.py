@@ -14,6 +14,7 @@ plots      ``bench report --html``, ``bench stability`` ``matplotlib``
 lora       ``healing: lora``                            ``peft``
 ray        ``bench run --executor ray``                 ``ray``
 ising      the ``ising`` selector past ``max_exact``    ``dimod``, ``dwave.samplers``
+hf         ``hf:`` text sources (Hugging Face datasets) ``datasets``
 ========== ============================================ ==================================
 
 A component (selector, healing, evaluation, metric; a plugin's too) declares what it needs in a class
@@ -67,6 +68,7 @@ PEFT = Requirement("peft", "lora")
 RAY = Requirement("ray", "ray")
 DIMOD = Requirement("dimod", "ising")
 DWAVE_SAMPLERS = Requirement("dwave.samplers", "ising", "dwave-samplers")
+HF_DATASETS = Requirement("datasets", "hf")
 
 
 class MissingExtra(ImportError):
