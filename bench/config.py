@@ -362,7 +362,12 @@ def _evaluation_sections(data: dict[str, Any], base_dir: Path | None = None,
         except RegistryError as exc:  # a broken plugin
             errors.append(f"{name}: {exc}")
             continue
-        if missing := extras.missing(cls):  # its parameters may need the library to be checked
+        try:
+            missing = extras.missing(cls)
+        except TypeError as exc:  # a plugin's malformed ``requires``
+            errors.append(f"{name}: {exc}")
+            continue
+        if missing:  # its parameters may need the library to be checked
             errors.append(f"{name}: {extras.needs(missing)}")
             continue
         if section is None:

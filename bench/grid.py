@@ -331,6 +331,8 @@ def _requirement_problem(registry, name: str) -> str | None:
         missing = extras.missing(registry.get(name))
     except RegistryError:
         return None
+    except TypeError as exc:  # a plugin's malformed ``requires``
+        return f"cannot be checked: {exc}"
     return extras.needs(missing) if missing else None
 
 

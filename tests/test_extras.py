@@ -169,6 +169,8 @@ def test_a_plugin_component_declares_its_own_requirement(tmp_path, without, monk
     assert result == "needs bb-missing-lib: pip install 'blockbench[gpu]'"
     assert bench.grid._requirement_problem(registry, "topk") is None
     assert bench.grid._requirement_problem(registry, "no-such-selector") is None  # named by the name check
+    NeedsLib.requires = (42,)
+    assert bench.grid._requirement_problem(registry, "needs-lib").startswith("cannot be checked: ")
 
 
 def test_report_html_without_matplotlib_exits_2(tmp_path, without):
@@ -182,6 +184,17 @@ def test_report_html_without_matplotlib_exits_2(tmp_path, without):
     assert not (tmp_path / "report.html").exists()
     result = cli.invoke(app, ["report", "--results", str(tmp_path)])  # the leaderboard needs no matplotlib
     assert result.exit_code == 0, result.output
+
+
+def test_stability_without_matplotlib_exits_2_before_running(tmp_path, without):
+    without("matplotlib")
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(SMALL_GRID))
+    results = tmp_path / "out"
+    result = cli.invoke(app, ["stability", "--grid", str(path), "--results", str(results)])
+    assert result.exit_code == 2, result.output
+    assert " ".join(result.output.split()).endswith("pip install 'blockbench[plots]' (or pass --no-html)")
+    assert not results.exists()
 
 
 def test_drawing_a_figure_without_matplotlib_names_the_extra(without):
