@@ -1,4 +1,7 @@
-"""Sessions behind the README's commands: ``nox -s tests``, ``lint``, ``demo``, ``bench``."""
+"""Sessions behind the README's commands: ``nox -s tests``, ``lint``, ``demo``, ``bench``.
+
+Every session installs under ``constraints/ci.txt`` (the exact torch CI runs; pyproject.toml gives lower
+bounds only), so ``nox -s tests`` reproduces ``pip install -c constraints/ci.txt -e '.[test]'``."""
 
 import nox
 
@@ -6,33 +9,40 @@ nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
 PYTHON = "3.11"
+CONSTRAINTS = ("-c", "constraints/ci.txt")
+
+
+def install(session: nox.Session, *args: str) -> None:
+    """``pip install -c constraints/ci.txt ARGS`` in the session's environment."""
+    session.install(*CONSTRAINTS, *args)
 
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """Install blockbench with its test extras and run the whole suite (real SmolLM2 included)."""
-    session.install("-e", ".[test]")
+    install(session, "-e", ".[test]")
     session.run("pytest", "-q", "-p", "no:cacheprovider", *session.posargs)
 
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    session.install("ruff>=0.5")
+    install(session, "ruff>=0.5")
     session.run("ruff", "check", "bench", "algorithms", "estimators", "tests", "noxfile.py")
 
 
 @nox.session(python=PYTHON)
 def gate(session: nox.Session) -> None:
     """The CI regression gate (.ci/gate): run configs/ci.yaml on SmolLM2 and compare with
-    results/baselines/ci.json; extra arguments go to ``bench check``."""
-    session.install("-e", ".")
+    results/baselines/ci.json; extra arguments go to ``bench check``. The grid measures accuracy: the
+    ``accuracy`` extra."""
+    install(session, "-e", ".[accuracy]")
     session.run("bash", ".ci/gate", *session.posargs, external=True)
 
 
 @nox.session(python=PYTHON)
 def demo(session: nox.Session) -> None:
     """The README demo: the quick grid on SmolLM2-135M, ending in a leaderboard."""
-    session.install("-e", ".")
+    install(session, "-e", ".")
     session.run("bench", "run", "--grid", "configs/quick.yaml", *session.posargs)
 
 
@@ -41,7 +51,7 @@ def bench(session: nox.Session) -> None:
     """Speed benchmarks (tests/perf, pytest-benchmark): every metric at realistic sizes, our KSG and
     Gaussian MI against reference implementations, scoring vs the calibration forward pass. Results are
     saved as JSON under results/bench/ (compare runs with ``pytest-benchmark compare``)."""
-    session.install("-e", ".[test,perf]")
+    install(session, "-e", ".[test,perf]")
     session.run(
         "pytest", "tests/perf", "-q", "-p", "no:cacheprovider", "--benchmark-only",
         "--benchmark-storage=file://results/bench", "--benchmark-autosave", "--benchmark-columns=min,median,max,rounds",

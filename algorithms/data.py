@@ -197,11 +197,11 @@ def _hf_cached(name: str) -> bool:
 
 
 def _check_hf(spec: str) -> tuple[str, str | None, str]:
-    import importlib.util
+    from algorithms import extras
 
     name, config, split = _hf_parts(spec)
-    if importlib.util.find_spec("datasets") is None:
-        raise DataError(f"source {spec!r} needs the 'datasets' package: pip install 'blockbench[hf]'")
+    if not extras.HF_DATASETS.available():
+        raise DataError(f"source {spec!r} {extras.needs((extras.HF_DATASETS,))}")
     if not _hf_cached(name):
         raise DataError(f"text source {spec!r}: dataset {name!r} is not in the local Hugging Face cache; "
                         f"download it once (python -c \"import datasets; datasets.load_dataset('{name}')\") "

@@ -19,7 +19,6 @@ and :func:`solve_sampled` find its exact-k minimum; :class:`Ising` is the select
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
 import time
@@ -29,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from algorithms import extras
 from algorithms.objectives import CountingObjective
 from algorithms.selectors import SearchSelector, SelectionProblem, SelectionResult
 from estimators.checks import check_choice, check_float, check_int
@@ -216,25 +216,19 @@ def solve_sampled(model: BlockQuadraticModel, k: int, sampler: str = "simulated_
                                           "polish_swaps": swaps, "feasible_reads": int(feasible.sum())}
 
 
+#: what solves sets too many to enumerate (only then: enumeration needs neither)
+_SOLVERS = (extras.DIMOD, extras.DWAVE_SAMPLERS)
+_SAMPLER_FEATURE = "selector 'ising' past max_exact (sets too many to enumerate; or raise max_exact)"
+
+
 def _import_solvers():
-    try:
-        import dimod
-        from dwave import samplers
-    except ImportError as exc:
-        raise ImportError(
-            "selector 'ising': sets too many to enumerate are solved with the dimod and dwave-samplers "
-            "packages; install them (pip install 'blockbench[ising]', or pip install dimod dwave-samplers) "
-            "or raise max_exact"
-        ) from exc
-    return dimod, samplers
+    """``(dimod, dwave.samplers)``; :class:`~algorithms.extras.MissingExtra` naming the ising extra."""
+    return tuple(extras.require(r.module, feature=_SAMPLER_FEATURE, extra=r.extra, package=r.package)
+                 for r in _SOLVERS)
 
 
 def _solvers_installed() -> bool:
-    try:
-        return (importlib.util.find_spec("dimod") is not None
-                and importlib.util.find_spec("dwave.samplers") is not None)
-    except (ModuleNotFoundError, ValueError):  # no ``dwave`` namespace at all; a module set to None
-        return False
+    return all(r.available() for r in _SOLVERS)
 
 
 class Ising(SearchSelector):

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from algorithms import SELECTORS as SELECTORS  # the registry lives in the light package module
+from algorithms import extras
 from algorithms.objectives import (
     OBJECTIVE_KINDS,
     PROXY_KINDS,
@@ -437,6 +438,7 @@ class OptunaSearch(SearchSelector):
     """
 
     name = "optuna"
+    requires = extras.OPTUNA  #: read by ``bench validate`` without importing optuna
     SAMPLERS = ("tpe", "random", "cmaes")
     ENCODINGS = ("keys", "slots")
 
@@ -473,7 +475,7 @@ class OptunaSearch(SearchSelector):
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
 
     def select(self, problem: SelectionProblem) -> SelectionResult:
-        import optuna
+        optuna = extras.require("optuna", feature="selector 'optuna'", extra="optuna")
 
         f = self._objective(problem)
         order = _redundancy_order(problem)

@@ -53,7 +53,7 @@ def _load(grid: Path, allow_remote_code: bool = False, *, reading: bool = False)
                 check_device(config.device)
             except ConfigError as exc:
                 raise ConfigError(f"{grid}: {exc}") from None
-        cells = validate(config)
+        cells = validate(config, extras=not reading)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
     trusting = [(i, m.name) for i, m in enumerate(config.models) if m.trust_remote_code]
@@ -240,6 +240,8 @@ def report_cmd(
     """Rebuild the leaderboard (terminal, leaderboard.md, leaderboard.csv) from the records."""
     from bench import report as rep
 
+    if html:
+        _check_plots("--html")
     board, results, title = _board(results, grid, rank_by)
     try:
         paths = rep.write_reports(board, results, title=title)
@@ -271,6 +273,17 @@ def _grid_records(results: Path, grid: Path | None) -> list[dict]:
     return records
 
 
+def _check_plots(option: str, hint: str = "") -> None:
+    """Exit 2 naming the ``plots`` extra when ``option`` asks for the HTML report and matplotlib is not
+    installed (checked before anything runs or is written)."""
+    from algorithms import extras
+
+    if not extras.available("matplotlib"):
+        from bench.html_report import FEATURE
+
+        raise _fail(f"{option}: {extras.MissingExtra(extras.MATPLOTLIB, FEATURE)}{hint}")
+
+
 def _write_html(results: Path, records: list[dict], board, title: str, frame=None) -> list[Path]:
     """``report.html`` and ``figures/*.png`` under ``results``, with the stability table (``bench.html_report``)."""
     from bench import html_report
@@ -295,6 +308,8 @@ def stability_cmd(
     from bench import stability
 
     config, cells = _load(grid, allow_remote_code)
+    if html:
+        _check_plots("--html", " (or pass --no-html)")
     seeds = config.calibration.seeds
     if len(seeds) < 2:
         raise _fail(f"calibration.seeds: a stability study needs at least 2 seeds to compare, got {seeds}")

@@ -346,6 +346,7 @@ def _evaluation_sections(data: dict[str, Any], base_dir: Path | None = None,
     named after a registered evaluation configures it (``null`` or ``{}``: its defaults); perplexity
     is always measured. ``base_dir`` (the grid file's folder) is the validation context's ``base_dir``:
     where an evaluation's relative file paths are taken from (accuracy's ``task_files``)."""
+    from algorithms import extras
     from algorithms.evaluations import EVALUATIONS
     from estimators.registry import RegistryError
 
@@ -360,6 +361,14 @@ def _evaluation_sections(data: dict[str, Any], base_dir: Path | None = None,
             cls = EVALUATIONS.get(name)
         except RegistryError as exc:  # a broken plugin
             errors.append(f"{name}: {exc}")
+            continue
+        try:
+            missing = extras.missing(cls)
+        except TypeError as exc:  # a plugin's malformed ``requires``
+            errors.append(f"{name}: {exc}")
+            continue
+        if missing:  # its parameters may need the library to be checked
+            errors.append(f"{name}: {extras.needs(missing)}")
             continue
         if section is None:
             section = {}

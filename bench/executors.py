@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from algorithms import extras
 from bench.config import config_sections, parse_config
 from bench.grid import Cell, expand, short_hash
 from bench.records import CellRecord
@@ -169,6 +170,10 @@ def _check_reachable(address: str | None) -> None:
         raise ExecutorError(f"--address {address!r}: no Ray cluster answers there ({exc})") from None
 
 
+def _import_ray():
+    return extras.require("ray", feature="--executor ray", extra="ray")
+
+
 class RayExecutor(Executor):
     """Ray tasks: one per calibration group (selection), one per distinct block set (evaluation)."""
 
@@ -177,12 +182,12 @@ class RayExecutor(Executor):
     def __init__(self, address: str | None = None) -> None:
         super().__init__(address)
         try:
-            import ray  # noqa: F401
-        except ImportError:
-            raise ExecutorError("--executor ray needs Ray: pip install 'blockbench[ray]'") from None
+            _import_ray()
+        except extras.MissingExtra as exc:
+            raise ExecutorError(str(exc)) from None
 
     def run(self, pipeline: Pipeline, cells: list[Cell], summary: RunSummary) -> None:
-        import ray
+        ray = _import_ray()
 
         started_here = False
         if not ray.is_initialized():

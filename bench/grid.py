@@ -318,8 +318,57 @@ def _check_methods(presets: list[MethodPreset]) -> None:
                 raise ConfigError(f"{_expansion(i, preset, kind, spec.label())}: {problem[1]}")
 
 
-def validate(config: GridConfig) -> list[Cell]:
-    """Check names, parameters, sources, models and budgets without running anything."""
+def _requirement_problem(registry, name: str) -> str | None:
+    """``needs optuna: pip install 'blockbench[optuna]'`` when the component ``name`` declares an optional
+    library (its ``requires``, :mod:`algorithms.extras`) that is not installed; None otherwise, or when
+    the name is unknown or broken (the checks that follow report that). Imports the component's module,
+    never the library."""
+    if name == NO_HEALING or name not in registry:
+        return None
+    from algorithms import extras
+
+    try:
+        missing = extras.missing(registry.get(name))
+    except RegistryError:
+        return None
+    except TypeError as exc:  # a plugin's malformed ``requires``
+        return f"cannot be checked: {exc}"
+    return extras.needs(missing) if missing else None
+
+
+def _check_requirements(config: GridConfig) -> None:
+    """Refuse a grid whose metric, selector or healing needs an extra that is not installed, naming the
+    key (``selectors[1]``) and the command that installs it."""
+    from algorithms.healing import HEALINGS
+
+    for key, kind, registry, specs in (("metrics", "metric", None, config.metrics),
+                                       ("selectors", "selector", SELECTORS, config.selectors),
+                                       ("healing", "healing", HEALINGS, config.healing)):
+        for i, spec in enumerate(specs):
+            reg = registry or metric_registry(spec.name)
+            if (why := _requirement_problem(reg, spec.name)) is not None:
+                raise ConfigError(f"{key}[{i}]: {kind} {spec.name!r} {why}")
+
+
+def _check_preset_requirements(presets: list[MethodPreset]) -> None:
+    """:func:`_check_requirements` for what each method preset expands to, the error naming ``methods[i]``."""
+    from algorithms.healing import HEALINGS
+
+    for i, preset in enumerate(presets):
+        for kind, part in (("metric", preset.metric), ("selector", preset.selector), ("healing", preset.healing)):
+            spec = _component(part)
+            try:
+                reg = {"selector": SELECTORS, "healing": HEALINGS}.get(kind) or metric_registry(spec.name)
+            except RegistryError:
+                continue  # _check_methods names it
+            if (why := _requirement_problem(reg, spec.name)) is not None:
+                raise ConfigError(f"{_expansion(i, preset, kind, spec.label())}, which {why}")
+
+
+def validate(config: GridConfig, *, extras: bool = True) -> list[Cell]:
+    """Check names, parameters, sources, models and budgets without running anything. ``extras``: also
+    refuse components whose optional library is not installed (``bench report``/``check`` read records
+    and pass False)."""
     # names first, from the registries alone (no module imported: a typo is reported at once)
     for i, spec in enumerate(config.metrics):
         try:
@@ -329,9 +378,13 @@ def validate(config: GridConfig) -> list[Cell]:
     for i, spec in enumerate(config.selectors):
         if spec.name not in SELECTORS:
             raise ConfigError(f"selectors[{i}].name: {SELECTORS.unknown_message(spec.name)}")
+    if extras:  # before any parameter is checked: a component's check may need its library
+        _check_requirements(config)
     for i, spec in enumerate(config.healing):
         _check_healing(i, spec)
     presets = method_presets(config)
+    if extras:
+        _check_preset_requirements(presets)
     _check_methods(presets)
     from algorithms.data import DataError, check_source
     from algorithms.models.zoo import model_block_count, model_width

@@ -28,19 +28,39 @@ import html
 import io
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import PercentFormatter, ScalarFormatter
 from scipy import stats
 
+from algorithms import extras
 from algorithms.evaluations.base import Column
 from bench import stability as stab
 from bench.records import DEFAULT_HEALING, DEFAULT_METHOD, DEFAULT_UNIT, CellRecord, with_default_axes
 from bench.report import display, notes, ranking_column
 from bench.store import write_bytes_atomic
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+#: what needs matplotlib, in the message of :class:`~algorithms.extras.MissingExtra`
+FEATURE = "the HTML report (report.html and figures/*.png: bench report --html, bench stability)"
+
+
+def require_matplotlib():
+    """matplotlib, imported (Agg canvas, no display); :class:`~algorithms.extras.MissingExtra` naming the
+    ``plots`` extra when it is not installed. Imported here, not with this module, so that ``bench
+    report`` without ``--html`` needs no matplotlib."""
+    mpl = extras.require("matplotlib", feature=FEATURE, extra="plots")
+    for name in ("figure", "ticker", "backends.backend_agg"):  # the submodules used below
+        extras.require(f"matplotlib.{name}", feature=FEATURE, extra="plots")
+    return mpl
+
+
+def _new_figure(**kwargs) -> Figure:
+    return require_matplotlib().figure.Figure(**kwargs)
+
 
 FIGURES = ("importance", "frequency", "stability", "curves")
 CAPTIONS = {
@@ -70,7 +90,7 @@ CAPTIONS = {
 
 # ---------------------------------------------------------------------------------------- figure helpers
 def _png(fig: Figure) -> bytes:
-    FigureCanvasAgg(fig)
+    require_matplotlib().backends.backend_agg.FigureCanvasAgg(fig)
     buf = io.BytesIO()
     # no "Software" text chunk: the PNG carries no URL either
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
@@ -135,7 +155,7 @@ def importance_figure(runs: pd.DataFrame) -> Figure:
             labels.append(metric + _axes_suffix(unit) + _variant_suffix(cal, several))
         panels.append((model, np.vstack(rows), labels))
     height = sum(0.35 * len(p[2]) + 1.2 for p in panels)
-    fig = Figure(figsize=(10, max(2.5, height)), layout="constrained")
+    fig = _new_figure(figsize=(10, max(2.5, height)), layout="constrained")
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
     for ax, (model, matrix, labels) in zip(axes, panels, strict=True):
         _heat(fig, ax, matrix, labels, f"{model}: block importance rank per metric (0 = least, 1 = most important)",
@@ -156,7 +176,7 @@ def frequency_figure(frame: pd.DataFrame) -> Figure:
         size = f"{int(g['k'].iloc[0])}/{n} blocks" if g["k"].nunique() == 1 else f"{n} blocks"
         panels.append((f"{model}, {budget} ({size}): share of seeds removing each block", matrix, labels))
     height = sum(0.35 * len(p[2]) + 1.2 for p in panels)
-    fig = Figure(figsize=(10, max(2.5, height)), layout="constrained")
+    fig = _new_figure(figsize=(10, max(2.5, height)), layout="constrained")
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
     for ax, (title, matrix, labels) in zip(axes, panels, strict=True):
         _heat(fig, ax, matrix, labels, title, "selection frequency", "Blues")
@@ -180,7 +200,7 @@ def stability_figure(frame: pd.DataFrame) -> Figure:
     xs = list(dict.fromkeys(frame["x"]))
     variants = list(dict.fromkeys(frame["calibration"]))
     width = 0.8 / len(variants)
-    fig = Figure(figsize=(max(6.0, 1.1 * len(xs) + 2), 5.5), layout="constrained")
+    fig = _new_figure(figsize=(max(6.0, 1.1 * len(xs) + 2), 5.5), layout="constrained")
     axes = fig.subplots(2, 1, sharex=True)
     for ax, (col, label) in zip(axes, (("jaccard", "mean pairwise Jaccard"), ("tau", "mean Kendall τ")),
                                 strict=True):
@@ -218,7 +238,8 @@ def curves_figure(runs: pd.DataFrame, column: Column) -> Figure:
     panels = list(runs.groupby(["model", "calibration"], sort=False))
     ncols = min(len(panels), 2)
     nrows = math.ceil(len(panels) / ncols)
-    fig = Figure(figsize=(5.2 * ncols + 1, 3.6 * nrows), layout="constrained")
+    ticker = require_matplotlib().ticker
+    fig = _new_figure(figsize=(5.2 * ncols + 1, 3.6 * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, ((model, cal), g) in zip(axes, panels, strict=False):
         base = float(pd.to_numeric(g[dense], errors="coerce").mean()) if dense else math.nan
@@ -231,10 +252,10 @@ def curves_figure(runs: pd.DataFrame, column: Column) -> Figure:
             ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=_method_label(metric, selector, unit, healing, method))
         if log:
             ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(ScalarFormatter())
-            ax.yaxis.set_minor_formatter(ScalarFormatter())
+            ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
+            ax.yaxis.set_minor_formatter(ticker.ScalarFormatter())
             ax.tick_params(axis="y", which="minor", labelsize=7)
-        ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        ax.xaxis.set_major_formatter(ticker.PercentFormatter(1.0, decimals=0))
         ax.set_xlabel("share of blocks removed")
         ax.set_ylabel(column.label + (" (log scale)" if log else ""))
         ax.set_title(f"{model} · {cal}", fontsize=9)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, ValidationInfo, field_validator, model_serializer, model_validator
 
+from algorithms import extras
 from algorithms.evaluations.base import Column, EvalTarget, Evaluation, Params
 
 if TYPE_CHECKING:
@@ -135,6 +136,7 @@ class Accuracy(Evaluation):
 
     name = "accuracy"
     version = "1"
+    requires = extras.LM_EVAL  #: read when the grid is read, without importing lm-eval
     Params = AccuracyParams
 
     def columns(self) -> list[Column]:

