@@ -62,6 +62,7 @@ def bench(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def gpu(session: nox.Session) -> None:
     """The GPU check (.ci/gpu), on a machine with a CUDA device: every test marked ``cuda`` and
-    configs/gpu.yaml on CUDA with synchronised scoring times."""
-    session.install("-e", ".[test]")
+    configs/gpu.yaml on CUDA with synchronised scoring times. The constraints pin torch's version; pip
+    takes the CUDA build of it from the index a GPU machine uses."""
+    install(session, "-e", ".[test]")
     session.run("bash", ".ci/gpu", *session.posargs, external=True)
