@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import Any
 
 #: the pruning units a preset may fix (``bench.config.Unit``; repeated so this layer imports no ``bench``)
-UNITS = ("block", "attention", "mlp")
+UNITS = ("block", "attention", "mlp", "sublayer")
 #: the healing entry that means "no healing" (``bench.config.NO_HEALING``)
 NO_HEALING = "none"
 
@@ -58,6 +58,7 @@ class MethodPreset:
     arxiv: str  #: the arXiv id, "2403.03853"
     metric: Component
     selector: Component
+    #: ``sublayer``: indices count branches in stream order (``2i`` attention, ``2i + 1`` MLP of block i)
     unit: str = "block"
     healing: Component = Component(NO_HEALING)
     protect: tuple[int, ...] = ()
@@ -204,4 +205,17 @@ REPLACEME = MethodPreset(
     metric=Component("angular"), selector=Component("span"), healing=Component("linear"),
     deviations=("The span is chosen by angular distance over all tokens (arccos of the cosine: the same argmin "
                 "as cosine distance).",),
+)
+
+BLOCKPRUNER = MethodPreset(
+    name="blockpruner",
+    title="BlockPruner: Fine-grained Pruning for Large Language Models",
+    authors="Zhong et al. 2024", arxiv="2406.10594",
+    metric=Component("ppl"), selector=Component("iterative", {"objective": "loss"}), unit="sublayer",
+    deviations=("The budget counts sub-layers (k of the 2L attention and MLP branches); the paper prunes to a "
+                "parameter ratio: use budgets: params for that.",
+                "Calibration is the grid's (the paper: 256 samples of Alpaca).",
+                "The loss is the mean calibration NLL (the logarithm of the paper's perplexity: the same choice at "
+                "each step).",
+                "No recovery training after removal."),
 )

@@ -11,7 +11,9 @@ Their registry is :data:`algorithms.MODEL_METRICS` (entry-point group ``blockben
 apart from :data:`estimators.METRICS` because ``estimators`` knows nothing of models.
 
 Units: with ``unit="attention"`` or ``"mlp"`` the scores are those of each block's branch (removed with
-:func:`algorithms.models.units.skip_units`; the branch's parameters for ``taylor``).
+:func:`algorithms.models.units.skip_units`; the branch's parameters for ``taylor``); with
+``unit="sublayer"`` one score per branch, ``2L`` in residual-stream order (attention of block 0, its MLP,
+attention of block 1, ...).
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ class ModelMetric:
         self.params = params
 
     def score_units(self, target: ScoringTarget) -> Tensor:
-        """One score per block (or per block's branch, for sub-layer units), shape ``(L,)``, float64."""
+        """One score per block (or per block's branch, for attention / MLP units), shape ``(L,)``; ``(2L,)``
+        for ``sublayer`` units; float64."""
         raise NotImplementedError
 
     def span_score(self, scores: Tensor, start: int, length: int, target: ScoringTarget) -> float:
@@ -101,12 +104,6 @@ def check_model_metric(cls: Any) -> str | None:
     return None
 
 
-def _n_units(model: nn.Module) -> int:
-    from algorithms.models.blocks import num_blocks
-
-    return num_blocks(model)
-
-
 class RemovalLoss(ModelMetric):
     """Calibration NLL with the unit removed minus the dense NLL (Shortened LLaMA's PPL criterion,
     SLEB's first step): the log of the perplexity ratio; L + 1 forward passes over the calibration
@@ -120,7 +117,9 @@ class RemovalLoss(ModelMetric):
 
     def score_units(self, target: ScoringTarget) -> Tensor:
         loss = target.removal_loss()
-        n = _n_units(target.model)
+        from algorithms.models.units import n_units
+
+        n = n_units(target.model, target.unit)
         dense = loss(frozenset())
         out = []
         for i in range(n):
@@ -186,9 +185,13 @@ class TaylorImportance(ModelMetric):
 
 def unit_weights(model: nn.Module, unit: str) -> list[list[nn.Parameter]]:
     """The parameters named ``*weight`` of every block's ``unit`` (the whole block, or its attention or
-    MLP branch with the branch's norms), block by block."""
+    MLP branch with the branch's norms), block by block; for ``sublayer`` the attention and MLP groups
+    interleaved (stream order)."""
     from algorithms.models.blocks import get_blocks
 
+    if unit == "sublayer":
+        pairs = zip(unit_weights(model, "attention"), unit_weights(model, "mlp"), strict=True)
+        return [group for pair in pairs for group in pair]
     blocks = get_blocks(model)
     if unit == "block":
         modules: list[list[nn.Module]] = [[b] for b in blocks]

@@ -27,7 +27,10 @@ Kinds built by :class:`ObjectiveFactory`:
 Units: with ``unit="attention"`` or ``"mlp"`` the indices are blocks whose branch is removed. Two
 attention branches of consecutive blocks are not consecutive in the residual stream (an MLP lies
 between them), so every branch is its own run and ``proxy_span`` equals ``proxy_sum``; ``loss`` skips
-the branches (:func:`algorithms.models.units.skip_units`).
+the branches (:func:`algorithms.models.units.skip_units`). With ``unit="sublayer"`` the indices are
+sub-layers in stream order (``2i`` attention, ``2i + 1`` MLP of block ``i``): consecutive indices are
+consecutive steps of the residual stream, so ``proxy_span`` splits into the usual runs, scored on the
+full sub-layer stream (``states`` must then be the ``(2L + 1, ...)`` stream, not the block states).
 
 Any other callable ``frozenset[int] -> float`` can stand in for a kind (``custom={"loss": fn}``), which
 is how the tests build objectives with a known optimum.
@@ -243,7 +246,8 @@ class ObjectiveFactory:
             return Objective(lambda s: sum(self.span_importance(b, 1) for b in s), name=kind)
         if kind == "proxy_span":
             self._need("proxy_span", states_or_scores=False)
-            split = runs if self.unit == "block" else (lambda s: [(b, 1) for b in sorted(s)])
+            contiguous = self.unit in ("block", "sublayer")  # runs of indices are runs of the stream
+            split = runs if contiguous else (lambda s: [(b, 1) for b in sorted(s)])
             return Objective(lambda s: sum(self.span_importance(start, n) for start, n in split(s)), name=kind)
         if kind == "loss":
             missing = [n for n, v in (("model", self.model), ("input_ids", self.input_ids)) if v is None]

@@ -107,8 +107,9 @@ class CalibrationSpec(_Frozen):
 class BudgetSpec(_Frozen):
     """How much to remove: shares of the unit count (``ratios``), absolute unit counts (``blocks``),
     shares of the model's parameters to keep (``params``), or any mix. A unit is a block, or one
-    attention or MLP branch (the grid's ``units``); ``params`` is how units of different sizes are
-    compared fairly."""
+    attention or MLP branch (the grid's ``units``; ``sublayer``: either branch, so ``ratios`` and
+    ``blocks`` count sub-layers out of 2L); ``params`` is how units of different sizes are compared
+    fairly."""
 
     ratios: list[float] = Field(default_factory=list)
     blocks: list[int] = Field(default_factory=list)
@@ -201,7 +202,8 @@ class MethodSpec(_Frozen):
 
 
 Device = Literal["auto", "cpu", "cuda"] | str
-Unit = Literal["block", "attention", "mlp"]
+#: ``sublayer``: BlockPruner's mixed pool, the 2L attention and MLP branches in residual-stream order
+Unit = Literal["block", "attention", "mlp", "sublayer"]
 #: the healing entry that means "no healing" (not in the healing registry)
 NO_HEALING = "none"
 DType = Literal["float32", "bfloat16", "float16", "float64"]
@@ -226,7 +228,8 @@ class GridConfig(_Frozen):
     #: budgets only (a preset fixes its unit and healing)
     methods: list[MethodSpec] = Field(default_factory=list, min_length=1)
     budgets: BudgetSpec
-    #: what a selector removes: whole blocks, or attention / MLP branches (residual branches of a block)
+    #: what a selector removes: whole blocks, attention / MLP branches (residual branches of a block), or
+    #: ``sublayer``: either branch, from one pool of 2L
     units: list[Unit] = Field(default_factory=lambda: ["block"], min_length=1)
     #: what follows removal, before evaluation: none, or a healing method (``linear``, ``lora``, a plugin)
     healing: list[ComponentSpec] = Field(default_factory=lambda: [ComponentSpec(name=NO_HEALING)], min_length=1)

@@ -160,48 +160,67 @@ class Cell:
             return f"{self.budget['ratio']:.0%}"
         if "params" in self.budget:
             return f"params {self.budget['params']:.0%}"
-        return f"{self.budget['blocks']} {'blocks' if self.unit == 'block' else 'units'}"
+        return f"{self.budget['blocks']} {'blocks' if self.unit == 'block' else 'units'}"  # sublayer: units
 
     @property
     def unit_noun(self) -> str:
-        return {"block": "blocks", "attention": "attention branches", "mlp": "MLP branches"}[self.unit]
+        return {"block": "blocks", "attention": "attention branches", "mlp": "MLP branches",
+                "sublayer": "sub-layers"}[self.unit]
 
     def resolve_k(self, n_blocks: int, unit_parameters: list[int] | None = None,
                   total_parameters: int | None = None) -> int:
-        """Units to remove: ``floor(ratio * n_blocks + 0.5)`` (at least 1), the absolute count, or for a
+        """Units to remove: ``floor(ratio * n_units + 0.5)`` (at least 1), the absolute count, or for a
         ``params`` budget (share of the model's parameters kept) the whole number of units nearest to
         ``(1 - share) * total_parameters / mean unit size`` (at least 1). The record keeps the share
-        really kept."""
-        protected = self.resolve_protected(n_blocks)
+        really kept. ``n_units`` is ``n_blocks``, or ``2 * n_blocks`` sub-layers for ``sublayer``
+        (``unit_parameters`` then lists the ``2L`` branch sizes)."""
+        n = self.n_units(n_blocks)
+        protected = self.protected_units(n_blocks)
         if "ratio" in self.budget:
-            k = max(1, int(self.budget["ratio"] * n_blocks + 0.5))
+            k = max(1, int(self.budget["ratio"] * n + 0.5))
         elif "params" in self.budget:
             if unit_parameters is None or total_parameters is None:
                 raise ConfigError(f"budget params {self.budget['params']} needs the model's parameter counts")
             free_sizes = [p for i, p in enumerate(unit_parameters) if i not in protected]
             size = sum(free_sizes) / max(1, len(free_sizes))
-            k = max(1, round((1 - self.budget["params"]) * total_parameters / size)) if size else n_blocks
+            k = max(1, round((1 - self.budget["params"]) * total_parameters / size)) if size else n
         else:
             k = int(self.budget["blocks"])
-        free = n_blocks - len(protected)
-        # a block must stay; every attention (or MLP) branch may go, the other branch stays
-        if (self.unit == "block" and k >= n_blocks) or k > free:
+        free = n - len(protected)
+        # a block must stay; every attention (or MLP) branch may go, the other branch stays; a sub-layer
+        # must stay (the unit API allows removing all 2L, but a budget that asks for it is a mistake)
+        if (self.unit in ("block", "sublayer") and k >= n) or k > free:
             what = f"{k} {self.unit_noun}"
             if "params" in self.budget:
                 what += f" (to keep {self.budget['params']:.0%} of {total_parameters:,} parameters)"
+            has = f"{n} sub-layers" if self.unit == "sublayer" else f"{n}"
             raise ConfigError(
-                f"budget {self.budget} asks to remove {what} but the model has {n_blocks} "
+                f"budget {self.budget} asks to remove {what} but the model has {has} "
                 f"({free} removable)"
             )
         return k
 
+    def n_units(self, n_blocks: int) -> int:
+        """The candidates of a model of ``n_blocks`` blocks: ``n_blocks``, or ``2 * n_blocks`` sub-layers
+        (:func:`algorithms.models.units.n_units`, without importing torch: validate stays cheap)."""
+        return 2 * n_blocks if self.unit == "sublayer" else n_blocks
+
     def resolve_protected(self, n_blocks: int) -> frozenset[int]:
+        """The protected blocks (``protect``, negative indices from the end)."""
         out = set()
         for p in self.protect:
             if not -n_blocks <= p < n_blocks:
                 raise ConfigError(f"protect: block {p} is out of range for a model of {n_blocks} blocks")
             out.add(p % n_blocks)
         return frozenset(out)
+
+    def protected_units(self, n_blocks: int) -> frozenset[int]:
+        """The units the selector may not remove: the protected blocks (``protect`` names blocks for every
+        unit kind), or for ``sublayer`` both branches ``2p`` and ``2p + 1`` of each protected block ``p``."""
+        blocks = self.resolve_protected(n_blocks)
+        if self.unit == "sublayer":
+            return frozenset(j for p in blocks for j in (2 * p, 2 * p + 1))
+        return blocks
 
 
 def calibration_label(calibration: dict[str, Any]) -> str:
@@ -365,6 +384,21 @@ def _check_preset_requirements(presets: list[MethodPreset]) -> None:
                 raise ConfigError(f"{_expansion(i, preset, kind, spec.label())}, which {why}")
 
 
+def _check_sublayer_healing(config: GridConfig, presets: list[MethodPreset]) -> None:
+    """Healing after ``sublayer`` removal is not supported yet: ``linear`` fits maps over runs of blocks or
+    over one branch kind (``algorithms.healing.linear.removed_runs`` refuses ``sublayer``), and a run of
+    sub-layers may start or end inside a block."""
+    why = ("healing after sublayer removal is not supported yet (linear healing does not fit runs of the "
+           "sub-layer stream); use healing: none with sublayer units")
+    if "sublayer" in config.units and config.metrics:
+        for i, spec in enumerate(config.healing):
+            if spec.name != NO_HEALING:
+                raise ConfigError(f"healing[{i}]: {spec.label()!r} with units: sublayer: {why}")
+    for i, preset in enumerate(presets):
+        if preset.unit == "sublayer" and preset.healing.name != NO_HEALING:
+            raise ConfigError(f"{_expansion(i, preset, 'healing', preset.healing.label())}: {why}")
+
+
 def validate(config: GridConfig, *, extras: bool = True) -> list[Cell]:
     """Check names, parameters, sources, models and budgets without running anything. ``extras``: also
     refuse components whose optional library is not installed (``bench report``/``check`` read records
@@ -386,6 +420,7 @@ def validate(config: GridConfig, *, extras: bool = True) -> list[Cell]:
     if extras:
         _check_preset_requirements(presets)
     _check_methods(presets)
+    _check_sublayer_healing(config, presets)
     from algorithms.data import DataError, check_source
     from algorithms.models.zoo import model_block_count, model_width
 
@@ -441,7 +476,7 @@ def validate(config: GridConfig, *, extras: bool = True) -> list[Cell]:
                 try:
                     sizes, total = unit_sizes.get(cell.unit, (None, None))
                     k = cell.resolve_k(n_blocks, sizes, total)
-                    n_free = n_blocks - len(cell.resolve_protected(n_blocks))
+                    n_free = cell.n_units(n_blocks) - len(cell.protected_units(n_blocks))
                 except ConfigError as exc:
                     what = f" (methods[{method_index[cell.method]}] = {cell.method!r})" if cell.method else ""
                     raise ConfigError(f"budgets: {exc} (models[{i}] = {model.name!r}){what}") from None

@@ -56,9 +56,10 @@ DEFAULT_METHOD = ""
 #: the axes whose columns the reports show only where some row is not at the default, in column order
 AXES = (("unit", DEFAULT_UNIT), ("healing", DEFAULT_HEALING), ("method", DEFAULT_METHOD))
 #: the pruning units in the order reports list them
-UNITS = ("block", "attention", "mlp")
-#: the ``removed`` cells of sub-layer rows: the blocks whose branch was removed, after this prefix
-UNIT_PREFIX = {"attention": "attn ", "mlp": "mlp "}
+UNITS = ("block", "attention", "mlp", "sublayer")
+#: the ``removed`` cells of sub-layer rows: the blocks whose branch was removed (``sublayer``: the
+#: sub-layer indices, 2i attention and 2i + 1 MLP of block i), after this prefix
+UNIT_PREFIX = {"attention": "attn ", "mlp": "mlp ", "sublayer": "sub "}
 
 
 class RecordError(ValueError):

@@ -64,7 +64,7 @@ from bench.store import ResultStore, write_bytes_atomic
 
 GROUP = ["model", "budget", "metric", "selector", "unit", "healing", "method"]
 #: the terminal's short names of units (as in the ``removed`` column's prefix)
-TERMINAL_UNIT = {"attention": "attn"}
+TERMINAL_UNIT = {"attention": "attn", "sublayer": "sub"}
 #: ties in rank are listed in this order (units block, attention, mlp; no healing first: :func:`row_order`;
 #: metric × selector rows before method rows)
 TIES = ["metric", "selector", "unit", "healing", "method"]
@@ -490,8 +490,10 @@ def notes(board: pd.DataFrame) -> str:
                      "seeds (`bench stability` for the full study).")
     if "unit" in board:
         parts.append("`unit`: what the row removes: whole blocks, or the attention (`attn`) or MLP (`mlp`) branch of "
-                     "the chosen blocks, which keep their other branch; `typical removed` lists those blocks after "
-                     "that prefix and a budget's (k/n) counts units of the row's kind out of the model's blocks. Rows "
+                     "the chosen blocks, which keep their other branch, or sub-layers (`sub`: either branch, numbered 2i "
+                     "for block i's attention and 2i+1 for its MLP); `typical removed` lists those blocks (sub-layer "
+                     "indices) after that prefix and a budget's (k/n) counts units of the row's kind out of the "
+                     "model's blocks (2L sub-layers). Rows "
                      "of every unit rank together within a budget (a `params` budget keeps the same share of "
                      "parameters whatever the unit).")
     if "healing" in board:

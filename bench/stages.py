@@ -311,7 +311,8 @@ class Selection:
 @dataclass(frozen=True, eq=False)
 class Removal:
     """What the ``transform`` step takes from a model: the ``unit`` (``block``, ``attention``, ``mlp``) of
-    the blocks ``removed``, then an optional healing fitted on one calibration set. ``Removal(())`` is
+    the blocks ``removed`` (``sublayer``: the sub-layers ``removed``, ``2i`` attention and ``2i + 1`` MLP
+    of block ``i``), then an optional healing fitted on one calibration set. ``Removal(())`` is
     the dense model. Hashable: the evaluation of one removal is shared by every cell that chose it."""
 
     removed: tuple[int, ...]
@@ -479,7 +480,7 @@ class Pipeline:
         """The cell's metric on every unit, once per (hidden states, resolved metric). A block compares the
         states entering and leaving it; an attention (MLP) branch the states entering and leaving the
         branch: the metric scores every step of the sub-layer stream once, and each branch kind takes
-        its steps (cached once for both). A model metric (``ppl``, ``taylor``) runs ``loaded``'s model on
+        its steps (cached once for both), ``sublayer`` all ``2L`` of them. A model metric (``ppl``, ``taylor``) runs ``loaded``'s model on
         the group's calibration windows instead, once per unit kind."""
         identity = cell.metric_identity
         cls = metric_class(cell.metric.name)
@@ -493,7 +494,8 @@ class Pipeline:
         hidden = captured.key if sublayer else captured.block_key or captured.key
         key = short_hash({"hidden": hidden, "metric": identity, "device": self.device.type})
         steps = 2 * captured.n_blocks if sublayer else captured.n_blocks
-        pick = {"block": slice(None), "attention": slice(0, None, 2), "mlp": slice(1, None, 2)}[cell.unit]
+        pick = {"block": slice(None), "attention": slice(0, None, 2), "mlp": slice(1, None, 2),
+                "sublayer": slice(None)}[cell.unit]
         cached = self._cached_scores(key, steps, bool(cls.higher_is_important))
         if cached is not None:
             return Scores(values=cached.values[pick], higher_is_important=cached.higher_is_important,
@@ -509,10 +511,11 @@ class Pipeline:
 
     def _score_model(self, captured: CapturedStates, cell: Cell, cls: Any, loaded: LoadedModel) -> Scores:
         from algorithms.model_metrics import ScoringTarget
+        from algorithms.models.units import n_units
 
         key = short_hash({"calibration": captured.block_key or captured.key, "metric": cell.metric_identity,
                           "unit": cell.unit, "device": self.device.type})
-        cached = self._cached_scores(key, captured.n_blocks, bool(cls.higher_is_important))
+        cached = self._cached_scores(key, n_units(captured.n_blocks, cell.unit), bool(cls.higher_is_important))
         if cached is not None:
             return cached
         batch_size = self.config.calibration.batch_size
@@ -553,7 +556,7 @@ class Pipeline:
         """The cell's selector on its scores; the chosen set is then scored on the shared proxies."""
         n_blocks = loaded.info.n_blocks
         k = self.resolve_k(cell, loaded)
-        protected = cell.resolve_protected(n_blocks)
+        protected = cell.protected_units(n_blocks)  # sublayer: both branches of a protected block
         selector = SELECTORS.get(cell.selector.name)(**cell.selector.params)
         label = (cell.unit, cell.metric.label())
         if label not in captured.objectives:
@@ -576,14 +579,17 @@ class Pipeline:
 
             captured.objectives[label] = ObjectiveFactory(
                 model=loaded.model, input_ids=captured.input_ids,
-                states=None if run_score is not None else (lambda: captured.blocks(self.device)),
+                # sublayer: spans of sub-layers are compared on the full stream (2L + 1 depths)
+                states=None if run_score is not None else (
+                    (lambda: captured.on_device(self.device)) if cell.unit == "sublayer"
+                    else (lambda: captured.blocks(self.device))),
                 metric=metric, higher_is_important=scores.higher_is_important, block_scores=scores.values,
                 batch_size=batch_size, fingerprint=captured.key, unit=cell.unit, loss=loss,
                 run_score=run_score,
             )
         factory = captured.objectives[label]
         problem = SelectionProblem(
-            n_blocks=n_blocks, k=k, scores=scores.values, higher_is_important=scores.higher_is_important,
+            n_blocks=cell.n_units(n_blocks), k=k, scores=scores.values, higher_is_important=scores.higher_is_important,
             protected=protected, seed=cell.calibration["seed"], objectives=factory,
             workdir=self.store.root / "optuna",
         )

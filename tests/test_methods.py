@@ -27,6 +27,7 @@ cli = CliRunner()
 
 BUILT_IN = {  # name: (paper, arXiv)
     "attention-drop": ("He et al. 2024: What Matters in Transformers? Not All Attention is Needed", "2406.15786"),
+    "blockpruner": ("Zhong et al. 2024: BlockPruner: Fine-grained Pruning for Large Language Models", "2406.10594"),
     "cbo-like": ("Jansen, Rausch, Montero, Orús 2026: Block removal for large language models through constrained "
                  "binary optimization", "2602.00161"),
     "gromov": ("Gromov et al. 2024: The Unreasonable Ineffectiveness of the Deeper Layers", "2403.17887"),
@@ -49,6 +50,7 @@ BUILT_IN = {  # name: (paper, arXiv)
 }
 EXPANDS_TO = {
     "attention-drop": "metric: bi, selector: topk, unit: attention, healing: none, protect: []",
+    "blockpruner": "metric: ppl, selector: iterative(objective=loss), unit: sublayer, healing: none, protect: []",
     "cbo-like": "metric: ppl, selector: ising(objective=loss), unit: block, healing: none, protect: []",
     "gromov": "metric: angular(tokens=last), selector: span, unit: block, healing: none, protect: []",
     "mi-prun-gauss": "metric: mi_gauss, selector: fbs, unit: block, healing: none, protect: []",
@@ -237,7 +239,7 @@ def test_what_a_preset_expands_to_is_checked_like_the_grids_own_components(metho
 
 
 def test_a_preset_is_checked_when_it_is_made():
-    with pytest.raises(ValueError, match=r"^method 'x': unit must be one of block, attention, mlp, got 'head'$"):
+    with pytest.raises(ValueError, match=r"^method 'x': unit must be one of block, attention, mlp, sublayer, got 'head'$"):
         preset("x", unit="head")
     with pytest.raises(ValueError, match=r"^method 'x': protect must be a tuple of block indices, got \(0, True\)$"):
         preset("x", protect=(0, True))

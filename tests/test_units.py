@@ -22,6 +22,7 @@ from algorithms.models.units import (
     UnitError,
     family_of,
     load_pruned,
+    n_units,
     pruned_units_copy,
     remove_units,
     save_pruned,
@@ -171,3 +172,50 @@ def test_removals_are_hashable_and_equal_by_content():
     c = Removal((1, 2), "mlp", ComponentSpec(name="linear", params={"ridge": 0.2}), (("seed", 0),))
     assert a == b and hash(a) == hash(b) and a != c
     assert len({a, b, c, Removal((1, 2)), Removal((1, 2), "mlp")}) == 4
+
+
+# ---------------------------------------------------------------------------------------- sublayer
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
+def test_sublayer_units_match_the_zeroed_oracle(arch):
+    """Sub-layers [1, 2, 5] are block 0's MLP, block 1's attention and block 2's MLP (stream order)."""
+    dense = build(arch)
+    x = ids()
+    oracle = zeroed(zeroed(dense, "mlp", [0, 2]), "attention", [1])
+    with skip_units(dense, "sublayer", [1, 2, 5]) as masked:
+        assert_same(logits(masked, x), logits(oracle, x), tol=1e-6)
+        masked_logits = logits(masked, x)
+    pruned = pruned_units_copy(dense, "sublayer", [5, 1, 2])
+    assert_same(logits(pruned, x), masked_logits, tol=0)
+    both = remove_units(pruned_units_copy(dense, "attention", [1]), "mlp", [0, 2])
+    assert_same(logits(pruned, x), logits(both, x), tol=0)
+    assert getattr(pruned.config, RECORD_ATTR) == {"attention": [1], "mlp": [0, 2]}
+    attention, mlp = unit_parameters(dense, "attention"), unit_parameters(dense, "mlp")
+    assert unit_parameters(dense, "sublayer") == [size for pair in zip(attention, mlp, strict=True)
+                                                 for size in pair]
+    assert count_parameters(dense) - count_parameters(pruned) == mlp[0] + attention[1] + mlp[2]
+
+
+def test_sublayer_counts_indices_and_whole_blocks():
+    dense = build("llama")
+    assert n_units(dense, "sublayer") == n_units(N_LAYERS, "sublayer") == 2 * N_LAYERS
+    assert n_units(dense, "mlp") == n_units(N_LAYERS, "block") == N_LAYERS
+    with pytest.raises(ValueError, match="out of range"):
+        pruned_units_copy(dense, "sublayer", [2 * N_LAYERS])
+    # both branches of block 3 (sub-layers 6 and 7) gone: the block passes the stream through unchanged,
+    # which is the model without block 3
+    x = ids()
+    with skip_units(dense, "sublayer", [6, 7]) as masked:
+        assert_same(logits(masked, x), logits(pruned_units_copy(build("llama"), "block", [3]), x), tol=1e-6)
+    everything = pruned_units_copy(dense, "sublayer", range(2 * N_LAYERS))  # allowed: head and embedding stay
+    assert len(get_blocks(everything)) == N_LAYERS
+
+
+def test_sublayer_save_reload(tmp_path):
+    dense = build("llama")
+    pruned = pruned_units_copy(dense, "sublayer", [0, 3, 8])
+    x = ids()
+    save_pruned(pruned, tmp_path)
+    again = load_pruned(tmp_path).eval()
+    assert getattr(again.config, RECORD_ATTR) == {"attention": [0, 4], "mlp": [1]}
+    assert_same(logits(again, x), logits(pruned, x), tol=1e-6)
+    assert count_parameters(again) == count_parameters(pruned)

@@ -56,7 +56,11 @@ class Speed(Evaluation):
                                threads=p.threads, transform=target.transform)
         result["dense"]["n_blocks"] = target.n_blocks
         result["pruned"]["n_blocks"] = target.n_blocks - (len(target.removed) if target.unit == "block" else 0)
-        if target.unit != "block":
+        if target.unit == "sublayer":
+            from algorithms.models.units import split_sublayers
+
+            result["pruned"]["removed_branches"] = {k: len(v) for k, v in split_sublayers(target.removed).items()}
+        elif target.unit != "block":
             result["pruned"]["removed_branches"] = {target.unit: len(target.removed)}
         return result
 

@@ -1,4 +1,4 @@
-"""Pruning units: whole blocks, or one residual branch (attention or MLP) of a block.
+"""Pruning units: whole blocks, one residual branch (attention or MLP) of a block, or sub-layers.
 
 A pre-norm decoder block adds two branches to the residual stream, one after the other::
 
@@ -19,6 +19,13 @@ transformers builds (the first layer's length gives the positions of new tokens;
 their own counts). The block list, ``layer_idx`` and every per-layer config field are unchanged.
 The config records what was removed as ``blockbench_removed_units = {"attention": [...], "mlp":
 [...]}`` (block numbering of the model it was removed from).
+
+Unit kind ``sublayer`` (BlockPruner's mixed pool): index ``j`` in ``[0, 2L)`` counts the branches in
+residual-stream order, ``j = 2i`` the attention branch of block ``i`` and ``j = 2i + 1`` its MLP branch;
+removing sub-layers ``js`` removes the attention of ``{j // 2 : j even}`` and the MLP of
+``{j // 2 : j odd}`` (:func:`split_sublayers`), so consecutive indices are consecutive steps of the
+stream. A block whose two branches are both removed stays in the block list and computes nothing (it
+passes the stream through unchanged).
 
 The families whose two branches can be told apart are listed in :data:`FAMILIES` (verified by oracle
 tests: a forward pass written by hand with the branches skipped); blocks whose branches run in
@@ -47,7 +54,8 @@ from torch import nn
 from algorithms.models.blocks import Change, block_path, check_indices, get_blocks, removal_changes
 
 #: what a grid's ``units:`` may name
-UNIT_KINDS = ("block", "attention", "mlp")
+UNIT_KINDS = ("block", "attention", "mlp", "sublayer")
+#: the two branch kinds of a block (``sublayer`` units are either)
 SUBLAYER_KINDS = ("attention", "mlp")
 #: the config attribute that records removed branches
 RECORD_ATTR = "blockbench_removed_units"
@@ -180,40 +188,61 @@ def _shapes(block: nn.Module, names: Iterable[str]) -> dict[str, tuple[tuple[int
     return out
 
 
-def _check_indices(model: nn.Module, unit: str, indices: Iterable[int] | int) -> list[int]:
+def n_units(model_or_n_blocks: nn.Module | int, unit: str) -> int:
+    """How many units of kind ``unit`` a model (or a model of that many blocks) has: its block count
+    ``L``, or ``2L`` for ``sublayer``."""
     if unit not in UNIT_KINDS:
         raise ValueError(f"unknown unit {unit!r}; known: {', '.join(UNIT_KINDS)}")
-    # removing every attention (or every MLP) branch is allowed: the other branch of each block stays
-    return check_indices(indices, len(get_blocks(model)), allow_all=unit != "block")
+    n = model_or_n_blocks if isinstance(model_or_n_blocks, int) else len(get_blocks(model_or_n_blocks))
+    return 2 * n if unit == "sublayer" else n
+
+
+def split_sublayers(indices: Iterable[int]) -> dict[str, list[int]]:
+    """Sub-layer indices as the blocks whose branch goes: ``{"attention": [j // 2 for even j], "mlp":
+    [j // 2 for odd j]}`` (sorted)."""
+    js = sorted(set(int(j) for j in indices))
+    return {"attention": [j // 2 for j in js if j % 2 == 0], "mlp": [j // 2 for j in js if j % 2 == 1]}
+
+
+def _check_indices(model: nn.Module, unit: str, indices: Iterable[int] | int) -> list[int]:
+    n = n_units(model, unit)
+    # removing every attention (or every MLP) branch is allowed: the other branch of each block stays;
+    # removing every sub-layer leaves blocks that compute nothing (embedding, final norm and head remain)
+    return check_indices(indices, n, allow_all=unit != "block")
 
 
 def unit_changes(model: nn.Module, unit: str, indices: Iterable[int] | int) -> list[Change]:
-    """The attribute assignments that remove the ``unit`` (``block``, ``attention`` or ``mlp``) of the
-    blocks ``indices`` (current numbering). Everything is checked before anything is assigned."""
+    """The attribute assignments that remove the ``unit`` (``block``, ``attention``, ``mlp`` or
+    ``sublayer``) ``indices`` (current numbering: blocks, or sub-layers ``2i``/``2i + 1``). Everything is
+    checked before anything is assigned."""
     if unit == "block":
         return removal_changes(model, indices)
     drop = _check_indices(model, unit, indices)
     if not drop:
         return []
+    parts = split_sublayers(drop) if unit == "sublayer" else {unit: drop}
     family = family_of(model)
-    branch = family.branch(unit)
     blocks = get_blocks(model)
     changes: list[Change] = []
-    for i in drop:
-        block = blocks[i]
-        core = getattr(block, branch.core)
-        if isinstance(core, DroppedBranch):
-            raise ValueError(f"the {unit} of block {i} is removed already")
-        stub = DroppedBranch(unit, _attention_layer_idx(core) if unit == "attention" else None,
-                             _shapes(block, branch.names()))
-        changes.append((block, branch.core, stub))
-        for norm in (branch.pre, branch.post):
-            if norm is not None:
-                changes.append((block, norm, nn.Identity()))
+    for kind, which in parts.items():
+        branch = family.branch(kind)
+        for i in which:
+            block = blocks[i]
+            core = getattr(block, branch.core)
+            if isinstance(core, DroppedBranch):
+                raise ValueError(f"the {kind} of block {i} is removed already")
+            stub = DroppedBranch(kind, _attention_layer_idx(core) if kind == "attention" else None,
+                                 _shapes(block, branch.names()))
+            changes.append((block, branch.core, stub))
+            for norm in (branch.pre, branch.post):
+                if norm is not None:
+                    changes.append((block, norm, nn.Identity()))
     config = getattr(model, "config", None)
     if config is not None:
         record = {k: list(v) for k, v in (getattr(config, RECORD_ATTR, None) or {}).items()}
-        record[unit] = sorted(set(record.get(unit, [])) | set(drop))
+        for kind, which in parts.items():
+            if which:
+                record[kind] = sorted(set(record.get(kind, [])) | set(which))
         changes.append((config, RECORD_ATTR, {k: record[k] for k in SUBLAYER_KINDS if k in record}))
     return changes
 
@@ -242,10 +271,14 @@ def skip_units(model: nn.Module, unit: str, indices: Iterable[int]) -> contextli
 
 
 def unit_parameters(model: nn.Module, unit: str) -> list[int]:
-    """Parameters of each block's ``unit`` (its norms included), block by block."""
+    """Parameters of each block's ``unit`` (its norms included), block by block; for ``sublayer`` the
+    ``2L`` branches in stream order (attention and MLP sizes interleaved)."""
     blocks = get_blocks(model)
     if unit == "block":
         return [sum(p.numel() for p in b.parameters()) for b in blocks]
+    if unit == "sublayer":
+        pairs = zip(unit_parameters(model, "attention"), unit_parameters(model, "mlp"), strict=True)
+        return [size for pair in pairs for size in pair]
     branch = family_of(model).branch(unit)
     return [sum(p.numel() for name in branch.names() for p in getattr(b, name).parameters()) for b in blocks]
 
