@@ -518,7 +518,7 @@ def table(p: ModelPlan, where: str) -> Any:
         t.add_row("peak (capture + scoring)", human_bytes(p.peak_bytes), f"weights + {states}activations; {where}")
     t.add_row("cells / block sets", f"{p.cells} / ≤ {p.block_sets}", "one set per cell at most, dense once")
     if p.calibration_windows:
-        t.add_row("calibration windows", _windows(p), "capture S per group, ppl (L+1)·S, search sets·S")
+        t.add_row("calibration windows", _windows(p), "capture S per group, ppl (L+1)·S, search: worst-case sets × S")
     for name, n in p.evaluation_passes.items():
         what = _EVALUATION_UNITS.get(name, "passes (a plugin's: unknown)")
         t.add_row(name, human_count(n), what)
