@@ -15,6 +15,7 @@ from bench.plan import (
     ACTIVATION_FACTOR,
     MEMORY_ENV,
     human_bytes,
+    human_count,
     parse_size,
     plan,
     search_evaluations,
@@ -30,7 +31,8 @@ LLAMA_70B = {
     "hidden_act": "silu", "bos_token_id": 128000, "eos_token_id": 128001,
 }
 TINY = {**LLAMA_70B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "vocab_size": 1000, "max_position_embeddings": 512}
+        "num_key_value_heads": 2, "vocab_size": 1000, "max_position_embeddings": 512, "bos_token_id": 1,
+        "eos_token_id": 2}
 
 
 def llama_parameters(c):
@@ -199,3 +201,15 @@ def test_the_quick_grid_still_validates_with_its_plan(smollm2_on_disk):
     out = " ".join(result.stdout.split())
     assert "configs/quick.yaml: ok: 6 cells" in out
     assert "plan: smollm2-135m" in out and "134,515,008" in out
+
+
+def test_run_prints_the_plan_first_and_its_json_has_it(models, cache, tmp_path, monkeypatch):
+    monkeypatch.setenv(MEMORY_ENV, "1TB")
+    path = write(tmp_path, grid(models, "tiny", budgets={"blocks": [1]}, calibration={"samples": 4, "seq_len": 32}))
+    result = cli.invoke(app, ["run", "--grid", str(path), "--results", str(tmp_path / "out"), "--no-report"])
+    out = " ".join(result.output.split())
+    line = f"plan: {models / 'tiny'}: {human_count(llama_parameters(TINY))} parameters"
+    assert line in out and out.index(line) < out.index("loading model"), result.output
+    result = cli.invoke(app, ["run", "--grid", str(path), "--results", str(tmp_path / "out"), "--json"])
+    (p,) = json.loads(result.stdout)["plan"]
+    assert p["parameters"] == llama_parameters(TINY) and p["cells"] == 1
