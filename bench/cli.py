@@ -64,6 +64,17 @@ def _load(grid: Path, allow_remote_code: bool = False, *, reading: bool = False)
     return config, cells
 
 
+def _plan(config: GridConfig, cells) -> tuple[list, str]:
+    """The grid's cost plan per model (:mod:`bench.plan`) and what the device has; exit 2 when a model's
+    peak does not fit the device's memory, naming the knob to turn."""
+    from bench.plan import validate_plan
+
+    try:
+        return validate_plan(config, cells)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+
+
 def _results_dir(config: GridConfig, results: Path | None) -> Path:
     return results if results is not None else Path("results") / config.name
 
@@ -121,6 +132,12 @@ def run(
     if address is not None and executor != "ray":
         raise _fail("--address: only used with --executor ray")
     config, cells = _load(grid, allow_remote_code)
+    plans, _ = _plan(config, cells)
+    if not (quiet or as_json):
+        from bench.plan import summary_line
+
+        for p in plans:
+            err.print(summary_line(p), markup=False, highlight=False)
     runner, results_dir = _runner(config, results, quiet=quiet or as_json, allow_remote_code=allow_remote_code)
     try:
         summary = _run_resumably(runner, cells, results_dir, executor=executor, address=address)
@@ -145,6 +162,7 @@ def run(
                 for r in summary.records if r.status != "ok"
             ],
             "leaderboard": json.loads(board.to_json(orient="records")) if board is not None else None,
+            "plan": [p.to_json() for p in plans],
         }
         print(json.dumps(payload, indent=2))
     elif not quiet:
@@ -310,6 +328,7 @@ def stability_cmd(
     config, cells = _load(grid, allow_remote_code)
     if html:
         _check_plots("--html", " (or pass --no-html)")
+    _plan(config, cells)
     seeds = config.calibration.seeds
     if len(seeds) < 2:
         raise _fail(f"calibration.seeds: a stability study needs at least 2 seeds to compare, got {seeds}")
@@ -348,8 +367,12 @@ def stability_cmd(
 
 @app.command()
 def validate(grid: GridOpt, allow_remote_code: AllowRemoteOpt = False) -> None:
-    """Check a grid config (keys, names, parameters, sources, budgets) without running it."""
+    """Check a grid config (keys, names, parameters, sources, budgets) without running it, and print its cost
+    plan per model (from each model's config, no weights loaded); exit 2 when it does not fit the device."""
+    from bench.plan import table
+
     config, cells = _load(grid, allow_remote_code)
+    plans, where = _plan(config, cells)
     n_variants = len(config.calibration_variants())
     pairs = ((f"{len(config.units)} unit kind(s) × " if config.units != ["block"] else "")
              + (f"{len(config.healing)} healing(s) × " if [h.name for h in config.healing] != ["none"] else "")
@@ -363,6 +386,8 @@ def validate(grid: GridOpt, allow_remote_code: AllowRemoteOpt = False) -> None:
         + f"{len(config.calibration.seeds)} seed(s) × {crossed} × "
         f"{len(config.budgets.items())} budget(s)); evaluations: {', '.join(config.evaluations)}"
     )
+    for p in plans:
+        out.print(table(p, where))
 
 
 baseline_app = typer.Typer(no_args_is_help=True, help="Store the numbers `bench check` compares against.")

@@ -1,0 +1,533 @@
+"""The cost plan of a grid: what each model's cells will cost, from the model's config alone.
+
+:func:`plan` estimates, per model and without loading a weight (the model is built on PyTorch's meta
+device from its ``config.json``), the orders of magnitude a grid drives and which knob drives them;
+:func:`check_memory` refuses a grid whose peak does not fit the device (``bench validate``, ``bench run``
+and ``bench stability`` call :func:`validate_plan`, exit 2). Every figure is a short formula (``L``
+blocks, ``d`` width, ``F`` MLP width, ``V`` vocabulary, ``S`` calibration samples, ``T`` their length,
+``B`` calibration batch size):
+
+- weights: parameters × bytes of the grid's ``dtype`` (tied tensors counted once);
+- hidden states of one calibration group: ``depths × S × T × d × 4`` bytes (float32; ``depths`` is
+  ``L + 1``, or ``2L + 1`` when the grid removes attention or MLP branches), held on the CPU and copied
+  once to the device when a metric scores hidden states;
+- activations of one forward batch: ``B × T × max(d, F, V) × 4 × ACTIVATION_FACTOR`` bytes (the
+  logits, their float32 copy and the cross-entropy's log-softmax of one calibration batch);
+- ``taylor`` adds a gradient and a float32 accumulator per weight: parameters × (dtype bytes + 4);
+- peak on the device (capture + scoring): weights + hidden states (when scored there) + activations
+  (+ taylor's gradients);
+- calibration windows forwarded: capture ``S`` per group; ``ppl`` ``(L + 1) × S`` and ``taylor`` ``S``
+  (forward and backward) per group and unit kind; a search selector with the ``loss`` objective its
+  worst-case number of evaluated sets × ``S`` per cell (:func:`search_evaluations`; the proxies run no
+  model); objectives are memoised per group, so the real count is often far lower;
+- block sets to evaluate: at most one per cell, plus the dense model once;
+- held-out windows: perplexity ``max_windows`` per set (dense included), KL ``max_windows`` per pruned
+  set plus its dense reference; speed ``2 × (warmup + repeats) × (prompt lengths + decode_tokens)``
+  timed forward passes per pruned set; accuracy ``tasks × limit`` documents per set (lm-eval sends one
+  or more requests per document: a multiple-choice document one per choice).
+
+These are estimates: their point is the order of magnitude and the knob, not the byte. A model whose
+config is not on disk (a hub id, a zoo model not built yet) is "unknown until loaded" and not checked.
+
+Device memory: free CUDA memory (``torch.cuda.mem_get_info``) for a CUDA grid, otherwise the machine's
+available RAM (``MemAvailable`` of ``/proc/meminfo``, or ``psutil``); the environment variable
+``BLOCKBENCH_DEVICE_MEMORY`` (bytes, or a size such as ``24GB`` or ``80GiB``) overrides it, to plan for
+another machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.config import ConfigError, GridConfig
+
+#: the largest activation of one forward batch counts this many float32 copies (logits, their float32
+#: copy, the cross-entropy's log-softmax)
+ACTIVATION_FACTOR = 3
+#: the environment variable that overrides the detected device memory
+MEMORY_ENV = "BLOCKBENCH_DEVICE_MEMORY"
+#: memo of parameter counts per config.json, so validating an unchanged grid builds no model again
+PLAN_MEMO = "plan-parameters.json"
+_MEMO_KEPT = 256
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+STATE_BYTES = 4  # hidden states are kept in float32
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+@dataclass
+class ModelPlan:
+    """What one model's cells will cost (None: not known before the model is loaded)."""
+
+    index: int
+    name: str
+    dtype: str
+    n_blocks: int | None = None
+    width: int | None = None
+    intermediate_size: int | None = None
+    vocab_size: int | None = None
+    parameters: int | None = None
+    weight_bytes: int | None = None
+    #: calibration groups (variants × seeds), each captured once
+    groups: int = 0
+    depths: int | None = None
+    #: hidden states of the largest calibration group, and the config keys of its samples and seq_len
+    state_bytes: int | None = None
+    state_keys: tuple[str, str] = ("calibration.samples", "calibration.seq_len")
+    state_samples: int = 0
+    state_seq_len: int = 0
+    #: whether a metric scores hidden states (they are then copied to the device)
+    states_on_device: bool = True
+    activation_bytes: int | None = None
+    taylor_bytes: int = 0
+    peak_bytes: int | None = None
+    cells: int = 0
+    #: at most this many distinct block sets are evaluated (the dense model included)
+    block_sets: int = 0
+    #: calibration windows forwarded: capture, model metrics, search selectors (None: a plugin's, unknown)
+    calibration_windows: dict[str, int | None] = field(default_factory=dict)
+    #: per evaluation, over every block set: held-out windows (perplexity, kl), timed forward passes
+    #: (speed), lm-eval documents (accuracy); None: unknown (a plugin's, a task without a limit not on disk)
+    evaluation_passes: dict[str, int | None] = field(default_factory=dict)
+    note: str | None = None
+
+    @property
+    def known(self) -> bool:
+        return self.peak_bytes is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "state_keys": list(self.state_keys)}
+
+    def terms(self) -> list[tuple[str, int, str]]:
+        """The peak's terms ``(what, bytes, knob)``, largest first."""
+        out = [("weights", self.weight_bytes or 0, "dtype"),
+               ("hidden states", self.state_bytes if self.states_on_device else 0, "states"),
+               ("activations", self.activation_bytes or 0, "calibration.batch_size"),
+               ("taylor gradients", self.taylor_bytes, "taylor")]
+        return sorted((t for t in out if t[1]), key=lambda t: -t[1])
+
+
+def human_bytes(n: float | None) -> str:
+    """``696 GB``, ``12.6 MB``: three significant digits, decimal units."""
+    if n is None:
+        return "?"
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def human_count(n: float | None) -> str:
+    """``70.6 B``, ``135 M``, ``1,536``."""
+    if n is None:
+        return "?"
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n):,}"
+
+
+# ----------------------------------------------------------------------------------------- the model
+def _folder(name: str) -> Path | None:
+    """The model's folder when its config.json is on disk (a local folder, a zoo model built before)."""
+    from algorithms.models.zoo import MODELS, cache_root
+
+    folder = cache_root() / "models" / name if name in MODELS else Path(name).expanduser()
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _config_int(data: dict[str, Any], *keys: str) -> int | None:
+    data = data.get("text_config", data) if isinstance(data.get("text_config"), dict) else data
+    for key in keys:
+        if isinstance(data.get(key), int) and not isinstance(data.get(key), bool):
+            return data[key]
+    return None
+
+
+def _memo() -> tuple[Path, dict[str, Any]]:
+    from algorithms.models.zoo import cache_root
+
+    path = cache_root() / PLAN_MEMO
+    try:
+        memo = json.loads(path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    return path, memo if isinstance(memo, dict) else {}
+
+
+def count_parameters(folder: Path) -> int:
+    """Parameters of the model in ``folder`` built on the meta device from its config.json (no weight
+    read), memoised under ``cache_root()/plan-parameters.json`` by the config's bytes and the transformers
+    version. Raises whatever transformers raises for a config it cannot build."""
+    from importlib.metadata import version
+
+    raw = (folder / "config.json").read_bytes()
+    key = hashlib.sha256(raw + b"\0" + version("transformers").encode()).hexdigest()[:32]
+    path, memo = _memo()
+    if isinstance(memo.get(key), int):
+        return memo[key]
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from algorithms.models.blocks import count_parameters as count
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    n = count(model)
+    memo.pop(key, None)
+    memo[key] = n
+    memo = dict(list(memo.items())[-_MEMO_KEPT:])
+    from bench.store import write_bytes_atomic
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, json.dumps(memo, indent=0).encode())
+    except OSError:  # an unwritable memo only costs the next build
+        pass
+    return n
+
+
+# ----------------------------------------------------------------------------------------- selectors
+def search_evaluations(selector: Any, n_blocks: int, protected: frozenset[int], k: int) -> int | None:
+    """The most sets a selector asks its objective for, on ``n_blocks`` with ``protected`` and ``k``:
+    ``topk`` 0; ``iterative`` ``sum_{j<k} (n - j)``; ``span`` the runs of ``k`` free blocks
+    (``<= L - k + 1``); ``exhaustive`` ``C(n, k)``; ``ising`` ``1 + n + pairs`` (``adjacent``: pairs at most
+    ``window`` apart, ``~ n × window``; ``all``: ``C(n, 2)``; ``top``: ``C(candidates, 2)``); ``optuna``
+    ``trials``; ``fbs`` ``1 + max_iters × (candidates + 1)``. ``n`` is the free blocks. None for a
+    plugin's selector (unknown)."""
+    from algorithms.ising import Ising, measured_pairs
+    from algorithms.selectors import Exhaustive, FastBlockSelect, Iterative, OptunaSearch, Span, TopK
+
+    free = [b for b in range(n_blocks) if b not in protected]
+    n = len(free)
+    if type(selector) is TopK:
+        return 0
+    if type(selector) is Iterative:
+        return sum(n - j for j in range(k))
+    if type(selector) is Span:
+        return sum(1 for s in range(n_blocks - k + 1) if not any(b in protected for b in range(s, s + k)))
+    if type(selector) is Exhaustive:
+        return math.comb(n, k)
+    if type(selector) is Ising:
+        zeros = dict.fromkeys(free, 0.0)
+        return 1 + n + len(measured_pairs(free, zeros, selector.pairs, selector.window, selector.candidates))
+    if type(selector) is OptunaSearch:
+        return selector.trials
+    if type(selector) is FastBlockSelect:
+        return 1 + selector.max_iters * (selector.candidates + 1)
+    return None
+
+
+def _costs_forward_passes(selector: Any) -> bool:
+    """Whether a selector's objective runs the model (the ``loss``; the proxies cost microseconds)."""
+    return getattr(selector, "objective", None) == "loss"
+
+
+# ----------------------------------------------------------------------------------------- the plan
+def plan(config: GridConfig, cells: list | None = None) -> list[ModelPlan]:
+    """One :class:`ModelPlan` per model of ``config`` (``cells``: its expanded cells, computed when not
+    given). Reads config.json files only; the grid is assumed valid (:func:`bench.grid.validate`)."""
+    from algorithms.models.zoo import MODELS, model_block_count, model_width
+    from bench.grid import _component, device_type, expand, is_model_metric, method_presets
+
+    cells = expand(config) if cells is None else cells
+    presets = method_presets(config)
+    variants = config.calibration_variants()
+    groups = len(variants) * len(config.calibration.seeds)
+    sublayers = (bool(config.metrics) and any(u != "block" for u in config.units)) or any(
+        p.unit != "block" for p in presets)
+    metric_names = [m.name for m in config.metrics] + [_component(p.metric).name for p in presets]
+    # on a CUDA device the states are copied there only for a metric that scores them; elsewhere they
+    # are in the same memory whatever scores them
+    on_device = device_type(config.device) != "cuda" or any(not is_model_metric(n) for n in metric_names)
+    taylor = "taylor" in metric_names
+    out = []
+    for i, model in enumerate(config.models):
+        p = ModelPlan(index=i, name=model.name, dtype=config.dtype, groups=groups, states_on_device=on_device)
+        mine = [c for c in cells if c.model["name"] == model.name]
+        p.cells = len(mine)
+        p.block_sets = len(mine) + 1
+        try:
+            p.n_blocks, p.width = model_block_count(model.name), model_width(model.name)
+        except (ValueError, OSError):
+            pass
+        folder = _folder(model.name)
+        data: dict[str, Any] = {}
+        if folder is not None:
+            try:
+                data = json.loads((folder / "config.json").read_text())
+            except (OSError, ValueError):
+                data = {}
+        p.intermediate_size = _config_int(data, "intermediate_size", "n_inner", "ffn_dim")
+        p.vocab_size = _config_int(data, "vocab_size")
+        if folder is None:
+            p.note = "unknown until built" if model.name in MODELS else "unknown until loaded"
+        elif model.trust_remote_code:
+            p.note = "unknown until loaded (the model ships its own code)"
+        else:
+            try:
+                p.parameters = count_parameters(folder)
+            except Exception as exc:  # noqa: BLE001 - a config transformers cannot build: known once loaded
+                p.note = f"unknown until loaded (config.json builds no model here: {type(exc).__name__})"
+        if p.parameters is not None:
+            p.weight_bytes = p.parameters * DTYPE_BYTES[config.dtype]
+            p.taylor_bytes = p.parameters * (DTYPE_BYTES[config.dtype] + 4) if taylor else 0
+        if p.n_blocks is not None and p.width is not None:
+            _fill_sizes(p, config, variants, sublayers)
+            _fill_passes(p, config, mine)
+        if p.parameters is not None and p.state_bytes is not None and p.activation_bytes is not None:
+            p.peak_bytes = (p.weight_bytes + (p.state_bytes if p.states_on_device else 0) + p.activation_bytes
+                            + p.taylor_bytes)
+        _fill_evaluations(p, config)
+        out.append(p)
+    return out
+
+
+def _fill_sizes(p: ModelPlan, config: GridConfig, variants: list, sublayers: bool) -> None:
+    assert p.n_blocks is not None and p.width is not None
+    p.depths = 2 * p.n_blocks + 1 if sublayers else p.n_blocks + 1
+    largest = max(variants, key=lambda v: v[0]["samples"] * v[0]["seq_len"])
+    variant, keys = largest
+    p.state_bytes = p.depths * variant["samples"] * variant["seq_len"] * p.width * STATE_BYTES
+    p.state_keys = (keys["samples"], keys["seq_len"])
+    p.state_samples, p.state_seq_len = variant["samples"], variant["seq_len"]
+    widest = max(p.width, p.intermediate_size or 0, p.vocab_size or 0)
+    longest = max(v["seq_len"] for v, _ in variants)
+    p.activation_bytes = config.calibration.batch_size * longest * widest * 4 * ACTIVATION_FACTOR
+
+
+def _fill_passes(p: ModelPlan, config: GridConfig, cells: list) -> None:
+    """Calibration windows forwarded by capture, model metrics and search selectors."""
+    from algorithms.selectors import SELECTORS
+    from bench.grid import canonical_json, is_model_metric
+
+    assert p.n_blocks is not None
+    capture = metrics = 0
+    search: int | None = 0
+    seen_groups: set[str] = set()
+    scored: set[str] = set()
+    for cell in cells:
+        group = canonical_json(cell.calibration)
+        samples = cell.calibration["samples"]
+        if group not in seen_groups:
+            seen_groups.add(group)
+            capture += samples
+        if is_model_metric(cell.metric.name):
+            key = canonical_json([group, cell.metric_identity, cell.unit])
+            if key not in scored:  # scores are computed once per group, metric and unit kind
+                scored.add(key)
+                metrics += (p.n_blocks + 1) * samples if cell.metric.name == "ppl" else samples
+        selector = SELECTORS.get(cell.selector.name)(**cell.selector.params)
+        if not _costs_forward_passes(selector) or search is None:
+            continue
+        try:
+            k = cell.resolve_k(p.n_blocks, *_unit_sizes(config, p, cell))
+        except ConfigError:
+            search = None
+            continue
+        evaluations = search_evaluations(selector, p.n_blocks, cell.resolve_protected(p.n_blocks), k)
+        search = None if evaluations is None else search + evaluations * samples
+    p.calibration_windows = {"capture": capture, "model metrics": metrics, "search": search}
+
+
+def _unit_sizes(config: GridConfig, p: ModelPlan, cell: Any) -> tuple[list[int] | None, int | None]:
+    """Per-unit parameter counts and the total, for a ``params`` budget (built on the meta device)."""
+    if "params" not in cell.budget:
+        return None, None
+    from bench.grid import _unit_sizes as sizes
+
+    return sizes(config, [("units", cell.unit)], p.index, p.name).get(cell.unit, (None, None))
+
+
+def _fill_evaluations(p: ModelPlan, config: GridConfig) -> None:
+    pruned = p.block_sets - 1
+    passes: dict[str, int | None] = {}
+    for name, params in config.evaluations.items():
+        if name == "perplexity":
+            passes[name] = None if params.max_windows is None else params.max_windows * p.block_sets
+        elif name == "kl":
+            passes[name] = params.max_windows * (pruned + 1)  # every pruned set, and the dense reference
+        elif name == "speed":
+            passes[name] = 2 * (params.warmup + params.repeats) * (len(params.prompt_lengths)
+                                                                   + params.decode_tokens) * pruned
+        elif name == "accuracy":
+            documents = _documents(params)
+            passes[name] = None if documents is None else documents * p.block_sets
+        else:
+            passes[name] = None  # a plugin's: unknown
+    p.evaluation_passes = passes
+
+
+def _documents(params: Any) -> int | None:
+    """Documents of one accuracy run: ``tasks × limit``, or each task's document count without a limit."""
+    if params.limit is not None:
+        return len(params.tasks) * params.limit
+    from algorithms.evaluations.lmeval import task_info
+
+    total = 0
+    for task in params.tasks:
+        local = {name: f.source() for name, f in params.task_files.items()}
+        try:
+            rows = task_info(task, local)["rows"]
+        except Exception:  # noqa: BLE001 - a task whose data is not on disk yet
+            return None
+        if rows is None:
+            return None
+        total += rows
+    return total
+
+
+# ----------------------------------------------------------------------------------------- memory
+def parse_size(text: str) -> int:
+    """Bytes from ``25769803776``, ``24GB``, ``24 GiB``, ``1.5e9``; ``ValueError`` otherwise."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    if match is None or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"{MEMORY_ENV}={text!r} is not a size: give bytes or e.g. 24GB, 80GiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def device_memory(config: GridConfig) -> tuple[int | None, str]:
+    """``(bytes, where)`` the grid's device has for capture and scoring: :data:`MEMORY_ENV` when set, free
+    CUDA memory for a CUDA grid, else the machine's available RAM; ``(None, ...)`` when unknown."""
+    from bench.grid import device_type
+
+    kind = device_type(config.device)
+    if (given := os.environ.get(MEMORY_ENV)) is not None:
+        try:
+            return parse_size(given), f"the {kind} has {human_bytes(parse_size(given))} ({MEMORY_ENV})"
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if kind == "cuda":
+        import torch
+
+        index = int(config.device.partition(":")[2] or 0) if config.device.startswith("cuda:") else 0
+        free, _ = torch.cuda.mem_get_info(index)
+        return free, f"cuda:{index} has {human_bytes(free)} free"
+    available = _available_ram()
+    where = "the cpu" if kind == "cpu" else f"the {kind} (shared with the cpu)"
+    return available, f"{where} has {human_bytes(available)} available"
+
+
+def _available_ram() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def _advice(p: ModelPlan, config: GridConfig, knob: str) -> str:
+    if knob == "states":
+        return f"lower {p.state_keys[0]} or {p.state_keys[1]}"
+    if knob == "calibration.batch_size":
+        return "lower calibration.batch_size"
+    if knob == "taylor":
+        return "drop the taylor metric"
+    return "set dtype: bfloat16" if DTYPE_BYTES[config.dtype] > 2 else "choose a smaller model"
+
+
+def check_memory(config: GridConfig, plans: list[ModelPlan], available: int | None, where: str) -> None:
+    """:class:`ConfigError` naming the model and the knob to turn when a plan's peak exceeds ``available``
+    bytes (``where`` says whose, e.g. ``the cpu has 24 GB available``); nothing when unknown."""
+    if available is None:
+        return
+    for p in plans:
+        if p.peak_bytes is None or p.peak_bytes <= available:
+            continue
+        parts = []
+        for what, size, knob in p.terms():
+            if knob == "states":
+                extra = f": {p.state_keys[0]} × {p.state_keys[1]}"
+            elif knob == "dtype":
+                extra = f" at {config.dtype}"
+            elif knob == "calibration.batch_size":
+                extra = ": calibration.batch_size"
+            else:
+                extra = ""
+            parts.append(f"{what} {human_bytes(size)}{extra}")
+        raise ConfigError(
+            f"models[{p.index}] = {p.name!r}: the plan needs {human_bytes(p.peak_bytes)} of memory for capture "
+            f"and scoring ({', '.join(parts)}), {where}: {_advice(p, config, p.terms()[0][2])}, or run on a "
+            "larger device")
+
+
+def validate_plan(config: GridConfig, cells: list | None = None) -> tuple[list[ModelPlan], str]:
+    """The grid's plan, checked against the device's memory; returns the plans and what the device has."""
+    plans = plan(config, cells)
+    available, where = device_memory(config)
+    check_memory(config, plans, available, where)
+    return plans, where
+
+
+# ----------------------------------------------------------------------------------------- display
+def _windows(p: ModelPlan) -> str:
+    return ", ".join(f"{k} {human_count(v)}" for k, v in p.calibration_windows.items() if v != 0) or "–"
+
+
+def summary_line(p: ModelPlan) -> str:
+    """One line of a model's plan (``bench run``)."""
+    if p.parameters is None:
+        head = f"parameters {p.note or 'unknown'}"
+    else:
+        head = f"{human_count(p.parameters)} parameters ({human_bytes(p.weight_bytes)} at {p.dtype})"
+    return (f"plan: {p.name}: {head}, hidden states {human_bytes(p.state_bytes)} per group × {p.groups}, "
+            f"peak ~{human_bytes(p.peak_bytes)}; {p.cells} cells, ≤ {p.block_sets} block sets; "
+            f"calibration windows: {_windows(p)}")
+
+
+def table(p: ModelPlan, where: str) -> Any:
+    """A compact rich table of one model's plan (``bench validate``)."""
+    from rich.table import Table
+
+    t = Table(title=f"plan: {p.name}", title_justify="left", show_header=True)
+    t.add_column("estimate", no_wrap=True)
+    t.add_column("value", justify="right", no_wrap=True)
+    t.add_column("from", overflow="fold")
+    if p.parameters is None:
+        t.add_row("parameters", p.note or "unknown", "")
+    else:
+        shape = f" ({p.n_blocks} blocks, d {p.width}, F {p.intermediate_size or '?'}, V {p.vocab_size or '?'})"
+        t.add_row("parameters", f"{p.parameters:,}", "config.json on the meta device" + shape)
+        t.add_row("weights", human_bytes(p.weight_bytes), f"{DTYPE_BYTES[p.dtype]} B each ({p.dtype})")
+    if p.state_bytes is not None:
+        t.add_row("hidden states / group", human_bytes(p.state_bytes),
+                  f"{p.depths} depths × {p.state_samples} × {p.state_seq_len} × {p.width} × 4 B "
+                  f"({p.state_keys[0]} × {p.state_keys[1]}); {p.groups} group(s)")
+        widest = max(p.width or 0, p.intermediate_size or 0, p.vocab_size or 0)
+        batch = (p.activation_bytes or 0) // (widest * 4 * ACTIVATION_FACTOR) if widest else 0
+        t.add_row("activations / batch", human_bytes(p.activation_bytes),
+                  f"{batch:,} tokens × {widest:,} × 4 B × {ACTIVATION_FACTOR} "
+                  "(calibration.batch_size × seq_len × max(d, F, V))")
+    if p.taylor_bytes:
+        t.add_row("taylor gradients", human_bytes(p.taylor_bytes), "parameters × (dtype bytes + 4)")
+    if p.peak_bytes is not None:
+        states = "states + " if p.states_on_device else ""
+        t.add_row("peak (capture + scoring)", human_bytes(p.peak_bytes), f"weights + {states}activations; {where}")
+    t.add_row("cells / block sets", f"{p.cells} / ≤ {p.block_sets}", "one set per cell at most, dense once")
+    if p.calibration_windows:
+        t.add_row("calibration windows", _windows(p), "capture S per group, ppl (L+1)·S, search: worst-case sets × S")
+    for name, n in p.evaluation_passes.items():
+        what = _EVALUATION_UNITS.get(name, "passes (a plugin's: unknown)")
+        t.add_row(name, human_count(n), what)
+    return t
+
+
+_EVALUATION_UNITS = {
+    "perplexity": "held-out windows: max_windows × block sets",
+    "kl": "held-out windows: max_windows × (pruned sets + dense reference)",
+    "speed": "timed forward passes: 2 × (warmup + repeats) × (prompt lengths + decode_tokens) × pruned sets",
+    "accuracy": "lm-eval documents: tasks × limit × block sets",
+}

@@ -1,0 +1,215 @@
+"""The cost plan (bench/plan.py): its numbers follow the documented formulas, and `bench validate` refuses a
+grid that does not fit the device's memory, naming the knob. No weights: the models are config.json files
+written here and built on the meta device."""
+
+import json
+import math
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from bench.cli import app
+from bench.config import ConfigError, parse_config
+from bench.plan import (
+    ACTIVATION_FACTOR,
+    MEMORY_ENV,
+    human_bytes,
+    human_count,
+    parse_size,
+    plan,
+    search_evaluations,
+    validate_plan,
+)
+
+cli = CliRunner()
+
+LLAMA_70B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,
+    "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,
+    "max_position_embeddings": 8192, "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "tie_word_embeddings": False,
+    "hidden_act": "silu", "bos_token_id": 128000, "eos_token_id": 128001,
+}
+TINY = {**LLAMA_70B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 1000, "max_position_embeddings": 512, "bos_token_id": 1,
+        "eos_token_id": 2}
+
+
+def llama_parameters(c):
+    """Parameters of a Llama model, by hand: embeddings, q/k/v/o, gate/up/down, two norms per block, the
+    final norm and the (untied) head."""
+    d, f, n_layers, vocab = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    kv = d // c["num_attention_heads"] * c["num_key_value_heads"]
+    block = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d
+    return vocab * d + n_layers * block + d + vocab * d
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """The two model folders (config.json only) and a cache folder shared by this module's tests, so the
+    70B model is built on the meta device once (its parameter count is memoised there)."""
+    root = tmp_path_factory.mktemp("plan")
+    for name, config in (("llama-70b", LLAMA_70B), ("tiny", TINY)):
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps(config))
+    return root
+
+
+@pytest.fixture
+def cache(models, monkeypatch):
+    monkeypatch.setenv("BLOCKBENCH_CACHE", str(models / "cache"))
+    monkeypatch.delenv(MEMORY_ENV, raising=False)
+    return models / "cache"
+
+
+def grid(models, name="llama-70b", **overrides):
+    data = {
+        "name": "plan", "models": [str(models / name)], "metrics": ["bi"], "selectors": ["topk"],
+        "budgets": {"blocks": [8]}, "calibration": {"samples": 128, "seq_len": 2048, "batch_size": 4},
+        "perplexity": {"seq_len": 512, "max_windows": 16}, "device": "cpu", "dtype": "bfloat16",
+    }
+    return {**data, **overrides}
+
+
+def write(tmp_path, data):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_the_70b_plan_equals_its_formulas(models, cache):
+    data = grid(models, selectors=["topk", {"name": "span", "params": {"objective": "loss"}}],
+                calibration={"samples": 128, "seq_len": 2048, "batch_size": 4, "seeds": [0, 1]})
+    (p,) = plan(parse_config(data))
+    assert p.parameters == llama_parameters(LLAMA_70B) == 70_553_706_496
+    assert p.weight_bytes == 70_553_706_496 * 2  # bfloat16
+    assert (p.n_blocks, p.width, p.intermediate_size, p.vocab_size) == (80, 8192, 28672, 128256)
+    assert p.depths == 81
+    assert p.state_bytes == 81 * 128 * 2048 * 8192 * 4
+    assert p.activation_bytes == 4 * 2048 * 128256 * 4 * ACTIVATION_FACTOR  # the logits are the widest
+    assert p.peak_bytes == p.weight_bytes + p.state_bytes + p.activation_bytes
+    assert (p.groups, p.cells, p.block_sets) == (2, 4, 5)
+    # capture: S per group; span with the loss objective: its 80 - 8 + 1 runs × S, per cell (one per seed)
+    assert p.calibration_windows == {"capture": 2 * 128, "model metrics": 0, "search": 2 * 73 * 128}
+    assert p.evaluation_passes == {"perplexity": 16 * 5}
+    assert human_bytes(p.state_bytes) == "696 GB"
+
+
+def test_sublayer_units_double_the_depths_and_model_metrics_count_their_passes(models, cache):
+    data = grid(models, metrics=["bi", "ppl"], units=["block", "attention"],
+                calibration={"samples": 16, "seq_len": 128, "batch_size": 2})
+    (p,) = plan(parse_config(data))
+    assert p.depths == 2 * 80 + 1
+    assert p.state_bytes == 161 * 16 * 128 * 8192 * 4
+    # ppl: (L + 1) × S per unit kind of the group (block and attention)
+    assert p.calibration_windows == {"capture": 16, "model metrics": 2 * 81 * 16, "search": 0}
+
+
+def test_taylor_adds_gradients_to_the_peak(models, cache):
+    (p,) = plan(parse_config(grid(models, metrics=["taylor"], calibration={"samples": 4, "seq_len": 64})))
+    assert p.taylor_bytes == p.parameters * (2 + 4)
+    assert p.peak_bytes == p.weight_bytes + p.state_bytes + p.activation_bytes + p.taylor_bytes
+
+
+def test_worst_case_evaluations_of_the_search_selectors():
+    from algorithms.ising import Ising
+    from algorithms.selectors import Exhaustive, FastBlockSelect, Iterative, OptunaSearch, Span, TopK
+
+    none = frozenset()
+    assert search_evaluations(TopK(), 10, none, 3) == 0
+    assert search_evaluations(Iterative(), 10, none, 3) == 10 + 9 + 8
+    assert search_evaluations(Span(), 10, none, 3) == 8
+    assert search_evaluations(Span(), 10, frozenset({0, 9}), 3) == 6
+    assert search_evaluations(Exhaustive(), 10, none, 3) == math.comb(10, 3)
+    assert search_evaluations(Ising(), 10, none, 3) == 1 + 10 + (9 + 8)  # adjacent pairs, window 2
+    assert search_evaluations(Ising(pairs="all"), 10, none, 3) == 1 + 10 + 45
+    assert search_evaluations(Ising(pairs="top", candidates=4), 10, none, 3) == 1 + 10 + 6
+    assert search_evaluations(OptunaSearch(trials=30), 10, none, 3) == 30
+    assert search_evaluations(FastBlockSelect(), 10, none, 3) == 1 + 50 * (8 + 1)
+    assert search_evaluations(object(), 10, none, 3) is None  # a plugin's: unknown
+
+
+def test_validate_refuses_a_plan_over_the_device_memory(models, cache, tmp_path, monkeypatch):
+    monkeypatch.setenv(MEMORY_ENV, "80GB")
+    data = grid(models)
+    with pytest.raises(ConfigError, match=r"calibration\.samples or calibration\.seq_len"):
+        validate_plan(parse_config(data))
+    results = tmp_path / "out"
+    for command in (["validate"], ["run", "--results", str(results)]):
+        result = cli.invoke(app, [*command, "--grid", str(write(tmp_path, data))])
+        assert result.exit_code == 2, result.output
+        message = " ".join(result.output.split())
+        assert (f"error: models[0] = '{models / 'llama-70b'}': the plan needs 850 GB of memory for capture and "
+                "scoring (hidden states 696 GB: calibration.samples × calibration.seq_len, weights 141 GB at "
+                "bfloat16, activations 12.6 GB: calibration.batch_size), the cpu has 80 GB "
+                f"({MEMORY_ENV}): lower calibration.samples or calibration.seq_len, or run on a larger "
+                "device") in message
+    assert not results.exists()
+
+
+def test_the_knob_is_the_largest_term(models, cache, monkeypatch):
+    monkeypatch.setenv(MEMORY_ENV, "100GB")
+    small = {"samples": 2, "seq_len": 64, "batch_size": 1}
+    with pytest.raises(ConfigError, match="weights 282 GB at float32.*: set dtype: bfloat16, or run"):
+        validate_plan(parse_config(grid(models, dtype="float32", calibration=small)))
+    stability = grid(models, stability={"samples": [2, 64]}, calibration=small)
+    monkeypatch.setenv(MEMORY_ENV, "400GB")
+    with pytest.raises(ConfigError, match=r"lower stability\.samples\[1\] or calibration\.seq_len"):
+        validate_plan(parse_config({**stability, "calibration": {**small, "seq_len": 4096}}))
+
+
+def test_a_plan_that_fits_passes_and_is_printed(models, cache, tmp_path, monkeypatch):
+    monkeypatch.setenv(MEMORY_ENV, "1TB")
+    data = grid(models, "tiny", budgets={"blocks": [1]}, calibration={"samples": 4, "seq_len": 32})
+    result = cli.invoke(app, ["validate", "--grid", str(write(tmp_path, data))])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.stdout.split())
+    assert ": ok: 1 cells" in out
+    assert f"{llama_parameters(TINY):,}" in out
+    assert "peak (capture + scoring)" in out and "the cpu has 1 TB" in out
+    # the 70B grid fits the same override
+    assert cli.invoke(app, ["validate", "--grid", str(write(tmp_path, grid(models)))]).exit_code == 0
+
+
+def test_a_hub_id_is_unknown_until_loaded_and_not_checked(cache, tmp_path, monkeypatch):
+    monkeypatch.setenv(MEMORY_ENV, "1")
+    data = {"name": "hub", "models": ["some-org/some-model"], "metrics": ["bi"], "selectors": ["topk"],
+            "budgets": {"ratios": [0.25]}, "device": "cpu"}
+    (p,) = validate_plan(parse_config(data))[0]
+    assert p.parameters is None and p.peak_bytes is None and p.note == "unknown until loaded"
+    result = cli.invoke(app, ["validate", "--grid", str(write(tmp_path, data))])
+    assert result.exit_code == 0, result.output
+    assert "unknown until loaded" in result.stdout
+
+
+@pytest.mark.parametrize(("text", "size"), [("25769803776", 25769803776), ("24GB", 24 * 10**9),
+                                             ("24 GiB", 24 * 2**30), ("1.5e9", 1_500_000_000), ("512mb", 512 * 10**6)])
+def test_memory_sizes(text, size):
+    assert parse_size(text) == size
+
+
+def test_a_bad_memory_override_is_a_config_error(models, cache, tmp_path, monkeypatch):
+    monkeypatch.setenv(MEMORY_ENV, "lots")
+    result = cli.invoke(app, ["validate", "--grid", str(write(tmp_path, grid(models, "tiny", budgets={"blocks": [1]})))])
+    assert result.exit_code == 2
+    assert f"{MEMORY_ENV}='lots' is not a size" in result.output
+
+
+def test_the_quick_grid_still_validates_with_its_plan(smollm2_on_disk):
+    result = cli.invoke(app, ["validate", "--grid", "configs/quick.yaml"])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.stdout.split())
+    assert "configs/quick.yaml: ok: 6 cells" in out
+    assert "plan: smollm2-135m" in out and "134,515,008" in out
+
+
+def test_run_prints_the_plan_first_and_its_json_has_it(models, cache, tmp_path, monkeypatch):
+    monkeypatch.setenv(MEMORY_ENV, "1TB")
+    path = write(tmp_path, grid(models, "tiny", budgets={"blocks": [1]}, calibration={"samples": 4, "seq_len": 32}))
+    result = cli.invoke(app, ["run", "--grid", str(path), "--results", str(tmp_path / "out"), "--no-report"])
+    out = " ".join(result.output.split())
+    line = f"plan: {models / 'tiny'}: {human_count(llama_parameters(TINY))} parameters"
+    assert line in out and out.index(line) < out.index("loading model"), result.output
+    result = cli.invoke(app, ["run", "--grid", str(path), "--results", str(tmp_path / "out"), "--json"])
+    (p,) = json.loads(result.stdout)["plan"]
+    assert p["parameters"] == llama_parameters(TINY) and p["cells"] == 1
