@@ -96,7 +96,7 @@ def test_list_evaluations_and_executors():
 
 def test_units_and_healing_mistakes_exit_2_naming_the_key(tmp_path):
     cases = [
-        ({"units": ["block", "head"]}, "units[1]: Input should be 'block', 'attention' or 'mlp'"),
+        ({"units": ["block", "head"]}, "units[1]: Input should be 'block', 'attention', 'mlp' or 'sublayer' (got 'head')"),
         ({"units": ["mlp", "mlp"]}, "units: units repeat: ['mlp', 'mlp']"),
         ({"healing": ["lineer"]}, "healing[0].name: unknown healing 'lineer'. Did you mean 'linear'?"),
         ({"healing": [{"name": "lora", "params": {"rank": 0}}]}, "healing[0].params:"),
