@@ -191,7 +191,7 @@ def test_bench_validate_counts_the_method_cells(tmp_path):
     result = cli.invoke(app, ["validate", "--grid", str(path)])
     assert result.exit_code == 0, result.output
     # the console wraps the long path's line: compared with its whitespace normalised (the cost plan follows)
-    assert " ".join(result.stdout.split("\nplan: ")[0].split()) == (f"{path}: ok: 16 cells (1 model(s) × 2 seed(s) × (2 unit kind(s) × 1 "
+    assert " ".join(result.stdout.split("plan: ")[0].split()) == (f"{path}: ok: 16 cells (1 model(s) × 2 seed(s) × (2 unit kind(s) × 1 "
                                                "metric(s) × 1 selector(s) + 2 method(s)) × 2 budget(s)); evaluations: "
                                                "perplexity")
     path.write_text(yaml.safe_dump({**BASE, "methods": ["gromov"]}))
