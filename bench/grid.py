@@ -244,7 +244,7 @@ def method_presets(config: GridConfig) -> list[MethodPreset]:
     return out
 
 
-def _component(part) -> ComponentSpec:
+def component_spec(part) -> ComponentSpec:
     """A preset's metric, selector or healing as a grid's component."""
     return ComponentSpec(name=part.name, params=dict(part.params))
 
@@ -274,10 +274,10 @@ def expand(config: GridConfig) -> list[Cell]:
                               protect=tuple(config.protect), unit=unit, healing=healing))
         for preset, budget in itertools.product(presets, config.budgets.items()):
             # the preset fixes unit and healing; its protected blocks join the grid's
-            cells.append(make(model, variant, seed, metric=_component(preset.metric),
-                              selector=_component(preset.selector), budget=budget,
+            cells.append(make(model, variant, seed, metric=component_spec(preset.metric),
+                              selector=component_spec(preset.selector), budget=budget,
                               protect=tuple(sorted(set(config.protect) | set(preset.protect))), unit=preset.unit,
-                              healing=_component(preset.healing), method=preset.name))
+                              healing=component_spec(preset.healing), method=preset.name))
     seen: dict[str, Cell] = {}
     for cell in cells:
         if (first := seen.setdefault(cell.cell_id, cell)) is not cell:
@@ -321,7 +321,7 @@ def _check_methods(presets: list[MethodPreset]) -> None:
     """Each preset's metric, selector and healing, checked as ``metrics[i]``, ``selectors[i]`` and
     ``healing[i]`` are, the error naming ``methods[i]``."""
     for i, preset in enumerate(presets):
-        metric, selector = _component(preset.metric), _component(preset.selector)
+        metric, selector = component_spec(preset.metric), component_spec(preset.selector)
         try:
             registry = metric_registry(metric.name)
         except RegistryError as exc:
@@ -329,7 +329,7 @@ def _check_methods(presets: list[MethodPreset]) -> None:
         if selector.name not in SELECTORS:
             raise ConfigError(f"{_expansion(i, preset, 'selector', selector.label())}: "
                               f"{SELECTORS.unknown_message(selector.name)}")
-        healing = _component(preset.healing)
+        healing = component_spec(preset.healing)
         if (why := _healing_problem(healing)) is not None:
             raise ConfigError(f"{_expansion(i, preset, 'healing', healing.label())}: {why[1]}")
         for kind, reg, spec in (("metric", registry, metric), ("selector", SELECTORS, selector)):
@@ -375,7 +375,7 @@ def _check_preset_requirements(presets: list[MethodPreset]) -> None:
 
     for i, preset in enumerate(presets):
         for kind, part in (("metric", preset.metric), ("selector", preset.selector), ("healing", preset.healing)):
-            spec = _component(part)
+            spec = component_spec(part)
             try:
                 reg = {"selector": SELECTORS, "healing": HEALINGS}.get(kind) or metric_registry(spec.name)
             except RegistryError:
@@ -455,7 +455,7 @@ def validate(config: GridConfig, *, extras: bool = True) -> list[Cell]:
         if n_blocks is None:
             continue  # a hub id: its size is known once loaded
         _check_units(units, i, model.name)
-        unit_sizes = _unit_sizes(config, units, i, model.name)
+        sizes_of = unit_sizes(config, units, i, model.name)
         width = model_width(model.name)
         for variant, keys in config.calibration_variants():
             n_tokens = variant["samples"] * variant["seq_len"]
@@ -466,7 +466,7 @@ def validate(config: GridConfig, *, extras: bool = True) -> list[Cell]:
                 except ValueError as exc:
                     raise ConfigError(f"metrics[{j}].params: {exc} ({where})") from None
             for j, preset in enumerate(presets):
-                spec = _component(preset.metric)
+                spec = component_spec(preset.metric)
                 try:
                     metric_class(spec.name)(**spec.params).check_input(n_tokens, width)
                 except ValueError as exc:
@@ -474,7 +474,7 @@ def validate(config: GridConfig, *, extras: bool = True) -> list[Cell]:
         for cell in cells:
             if cell.model["name"] == model.name:
                 try:
-                    sizes, total = unit_sizes.get(cell.unit, (None, None))
+                    sizes, total = sizes_of.get(cell.unit, (None, None))
                     k = cell.resolve_k(n_blocks, sizes, total)
                     n_free = cell.n_units(n_blocks) - len(cell.protected_units(n_blocks))
                 except ConfigError as exc:
@@ -547,8 +547,8 @@ def _check_units(units: list[tuple[str, str]], index: int, name: str) -> None:
         raise ConfigError(f"{key}: {shown} for models[{index}] = {name!r}: {exc}") from None
 
 
-def _unit_sizes(config: GridConfig, units: list[tuple[str, str]], index: int, name: str,
-                ) -> dict[str, tuple[list[int], int]]:
+def unit_sizes(config: GridConfig, units: list[tuple[str, str]], index: int, name: str,
+               ) -> dict[str, tuple[list[int], int]]:
     """Each unit kind's per-block parameter counts and the model's total, for ``params`` budgets: from
     the model built on the meta device from its config (no weights read). Empty when the grid has no
     ``params`` budget or the config is not on disk yet (checked when the model loads). ``units`` as

@@ -24,7 +24,9 @@ blocks, ``d`` width, ``F`` MLP width, ``V`` vocabulary, ``S`` calibration sample
 - held-out windows: perplexity ``max_windows`` per set (dense included), KL ``max_windows`` per pruned
   set plus its dense reference; speed ``2 × (warmup + repeats) × (prompt lengths + decode_tokens)``
   timed forward passes per pruned set; accuracy ``tasks × limit`` documents per set (lm-eval sends one
-  or more requests per document: a multiple-choice document one per choice).
+  or more requests per document: a multiple-choice document one per choice). Perplexity and KL also
+  keep up to their ``prefix_memory_mb`` of dense states on the CPU (the shared prefix), which is not
+  device memory and not in the peak.
 
 These are estimates: their point is the order of magnitude and the knob, not the byte. A model whose
 config is not on disk (a hub id, a zoo model not built yet) is "unknown until loaded" and not checked.
@@ -235,7 +237,7 @@ def plan(config: GridConfig, cells: list | None = None) -> list[ModelPlan]:
     """One :class:`ModelPlan` per model of ``config`` (``cells``: its expanded cells, computed when not
     given). Reads config.json files only; the grid is assumed valid (:func:`bench.grid.validate`)."""
     from algorithms.models.zoo import MODELS, model_block_count, model_width
-    from bench.grid import _component, device_type, expand, is_model_metric, method_presets
+    from bench.grid import component_spec, device_type, expand, is_model_metric, method_presets
 
     cells = expand(config) if cells is None else cells
     presets = method_presets(config)
@@ -243,7 +245,7 @@ def plan(config: GridConfig, cells: list | None = None) -> list[ModelPlan]:
     groups = len(variants) * len(config.calibration.seeds)
     sublayers = (bool(config.metrics) and any(u != "block" for u in config.units)) or any(
         p.unit != "block" for p in presets)
-    metric_names = [m.name for m in config.metrics] + [_component(p.metric).name for p in presets]
+    metric_names = [m.name for m in config.metrics] + [component_spec(p.metric).name for p in presets]
     # on a CUDA device the states are copied there only for a metric that scores them; elsewhere they
     # are in the same memory whatever scores them
     on_device = device_type(config.device) != "cuda" or any(not is_model_metric(n) for n in metric_names)
@@ -341,7 +343,7 @@ def _unit_sizes(config: GridConfig, p: ModelPlan, cell: Any) -> tuple[list[int] 
     """Per-unit parameter counts and the total, for a ``params`` budget (built on the meta device)."""
     if "params" not in cell.budget:
         return None, None
-    from bench.grid import _unit_sizes as sizes
+    from bench.grid import unit_sizes as sizes
 
     return sizes(config, [("units", cell.unit)], p.index, p.name).get(cell.unit, (None, None))
 

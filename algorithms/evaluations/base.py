@@ -43,6 +43,7 @@ from algorithms.params import Parameterised, Params
 if TYPE_CHECKING:  # torch is imported by whoever measures; reading a grid's sections does not need it
     import torch
 
+    from algorithms.models.prefix import PrefixStates
     from algorithms.progress import Progress
 
 Aggregate = Literal["mean", "median"]
@@ -93,7 +94,7 @@ class Column:
 @dataclass
 class EvalTarget:
     """What :meth:`Evaluation.measure` receives: the dense model object, its tokenizer, the blocks whose
-    ``unit`` is removed (``()`` for the dense model; ``unit`` is ``block``, ``attention`` or ``mlp``),
+    ``unit`` is removed (``()`` for the dense model; ``unit`` is ``block``, ``attention``, ``mlp`` or ``sublayer``),
     the transform that removes them (and heals, when the cell heals), and the evaluation's dense
     reference (:meth:`Evaluation.reference`). ``progress``, when given, is where a long
     :meth:`Evaluation.measure` reports its sub-progress (:mod:`algorithms.progress`; accuracy: lm-eval's
@@ -113,11 +114,30 @@ class EvalTarget:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def first_block(self) -> int | None:
+        """The first block (dense numbering) the removal touches; ``None`` for the dense model."""
+        if not self.removed:
+            return None
+        first = min(self.removed)
+        return first // 2 if self.unit == "sublayer" else first
+
     @contextlib.contextmanager
-    def pruned(self) -> Iterator[torch.nn.Module]:
-        """The model with ``removed`` taken out for the duration of the block (the transform stage)."""
+    def pruned(self, prefix: PrefixStates | None = None) -> Iterator[torch.nn.Module]:
+        """The model with ``removed`` taken out for the duration of the block (the transform stage).
+
+        ``prefix``: the dense model's states kept by :func:`algorithms.models.prefix.recording` on the
+        windows the body will feed, in the same batches; the pruned model then starts from them at its
+        first removed block instead of recomputing the blocks it shares with the dense model (same
+        numbers). Ignored for a healed model (healing changes the blocks before it)."""
         with self.transform(self.model, self.removed) as model:
-            yield model
+            if prefix is None or self.healing is not None:
+                yield model
+                return
+            from algorithms.models.prefix import resumed
+
+            with resumed(model, prefix, self.first_block) as shortened:
+                yield shortened
 
 
 class Evaluation(Parameterised, abc.ABC):

@@ -11,7 +11,9 @@ Log-probabilities are computed in float32 from the logits (whatever the model's 
 accumulated in float64. The dense model's log-probabilities are computed once per model (the
 evaluation's :meth:`~KLDivergence.reference`) and kept in memory on the CPU for every block set
 of that model: ``max_windows × (seq_len − 1) × vocabulary`` floats (200 MB for SmolLM2-135M at the
-defaults), which is why the defaults are smaller than perplexity's.
+defaults), which is why the defaults are smaller than perplexity's. The same dense pass keeps the
+states that pruned sets start from at their first removed block (``prefix_memory_mb``, as for
+perplexity: :mod:`algorithms.models.prefix`; the same numbers, fewer blocks run).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from algorithms.evaluations.base import Column, EvalTarget, Evaluation, Params
 if TYPE_CHECKING:
     import torch
 
+    from algorithms.models.prefix import PrefixReference
+
 
 class KLParams(Params):
     source: str = "wikipedia"  #: its held-out split (never overlaps calibration)
@@ -32,6 +36,8 @@ class KLParams(Params):
     max_windows: int = Field(4, ge=1)
     #: windows per forward pass: changes speed and memory, not the numbers (left out of identities)
     batch_size: int = Field(4, ge=1)
+    #: megabytes for the dense states pruned sets start from (0: off); speed only (left out of identities)
+    prefix_memory_mb: float = Field(512, ge=0)
 
 
 def next_token_log_probs(model: torch.nn.Module, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -74,7 +80,7 @@ class KLDivergence(Evaluation):
     version = "1"
     Params = KLParams
     measures_dense = False  # KL of the dense model with itself is 0 by definition
-    speed_only = ("batch_size",)
+    speed_only = ("batch_size", "prefix_memory_mb")
 
     def columns(self) -> list[Column]:
         return [
@@ -88,14 +94,24 @@ class KLDivergence(Evaluation):
         p = self.params
         return heldout_windows(tokenizer, p.source, seq_len=p.seq_len, max_windows=p.max_windows)
 
-    def reference(self, model: torch.nn.Module, tokenizer: Any) -> torch.Tensor:
-        return next_token_log_probs(model, self._windows(tokenizer), self.params.batch_size)
+    def reference(self, model: torch.nn.Module, tokenizer: Any) -> PrefixReference:
+        """The dense model's log-probabilities (``dense``) and its states for the shared prefix
+        (``prefix``: ``None`` when ``prefix_memory_mb`` holds no depth)."""
+        from algorithms.models.prefix import PrefixReference, dense_pass
+
+        p, windows = self.params, self._windows(tokenizer)
+
+        def run(m: torch.nn.Module) -> torch.Tensor:
+            return next_token_log_probs(m, windows, p.batch_size)
+
+        return dense_pass(model, windows, p.prefix_memory_mb, run) or PrefixReference(run(model), None)
 
     def measure(self, target: EvalTarget) -> dict[str, Any]:
-        if target.reference is None:
+        reference = target.reference
+        if reference is None:
             raise ValueError("kl needs the dense model's log-probabilities (its reference)")
-        with target.pruned() as model:
-            return kl_and_agreement(target.reference, model, self._windows(target.tokenizer),
+        with target.pruned(reference.prefix) as model:
+            return kl_and_agreement(reference.dense, model, self._windows(target.tokenizer),
                                     self.params.batch_size)
 
     def values(self, dense: dict[str, Any] | None, pruned: dict[str, Any]) -> dict[str, float | None]:

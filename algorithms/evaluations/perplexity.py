@@ -6,6 +6,11 @@ scored on its own (no context carried over); every token but the first in a wind
 ``W`` windows of ``T`` tokens give ``W * (T - 1)`` predictions. Perplexity is ``exp`` of the mean
 negative log-likelihood over all of them (:func:`algorithms.models.nll.mean_nll`, accumulated in
 float64). Perplexities of models with different tokenizers are not comparable.
+
+Shared prefix: the dense model's pass (the evaluation's :meth:`~Perplexity.reference`) keeps the state
+entering each block on these windows (up to ``prefix_memory_mb``), and every pruned set of the model
+starts from the state at its first removed block instead of recomputing the blocks it shares with the
+dense model (:mod:`algorithms.models.prefix`; the same numbers, fewer blocks run).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from algorithms.evaluations.base import Column, EvalTarget, Evaluation, Params
 
 if TYPE_CHECKING:
     import torch
+
+    from algorithms.models.prefix import PrefixReference
 
 
 def perplexity(model, windows: torch.Tensor, *, batch_size: int = 4, progress=None) -> dict[str, float]:
@@ -35,6 +42,9 @@ class PerplexityParams(Params):
     max_windows: int | None = Field(16, ge=1)
     #: windows per forward pass: changes speed and memory, not the number (left out of identities)
     batch_size: int = Field(4, ge=1)
+    #: megabytes for the dense states pruned sets start from (0: every set runs every kept block);
+    #: changes speed, not the number (left out of identities)
+    prefix_memory_mb: float = Field(1024, ge=0)
 
 
 class Perplexity(Evaluation):
@@ -43,7 +53,7 @@ class Perplexity(Evaluation):
     name = "perplexity"
     version = "1"
     Params = PerplexityParams
-    speed_only = ("batch_size",)
+    speed_only = ("batch_size", "prefix_memory_mb")
 
     def columns(self) -> list[Column]:
         return [
@@ -52,13 +62,30 @@ class Perplexity(Evaluation):
             Column("ppl_dense", "ppl (dense)", None, fmt=".2f", short="dense"),
         ]
 
-    def measure(self, target: EvalTarget) -> dict[str, Any]:
+    def _windows(self, tokenizer: Any) -> torch.Tensor:
         from algorithms.data import heldout_windows
 
         p = self.params
-        windows = heldout_windows(target.tokenizer, p.source, seq_len=p.seq_len, max_windows=p.max_windows)
-        with target.pruned() as model:
-            return perplexity(model, windows, batch_size=p.batch_size, progress=target.progress)
+        return heldout_windows(tokenizer, p.source, seq_len=p.seq_len, max_windows=p.max_windows)
+
+    def reference(self, model: torch.nn.Module, tokenizer: Any) -> PrefixReference | None:
+        """The dense model's perplexity and its states for the shared prefix (``None`` when
+        ``prefix_memory_mb`` holds no depth)."""
+        from algorithms.models.prefix import dense_pass
+
+        p, windows = self.params, self._windows(tokenizer)
+        return dense_pass(model, windows, p.prefix_memory_mb,
+                          lambda m: perplexity(m, windows, batch_size=p.batch_size))
+
+    def measure(self, target: EvalTarget) -> dict[str, Any]:
+        from algorithms.models.prefix import PrefixReference
+
+        reference = target.reference if isinstance(target.reference, PrefixReference) else None
+        if reference is not None and not target.removed:
+            return dict(reference.dense)
+        windows = self._windows(target.tokenizer)
+        with target.pruned(reference.prefix if reference is not None else None) as model:
+            return perplexity(model, windows, batch_size=self.params.batch_size, progress=target.progress)
 
     def values(self, dense: dict[str, Any] | None, pruned: dict[str, Any]) -> dict[str, float | None]:
         return {"ppl_pruned": pruned["ppl"], "ppl_dense": dense["ppl"] if dense else None}

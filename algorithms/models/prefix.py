@@ -1,0 +1,171 @@
+"""Shared dense prefix: evaluate many block sets of one model without recomputing the blocks they keep.
+
+A set whose first removed block is ``f`` runs blocks ``0 .. f-1`` exactly as the dense model does, so
+the state entering block ``f`` on fixed windows is the dense model's. :func:`recording` keeps those
+states while the dense model runs its windows (one pass, which is also the dense model's own
+evaluation); :func:`resumed` then runs a pruned model from a kept depth ``c <= f``: blocks ``0 .. c-1``
+are skipped (taken out of the block list the way :func:`algorithms.models.masking.skip_blocks` takes
+out any block) and the state recorded at ``c`` is fed to the first remaining block, batch by batch.
+The numbers are the ones the pruned model computes from its embeddings (the same operations on the
+same inputs: ``tests/test_prefix.py`` checks bit-identity on every architecture blockbench removes
+blocks from, and on SmolLM2).
+
+Memory: one ``(batch, seq_len, d)`` tensor per batch and kept depth, in the model's dtype, on the CPU
+(moved to the model's device batch by batch). :func:`checkpoint_depths` keeps every depth when they
+fit the budget and every ``s``-th depth otherwise (a set then resumes from the deepest kept depth at or
+before its first removed block).
+
+Conditions: the windows are fed in the same batches, in the same order, as when they were recorded
+(checked: a batch of another shape is refused); the model is not healed (healing changes the kept
+blocks' weights: the caller does not resume then); and no block stores its own position in its
+weights (GPT-2's ``scale_attn_by_inverse_layer_idx``, whose renumbering rescales the query weights:
+:func:`shareable` says no, and :func:`resumed` then runs the model whole).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from algorithms.models.blocks import get_blocks
+from algorithms.models.masking import skip_blocks
+
+
+@dataclass
+class PrefixStates:
+    """The dense model's states entering the blocks at ``depths``, one tensor per batch of windows
+    (``states[depth][b]``: batch ``b``, in the model's dtype, on the CPU)."""
+
+    depths: tuple[int, ...]
+    states: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for batches in self.states.values() for t in batches)
+
+    def start(self, first_removed: int | None) -> int:
+        """The deepest kept depth at or before ``first_removed`` (``0``: nothing to share)."""
+        if first_removed is None:
+            return 0
+        return max((d for d in self.depths if d <= first_removed), default=0)
+
+
+def checkpoint_depths(n_blocks: int, bytes_per_depth: int, budget_bytes: int) -> tuple[int, ...]:
+    """Depths ``1 .. n_blocks - 1`` to keep within ``budget_bytes``: all of them when they fit, every
+    ``s``-th otherwise (the fewest skipped blocks for the memory), none when one does not fit."""
+    if n_blocks < 2 or bytes_per_depth <= 0 or budget_bytes < bytes_per_depth:
+        return ()
+    wanted = n_blocks - 1
+    stride = max(1, math.ceil(wanted * bytes_per_depth / budget_bytes))
+    return tuple(range(stride, n_blocks, stride))
+
+
+def shareable(model: nn.Module) -> bool:
+    """Whether skipping leading blocks leaves the remaining blocks' numbers unchanged: not when a
+    block's weights depend on its position (GPT-2 with ``scale_attn_by_inverse_layer_idx``)."""
+    return not any(getattr(m, "scale_attn_by_inverse_layer_idx", False) for m in model.modules())
+
+
+def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextlib.contextmanager
+def recording(model: nn.Module, depths: Iterable[int]) -> Iterator[PrefixStates]:
+    """While the ``with`` block runs ``model`` (the dense model) batch by batch, keep the state
+    entering each block of ``depths``; yields the :class:`PrefixStates` being filled."""
+    blocks = get_blocks(model)
+    kept = tuple(sorted(set(depths)))
+    bad = [d for d in kept if not 0 < d < len(blocks)]
+    if bad:
+        raise ValueError(f"depths {bad} are not between 1 and {len(blocks) - 1} (the blocks of the model)")
+    prefix = PrefixStates(depths=kept, states={d: [] for d in kept})
+
+    def hook(depth: int):
+        def keep(_module, args, kwargs):
+            prefix.states[depth].append(_hidden_arg(args, kwargs).detach().to("cpu", copy=True))
+
+        return keep
+
+    handles = [blocks[d].register_forward_pre_hook(hook(d), with_kwargs=True) for d in kept]
+    try:
+        yield prefix
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def resumed(model: nn.Module, prefix: PrefixStates, first_changed: int | None) -> Iterator[nn.Module]:
+    """Within the ``with`` block, ``model`` (a pruned model whose blocks before ``first_changed``, the
+    first block its removal touched in dense numbering, are the dense model's) skips its leading blocks
+    up to the deepest kept depth at or before ``first_changed`` and starts from the states
+    :func:`recording` kept there, one batch per forward pass in recording order. ``first_changed``
+    ``None`` (the dense model), no kept depth before it, or a model that is not :func:`shareable`: the
+    model runs as it is."""
+    n_blocks = len(get_blocks(model))
+    depth = 0 if first_changed is None else prefix.start(min(first_changed, n_blocks - 1))
+    if depth == 0 or not shareable(model):
+        yield model
+        return
+    batches = prefix.states[depth]
+    calls = 0
+
+    def feed(_module, args, kwargs):
+        nonlocal calls
+        if calls >= len(batches):
+            raise RuntimeError(f"more forward passes than the {len(batches)} batches recorded")
+        incoming = _hidden_arg(args, kwargs)
+        state = batches[calls]
+        if state.shape != incoming.shape:
+            raise RuntimeError(f"batch {calls} has shape {tuple(incoming.shape)}, recorded "
+                               f"{tuple(state.shape)}: feed the windows in the batches they were recorded in")
+        calls += 1
+        state = state.to(incoming.device)
+        if args:
+            return (state, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": state}
+
+    with skip_blocks(model, range(depth)):
+        handle = get_blocks(model)[0].register_forward_pre_hook(feed, with_kwargs=True)
+        try:
+            yield model
+        finally:
+            handle.remove()
+
+
+def depths_within(model: nn.Module, windows: torch.Tensor, budget_mb: float) -> tuple[int, ...]:
+    """The depths :func:`recording` keeps for ``windows`` ``(W, T)`` within ``budget_mb`` megabytes
+    (:func:`checkpoint_depths` with the model's width and dtype)."""
+    width = model.get_input_embeddings().weight.shape[-1]
+    itemsize = next(model.parameters()).element_size()
+    per_depth = windows.numel() * width * itemsize
+    return checkpoint_depths(len(get_blocks(model)), per_depth, int(budget_mb * 2**20))
+
+
+@dataclass
+class PrefixReference:
+    """An evaluation's dense pass over its windows: the dense model's result and the states kept on
+    the way (an evaluation's :meth:`~algorithms.evaluations.base.Evaluation.reference`)."""
+
+    dense: Any
+    prefix: PrefixStates | None
+
+
+def dense_pass(model: nn.Module, windows: torch.Tensor, budget_mb: float,
+               run: Callable[[nn.Module], Any]) -> PrefixReference | None:
+    """``run(model)`` (the dense model's measurement of ``windows``, batch by batch) while keeping its
+    states at the depths that fit ``budget_mb`` (:func:`depths_within`); ``None``, without running,
+    when no depth fits (sharing off)."""
+    depths = depths_within(model, windows, budget_mb)
+    if not depths:
+        return None
+    with recording(model, depths) as prefix:
+        dense = run(model)
+    return PrefixReference(dense, prefix)

@@ -1,0 +1,223 @@
+"""Shared dense prefix (algorithms.models.prefix): a pruned model started from the dense model's
+recorded states at its first removed block gives bit-identical numbers to the same pruned model run
+from its embeddings, on every architecture blockbench removes blocks from (tiny random models, no
+download) and for every unit kind; and the perplexity and KL evaluations use it without changing a
+number or an identity."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from algorithms.evaluations.base import EvalTarget
+from algorithms.evaluations.kl import KLDivergence
+from algorithms.evaluations.perplexity import Perplexity
+from algorithms.models.blocks import get_blocks
+from algorithms.models.masking import skip_blocks
+from algorithms.models.nll import mean_nll
+from algorithms.models.prefix import (
+    PrefixReference,
+    PrefixStates,
+    checkpoint_depths,
+    recording,
+    resumed,
+    shareable,
+)
+from algorithms.models.units import skip_units
+from tests.test_removal import ALL, N_LAYERS, V, build
+from tests.test_units import SUPPORTED
+
+#: 5 windows of 12 tokens in batches of 2: the last batch is smaller (a shape the feed must follow)
+WINDOWS = torch.randint(1, V, (5, 12), generator=torch.Generator().manual_seed(3))
+BATCH = 2
+#: removed blocks, first removed block 0, 1, 3 and 5 (the last: the pruned model has 5 blocks left)
+SETS = [(0, 4), (1, 2), (3,), (3, 4, 5), (5,)]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def record_all(model) -> PrefixStates:
+    with recording(model, range(1, N_LAYERS)) as prefix:
+        mean_nll(model, WINDOWS, batch_size=BATCH)
+    return prefix
+
+
+def transform(unit: str):
+    if unit == "block":
+        return lambda model, removed: skip_blocks(model, removed)
+    return lambda model, removed: skip_units(model, unit, removed)
+
+
+def both_ways(model, prefix, unit, removed, run):
+    """``run(model)`` on the pruned model from its embeddings, then started from ``prefix``."""
+    plain = EvalTarget(model, None, removed, N_LAYERS, transform(unit), unit=unit)
+    with plain.pruned() as pruned:
+        whole = run(pruned)
+    with plain.pruned(prefix) as pruned:
+        kept = len(get_blocks(pruned))
+        shared = run(pruned)
+    return whole, shared, kept
+
+
+@pytest.mark.parametrize("arch", sorted(ALL))
+@pytest.mark.parametrize("removed", SETS)
+def test_resumed_block_removal_is_bit_identical(arch, removed):
+    model = build(arch)
+    prefix = record_all(model)
+    whole, shared, kept = both_ways(model, prefix, "block", removed,
+                                    lambda m: mean_nll(m, WINDOWS, batch_size=BATCH))
+    assert shared == whole  # exact: the same operations on the same inputs
+    first = min(removed)
+    skipped = 0 if not shareable(model) else min(first, N_LAYERS - len(removed) - 1)
+    assert kept == N_LAYERS - len(removed) - skipped  # the shared blocks really were not run
+
+
+@pytest.mark.parametrize("arch", SUPPORTED)
+@pytest.mark.parametrize(("unit", "removed"), [("attention", (2, 5)), ("mlp", (4,)), ("sublayer", (7, 8, 11))])
+def test_resumed_unit_removal_is_bit_identical(arch, unit, removed):
+    model = build(arch)
+    prefix = record_all(model)
+    logits = []
+
+    def run(m):
+        with torch.inference_mode():
+            logits.append(torch.cat([m(input_ids=WINDOWS[i : i + BATCH], use_cache=False).logits for i in range(0, 5, BATCH)]))
+
+    _, _, kept = both_ways(model, prefix, unit, removed, run)
+    assert torch.equal(logits[0], logits[1])
+    first_block = removed[0] // 2 if unit == "sublayer" else removed[0]
+    assert kept == N_LAYERS - first_block
+
+
+def test_the_model_is_restored_and_hooks_removed():
+    model = build("llama")
+    blocks = list(get_blocks(model))
+    prefix = record_all(model)
+    assert all(not b._forward_pre_hooks for b in blocks)  # recording's hooks are gone
+    with skip_blocks(model, (3, 4)) as pruned, resumed(pruned, prefix, 3):
+        assert len(get_blocks(model)) == 1 and get_blocks(model)[0] is blocks[5]
+        assert [b.self_attn.layer_idx for b in get_blocks(model)] == [0]
+    assert list(get_blocks(model)) == blocks and model.config.num_hidden_layers == N_LAYERS
+    assert [b.self_attn.layer_idx for b in blocks] == list(range(N_LAYERS))
+    assert all(not b._forward_pre_hooks for b in blocks)
+
+
+def test_states_kept_are_the_ones_entering_each_block():
+    model = build("llama")
+    prefix = record_all(model)
+    assert [len(prefix.states[d]) for d in prefix.depths] == [3] * (N_LAYERS - 1)  # 3 batches
+    assert [tuple(t.shape) for t in prefix.states[2]] == [(2, 12, 32), (2, 12, 32), (1, 12, 32)]
+    with torch.inference_mode():
+        hidden = model(input_ids=WINDOWS[:2], output_hidden_states=True).hidden_states
+    assert torch.equal(prefix.states[2][0], hidden[2])  # hidden_states[i] enters block i (i < L)
+    assert prefix.nbytes == (N_LAYERS - 1) * 5 * 12 * 32 * 4
+
+
+def test_batches_fed_in_another_shape_are_refused():
+    model = build("llama")
+    prefix = record_all(model)
+    with skip_blocks(model, (4,)) as pruned, resumed(pruned, prefix, 4):
+        with pytest.raises(RuntimeError, match=r"batch 0 has shape \(3, 12, 32\), recorded \(2, 12, 32\)"):
+            mean_nll(pruned, WINDOWS, batch_size=3)
+    with skip_blocks(model, (4,)) as pruned, resumed(pruned, prefix, 4):
+        mean_nll(pruned, WINDOWS, batch_size=BATCH)
+        with pytest.raises(RuntimeError, match="more forward passes than the 3 batches recorded"):
+            mean_nll(pruned, WINDOWS[:1], batch_size=BATCH)
+
+
+def test_depths_outside_the_model_are_refused():
+    with pytest.raises(ValueError, match=r"depths \[0, 6\] are not between 1 and 5"):
+        with recording(build("llama"), [0, 2, 6]):
+            pass
+
+
+@pytest.mark.parametrize(("n", "per", "budget", "depths"), [
+    (30, 10, 290, tuple(range(1, 30))),  # all 29 fit exactly
+    (30, 10, 289, tuple(range(2, 30, 2))),  # one byte short: every second depth
+    (30, 10, 100, (3, 6, 9, 12, 15, 18, 21, 24, 27)),  # ceil(290 / 100) = 3
+    (30, 10, 10, (29,)),  # one depth fits: stride 29
+    (30, 10, 9, ()),  # none fits
+    (1, 10, 1000, ()),  # one block: nothing before it to share
+])
+def test_checkpoint_depths_fit_the_budget(n, per, budget, depths):
+    assert checkpoint_depths(n, per, budget) == depths
+    assert len(depths) * per <= budget
+
+
+def test_resuming_from_the_nearest_kept_depth_before_the_first_removed_block():
+    prefix = PrefixStates(depths=(3, 6, 9))
+    assert [prefix.start(f) for f in (None, 0, 2, 3, 5, 6, 29)] == [0, 0, 0, 3, 3, 6, 9]
+    model = build("llama")
+    with recording(model, (2, 4)) as sparse:
+        mean_nll(model, WINDOWS, batch_size=BATCH)
+    with skip_blocks(model, (3, 5)) as pruned:
+        whole = mean_nll(pruned, WINDOWS, batch_size=BATCH)
+        with resumed(pruned, sparse, 3):
+            assert len(get_blocks(pruned)) == 2  # from depth 2: blocks 2 and 4 run
+            assert mean_nll(pruned, WINDOWS, batch_size=BATCH) == whole
+
+
+def test_gpt2_with_position_dependent_weights_is_run_whole():
+    model = build("gpt2_inverse_scale")
+    assert not shareable(model) and shareable(build("gpt2"))
+    prefix = record_all(model)
+    with skip_blocks(model, (3,)) as pruned, resumed(pruned, prefix, 3):
+        assert len(get_blocks(pruned)) == N_LAYERS - 1
+
+
+class Tokenizer:
+    """What ``heldout_windows`` is never asked for here: the evaluations' windows are patched."""
+
+
+@pytest.mark.parametrize("budget", [0, 1024])
+def test_perplexity_and_kl_evaluations_share_the_prefix_with_the_same_numbers(monkeypatch, budget):
+    import algorithms.data as data
+
+    monkeypatch.setattr(data, "heldout_windows", lambda *a, **k: WINDOWS)
+    model = build("llama")
+    ppl = Perplexity({"batch_size": BATCH, "prefix_memory_mb": budget})
+    kl = KLDivergence({"batch_size": BATCH, "prefix_memory_mb": budget})
+    ppl_ref, kl_ref = ppl.reference(model, Tokenizer()), kl.reference(model, Tokenizer())
+
+    def target(removed, reference, prune=skip_blocks):
+        return EvalTarget(model, Tokenizer(), removed, N_LAYERS, lambda m, r: prune(m, r), reference=reference)
+
+    def alone(removed):  # measured without any shared state
+        with skip_blocks(model, removed) as pruned:
+            return mean_nll(pruned, WINDOWS, batch_size=BATCH)
+
+    if budget == 0:
+        assert ppl_ref is None and kl_ref.prefix is None  # sharing off: the evaluations run every block
+    else:
+        assert ppl_ref.prefix.depths == tuple(range(1, N_LAYERS)) == kl_ref.prefix.depths
+        assert ppl.measure(target((), ppl_ref)) == ppl_ref.dense  # the dense pass is the dense result
+    dense = mean_nll(model, WINDOWS, batch_size=BATCH)
+    assert ppl.measure(target((), ppl_ref))["nll"] == dense[0]
+    for removed in [(2, 3), (5,)]:
+        assert ppl.measure(target(removed, ppl_ref))["nll"] == alone(removed)[0]
+        with_prefix = kl.measure(target(removed, kl_ref))
+        without = kl.measure(target(removed, PrefixReference(kl_ref.dense, None)))
+        assert with_prefix == without and with_prefix["kl"] > 0
+
+
+def test_healed_targets_never_resume():
+    """A healed model's kept blocks are not the dense model's: the target ignores the prefix."""
+    model = build("llama")
+    prefix = record_all(model)
+    target = EvalTarget(model, None, (3,), N_LAYERS, lambda m, r: contextlib.nullcontext(m), healing="lora")
+    with target.pruned(prefix) as pruned:
+        assert len(get_blocks(pruned)) == N_LAYERS
+
+
+def test_prefix_memory_is_a_speed_setting_not_an_identity():
+    assert Perplexity({"prefix_memory_mb": 0}).describe() == Perplexity().describe()
+    assert KLDivergence({"prefix_memory_mb": 0}).describe() == KLDivergence().describe()
+    assert "prefix_memory_mb" not in Perplexity().describe()["params"]
