@@ -54,6 +54,20 @@ def smol():
     metric = METRICS.get("angular")()
     scores = metric.score_blocks(states)
     factory = ObjectiveFactory(model=model, input_ids=ids, states=states, metric=metric, block_scores=scores)
+    return {"model": model, "tokenizer": tokenizer, "ids": ids, "states": states, "scores": scores,
+            "factory": factory, "stats": stats}
+
+
+@pytest.fixture(scope="module")
+def smol_short(smol):
+    """The same model on 2 x 64 calibration tokens for the true-loss search: every loss value is a forward
+    pass, and what that test checks (evaluation counts, memo, masking == removal) does not depend on size."""
+    model = smol["model"]
+    ids = calibration_batch(smol["tokenizer"], "wikipedia", samples=2, seq_len=64, seed=0)
+    states, stats = capture_hidden_states(model, ids)
+    metric = METRICS.get("angular")()
+    scores = metric.score_blocks(states)
+    factory = ObjectiveFactory(model=model, input_ids=ids, states=states, metric=metric, block_scores=scores)
     return {"model": model, "ids": ids, "states": states, "scores": scores, "factory": factory, "stats": stats}
 
 
@@ -107,9 +121,10 @@ def test_selectors_against_exhaustive_on_the_span_proxy(smol):
     _write("smollm2-proxy.md", text)
 
 
-def test_true_calibration_loss_search(smol):
+def test_true_calibration_loss_search(smol_short):
     """k = 2 over blocks 10..19 only (the rest protected) so the test stays short: every loss value is a
-    forward pass of 4 x 128 tokens with the blocks masked."""
+    forward pass of 2 x 64 tokens with the blocks masked."""
+    smol = smol_short
     protected = frozenset(range(30)) - frozenset(range(10, 20))
     problem = _problem(smol, 2, protected)
     loss = smol["factory"].get("loss")
@@ -128,7 +143,7 @@ def test_true_calibration_loss_search(smol):
     assert it.info["value"] == expected
     dense = smol["stats"]["calib_nll"]
     text = (
-        "# True calibration loss (k=2, blocks 10..19 free) on SmolLM2-135M\n\n"
+        "# True calibration loss (k=2, blocks 10..19 free, 2 x 64 tokens) on SmolLM2-135M\n\n"
         f"dense NLL {dense:.4f}\n\n| selector | NLL | evaluations | blocks |\n|---|---|---|---|\n"
         f"| topk | {loss(topk):.4f} | 0 | {topk} |\n"
         f"| iterative(loss) | {it.info['value']:.4f} | {it.evaluations} | {it.blocks} |\n"
