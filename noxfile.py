@@ -12,7 +12,7 @@ PYTHON = "3.11"
 def tests(session: nox.Session) -> None:
     """Install blockbench with its test extras and run the whole suite (real SmolLM2 included)."""
     session.install("-e", ".[test]")
-    session.run("pytest", "-q", "-p", "no:cacheprovider", *session.posargs)
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "--durations=15", *session.posargs)
 
 
 @nox.session(python=PYTHON)
