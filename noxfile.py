@@ -21,7 +21,7 @@ def install(session: nox.Session, *args: str) -> None:
 def tests(session: nox.Session) -> None:
     """Install blockbench with its test extras and run the whole suite (real SmolLM2 included)."""
     install(session, "-e", ".[test]")
-    session.run("pytest", "-q", "-p", "no:cacheprovider", *session.posargs)
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "--durations=15", *session.posargs)
 
 
 @nox.session(python=PYTHON)

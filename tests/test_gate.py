@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from bench import gate, report
 from bench.cli import app
-from tests.conftest import SMALL_GRID
+from tests.conftest import SMALL_GRID, seed_cache
 from tests.records_factory import make_record, units_grid
 
 cli = CliRunner()
@@ -298,16 +298,17 @@ def test_bad_baseline_and_bad_tolerance_are_usage_errors(tmp_path):
 
 GRID = {**SMALL_GRID, "name": "gate", "metrics": ["bi"], "selectors": ["topk"],
         "calibration": {**SMALL_GRID["calibration"], "seeds": [0]},
-        "accuracy": {"tasks": ["piqa"], "limit": 20},
+        "accuracy": {"tasks": ["piqa"], "limit": 8},
         "speed": {"prompt_lengths": [32], "decode_tokens": 4, "repeats": 2, "warmup": 1}}
 
 
 @pytest.mark.slow
 @pytest.mark.download
-def test_check_passes_unchanged_and_fails_a_worse_selector(tmp_path, monkeypatch):
+def test_check_passes_unchanged_and_fails_a_worse_selector(tmp_path, monkeypatch, small_grid_run):
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump(GRID))
     results = tmp_path / "results"
+    seed_cache(results, small_grid_run)  # capture, scores and perplexities of top-k's set: SMALL_GRID's
     baseline = tmp_path / "baseline.json"
     assert cli.invoke(app, ["run", "--grid", str(grid), "--results", str(results), "--quiet"]).exit_code == 0
     saved = cli.invoke(app, ["baseline", "save", "--results", str(results), "--out", str(baseline)])

@@ -15,7 +15,7 @@ import yaml
 
 from estimators.base import Metric
 from estimators.registry import Registry, RegistryError
-from tests.conftest import SMALL_GRID
+from tests.conftest import SMALL_GRID, seed_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "blockbench-example-plugin"
@@ -138,7 +138,7 @@ def example_installed():
 
 @pytest.mark.slow
 @pytest.mark.download
-def test_example_plugin_is_listed_and_runs_in_a_grid(example_installed, tmp_path):
+def test_example_plugin_is_listed_and_runs_in_a_grid(example_installed, tmp_path, small_grid_run):
     env = {**os.environ, "COLUMNS": "250"}
     for kind, name in (("metrics", "rel_change"), ("selectors", "spread")):
         listed = _bench("list", kind, env=env)
@@ -155,6 +155,7 @@ def test_example_plugin_is_listed_and_runs_in_a_grid(example_installed, tmp_path
             "nll_gap": {"seq_len": 64, "max_windows": 2}}
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
+    seed_cache(tmp_path / "results", small_grid_run)  # the built-in steps SMALL_GRID ran: read, not computed
     result = _bench("run", "--grid", str(path), "--results", str(tmp_path / "results"), "--json", env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)

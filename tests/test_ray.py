@@ -16,7 +16,7 @@ from bench.cli import app
 from bench.config import parse_config
 from bench.grid import expand
 from bench.runner import Runner
-from tests.conftest import SMALL_GRID
+from tests.conftest import SMALL_GRID, seed_cache
 
 cli = CliRunner()
 
@@ -74,9 +74,12 @@ def test_an_address_nobody_answers_is_a_usage_error(tmp_path, small_grid):
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory):
-    """The grid run uninterrupted by the local executor: the reference for the Ray run."""
+def local_run(tmp_path_factory, small_grid_run):
+    """The grid run uninterrupted by the local executor: the reference for the Ray run (whose every
+    number is computed afresh). Its hidden states, scores and perplexities of top-k's sets are those of
+    the session's SMALL_GRID run (same model, calibration and evaluation: same cache keys)."""
     results = tmp_path_factory.mktemp("local") / "results"
+    seed_cache(results, small_grid_run)
     summary = Runner(parse_config(GRID), results).run()
     assert (summary.ran, summary.failed) == (8, 0)
     return results

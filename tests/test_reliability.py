@@ -3,6 +3,7 @@
 import contextlib
 import json
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from bench.stages import CapturedStates, LoadedModel
 from bench.store import CacheWarning, ResultStore, write_json
 from estimators import METRICS
 from estimators.base import Metric
-from tests.conftest import SMALL_GRID
+from tests.conftest import SMALL_GRID, seed_cache
 
 # ------------------------------------------------------------------ config fuzzing
 
@@ -122,9 +123,10 @@ def test_a_claimed_cell_is_refused_to_a_second_claimant(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.download
-def test_a_cell_locked_by_another_process_is_left_to_it(tmp_path):
+def test_a_cell_locked_by_another_process_is_left_to_it(tmp_path, small_grid_run):
     config = parse_config({**SMALL_GRID, "metrics": ["bi"], "calibration": {**SMALL_GRID["calibration"],
                                                                            "seeds": [0]}})
+    seed_cache(tmp_path, small_grid_run)  # the cell's steps are SMALL_GRID's: read, not computed
     store = ResultStore(tmp_path)
     from bench.grid import expand
 
@@ -370,12 +372,12 @@ def test_ctrl_c_in_a_plugin_still_stops_the_grid(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.download
-def test_damaged_caches_and_a_misplaced_record_on_the_real_grid(tmp_path):
+def test_damaged_caches_and_a_misplaced_record_on_the_real_grid(tmp_path, small_grid_run):
     """SmolLM2: zeros in one hidden-states cache, hand-edited scores and perplexities, a record holding
-    another cell: the rerun recomputes exactly those and gets the first run's numbers."""
+    another cell: the rerun recomputes exactly those and gets the first run's numbers (the first run is the
+    session's run of SMALL_GRID, copied as it finished)."""
     config = parse_config(SMALL_GRID)
-    first = Runner(config, tmp_path).run()
-    assert first.failed == 0
+    shutil.copytree(small_grid_run["pristine"], tmp_path, dirs_exist_ok=True)
     store = ResultStore(tmp_path)
     before = {r.cell_id: (r.removed_blocks, r.scores, r.evaluations["perplexity"].values) for r in store.records()}
     hidden = sorted((store.cache_dir / "hidden").glob("*.safetensors"))

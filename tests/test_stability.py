@@ -28,7 +28,7 @@ from bench.stability import (
     summarize,
 )
 from bench.stability import display as stability_display
-from tests.conftest import SMALL_GRID
+from tests.conftest import SMALL_GRID, seed_cache
 from tests.records_factory import make_record
 
 cli = CliRunner()
@@ -313,10 +313,13 @@ STUDY = {**SMALL_GRID, "name": "stability-e2e", "calibration": {**SMALL_GRID["ca
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def study(tmp_path_factory, small_grid_run):
     root = tmp_path_factory.mktemp("stability")
     grid = root / "grid.yaml"
     grid.write_text(yaml.safe_dump(STUDY))
+    # SMALL_GRID's cells are the study's wikipedia cells of seeds 0 and 1: their hidden states, scores and
+    # perplexities are read from the session's run of it; seed 2 and the news cells are computed here
+    seed_cache(root / "results", small_grid_run)
     result = cli.invoke(app, ["stability", "--grid", str(grid), "--results", str(root / "results"), "--json"])
     return {"grid": grid, "results": root / "results", "result": result}
 

@@ -3,6 +3,9 @@ MLP units x no healing / linear healing at one share of parameters kept, checked
 computations (scores from the captured sub-layer stream, k from the parameter counts, perplexity of a
 pruned copy, the parameters really kept)."""
 
+import json
+import shutil
+
 import pytest
 import torch
 import yaml
@@ -40,7 +43,7 @@ def units_run(tmp_path_factory):
     runner = Runner(load_config(grid), root / "results")
     summary = runner.run()
     loaded = runner.pipeline.load(summary.records[0].spec["model"])
-    return {"summary": summary, "runner": runner, "loaded": loaded}
+    return {"summary": summary, "runner": runner, "loaded": loaded, "results": root / "results"}
 
 
 def _by(records, unit, healing):
@@ -135,13 +138,24 @@ def test_linear_healing_with_too_few_tokens_fails_its_cells_by_name(tmp_path):
 
 
 def test_ray_executor_gives_the_same_units_and_healing_records(units_run, tmp_path):
-    """The Ray executor keys evaluation tasks by removal (unit + healing + calibration): same records."""
+    """The Ray executor keys evaluation tasks by removal (unit + healing + calibration): same records.
+    The Ray run starts from the local run's caches less the healed evaluations: the capture, scores and
+    unhealed perplexities are read (their keys name the unit), the healing and the healed perplexity are
+    computed again in a Ray task."""
     pytest.importorskip("ray")
     local = {r.cell_id: r for r in units_run["summary"].records}
+    cache = tmp_path / "ray" / "cache"
+    shutil.copytree(units_run["results"] / "cache", cache, ignore=shutil.ignore_patterns("healing"))
+    for path in (cache / "evaluations").rglob("*.json"):
+        if "healing" in json.loads(path.read_text())["payload"]:
+            path.unlink()
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({**GRID, "units": ["mlp"]}))  # two of the six cells: none and linear
     summary = Runner(load_config(grid), tmp_path / "ray").run(executor="ray")
     assert (summary.ran, summary.failed) == (2, 0), [r.error for r in summary.records]
+    healed = _by(summary.records, "mlp", "linear")
+    assert healed.cache_hits == {"hidden": True, "scores": True, "perplexity": False, "healing": False}
+    assert _by(summary.records, "mlp", "none").cache_hits == {"hidden": True, "scores": True, "perplexity": True}
     for r in summary.records:
         mine = local[r.cell_id]
         assert (r.labels.unit, r.labels.healing, r.removed_blocks) == (mine.labels.unit, mine.labels.healing,
