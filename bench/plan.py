@@ -24,7 +24,8 @@ blocks, ``d`` width, ``F`` MLP width, ``V`` vocabulary, ``S`` calibration sample
 - held-out windows: perplexity ``max_windows`` per set (dense included), KL ``max_windows`` per pruned
   set plus its dense reference; speed ``2 × (warmup + repeats) × (prompt lengths + decode_tokens)``
   timed forward passes per pruned set; accuracy ``tasks × limit`` documents per set (lm-eval sends one
-  or more requests per document: a multiple-choice document one per choice). Perplexity and KL also
+  or more requests per document: a multiple-choice document one per choice); generation
+  ``prompts × new_tokens`` decoding steps per set (the dense model included). Perplexity and KL also
   keep up to their ``prefix_memory_mb`` of dense states on the CPU (the shared prefix), which is not
   device memory and not in the peak.
 
@@ -359,6 +360,8 @@ def _fill_evaluations(p: ModelPlan, config: GridConfig) -> None:
         elif name == "speed":
             passes[name] = 2 * (params.warmup + params.repeats) * (len(params.prompt_lengths)
                                                                    + params.decode_tokens) * pruned
+        elif name == "generation":
+            passes[name] = params.prompts * params.new_tokens * p.block_sets
         elif name == "accuracy":
             documents = _documents(params)
             passes[name] = None if documents is None else documents * p.block_sets
@@ -532,4 +535,5 @@ _EVALUATION_UNITS = {
     "kl": "held-out windows: max_windows × (pruned sets + dense reference)",
     "speed": "timed forward passes: 2 × (warmup + repeats) × (prompt lengths + decode_tokens) × pruned sets",
     "accuracy": "lm-eval documents: tasks × limit × block sets",
+    "generation": "decoding steps: prompts × new_tokens × block sets",
 }

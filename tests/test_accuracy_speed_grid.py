@@ -1,6 +1,7 @@
-"""A grid with `accuracy:`, `speed:` and `kl:` sections on the real SmolLM2-135M: each distinct block set
-(the dense model included) is scored by lm-eval once, speed is a same-process ratio, KL and top-1
-agreement equal a direct computation, and the leaderboard carries their columns ranked by accuracy."""
+"""A grid with `accuracy:`, `speed:`, `kl:` and `generation:` sections on the real SmolLM2-135M: each
+distinct block set (the dense model included) is scored by lm-eval once, speed is a same-process ratio,
+KL, top-1 agreement and greedy-generation agreement equal a direct computation (KL and perplexity
+through the shared dense prefix), and the leaderboard carries their columns ranked by accuracy."""
 
 
 import pytest
@@ -24,6 +25,7 @@ GRID = {
     "speed": {"prompt_lengths": [32], "decode_tokens": 4, "repeats": 1, "warmup": 1},
     "perplexity": {"source": "wikipedia", "seq_len": 128, "max_windows": 2},
     "kl": {"seq_len": 64, "max_windows": 3, "batch_size": 2},
+    "generation": {"prompts": 3, "prompt_len": 24, "new_tokens": 8, "batch_size": 2},
 }
 
 
@@ -46,7 +48,8 @@ def test_dense_and_each_distinct_set_are_scored_once(run):
     # model inside each set's measurement, so once per set
     assert dict(runner.counters) == {"model_loads": 1, "captures": 2, "scorings": 4,
                                      "measure:accuracy": 1 + len(distinct), "measure:perplexity": 1 + len(distinct),
-                                     "measure:speed": len(distinct), "measure:kl": len(distinct)}
+                                     "measure:speed": len(distinct), "measure:kl": len(distinct),
+                                     "measure:generation": 1 + len(distinct)}
     dense = [r.evaluations["accuracy"].dense for r in summary.records]
     assert all(d == dense[0] for d in dense)  # one dense evaluation shared by every cell
     by_set = {}
@@ -111,11 +114,45 @@ def test_kl_and_top1_agreement_equal_a_direct_computation(run):
     assert len(checked) >= 1
 
 
+def test_generation_agreement_equals_a_direct_computation(run):
+    """Greedy continuations recomputed here without any cache (the whole sequence through the model at
+    each step), the pruned model a real copy with the blocks removed; agreement up to the first
+    different token."""
+    import torch
+
+    from algorithms.data import heldout_windows
+    from algorithms.models.blocks import pruned_copy
+    from algorithms.models.zoo import load_model
+
+    model, tokenizer, _ = load_model("smollm2-135m")
+    prompts = heldout_windows(tokenizer, "wikipedia", seq_len=24, max_windows=3)
+
+    def greedy(m):
+        ids = prompts.clone()
+        with torch.no_grad():
+            for _ in range(8):
+                ids = torch.cat([ids, m(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1)[:, None]], dim=1)
+        return ids[:, 24:].tolist()
+
+    dense = greedy(model)
+    for r in run["summary"].records:
+        outcome = r.evaluations["generation"]
+        assert outcome.dense["tokens"] == dense and outcome.dense["prefix"] == [8, 8, 8]
+        pruned = greedy(pruned_copy(model, tuple(r.removed_blocks)))
+        assert outcome.pruned["tokens"] == pruned
+        prefix = [next((i for i, (a, b) in enumerate(zip(d, p, strict=True)) if a != b), 8)
+                  for d, p in zip(dense, pruned, strict=True)]
+        assert outcome.pruned["prefix"] == prefix
+        assert outcome.values == {"gen_agree": pytest.approx(sum(prefix) / 24),
+                                  "gen_exact": pytest.approx(sum(n == 8 for n in prefix) / 3),
+                                  "gen_prefix": pytest.approx(sum(prefix) / 3)}
+
+
 def test_leaderboard_has_accuracy_speed_and_kl_columns_ranked_by_accuracy(run):
     board, _ = report.build(run["results"])
     assert board.attrs["ranked_by"] == "acc_pruned"
     for col in ("acc_pruned", "acc_pruned_std", "acc_dense", "acc_retained", "acc:piqa", "acc:arc_easy",
-                "prefill_speedup", "decode_speedup", "kl", "kl_std", "top1", "ppl_pruned"):
+                "prefill_speedup", "decode_speedup", "kl", "kl_std", "top1", "ppl_pruned", "gen_agree", "gen_exact"):
         assert col in board and board[col].notna().all(), col
     for _, group in board.groupby(["model", "budget"]):
         best = group.loc[group["rank"] == 1, "acc_pruned"].iloc[0]

@@ -15,5 +15,6 @@ EVALUATIONS.register("perplexity", "algorithms.evaluations.perplexity:Perplexity
 EVALUATIONS.register("accuracy", "algorithms.evaluations.accuracy:Accuracy")
 EVALUATIONS.register("speed", "algorithms.evaluations.speed:Speed")
 EVALUATIONS.register("kl", "algorithms.evaluations.kl:KLDivergence")
+EVALUATIONS.register("generation", "algorithms.evaluations.generation:Generation")
 
 __all__ = ["EVALUATIONS", "Column", "EvalTarget", "Evaluation", "Params", "check_evaluation"]

@@ -90,16 +90,12 @@ def _decode(model: torch.nn.Module, prompt: torch.Tensor, steps: int, extra: dic
     timed), and ``produced`` holds the token ids of the last ``run``. The tokens stay on the device
     until the last step (no host synchronisation per step)."""
     import copy
-    import inspect
 
-    # transformers renamed ``past_key_values`` to ``cache`` (5.24); the old name still works, with a warning
-    keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    from algorithms.models.decoding import cache_keyword, cache_of
 
-    def cache_of(output: Any) -> Any:
-        return output[keyword] if keyword in output.keys() else output.past_key_values
-
+    keyword = cache_keyword(model)
     out = model(prompt, use_cache=True, **extra)
-    cache = cache_of(out)
+    cache = cache_of(out, keyword)
     first = out.logits[:, -1:].argmax(-1)
     produced: list[int] = []
     state: dict[str, Any] = {}
@@ -115,7 +111,7 @@ def _decode(model: torch.nn.Module, prompt: torch.Tensor, steps: int, extra: dic
         tokens = []
         for _ in range(steps):
             step = model(token, use_cache=True, **{keyword: past})
-            past = cache_of(step)
+            past = cache_of(step, keyword)
             token = step.logits[:, -1:].argmax(-1)
             tokens.append(token)
         produced[:] = torch.cat(tokens, dim=1)[0].tolist()
