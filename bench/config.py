@@ -330,16 +330,50 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out or "<root>"
 
 
-def format_validation_error(exc: ValidationError | list[dict[str, Any]]) -> str:
+def _fields_at(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str]:
+    """The keys the pydantic model reached by ``loc`` (from ``model``) accepts; ``[]`` when the path
+    leaves pydantic models (a plain mapping, a union of several models)."""
+    import typing
+
+    current: Any = model
+    for part in loc:
+        while True:  # unwrap Optional[X], list[X], tuple[X, ...] to the one model inside
+            args = [a for a in typing.get_args(current) if a is not type(None) and a is not Ellipsis]
+            if isinstance(current, type) and issubclass(current, BaseModel) or len(args) != 1:
+                break
+            current = args[0]
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return []
+        current = current.model_fields[part].annotation
+    while not (isinstance(current, type) and issubclass(current, BaseModel)):
+        args = [a for a in typing.get_args(current) if a is not type(None) and a is not Ellipsis]
+        if len(args) != 1:
+            return []
+        current = args[0]
+    return list(current.model_fields)
+
+
+def format_validation_error(exc: ValidationError | list[dict[str, Any]], model: type[BaseModel] | None = None,
+                            *, nested_only: bool = False) -> str:
+    """One ``key: message (got value)`` line per error; an unknown key gets a did-you-mean over the keys
+    of the part of ``model`` it was found in (``nested_only``: not for ``model``'s own top-level keys,
+    which the caller hints at itself)."""
+    from estimators.registry import did_you_mean
+
     lines = []
     for err in exc.errors() if isinstance(exc, ValidationError) else exc:
-        msg = err["msg"].removeprefix("Value error, ")
+        msg, hint = err["msg"].removeprefix("Value error, "), ""
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+            loc = tuple(err["loc"])
+            if model is not None and len(loc) > int(nested_only) and isinstance(loc[-1], str):
+                hint = did_you_mean(loc[-1], _fields_at(model, loc[:-1]))
         value = err.get("input")
         shown = "" if isinstance(value, (dict, list)) or err["type"] in ("missing", KEY_ERROR) else f" (got {value!r})"
         key = err["ctx"]["key"] if err["type"] == KEY_ERROR else _loc(err["loc"])
-        lines.append(f"{key}: {msg}{shown}")
+        lines.append(f"{key}: {msg}{shown}{'.' + hint if hint and shown else hint}")
     return "\n".join(lines)
 
 
@@ -381,7 +415,7 @@ def _evaluation_sections(data: dict[str, Any], base_dir: Path | None = None,
         try:
             out[name] = cls.Params.model_validate(section, context=context)
         except ValidationError as exc:
-            errors.extend(f"{name}.{line}" for line in format_validation_error(exc).split("\n"))
+            errors.extend(f"{name}.{line}" for line in format_validation_error(exc, cls.Params).split("\n"))
             continue
         if coerced := _coerced_scalars(cls.Params, section, context):
             errors.extend(f"{name}.{line}" for line in format_validation_error(coerced).split("\n"))
@@ -430,7 +464,7 @@ def parse_config(data: Any, *, origin: str = "<config>", base_dir: str | Path | 
         config = GridConfig.model_validate({**rest, "evaluations": evaluations})
     except ValidationError as exc:
         lines = []
-        for line in format_validation_error(exc).split("\n"):
+        for line in format_validation_error(exc, GridConfig, nested_only=True).split("\n"):
             key = line.split(":", 1)[0]
             if line.endswith("unknown key") and "." not in key and "[" not in key:
                 line += _unknown_key_hint(key)
