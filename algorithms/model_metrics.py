@@ -157,7 +157,9 @@ class TaylorImportance(ModelMetric):
         if ids.dim() != 2 or ids.shape[1] < 2:
             raise ValueError(f"input_ids must have shape (W, T >= 2), got {tuple(ids.shape)}")
         groups = unit_weights(model, target.unit)
-        device = next(model.parameters()).device
+        from algorithms.models.placement import input_device
+
+        device = input_device(model)
         ids = ids.clone()  # a tensor made under inference_mode cannot enter autograd
         total_tokens = ids.shape[0] * (ids.shape[1] - 1)
         salience = [[torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in ps] for ps in groups]

@@ -87,6 +87,27 @@ class ModelSpec(_Frozen):
 
     name: str
     trust_remote_code: bool = False
+    #: dispatch the weights with accelerate instead of moving the model to the grid's ``device``: ``auto``,
+    #: ``balanced``, ``balanced_low_0``, ``sequential``, or ``{module: device}`` (``cpu``, ``disk``, a GPU
+    #: index). Where each block runs can change its numbers, so the map is part of every cell id
+    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | dict[str, int | str] | None = None
+    #: the most memory accelerate may place on each device (``{0: 20GiB, cpu: 60GiB}``); needs ``device_map``
+    max_memory: dict[int | str, str] | None = None
+    #: where ``disk`` entries of the map are written; needs ``device_map``
+    offload_folder: str | None = None
+
+    @field_validator("max_memory", "offload_folder")
+    @classmethod
+    def _placement_needs_a_map(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and info.data.get("device_map") is None:
+            raise ValueError(f"given without device_map; set device_map (e.g. auto) or leave {info.field_name} out")
+        return value
+
+    def identity(self) -> dict[str, Any]:
+        """The model's part of a cell: its fields, the placement ones only when set (so a grid that does
+        not dispatch keeps the cell ids it always had)."""
+        unset = {k for k in ("device_map", "max_memory", "offload_folder") if getattr(self, k) is None}
+        return self.model_dump(mode="json", exclude=unset)
 
 
 class CalibrationSpec(_Frozen):
@@ -293,6 +314,12 @@ class GridConfig(_Frozen):
         if not self.metrics and not self.methods:
             raise key_error("metrics", "required: give metrics and selectors, or methods (presets: bench list "
                                        "methods), or both")
+        healed = [h.name for h in self.healing if h.name != NO_HEALING]
+        dispatched = [i for i, m in enumerate(self.models) if m.device_map is not None]
+        if healed and dispatched:
+            raise key_error(f"models[{dispatched[0]}].device_map",
+                            f"healing ({healed[0]}) trains a copy of the pruned model, which a model dispatched by "
+                            "device_map cannot give; heal without device_map, or drop healing")
         return self
 
     @field_validator("units", "healing", mode="before")

@@ -263,7 +263,7 @@ def expand(config: GridConfig) -> list[Cell]:
     presets = method_presets(config)
 
     def make(model, variant: dict[str, Any], seed: int, **fields: Any) -> Cell:
-        return Cell(grid=config.name, model=model.model_dump(), calibration={**variant, "seed": seed},
+        return Cell(grid=config.name, model=model.identity(), calibration={**variant, "seed": seed},
                     evaluations=evaluations, dtype=config.dtype, device=device, **fields)
 
     for model, variant, seed in itertools.product(config.models, variants, config.calibration.seeds):

@@ -15,7 +15,8 @@ blocks, ``d`` width, ``F`` MLP width, ``V`` vocabulary, ``S`` calibration sample
   logits, their float32 copy and the cross-entropy's log-softmax of one calibration batch);
 - ``taylor`` adds a gradient and a float32 accumulator per weight: parameters × (dtype bytes + 4);
 - peak on the device (capture + scoring): weights + hidden states (when scored there) + activations
-  (+ taylor's gradients);
+  (+ taylor's gradients); a model with ``device_map`` has its weights placed by accelerate (within its
+  ``max_memory``), so they are left out of the peak;
 - calibration windows forwarded: capture ``S`` per group; ``ppl`` ``(L + 1) × S`` and ``taylor`` ``S``
   (forward and backward) per group and unit kind; a search selector with the ``loss`` objective its
   worst-case number of evaluated sets × ``S`` per cell (:func:`search_evaluations`; the proxies run no
@@ -90,6 +91,9 @@ class ModelPlan:
     states_on_device: bool = True
     activation_bytes: int | None = None
     taylor_bytes: int = 0
+    #: the model sets ``device_map``: accelerate places its weights (within ``max_memory``), so they are
+    #: not in the peak of the device that captures and scores
+    dispatched: bool = False
     peak_bytes: int | None = None
     cells: int = 0
     #: at most this many distinct block sets are evaluated (the dense model included)
@@ -110,7 +114,7 @@ class ModelPlan:
 
     def terms(self) -> list[tuple[str, int, str]]:
         """The peak's terms ``(what, bytes, knob)``, largest first."""
-        out = [("weights", self.weight_bytes or 0, "dtype"),
+        out = [("weights", 0 if self.dispatched else self.weight_bytes or 0, "dtype"),
                ("hidden states", self.state_bytes if self.states_on_device else 0, "states"),
                ("activations", self.activation_bytes or 0, "calibration.batch_size"),
                ("taylor gradients", self.taylor_bytes, "taylor")]
@@ -253,7 +257,8 @@ def plan(config: GridConfig, cells: list | None = None) -> list[ModelPlan]:
     taylor = "taylor" in metric_names
     out = []
     for i, model in enumerate(config.models):
-        p = ModelPlan(index=i, name=model.name, dtype=config.dtype, groups=groups, states_on_device=on_device)
+        p = ModelPlan(index=i, name=model.name, dtype=config.dtype, groups=groups, states_on_device=on_device,
+                      dispatched=model.device_map is not None)
         mine = [c for c in cells if c.model["name"] == model.name]
         p.cells = len(mine)
         p.block_sets = len(mine) + 1
@@ -286,7 +291,7 @@ def plan(config: GridConfig, cells: list | None = None) -> list[ModelPlan]:
             _fill_sizes(p, config, variants, sublayers)
             _fill_passes(p, config, mine)
         if p.parameters is not None and p.state_bytes is not None and p.activation_bytes is not None:
-            p.peak_bytes = (p.weight_bytes + (p.state_bytes if p.states_on_device else 0) + p.activation_bytes
+            p.peak_bytes = ((0 if p.dispatched else p.weight_bytes) + (p.state_bytes if p.states_on_device else 0) + p.activation_bytes
                             + p.taylor_bytes)
         _fill_evaluations(p, config)
         out.append(p)
@@ -487,7 +492,8 @@ def summary_line(p: ModelPlan) -> str:
     if p.parameters is None:
         head = f"parameters {p.note or 'unknown'}"
     else:
-        head = f"{human_count(p.parameters)} parameters ({human_bytes(p.weight_bytes)} at {p.dtype})"
+        head = f"{human_count(p.parameters)} parameters ({human_bytes(p.weight_bytes)} at {p.dtype}"
+        head += ", placed by device_map)" if p.dispatched else ")"
     return (f"plan: {p.name}: {head}, hidden states {human_bytes(p.state_bytes)} per group × {p.groups}, "
             f"peak ~{human_bytes(p.peak_bytes)}; {p.cells} cells, ≤ {p.block_sets} block sets; "
             f"calibration windows: {_windows(p)}")
@@ -520,7 +526,8 @@ def table(p: ModelPlan, where: str) -> Any:
         t.add_row("taylor gradients", human_bytes(p.taylor_bytes), "parameters × (dtype bytes + 4)")
     if p.peak_bytes is not None:
         states = "states + " if p.states_on_device else ""
-        t.add_row("peak (capture + scoring)", human_bytes(p.peak_bytes), f"weights + {states}activations; {where}")
+        weights = "(weights placed by device_map) " if p.dispatched else "weights + "
+        t.add_row("peak (capture + scoring)", human_bytes(p.peak_bytes), f"{weights}{states}activations; {where}")
     t.add_row("cells / block sets", f"{p.cells} / ≤ {p.block_sets}", "one set per cell at most, dense once")
     if p.calibration_windows:
         t.add_row("calibration windows", _windows(p), "capture S per group, ppl (L+1)·S, search: worst-case sets × S")

@@ -410,16 +410,22 @@ class Pipeline:
 
     # ------------------------------------------------------------------ load
     def load(self, spec: dict[str, Any]) -> LoadedModel:
-        """Load a model (zoo name, local folder or hub id) on the grid's device and dtype."""
+        """Load a model (zoo name, local folder or hub id) on the grid's device and dtype (dispatched by
+        accelerate instead when the model sets ``device_map``)."""
         from algorithms.models.zoo import load_model
 
         if spec.get("trust_remote_code") and not self.allow_remote_code:
             raise PermissionError(f"model {spec['name']!r} sets trust_remote_code: true, which runs code shipped "
                                   "with the model; allow it with --allow-remote-code (Runner(allow_remote_code=True))")
         start = time.perf_counter()
+        memory = spec.get("max_memory")
         model, tokenizer, info = load_model(spec["name"], device=str(self.device), dtype=self.dtype,
                                             trust_remote_code=spec["trust_remote_code"],
-                                            progress=self.reporter.step(spec["name"]))
+                                            progress=self.reporter.step(spec["name"]),
+                                            device_map=spec.get("device_map"), offload_folder=spec.get("offload_folder"),
+                                            # JSON keys are strings: accelerate wants GPU indices as ints
+                                            max_memory=None if memory is None else
+                                            {int(k) if str(k).isdigit() else k: v for k, v in memory.items()})
         self.counters["model_loads"] += 1
         self.seconds["load"] += time.perf_counter() - start
         model_info = ModelInfo(**{k: info[k] for k in ("name", "fingerprint", "n_blocks", "architecture",
@@ -638,9 +644,13 @@ class Pipeline:
         with the healing's cost and report (``seconds``, ``trained_parameters``, ``info``)."""
         from algorithms.data import calibration_batch
         from algorithms.healing import HEALINGS, HealTarget
+        from algorithms.models.placement import is_dispatched
         from algorithms.models.units import pruned_units_copy
 
         assert removal.healing is not None and removal.calibration is not None
+        if is_dispatched(loaded.model):
+            raise ValueError(f"healing ({removal.healing.name}) trains a copy of the pruned model, which a model "
+                             "dispatched by device_map cannot give; heal without device_map")
         calibration = dict(removal.calibration)
         ids = calibration_batch(loaded.tokenizer, calibration["source"], samples=calibration["samples"],
                                 seq_len=calibration["seq_len"], seed=calibration["seed"])

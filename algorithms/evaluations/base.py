@@ -112,7 +112,9 @@ class EvalTarget:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        from algorithms.models.placement import input_device
+
+        return input_device(self.model)
 
     @property
     def first_block(self) -> int | None:

@@ -44,7 +44,10 @@ def next_token_log_probs(model: torch.nn.Module, windows: torch.Tensor, batch_si
     """Float32 log-probabilities ``(W, T - 1, V)`` on the CPU of every next-token prediction."""
     import torch
 
-    device = next(model.parameters()).device
+    from algorithms.models.placement import input_device
+
+
+    device = input_device(model)
     out = []
     with torch.inference_mode():
         for start in range(0, windows.shape[0], batch_size):
@@ -59,7 +62,10 @@ def kl_and_agreement(dense_log_probs: torch.Tensor, model: torch.nn.Module, wind
     """Mean KL(dense ‖ model) and top-1 agreement over every next-token position of ``windows``."""
     import torch
 
-    device = next(model.parameters()).device
+    from algorithms.models.placement import input_device
+
+
+    device = input_device(model)
     kl_sum, agree, positions = 0.0, 0, 0
     with torch.inference_mode():
         for start in range(0, windows.shape[0], batch_size):

@@ -148,7 +148,9 @@ def _measure(
     """Time every variant of ``model`` (each a context that puts the model in that state), interleaved:
     round ``i`` runs the variants in order, round ``i + 1`` in reverse, so drift over time (warming
     caches, clock changes) does not favour whichever variant is measured first."""
-    device = next(model.parameters()).device
+    from algorithms.models.placement import input_device
+
+    device = input_device(model)
     extra = _prefill_kwargs(model)
     plans: dict[str, list[tuple[str, Callable[[], Any], Callable[[], Any] | None]]] = {}
     static: dict[str, dict[str, Any]] = {}

@@ -20,6 +20,7 @@ import torch
 
 from algorithms.models.blocks import get_blocks, hidden_tensor
 from algorithms.models.nll import batch_nll
+from algorithms.models.placement import input_device
 from algorithms.progress import Progress, report
 
 
@@ -36,7 +37,7 @@ def capture_hidden_states(
     """
     blocks = get_blocks(model)
     n_blocks = len(blocks)
-    device = next(model.parameters()).device
+    device = input_device(model)
     samples, seq_len = input_ids.shape
     states: torch.Tensor | None = None
     current: dict[int, torch.Tensor] = {}

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from algorithms.models.placement import input_device
+
 
 def cache_keyword(model: torch.nn.Module) -> str:
     """The forward argument that takes the KV cache: transformers renamed ``past_key_values`` to
@@ -35,7 +37,7 @@ def greedy_continuations(model: torch.nn.Module, prompts: torch.Tensor, new_toke
         raise ValueError(f"prompts must have shape (N, P >= 1), got {tuple(prompts.shape)}")
     if new_tokens < 1 or batch_size < 1:
         raise ValueError(f"new_tokens and batch_size must be at least 1, got {new_tokens} and {batch_size}")
-    device = next(model.parameters()).device
+    device = input_device(model)
     keyword = cache_keyword(model)
     out = []
     for start in range(0, prompts.shape[0], batch_size):

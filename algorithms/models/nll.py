@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from algorithms.models.placement import input_device
 from algorithms.progress import Progress, report
 
 
@@ -34,7 +35,7 @@ def mean_nll(model: torch.nn.Module, input_ids: torch.Tensor, *, batch_size: int
         raise ValueError(f"input_ids must have shape (W, T >= 2), got {tuple(input_ids.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    device = next(model.parameters()).device
+    device = input_device(model)
     total, tokens = 0.0, 0
     for start in range(0, input_ids.shape[0], batch_size):
         nll, n = batch_nll(model, input_ids[start : start + batch_size].to(device))

@@ -625,8 +625,14 @@ def verify_manifest(folder: Path) -> str | None:
 def load_model(
     spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False, progress: Progress | None = None,
+    device_map: str | dict[str, Any] | None = None, max_memory: dict[Any, str] | None = None,
+    offload_folder: str | None = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Load ``spec`` (zoo name, local folder or hub id) as ``(model, tokenizer, info)``, in eval mode.
+
+    ``device_map`` (``auto``, ``balanced``, ``sequential`` or ``{module: device}``, with ``max_memory``
+    per device and ``offload_folder`` for ``disk``) dispatches the model with accelerate instead of
+    moving it to ``device`` (:mod:`algorithms.models.placement`).
 
     ``info`` has ``name`` (``spec``), ``path``, ``fingerprint``, ``n_blocks``, ``architecture``
     (the config's ``model_type``) and ``parameters`` (tied tensors counted once). ``progress``
@@ -639,8 +645,12 @@ def load_model(
     resolved = resolve_model_path(spec, progress=progress)
     with _quiet_progress():
         tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code)
-    model = model.to(device).eval()
+        placement: dict[str, Any] = {}
+        if device_map is not None:
+            placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     **placement)
+    model = (model if device_map is not None else model.to(device)).eval()
     if isinstance(resolved, Path):
         fingerprint = model_fingerprint(resolved)
     else:
