@@ -221,3 +221,23 @@ def test_prefix_memory_is_a_speed_setting_not_an_identity():
     assert Perplexity({"prefix_memory_mb": 0}).describe() == Perplexity().describe()
     assert KLDivergence({"prefix_memory_mb": 0}).describe() == KLDivergence().describe()
     assert "prefix_memory_mb" not in Perplexity().describe()["params"]
+
+
+@pytest.mark.slow
+@pytest.mark.download
+def test_smollm2_perplexity_with_the_shared_prefix_is_bit_identical(smollm2_on_disk):
+    """The real model on real held-out text: perplexity of sets whose first removed block is 0, 13 and
+    27, started from the dense pass's states, equals each set run from its embeddings."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_on_disk, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_on_disk)
+    shared = Perplexity({"seq_len": 128, "max_windows": 3, "batch_size": 2})
+    alone = Perplexity({"seq_len": 128, "max_windows": 3, "batch_size": 2, "prefix_memory_mb": 0})
+    reference = shared.reference(model, tokenizer)
+    assert reference.prefix.depths == tuple(range(1, 30))
+    for removed in [(0, 5), (13, 14, 17), (27, 28, 29)]:
+        def measure(evaluation, ref, removed=removed):
+            return evaluation.measure(EvalTarget(model, tokenizer, removed, 30, skip_blocks, reference=ref))
+
+        assert measure(shared, reference) == measure(alone, None)
