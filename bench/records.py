@@ -17,7 +17,7 @@ Layout (``status`` ``ok``; a ``failed`` record keeps what was known and adds ``s
     evaluations{<name>: {name, version, params, columns[...], values{<column key>: number}, dense, pruned,
                          seconds{dense, pruned}, cached}}
     timings{load_model, capture, scoring, selection, proxies, <evaluation>_dense, <evaluation>_pruned}
-    cache_hits{hidden, scores, <evaluation>}, finished_at
+    cache_hits{hidden, scores, selection, <evaluation>}, finished_at
 
 Every evaluation's ``columns`` (key, label, direction, aggregation, format, gate measure, ranking
 priority) travel in the record, so reports read directions and columns from the evaluation that

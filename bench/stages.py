@@ -306,6 +306,8 @@ class Selection:
     proxies: dict[str, float]
     seconds: float
     proxy_seconds: float
+    #: read from ``cache/selections`` (``seconds`` are then those of the run that searched)
+    cached: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -558,10 +560,37 @@ class Pipeline:
                       cached=False)
 
     # ------------------------------------------------------------------ select
+    def selection_key(self, cell: Cell, captured: CapturedStates, k: int) -> str:
+        """What decides a cell's chosen set: its calibration group (model fingerprint, calibration,
+        dtype, device type: the hidden-state key), metric, selector, ``k``, protected units and unit."""
+        return short_hash({"calibration": captured.key, "metric": cell.metric_identity,
+                           "selector": cell.selector_identity, "k": k, "protect": list(cell.protect),
+                           "unit": cell.unit, "device": self.device.type, "protocol": PROTOCOL_VERSION})
+
     def select(self, cell: Cell, loaded: LoadedModel, captured: CapturedStates, scores: Scores) -> Selection:
-        """The cell's selector on its scores; the chosen set is then scored on the shared proxies."""
-        n_blocks = loaded.info.n_blocks
+        """The cell's selector on its scores; the chosen set is then scored on the shared proxies. Cached
+        under ``cache/selections`` (:meth:`selection_key`): a search that ran once (SLEB's hundreds of
+        forward passes) is read back when its cell is run again, e.g. after an interrupted run."""
         k = self.resolve_k(cell, loaded)
+        key = self.selection_key(cell, captured, k)
+        cached = self.store.get_json("selections", key)
+        if cached is not None:
+            why = _unusable_selection(cached, k, cell.n_units(loaded.info.n_blocks))
+            if why is None:
+                return Selection(k=k, removed=tuple(cached["removed"]), evaluations=cached["evaluations"],
+                                 info=cached["info"], proxies=cached["proxies"], seconds=cached["seconds"],
+                                 proxy_seconds=cached["proxy_seconds"], cached=True)
+            self.store.distrust("selections", key, why)
+        selection = self._select(cell, loaded, captured, scores, k)
+        self.counters["selections"] += 1
+        self.store.put_json("selections", key, {
+            "removed": list(selection.removed), "evaluations": selection.evaluations, "info": selection.info,
+            "proxies": selection.proxies, "seconds": selection.seconds, "proxy_seconds": selection.proxy_seconds,
+            "k": k, "selector": cell.selector_identity, "metric": cell.metric_identity})
+        return selection
+
+    def _select(self, cell: Cell, loaded: LoadedModel, captured: CapturedStates, scores: Scores, k: int) -> Selection:
+        n_blocks = loaded.info.n_blocks
         protected = cell.protected_units(n_blocks)  # sublayer: both branches of a protected block
         selector = SELECTORS.get(cell.selector.name)(**cell.selector.params)
         label = (cell.unit, cell.metric.label())
@@ -824,7 +853,7 @@ class Pipeline:
         record.calibration_stats = dict(states.stats)
         record.timings = {"load_model": loaded.seconds, "capture": states.seconds, "scoring": scores.seconds,
                           "selection": selection.seconds, "proxies": selection.proxy_seconds}
-        record.cache_hits = {"hidden": states.cached, "scores": scores.cached}
+        record.cache_hits = {"hidden": states.cached, "scores": scores.cached, "selection": selection.cached}
         return record
 
     def complete(self, selected: CellRecord, dense: SetEvaluation, pruned: SetEvaluation) -> CellRecord:
@@ -939,6 +968,22 @@ def _unusable_result(cached: Any) -> str | None:
     seconds = cached.get("seconds")
     if seconds is not None and not _number(seconds):
         return "'seconds' is not a number"
+    return None
+
+
+def _unusable_selection(cached: Any, k: int, n_units: int) -> str | None:
+    """Why a cached selection cannot be used (None: it can)."""
+    if not isinstance(cached, dict):
+        return "the cached selection is not a mapping"
+    removed = cached.get("removed")
+    if not (isinstance(removed, list) and all(isinstance(i, int) and 0 <= i < n_units for i in removed)
+            and len(set(removed)) == len(removed) == k):
+        return f"'removed' is not {k} distinct unit indices below {n_units}"
+    if not isinstance(cached.get("info"), dict) or not isinstance(cached.get("proxies"), dict):
+        return "'info' or 'proxies' is not a mapping"
+    if not isinstance(cached.get("evaluations"), int) or not all(
+            _number(cached.get(k)) for k in ("seconds", "proxy_seconds")):
+        return "'evaluations', 'seconds' or 'proxy_seconds' is missing or not a number"
     return None
 
 

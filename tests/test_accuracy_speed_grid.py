@@ -46,7 +46,7 @@ def test_dense_and_each_distinct_set_are_scored_once(run):
     distinct = {tuple(r.removed_blocks) for r in summary.records}
     # lm-eval and perplexity once for the dense model and once per set; speed and KL compare with the dense
     # model inside each set's measurement, so once per set
-    assert dict(runner.counters) == {"model_loads": 1, "captures": 2, "scorings": 4,
+    assert dict(runner.counters) == {"model_loads": 1, "captures": 2, "scorings": 4, "selections": 4,
                                      "measure:accuracy": 1 + len(distinct), "measure:perplexity": 1 + len(distinct),
                                      "measure:speed": len(distinct), "measure:kl": len(distinct),
                                      "measure:generation": 1 + len(distinct)}

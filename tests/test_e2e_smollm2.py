@@ -36,7 +36,7 @@ def test_first_run_writes_one_good_record_per_cell(first_run):
     records = {r.cell_id: r for r in summary.records}
     distinct_sets = {tuple(r.removed_blocks) for r in records.values()}
     # dense once, each distinct set once; the model once, the hidden states once per seed
-    assert dict(runner.counters) == {"model_loads": 1, "captures": 2, "scorings": 4,
+    assert dict(runner.counters) == {"model_loads": 1, "captures": 2, "scorings": 4, "selections": 4,
                                      "measure:perplexity": 1 + len(distinct_sets)}
     # the time each step really took in this process, for the end-of-run summary
     assert sorted(runner.pipeline.seconds) == ["capture", "load", "perplexity", "scoring", "selection"]
@@ -96,7 +96,7 @@ def test_deleting_one_record_recomputes_exactly_that_cell(first_run):
     after = json.loads(path.read_text())
     assert after["removed_blocks"] == before["removed_blocks"]
     assert after["evaluations"]["perplexity"]["values"] == before["evaluations"]["perplexity"]["values"]
-    assert after["cache_hits"] == {"hidden": True, "scores": True, "perplexity": True}
+    assert after["cache_hits"] == {"hidden": True, "scores": True, "selection": True, "perplexity": True}
 
 
 def test_leaderboard_from_records(first_run):

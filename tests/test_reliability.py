@@ -250,6 +250,54 @@ def test_damaged_score_caches_are_recomputed_with_the_right_numbers(tmp_path, da
     assert all(store.get_json("scores", p.stem) is not None for p in paths)  # rewritten, verified again
 
 
+def test_a_selection_is_searched_once_whatever_the_evaluations(tmp_path):
+    """Cells that differ only in what is measured (here perplexity's windows: other cell ids) share their
+    selections through cache/selections: nothing is searched again, the same sets are chosen."""
+    first = fake_runner(tmp_path)
+    assert first.run().failed == 0 and first.counters["selections"] == 4
+    again = fake_runner(tmp_path, perplexity={"max_windows": 3})
+    summary = again.run()
+    assert summary.ran == 4 and again.counters["selections"] == 0
+    assert {r.cell_id for r in summary.records}.isdisjoint(r.cell_id for r in first.store.records()
+                                                           if r.spec["evaluations"]["perplexity"]["params"]
+                                                           ["max_windows"] != 3)
+    old = {(r.labels.metric, r.labels.seed): r for r in first.store.records()
+           if r.spec["evaluations"]["perplexity"]["params"]["max_windows"] != 3}
+    for r in summary.records:
+        mine = old[(r.labels.metric, r.labels.seed)]
+        assert r.cache_hits["selection"] is True and mine.cache_hits["selection"] is False
+        assert r.removed_blocks == mine.removed_blocks
+        assert r.selector_result == mine.selector_result and r.timings["selection"] == mine.timings["selection"]
+
+
+@pytest.mark.parametrize("damage", ["hand_edited", "not_a_mapping", "wrong_k", "repeated"])
+def test_damaged_selection_caches_are_searched_again(tmp_path, damage):
+    runner = fake_runner(tmp_path)
+    runner.run()
+    store = runner.store
+    before = _numbers(store)
+    paths = sorted((store.cache_dir / "selections").glob("*.json"))
+    assert len(paths) == 4
+    for path in paths:
+        payload = store.get_json("selections", path.stem)
+        if damage == "hand_edited":
+            _rewrite(path, lambda e: e["payload"].update(removed=[0, 1, 2, 5]))
+        elif damage == "not_a_mapping":
+            store.put_json("selections", path.stem, [1, 2])
+        elif damage == "wrong_k":
+            store.put_json("selections", path.stem, {**payload, "removed": payload["removed"][:-1]})
+        else:
+            store.put_json("selections", path.stem, {**payload, "removed": [payload["removed"][0]] * 4})
+    for path in store.records_dir.glob("*.json"):
+        path.unlink()
+    again = fake_runner(tmp_path)
+    with pytest.warns(CacheWarning) as caught:
+        summary = again.run()
+    assert (summary.ran, summary.failed) == (4, 0) and again.counters["selections"] == 4
+    assert {str(p) for p in paths} <= {str(w.message).split(": ")[0] for w in caught}
+    assert _numbers(store) == before
+
+
 @pytest.mark.parametrize("damage", ["hand_edited", "not_a_mapping"])
 def test_damaged_evaluation_caches_are_recomputed_with_the_right_numbers(tmp_path, damage):
     runner = fake_runner(tmp_path)
@@ -373,8 +421,8 @@ def test_ctrl_c_in_a_plugin_still_stops_the_grid(tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.download
 def test_damaged_caches_and_a_misplaced_record_on_the_real_grid(tmp_path, small_grid_run):
-    """SmolLM2: zeros in one hidden-states cache, hand-edited scores and perplexities, a record holding
-    another cell: the rerun recomputes exactly those and gets the first run's numbers (the first run is the
+    """SmolLM2: zeros in one hidden-states cache, hand-edited scores, a selection and perplexities, a
+    record holding another cell: the rerun recomputes exactly those and gets the first run's numbers (the first run is the
     session's run of SMALL_GRID, copied as it finished)."""
     config = parse_config(SMALL_GRID)
     shutil.copytree(small_grid_run["pristine"], tmp_path, dirs_exist_ok=True)
@@ -388,6 +436,9 @@ def test_damaged_caches_and_a_misplaced_record_on_the_real_grid(tmp_path, small_
     hidden[0].write_bytes(bytes(data))
     for path in (store.cache_dir / "scores").glob("*.json"):
         _rewrite(path, lambda e: e["payload"]["scores"].reverse())
+    selections = sorted((store.cache_dir / "selections").glob("*.json"))
+    assert len(selections) == 4  # one per cell (each metric x seed)
+    _rewrite(selections[0], lambda e: e["payload"].update(removed=[0, 1, 2, 3]))
     ppl = sorted((store.cache_dir / "evaluations" / "perplexity").glob("*.json"))
     for path in ppl:
         _rewrite(path, lambda e: e["payload"]["result"].update(ppl=1.0))
@@ -401,7 +452,7 @@ def test_damaged_caches_and_a_misplaced_record_on_the_real_grid(tmp_path, small_
     with pytest.warns(CacheWarning) as caught:
         summary = runner.run()
     assert (summary.ran, summary.failed) == (4, 0)
-    assert dict(runner.counters) == {"model_loads": 1, "captures": 1, "scorings": 4,
+    assert dict(runner.counters) == {"model_loads": 1, "captures": 1, "scorings": 4, "selections": 1,
                                      "measure:perplexity": len(ppl)}
     named = {str(w.message).split(": ")[0] for w in caught}
     assert {str(hidden[0]), str(store.record_path(ids[1]))} <= named

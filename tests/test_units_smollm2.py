@@ -154,8 +154,10 @@ def test_ray_executor_gives_the_same_units_and_healing_records(units_run, tmp_pa
     summary = Runner(load_config(grid), tmp_path / "ray").run(executor="ray")
     assert (summary.ran, summary.failed) == (2, 0), [r.error for r in summary.records]
     healed = _by(summary.records, "mlp", "linear")
-    assert healed.cache_hits == {"hidden": True, "scores": True, "perplexity": False, "healing": False}
-    assert _by(summary.records, "mlp", "none").cache_hits == {"hidden": True, "scores": True, "perplexity": True}
+    assert healed.cache_hits == {"hidden": True, "scores": True, "selection": True, "perplexity": False,
+                                 "healing": False}
+    assert _by(summary.records, "mlp", "none").cache_hits == {"hidden": True, "scores": True, "selection": True,
+                                                              "perplexity": True}
     for r in summary.records:
         mine = local[r.cell_id]
         assert (r.labels.unit, r.labels.healing, r.removed_blocks) == (mine.labels.unit, mine.labels.healing,
