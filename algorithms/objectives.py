@@ -38,11 +38,15 @@ is how the tests build objectives with a known optimum.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from algorithms.models.prefix import PrefixStates
 
 #: the kinds a selector's ``objective`` parameter may name
 OBJECTIVE_KINDS = ("proxy_sum", "proxy_span", "loss")
@@ -172,6 +176,7 @@ class ObjectiveFactory:
         unit: str = "block",
         loss: Objective | None = None,
         run_score: Callable[[int, int], float] | None = None,
+        prefix: PrefixStates | Callable[[], PrefixStates | None] | None = None,
     ) -> None:
         if true_loss not in ("nll", "ppl"):
             raise ValueError(f"true_loss must be 'nll' or 'ppl', got {true_loss!r}")
@@ -189,6 +194,9 @@ class ObjectiveFactory:
         self.custom = dict(custom or {})
         self.fingerprint = fingerprint
         self.unit = unit
+        #: the dense model's states on ``input_ids`` in ``batch_size`` batches (the captured hidden states):
+        #: the ``loss`` of a set starts at its first removed block (:mod:`algorithms.models.prefix`)
+        self._prefix = prefix
         self._span_fn = span_scores
         self._objectives: dict[str, Objective] = {}
         #: model-level objectives (``loss``), shared with ``share`` when it wraps the same model and ids
@@ -282,8 +290,15 @@ class ObjectiveFactory:
 
     def _calibration_loss(self, blocks: frozenset[int]) -> float:
         from algorithms.models.nll import mean_nll, perplexity_of
+        from algorithms.models.prefix import resumed
         from algorithms.models.units import skip_units
 
-        with skip_units(self.model, self.unit, sorted(blocks)) as model:
+        if callable(self._prefix):
+            self._prefix = self._prefix()  # resolve a lazy prefix once
+        first = min(blocks, default=None)
+        if first is not None and self.unit == "sublayer":
+            first //= 2
+        with skip_units(self.model, self.unit, sorted(blocks)) as model, \
+                contextlib.nullcontext(model) if self._prefix is None else resumed(model, self._prefix, first):
             nll, _ = mean_nll(model, self.input_ids, batch_size=self.batch_size)
         return perplexity_of(nll) if self.true_loss == "ppl" else nll

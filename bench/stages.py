@@ -263,8 +263,13 @@ class CapturedStates:
         if unit not in self.losses:
             from algorithms.objectives import ObjectiveFactory
 
+            def prefix():  # the captured states enter each block as in the loss's own forward passes
+                from algorithms.models.prefix import from_captured
+
+                return from_captured(self.blocks(), batch_size)
+
             self.losses[unit] = ObjectiveFactory(model=model, input_ids=self.input_ids, batch_size=batch_size,
-                                                 unit=unit).get("loss")
+                                                 unit=unit, prefix=prefix).get("loss")
         return self.losses[unit]
 
     def on_device(self, device: torch.device) -> torch.Tensor:

@@ -241,3 +241,37 @@ def test_smollm2_perplexity_with_the_shared_prefix_is_bit_identical(smollm2_on_d
             return evaluation.measure(EvalTarget(model, tokenizer, removed, 30, skip_blocks, reference=ref))
 
         assert measure(shared, reference) == measure(alone, None)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "qwen2"])
+@pytest.mark.parametrize(("unit", "sets"), [
+    ("block", [(0,), (2,), (3, 4), (1, 5), (4, 5)]),
+    ("attention", [(2,), (3, 5)]),
+    ("sublayer", [(5,), (6, 9), (11,)]),
+])
+def test_the_search_loss_started_from_captured_states_is_bit_identical(arch, unit, sets):
+    """SLEB-style searches evaluate the calibration loss of many sets: started from the captured hidden
+    states (the dense model's states on the same windows and batches) it is the loss run whole."""
+    from algorithms.models.capture import capture_hidden_states
+    from algorithms.models.prefix import from_captured
+    from algorithms.objectives import ObjectiveFactory
+
+    model = build(arch)
+    states, _ = capture_hidden_states(model, WINDOWS, batch_size=BATCH, sublayers=unit == "sublayer")
+    blocks = states[0::2] if unit == "sublayer" else states
+    shared = ObjectiveFactory(model=model, input_ids=WINDOWS, batch_size=BATCH, unit=unit,
+                              prefix=lambda: from_captured(blocks, BATCH)).get("loss")
+    whole = ObjectiveFactory(model=model, input_ids=WINDOWS, batch_size=BATCH, unit=unit).get("loss")
+    for removed in sets:
+        assert shared(removed) == whole(removed)
+    assert shared(()) == whole(())  # the dense model: nothing to start from
+
+
+def test_captured_prefix_states_are_views_split_like_the_batches():
+    from algorithms.models.prefix import from_captured
+
+    states = torch.arange(7 * 5 * 2 * 3, dtype=torch.float32).reshape(7, 5, 2, 3)
+    prefix = from_captured(states, 2)
+    assert prefix.depths == (1, 2, 3, 4, 5)
+    assert [t.shape[0] for t in prefix.states[3]] == [2, 2, 1]
+    assert all(t.data_ptr() == states[3, 2 * i].data_ptr() for i, t in enumerate(prefix.states[3]))  # no copy

@@ -11,7 +11,8 @@ same inputs: ``tests/test_prefix.py`` checks bit-identity on every architecture 
 blocks from, and on SmolLM2).
 
 Memory: one ``(batch, seq_len, d)`` tensor per batch and kept depth, in the model's dtype, on the CPU
-(moved to the model's device batch by batch). :func:`checkpoint_depths` keeps every depth when they
+(moved to the model's device batch by batch). :func:`from_captured` makes the same from captured hidden
+states (views, no copy; their float32 copies of lower-precision states convert back exactly). :func:`checkpoint_depths` keeps every depth when they
 fit the budget and every ``s``-th depth otherwise (a set then resumes from the deepest kept depth at or
 before its first removed block).
 
@@ -127,7 +128,7 @@ def resumed(model: nn.Module, prefix: PrefixStates, first_changed: int | None) -
             raise RuntimeError(f"batch {calls} has shape {tuple(incoming.shape)}, recorded "
                                f"{tuple(state.shape)}: feed the windows in the batches they were recorded in")
         calls += 1
-        state = state.to(incoming.device)
+        state = state.to(device=incoming.device, dtype=incoming.dtype)  # a float32 copy of bf16 states: exact
         if args:
             return (state, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": state}
@@ -138,6 +139,14 @@ def resumed(model: nn.Module, prefix: PrefixStates, first_changed: int | None) -
             yield model
         finally:
             handle.remove()
+
+
+def from_captured(states: torch.Tensor, batch_size: int) -> PrefixStates:
+    """The prefix states of captured block states ``(L + 1, samples, seq_len, d)`` (states entering each
+    block, :func:`algorithms.models.capture.capture_hidden_states`) for the same samples fed in batches
+    of ``batch_size``, as capture fed them: views of ``states``, every depth ``1 .. L - 1``."""
+    depths = tuple(range(1, states.shape[0] - 1))
+    return PrefixStates(depths=depths, states={d: list(states[d].split(batch_size)) for d in depths})
 
 
 def depths_within(model: nn.Module, windows: torch.Tensor, budget_mb: float) -> tuple[int, ...]:
