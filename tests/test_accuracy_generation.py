@@ -121,6 +121,26 @@ def test_humaneval_needs_allow_code_execution():
         evaluate_tasks(None, None, ["humaneval"])  # refused before anything is loaded
 
 
+def test_accuracy_hands_the_opt_in_and_time_limit_to_the_evaluation(monkeypatch):
+    import contextlib
+
+    from algorithms.evaluations.base import EvalTarget
+
+    heard = {}
+
+    def fake(model, tokenizer, tasks, **kwargs):
+        heard.update(kwargs, tasks=tasks)
+        return {"humaneval": {"pass@1": 0.25, "pass@1_stderr": 0.1, "n": 4}}
+
+    monkeypatch.setattr(lmeval, "evaluate_tasks", fake)
+    acc = Accuracy(tasks=["humaneval"], allow_code_execution=True, code_timeout_s=3.5, limit=4)
+    target = EvalTarget(object(), None, (), 30, lambda model, blocks: contextlib.nullcontext(model))
+    measured = acc.measure(target)
+    assert heard["tasks"] == ["humaneval"] and heard["allow_code_execution"] is True
+    assert heard["code_timeout_s"] == 3.5 and heard["limit"] == 4
+    assert measured["score"] == 0.25 and acc.values(None, measured)["pass@1:humaneval"] == 0.25
+
+
 def test_cli_refuses_humaneval_without_the_opt_in_naming_the_key(tmp_path, monkeypatch):
     from bench.cli import app
 
