@@ -161,7 +161,8 @@ def _code_tasks(tasks: list[str]) -> list[str]:
 
 
 class Accuracy(Evaluation):
-    """Mean lm-eval accuracy over tasks (acc_norm where reported), offline, dense and pruned."""
+    """Mean over tasks of each task's headline score (acc_norm where reported, else acc; exact_match for
+    open-ended QA, pass@1 for HumanEval), offline, dense and pruned."""
 
     name = "accuracy"
     version = "1"
