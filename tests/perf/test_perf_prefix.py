@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.perf.conftest import NOTES, TIMINGS, record
+from tests.perf.conftest import NOTES, TIMINGS
 
 pytestmark = [pytest.mark.slow, pytest.mark.download]
 
@@ -46,11 +46,12 @@ def smollm2():
     return AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval(), AutoTokenizer.from_pretrained(path)
 
 
-RESULTS: dict[str, list[float]] = {}
+def test_perplexity_of_the_selectors_grid_sets(benchmark, smollm2):
+    """Both ways alternately (alone, shared, alone, shared): a change of machine load between them
+    cannot pass for a speedup; the fastest round of each is kept (the benchmark's own time is the
+    whole comparison)."""
+    import time
 
-
-@pytest.mark.parametrize("impl", ["alone", "shared"])
-def test_perplexity_of_the_selectors_grid_sets(benchmark, smollm2, impl):
     from algorithms.evaluations.base import EvalTarget
     from algorithms.evaluations.perplexity import Perplexity
     from algorithms.models.masking import skip_blocks
@@ -58,22 +59,28 @@ def test_perplexity_of_the_selectors_grid_sets(benchmark, smollm2, impl):
     model, tokenizer = smollm2
     sets = distinct_sets()
     assert len(sets) >= 8 and () not in sets
-    evaluation = Perplexity({"seq_len": 512, "max_windows": 8, "batch_size": 4,
-                             "prefix_memory_mb": 0 if impl == "alone" else 1024})
+    ways = {impl: Perplexity({"seq_len": 512, "max_windows": 8, "batch_size": 4,
+                              "prefix_memory_mb": 0 if impl == "alone" else 1024}) for impl in ("alone", "ours")}
 
-    def run() -> list[float]:
+    def run(evaluation) -> list[float]:
         reference = evaluation.reference(model, tokenizer)
-        out = []
-        for removed in [(), *sets]:
-            target = EvalTarget(model, tokenizer, removed, 30, skip_blocks, reference=reference)
-            out.append(evaluation.measure(target)["nll"])
-        return out
+        return [evaluation.measure(EvalTarget(model, tokenizer, removed, 30, skip_blocks, reference=reference))["nll"]
+                for removed in [(), *sets]]
 
-    RESULTS[impl] = benchmark.pedantic(run, rounds=1, iterations=1)
-    record(benchmark, "perplexity of the selectors grid's distinct sets", "ours" if impl == "shared" else impl)
-    if len(RESULTS) == 2:
-        assert RESULTS["alone"] == RESULTS["shared"]  # the same numbers, bit for bit
-        times = TIMINGS.get("perplexity of the selectors grid's distinct sets", {})
-        NOTES.append(f"{len(sets)} distinct sets + dense, first removed blocks "
-                     f"{sorted(min(s) for s in sets)}; same NLL for every set: {RESULTS['alone'] == RESULTS['shared']}"
-                     + (f"; alone/shared {times['alone'] / times['ours']:.2f}x" if len(times) == 2 else ""))
+    results: dict[str, list[float]] = {}
+    best: dict[str, float] = {}
+
+    def compare() -> None:
+        for _ in range(2):
+            for impl, evaluation in ways.items():
+                start = time.perf_counter()
+                results[impl] = run(evaluation)
+                best[impl] = min(best.get(impl, float("inf")), time.perf_counter() - start)
+
+    benchmark.pedantic(compare, rounds=1, iterations=1)
+    assert results["alone"] == results["ours"]  # the same numbers, bit for bit
+    group = "perplexity of the selectors grid's distinct sets (dense + 9 sets, 8 x 512 tokens)"
+    TIMINGS[group] = dict(best)
+    NOTES.append(f"{len(sets)} distinct sets + dense, first removed blocks {sorted(min(s) for s in sets)}; "
+                 f"same NLL for every set; alone {best['alone']:.1f} s, shared {best['ours']:.1f} s: "
+                 f"{best['alone'] / best['ours']:.2f}x")
