@@ -42,6 +42,18 @@ SMALL_GRID = {
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models: more torch threads only spin, and slow down badly on a busy 2-core machine. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def small_grid(tmp_path):
     """A 4-cell grid on the real SmolLM2-135M, written to a YAML file."""
     path = tmp_path / "grid.yaml"

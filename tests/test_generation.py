@@ -19,12 +19,7 @@ from tests.test_removal import ARCHS, N_LAYERS, V, build
 PROMPTS = torch.randint(1, V, (5, 7), generator=torch.Generator().manual_seed(11))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest)
 
 
 def uncached_greedy(model, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:

@@ -36,12 +36,7 @@ BATCH = 2
 SETS = [(0, 4), (1, 2), (3,), (3, 4, 5), (5,)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest)
 
 
 def record_all(model) -> PrefixStates:

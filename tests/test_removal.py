@@ -205,13 +205,7 @@ def layer_indices(model: nn.Module) -> list[set[int]]:
     ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models are tiny: more threads only spin, and slow down badly on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest)
 
 
 @pytest.mark.parametrize("arch", sorted(ALL))
