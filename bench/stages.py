@@ -568,7 +568,9 @@ class Pipeline:
     def selection_key(self, cell: Cell, captured: CapturedStates, k: int) -> str:
         """What decides a cell's chosen set: its calibration group (model fingerprint, calibration,
         dtype, device type: the hidden-state key), metric, selector, ``k``, protected units and unit."""
-        return short_hash({"calibration": captured.key, "metric": cell.metric_identity,
+        # the block-level key when the group also captured the sub-layer stream for other cells: the same
+        # calibration, so the same selection (units and metrics are in the key themselves)
+        return short_hash({"calibration": captured.block_key or captured.key, "metric": cell.metric_identity,
                            "selector": cell.selector_identity, "k": k, "protect": list(cell.protect),
                            "unit": cell.unit, "device": self.device.type, "protocol": PROTOCOL_VERSION})
 
@@ -987,7 +989,7 @@ def _unusable_selection(cached: Any, k: int, n_units: int) -> str | None:
     if not isinstance(cached.get("info"), dict) or not isinstance(cached.get("proxies"), dict):
         return "'info' or 'proxies' is not a mapping"
     if not isinstance(cached.get("evaluations"), int) or not all(
-            _number(cached.get(k)) for k in ("seconds", "proxy_seconds")):
+            _number(cached.get(name)) for name in ("seconds", "proxy_seconds")):
         return "'evaluations', 'seconds' or 'proxy_seconds' is missing or not a number"
     return None
 
