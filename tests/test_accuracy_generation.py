@@ -220,7 +220,7 @@ def smollm2():
 
 
 #: documents per QA task in the comparison with stock lm-eval (every document is a greedy generation)
-QA_LIMIT = 6
+QA_LIMIT = 3
 
 
 @pytest.mark.slow
