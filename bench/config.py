@@ -357,29 +357,32 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out or "<root>"
 
 
+def _one_model(annotation: Any) -> Any:
+    """The pydantic model inside ``Optional[X]``, ``list[X]`` or ``tuple[X, ...]`` (the annotation
+    itself when it is one, or when it holds several types)."""
+    import typing
+
+    while not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        args = [a for a in typing.get_args(annotation) if a is not type(None) and a is not Ellipsis]
+        if len(args) != 1:
+            return annotation
+        annotation = args[0]
+    return annotation
+
+
 def _fields_at(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str]:
     """The keys the pydantic model reached by ``loc`` (from ``model``) accepts; ``[]`` when the path
     leaves pydantic models (a plain mapping, a union of several models)."""
-    import typing
-
     current: Any = model
     for part in loc:
-        while True:  # unwrap Optional[X], list[X], tuple[X, ...] to the one model inside
-            args = [a for a in typing.get_args(current) if a is not type(None) and a is not Ellipsis]
-            if isinstance(current, type) and issubclass(current, BaseModel) or len(args) != 1:
-                break
-            current = args[0]
+        current = _one_model(current)
         if isinstance(part, int):
             continue
         if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
             return []
         current = current.model_fields[part].annotation
-    while not (isinstance(current, type) and issubclass(current, BaseModel)):
-        args = [a for a in typing.get_args(current) if a is not type(None) and a is not Ellipsis]
-        if len(args) != 1:
-            return []
-        current = args[0]
-    return list(current.model_fields)
+    current = _one_model(current)
+    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
 
 
 def format_validation_error(exc: ValidationError | list[dict[str, Any]], model: type[BaseModel] | None = None,
