@@ -622,23 +622,12 @@ def _text_check_key(config: GridConfig, folder: Path) -> str | None:
     return short_hash(parts, 32)
 
 
-def _text_checks_memo() -> tuple[Path, dict[str, Any]]:
-    from algorithms.models.zoo import cache_root
-
-    path = cache_root() / TEXT_CHECKS
-    try:
-        memo = json.loads(path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    return path, memo if isinstance(memo, dict) else {}
-
-
 def _remember_text_check(key: str) -> None:
     """Add ``key`` to the memo (the newest :data:`_TEXT_CHECKS_KEPT` kept); an unwritable memo only costs
     the next check."""
-    from bench.store import write_bytes_atomic
+    from bench.store import read_memo, write_bytes_atomic
 
-    path, memo = _text_checks_memo()
+    path, memo = read_memo(TEXT_CHECKS)
     memo.pop(key, None)
     memo[key] = True
     memo = dict(list(memo.items())[-_TEXT_CHECKS_KEPT:])
@@ -659,7 +648,9 @@ def _check_text_length(config: GridConfig, index: int, name: str) -> None:
     if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
         return
     key = _text_check_key(config, folder)
-    if key is not None and key in _text_checks_memo()[1]:
+    from bench.store import read_memo
+
+    if key is not None and key in read_memo(TEXT_CHECKS)[1]:
         return
     from transformers import AutoTokenizer
 

@@ -158,17 +158,6 @@ def _config_int(data: dict[str, Any], *keys: str) -> int | None:
     return None
 
 
-def _memo() -> tuple[Path, dict[str, Any]]:
-    from algorithms.models.zoo import cache_root
-
-    path = cache_root() / PLAN_MEMO
-    try:
-        memo = json.loads(path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    return path, memo if isinstance(memo, dict) else {}
-
-
 def count_parameters(folder: Path) -> int:
     """Parameters of the model in ``folder`` built on the meta device from its config.json (no weight
     read), memoised under ``cache_root()/plan-parameters.json`` by the config's bytes and the transformers
@@ -177,7 +166,9 @@ def count_parameters(folder: Path) -> int:
 
     raw = (folder / "config.json").read_bytes()
     key = hashlib.sha256(raw + b"\0" + version("transformers").encode()).hexdigest()[:32]
-    path, memo = _memo()
+    from bench.store import read_memo
+
+    path, memo = read_memo(PLAN_MEMO)
     if isinstance(memo.get(key), int):
         return memo[key]
     import torch

@@ -88,6 +88,19 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     _atomic_write(path, lambda fh: fh.write(data))
 
 
+def read_memo(name: str) -> tuple[Path, dict[str, Any]]:
+    """A JSON memo under ``cache_root()`` (``plan-parameters.json``, ``text-checks.json``): its path and
+    contents, ``{}`` when it is missing, unreadable or not a mapping (a memo only saves work)."""
+    from algorithms.models.zoo import cache_root
+
+    path = cache_root() / name
+    try:
+        memo = json.loads(path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    return path, memo if isinstance(memo, dict) else {}
+
+
 def _atomic_write(path: Path, write) -> None:
     """``write(fh)`` into a temporary file next to ``path``, then fsync, chmod to :func:`file_mode`
     (``mkstemp`` creates 0600, which the rename would keep) and rename over ``path``. A crash at any
