@@ -37,6 +37,8 @@ class Metric:
 
     def __init__(self, **params: Any) -> None:
         self.params = params
+        #: set while :meth:`score_sample` scores a token sample: the number of tokens it was drawn from
+        self.population: int | None = None
 
     def pair(self, x: Tensor, y: Tensor) -> Tensor:
         """Score between the same tokens at two depths, ``x`` and ``y`` of shape ``(..., d)``."""
@@ -61,6 +63,46 @@ class Metric:
         same layout (every depth keeps the same tokens). :meth:`score_spans` applies it once before
         :meth:`prepare`; ``pair`` and ``compare`` see only what it keeps. Default: every token."""
         return states
+
+    # ------------------------------------------------------------------ streamed scoring
+    def stream_kind(self) -> str | None:
+        """How this metric is scored from states streamed batch by batch, without storing them
+        (:mod:`estimators.streaming`): ``"tokens"`` (a mean of :meth:`token_values`), ``"moments"``
+        (:meth:`prepare_moments` / :meth:`compare_moments` on float64 covariances), ``"sample"`` (a seeded
+        token sample, :meth:`sample_spec`, scored by :meth:`score_sample`), or None: it needs every
+        state at once and is scored from the stored tensor (the default, so a plugin that says nothing
+        is scored as before)."""
+        return None
+
+    def token_values(self, x: Tensor, y: Tensor) -> Tensor:
+        """``tokens`` kind: one value per token of ``x`` and ``y`` ``(..., d)``, flattened; the score is
+        their mean, so ``pair(x, y) == token_values(x, y).mean()``."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-token values")
+
+    def prepare_moments(self, moments: Any) -> Any:
+        """``moments`` kind: per-depth work on one depth's :class:`estimators.streaming.Moments`."""
+        raise NotImplementedError(f"{type(self).__name__} is not scored from moments")
+
+    def compare_moments(self, a: Any, b: Any, cross: Tensor) -> Tensor:
+        """``moments`` kind: the score of two prepared depths and their float64 cross-covariance
+        ``(dx, dy)`` (ddof 1)."""
+        raise NotImplementedError(f"{type(self).__name__} is not scored from moments")
+
+    def sample_spec(self) -> tuple[int | None, int]:
+        """``sample`` kind: ``(n_tokens, seed)`` of the token sample every depth is scored on (the rows
+        :func:`estimators.tensors.sample_tokens` draws with a generator seeded with ``seed``; None: all)."""
+        raise NotImplementedError(f"{type(self).__name__} does not score a token sample")
+
+    def score_sample(self, sample: Tensor, population: int, lengths: Iterable[int]) -> dict[int, Tensor]:
+        """``sample`` kind: :meth:`score_span_lengths` of ``sample`` ``(depths, 1, n, d)``, the rows
+        :meth:`sample_spec` draws from ``population`` tokens; :attr:`population` is set meanwhile, so
+        :meth:`prepare` moves its random generator on as if it had drawn them (then it equals the stored
+        path bit for bit)."""
+        self.population = population
+        try:
+            return self.score_span_lengths(sample, lengths)
+        finally:
+            self.population = None
 
     @staticmethod
     def _check_states(states: Tensor) -> None:

@@ -41,6 +41,11 @@ def block_influence(x: Tensor, y: Tensor) -> Tensor:
     return 1.0 - token_cosine(x, y).double().mean()
 
 
+def token_angles(x: Tensor, y: Tensor) -> Tensor:
+    """``arccos(cos(x_t, y_t)) / pi`` per token, float64, shape ``(N,)``."""
+    return torch.arccos(token_cosine(x, y).double()) / math.pi
+
+
 def angular_distance(x: Tensor, y: Tensor) -> Tensor:
     """Gromov et al.'s angular distance, ``mean_t arccos(cos(x_t, y_t)) / pi`` in [0, 1]."""
-    return (torch.arccos(token_cosine(x, y).double()) / math.pi).mean()
+    return token_angles(x, y).mean()

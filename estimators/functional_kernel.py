@@ -200,9 +200,11 @@ def hsic_side(
     n_tokens: int | None = 2048,
     chunk_size: int = 128,
     seed: int = 0,
+    population: int | None = None,
 ) -> KernelSide:
     """The per-depth part of :func:`hsic` for states ``z`` of shape ``(..., d)``; the defaults
-    of :func:`hsic`'s parameters (documented there) are set here."""
+    of :func:`hsic`'s parameters (documented there) are set here. ``population``: ``z`` is already the
+    token sample, drawn from that many tokens (:func:`estimators.tensors.sample_tokens`)."""
     if sigma is not None and not sigma > 0:
         raise ValueError(f"sigma must be positive or None, got {sigma!r}")
     if rff_features is not None and rff_features < 1:
@@ -212,7 +214,7 @@ def hsic_side(
     if n_tokens is not None and n_tokens < 4:
         raise ValueError(f"n_tokens must be an int >= 4 or None, got {n_tokens!r}")
     generator = torch.Generator().manual_seed(seed)
-    z = sample_tokens(flatten_states(z), n_tokens, generator)
+    z = sample_tokens(flatten_states(z), n_tokens, generator, population)
     n = z.shape[0]
     if n < (4 if unbiased else 2):
         raise ValueError(f"HSIC needs at least 4 tokens (unbiased) or 2 (biased), got N={n}")
@@ -292,3 +294,10 @@ def cka_linear(x: Tensor, y: Tensor, *, debiased: bool = False, chunk_size: int 
     return on_both_sides(
         linear_side, hsic_compare, x, y, normalized=True, unbiased=debiased, chunk_size=chunk_size
     )
+
+
+def cka_from_covariances(cxx: Tensor, cyy: Tensor, cxy: Tensor) -> Tensor:
+    """:func:`cka_linear` (``debiased=False``) from float64 covariances (ddof 1): on centred features the
+    biased linear HSIC is exactly ``||C_xy||_F^2``, so CKA is ``||C_xy||^2 / (||C_xx|| ||C_yy||)``
+    (streamed scoring sums the covariances batch by batch)."""
+    return _normalise((cxy * cxy).sum(), (cxx * cxx).sum(), (cyy * cyy).sum())

@@ -92,7 +92,7 @@ class GaussSide:
     centred (with ``max_dim``: standardised and projected) features ``z`` (N, d) in the input
     precision, their float64 correlation matrix ``corr`` and its log-determinant, and ``scale``
     (``1/sqrt`` of the diagonal of ``z``'s covariance) to turn a cross-covariance into correlations.
-    ``z`` is None for a constant side."""
+    ``z`` and ``corr`` are None for a constant side."""
 
     n: int
     device: torch.device
@@ -102,10 +102,22 @@ class GaussSide:
     corr: Tensor | None = None
     scale: Tensor | None = None
     logdet: Tensor | None = None
+    #: a side built from moments (:func:`gauss_moment_side`) has no ``z``: the map from the raw features
+    #: to its own, a projection ``(d_raw, d)`` or the kept columns (indices), applied to cross-covariances
+    proj: Tensor | None = None
+    keep: Tensor | None = None
 
     @property
     def d(self) -> int:
-        return 0 if self.z is None else self.z.shape[1]
+        return 0 if self.corr is None else self.corr.shape[0]
+
+    def features_of(self, cross: Tensor, dim: int) -> Tensor:
+        """A raw cross-covariance with this side's raw features along ``dim`` (0 or 1), mapped to its own."""
+        if self.proj is not None:
+            return self.proj.T @ cross if dim == 0 else cross @ self.proj
+        if self.keep is not None:
+            return cross.index_select(dim, self.keep)
+        return cross
 
 
 def _covariance(a: Tensor, b: Tensor, chunk_size: int) -> Tensor:
@@ -141,18 +153,61 @@ def gauss_side(
     if max_dim is not None and int(keep.sum()) > max_dim:
         # standardise (constant features stay zero columns) and project, one matmul; one seeded matrix
         # per width, so depths of equal width share it (independent ones would mix unrelated directions)
-        proj = _random_orthonormal(z.shape[1], max_dim, torch.Generator().manual_seed(seed)).to(z.device)
-        proj = proj / torch.where(keep, var, torch.ones_like(var)).sqrt()[:, None]
+        proj = _projection(z.shape[1], var, keep, max_dim, seed)
         with no_tf32():
             z = centred @ proj.to(z.dtype)
     else:  # correlations come from the covariance's diagonal: no need to scale the features themselves
         z = centred if bool(keep.all()) else centred[:, keep]
-    cov = _covariance(z, z, chunk_size)
     side.z = z
+    return _with_covariance(side, _covariance(z, z, chunk_size))
+
+
+def _with_covariance(side: GaussSide, cov: Tensor) -> GaussSide:
     side.scale = torch.diagonal(cov).clamp_min(torch.finfo(torch.float64).tiny).rsqrt()
     side.corr = cov * side.scale[:, None] * side.scale[None, :]
     side.logdet = _logdet_psd(side.corr)
     return side
+
+
+def _projection(d: int, var: Tensor, keep: Tensor, max_dim: int, seed: int) -> Tensor:
+    """``gauss_side``'s standardise-and-project matrix ``(d, max_dim)``: Haar columns over the std."""
+    proj = _random_orthonormal(d, max_dim, torch.Generator().manual_seed(seed)).to(var.device)
+    return proj / torch.where(keep, var, torch.ones_like(var)).sqrt()[:, None]
+
+
+def gauss_moment_side(
+    n: int, cov: Tensor, *, bias_correction: bool = True, max_dim: int | None = None, seed: int = 0,
+    chunk_size: int = 16384,
+) -> GaussSide:
+    """:func:`gauss_side` from a depth's float64 covariance ``cov`` (ddof 1) of ``n`` tokens instead of
+    the tokens themselves (streamed scoring: the covariance is summed batch by batch); pairs then take
+    the cross-covariance (:func:`gauss_moment_compare`). Equal to :func:`gauss_side` up to rounding."""
+    if max_dim is not None and max_dim < 1:
+        raise ValueError(f"max_dim must be a positive int or None, got {max_dim!r}")
+    if n < 2:
+        raise ValueError(f"Gaussian MI needs at least 2 tokens, got N={n}")
+    side = GaussSide(n, cov.device, bias_correction, chunk_size)
+    var = torch.diagonal(cov)
+    keep = var > 0
+    if not bool(keep.any()):
+        return side
+    if max_dim is not None and int(keep.sum()) > max_dim:
+        side.proj = _projection(cov.shape[0], var, keep, max_dim, seed).to(torch.float64)
+        return _with_covariance(side, side.proj.T @ cov @ side.proj)
+    if not bool(keep.all()):
+        side.keep = keep.nonzero().flatten()
+        cov = cov[side.keep][:, side.keep]
+    return _with_covariance(side, cov)
+
+
+def gauss_moment_compare(a: GaussSide, b: GaussSide, cross: Tensor) -> Tensor:
+    """Gaussian MI between two sides of :func:`gauss_moment_side`, from the raw cross-covariance
+    ``cross`` (``dx_raw, dy_raw``, float64, ddof 1) of their tokens."""
+    if a.n != b.n:
+        raise ValueError(f"Gaussian MI sides hold different token counts: {a.n} vs {b.n}")
+    if a.corr is None or b.corr is None:
+        return torch.zeros((), dtype=torch.float64, device=a.device)
+    return _gauss_mi(a, b, b.features_of(a.features_of(cross, 0), 1))
 
 
 def gauss_compare(a: GaussSide, b: GaussSide) -> Tensor:
@@ -161,6 +216,11 @@ def gauss_compare(a: GaussSide, b: GaussSide) -> Tensor:
         raise ValueError(f"Gaussian MI sides hold different token counts: {a.n} vs {b.n}")
     if a.z is None or b.z is None:
         return torch.zeros((), dtype=torch.float64, device=a.device)
+    return _gauss_mi(a, b, _covariance(a.z, b.z, a.chunk_size))
+
+
+def _gauss_mi(a: GaussSide, b: GaussSide, cross: Tensor) -> Tensor:
+    """The MI of two prepared sides from the covariance ``cross`` between their own features."""
     n, dx, dy = a.n, a.d, b.d
     if n < 2 * (dx + dy):
         raise ValueError(
@@ -168,7 +228,7 @@ def gauss_compare(a: GaussSide, b: GaussSide) -> Tensor:
             f"correlation would read near 1. Use fewer dimensions (max_dim={max(1, n // 4)} or less) "
             f"or more tokens (at least {2 * (dx + dy)})."
         )
-    cross = _covariance(a.z, b.z, a.chunk_size) * a.scale[:, None] * b.scale[None, :]
+    cross = cross * a.scale[:, None] * b.scale[None, :]
     joint = torch.cat([torch.cat([a.corr, cross], 1), torch.cat([cross.T, b.corr], 1)], 0)
     terms = [a.logdet, b.logdet, _logdet_psd(joint)]
     if a.bias_correction:
@@ -291,9 +351,11 @@ def ksg_side(
     jitter: float | None = None,
     precision: str = "float32",
     seed: int = 0,
+    population: int | None = None,
 ) -> KSGSide:
     """The per-depth part of :func:`mi_ksg` for states ``z`` of shape ``(..., d)``; the defaults
-    of :func:`mi_ksg`'s parameters (documented there) are set here."""
+    of :func:`mi_ksg`'s parameters (documented there) are set here. ``population``: ``z`` is already the
+    token sample, drawn from that many tokens (:func:`estimators.tensors.sample_tokens`)."""
     if k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     if algorithm not in (1, 2):
@@ -310,7 +372,7 @@ def ksg_side(
     dtype = getattr(torch, precision)  # preprocessing, too, runs in the working precision
     z = flatten_states(z)
     finite = bool(torch.isfinite(z).all())
-    z = sample_tokens(z, n_tokens, generator).to(dtype)
+    z = sample_tokens(z, n_tokens, generator, population).to(dtype)
     if z.shape[0] <= k:
         raise ValueError(f"KSG needs more tokens than neighbours, got N={z.shape[0]}, k={k}")
     if not finite:

@@ -7,9 +7,14 @@ prune, so ``higher_is_important = False``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from estimators import functional_kernel as F
 from estimators.base import Metric, Tensor
 from estimators.checks import check_bool, check_float, check_int
+
+if TYPE_CHECKING:
+    from estimators.streaming import Moments
 
 
 class HSIC(Metric):
@@ -50,7 +55,13 @@ class HSIC(Metric):
         )
 
     def prepare(self, z: Tensor) -> F.KernelSide:
-        return F.hsic_side(z, **self.params)
+        return F.hsic_side(z, population=self.population, **self.params)
+
+    def stream_kind(self) -> str:
+        return "sample"
+
+    def sample_spec(self) -> tuple[int | None, int]:
+        return self.params["n_tokens"], self.params["seed"]
 
     def compare(self, a: F.KernelSide, b: F.KernelSide) -> Tensor:
         return F.hsic_compare(a, b)
@@ -81,3 +92,13 @@ class LinearCKA(Metric):
 
     def pair(self, x: Tensor, y: Tensor) -> Tensor:
         return F.cka_linear(x, y, **self.params)
+
+    def stream_kind(self) -> str | None:
+        # the debiased form needs every token's squared norm about the final mean: stored states
+        return None if self.params["debiased"] else "moments"
+
+    def prepare_moments(self, moments: Moments) -> Tensor:
+        return moments.cov
+
+    def compare_moments(self, a: Tensor, b: Tensor, cross: Tensor) -> Tensor:
+        return F.cka_from_covariances(a, b, cross)

@@ -19,6 +19,9 @@ class _TokenMetric(Metric):
     def select_tokens(self, states: Tensor) -> Tensor:
         return states[:, :, -1:, :] if self.tokens == "last" else states
 
+    def stream_kind(self) -> str:
+        return "tokens"
+
 
 class BlockInfluence(_TokenMetric):
     """Block Influence (ShortGPT): 1 - mean cosine of a block's input and output; high = important."""
@@ -29,6 +32,9 @@ class BlockInfluence(_TokenMetric):
     def pair(self, x: Tensor, y: Tensor) -> Tensor:
         return F.block_influence(x, y)
 
+    def token_values(self, x: Tensor, y: Tensor) -> Tensor:
+        return 1.0 - F.token_cosine(x, y).double()
+
 
 class AngularDistance(_TokenMetric):
     """Angular distance (Gromov et al.): arccos(cos(x_l, x_l+n)) / pi; high = important."""
@@ -38,3 +44,6 @@ class AngularDistance(_TokenMetric):
 
     def pair(self, x: Tensor, y: Tensor) -> Tensor:
         return F.angular_distance(x, y)
+
+    def token_values(self, x: Tensor, y: Tensor) -> Tensor:
+        return F.token_angles(x, y)

@@ -9,6 +9,8 @@ block (MI-PRUN prunes the blocks of highest input/output MI), and ``higher_is_im
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from estimators import functional_mi as F
@@ -16,6 +18,9 @@ from estimators import functional_renyi as R
 from estimators.base import Metric, Tensor
 from estimators.checks import check_bool, check_choice, check_float, check_int
 from estimators.tensors import sample_depth_tokens
+
+if TYPE_CHECKING:
+    from estimators.streaming import Moments
 
 
 class GaussianMI(Metric):
@@ -44,6 +49,15 @@ class GaussianMI(Metric):
 
     def pair(self, x: Tensor, y: Tensor) -> Tensor:
         return F.mi_gauss(x, y, **self.params)
+
+    def stream_kind(self) -> str:
+        return "moments"
+
+    def prepare_moments(self, moments: Moments) -> F.GaussSide:
+        return F.gauss_moment_side(moments.n, moments.cov, **self.params)
+
+    def compare_moments(self, a: F.GaussSide, b: F.GaussSide, cross: Tensor) -> Tensor:
+        return F.gauss_moment_compare(a, b, cross)
 
     def check_input(self, n_tokens: int, width: int) -> None:
         d = min(width, self.params["max_dim"] or width)
@@ -96,7 +110,13 @@ class KSGMI(Metric):
         )
 
     def prepare(self, z: Tensor) -> F.KSGSide:
-        return F.ksg_side(z, **self.params)
+        return F.ksg_side(z, population=self.population, **self.params)
+
+    def stream_kind(self) -> str:
+        return "sample"
+
+    def sample_spec(self) -> tuple[int | None, int]:
+        return self.params["n_tokens"], self.params["seed"]
 
     def compare(self, a: F.KSGSide, b: F.KSGSide) -> Tensor:
         return F.ksg_compare(a, b)
@@ -160,6 +180,12 @@ class RenyiMI(Metric):
 
     def prepare(self, z: Tensor) -> R.RenyiSide:
         return R.renyi_side(z, **self.params)
+
+    def stream_kind(self) -> str:
+        return "sample"
+
+    def sample_spec(self) -> tuple[int | None, int]:
+        return self.params["n_tokens"], self.params["seed"]
 
     def compare(self, a: R.RenyiSide, b: R.RenyiSide) -> Tensor:
         return R.renyi_compare(a, b)

@@ -58,12 +58,32 @@ def flatten_states(z: Tensor) -> Tensor:
     return z.reshape(-1, z.shape[-1])
 
 
-def sample_tokens(z: Tensor, n_tokens: int | None, generator: torch.Generator) -> Tensor:
+def sample_tokens(z: Tensor, n_tokens: int | None, generator: torch.Generator, population: int | None = None) -> Tensor:
     """At most ``n_tokens`` rows of ``z`` (N, d): a sample without replacement drawn from ``generator``
-    (all rows, and no draw, when there are not more). Equal ``N`` and generator state pick equal rows."""
+    (all rows, and no draw, when there are not more). Equal ``N`` and generator state pick equal rows.
+
+    ``population``: ``z`` is already that sample, drawn from ``population`` rows (:func:`sample_rows`, as
+    streamed scoring keeps it); it is returned as it is, and ``generator`` moves on exactly as the draw
+    would have moved it, so what a caller draws from it next is what it would have drawn."""
+    if population is not None:
+        if n_tokens is not None and population > n_tokens:
+            if z.shape[0] != n_tokens:
+                raise ValueError(f"a sample of {n_tokens} of {population} rows has {z.shape[0]} rows")
+            torch.randperm(population, generator=generator)
+        elif z.shape[0] != population:
+            raise ValueError(f"all {population} rows were kept, but the sample has {z.shape[0]}")
+        return z
     if n_tokens is None or z.shape[0] <= n_tokens:
         return z
     return z[torch.randperm(z.shape[0], generator=generator)[:n_tokens].to(z.device)]
+
+
+def sample_rows(population: int, n_tokens: int | None, seed: int) -> Tensor | None:
+    """The rows (in draw order) :func:`sample_tokens` keeps of ``population`` rows with a generator
+    seeded with ``seed``; None when it keeps them all (in their order)."""
+    if n_tokens is None or population <= n_tokens:
+        return None
+    return torch.randperm(population, generator=torch.Generator().manual_seed(seed))[:n_tokens]
 
 
 def sample_depth_tokens(states: Tensor, n_tokens: int | None, generator: torch.Generator) -> Tensor:

@@ -73,8 +73,37 @@ def check_unknown_parameter_refused(metric: type[Metric] | str) -> None:
         raise AssertionError(f"{cls.__name__} accepted an unknown parameter 'no_such_option'")
 
 
+def check_streaming(metric: type[Metric] | str, **params) -> None:
+    """A metric with a :meth:`~estimators.base.Metric.stream_kind` scores the same from states streamed in
+    batches of 1 and 3 samples (:func:`estimators.streaming.stream_scores`) as from the stored tensor, for
+    spans of 1 and 2 blocks: ``tokens`` and ``sample`` kinds to 1e-12 (the same values, summed in
+    float64), ``moments`` on float64 states to 1e-9 (float32 states differ by their own rounding). A
+    metric without a kind passes (it is scored from stored states)."""
+    from estimators.streaming import STREAM_KINDS, stream_scores
+
+    cls = _metric_class(metric)
+    m = cls(**params)
+    kind = m.stream_kind()
+    if kind is None:
+        return
+    assert kind in STREAM_KINDS, f"{cls.__name__}.stream_kind() returned {kind!r}, expected one of {STREAM_KINDS}"
+    g = torch.Generator().manual_seed(9)
+    states = torch.randn(5, 4, 64, 16, generator=g).cumsum(0)  # L=4 blocks, N=256 tokens, d=16
+    if kind == "moments":
+        states = states.double()
+    expected = m.score_span_lengths(states, [1, 2])
+    for batch_size in (1, 3):
+        got = stream_scores(m, states, batch_size=batch_size, lengths=[1, 2])
+        for n in (1, 2):
+            torch.testing.assert_close(
+                got[n], expected[n], rtol=1e-9 if kind == "moments" else 1e-12, atol=1e-12,
+                msg=f"{cls.name} ({kind}): streamed spans of {n} in batches of {batch_size} "
+                    f"{got[n].tolist()} differ from the stored path {expected[n].tolist()}")
+
+
 def check_metric(metric: type[Metric] | str, **params) -> None:
     """Every metric check at once."""
     check_scores_per_block_and_span(metric, **params)
+    check_streaming(metric, **params)
     check_orientation(metric, **params)
     check_unknown_parameter_refused(metric)

@@ -23,6 +23,11 @@ def test_near_identity_block_is_the_more_redundant(name):
 
 
 @pytest.mark.parametrize("name", METRICS.list())
+def test_streamed_scores_equal_stored_scores(name):
+    metric_contract.check_streaming(name)
+
+
+@pytest.mark.parametrize("name", METRICS.list())
 def test_unknown_parameter_is_refused(name):
     metric_contract.check_unknown_parameter_refused(name)
 

@@ -1,0 +1,139 @@
+"""Streamed scoring (estimators.streaming): the scores of states fed batch by batch equal the stored
+path's, and what a stream keeps does not grow with the number of tokens."""
+
+import pytest
+import torch
+
+from estimators import METRICS
+from estimators.base import Metric
+from estimators.streaming import (
+    MomentAccumulator,
+    SampleAccumulator,
+    TokenAccumulator,
+    accumulator,
+    stream_scores,
+)
+
+
+def _states(samples: int = 6, seq_len: int = 40, d: int = 24, blocks: int = 6, seed: int = 0) -> torch.Tensor:
+    """A residual stream with a large offset (hidden states carry a few huge features), a constant feature
+    and one block that shifts everything: what makes covariances cancel and sides degenerate."""
+    g = torch.Generator().manual_seed(seed)
+    states = [torch.randn(samples, seq_len, d, generator=g) * 3 + 50]
+    for i in range(blocks):
+        states.append(0.8 * states[-1] + 0.5 * torch.randn(samples, seq_len, d, generator=g) + (10.0 if i == 2 else 0))
+    states = torch.stack(states)
+    states[..., 3] = 7.0
+    return states
+
+
+EXACT = [("bi", {}), ("angular", {}), ("angular", {"tokens": "last"}),
+         ("hsic", {"n_tokens": 100}), ("hsic", {"n_tokens": 100, "n_exact": 50}),  # exact and Fourier kernels
+         ("hsic", {"n_tokens": None}), ("mi_ksg", {"n_tokens": 150}), ("mi_ksg", {"n_tokens": None}),
+         ("mi_renyi", {"n_tokens": 64})]
+
+
+@pytest.mark.parametrize(("name", "params"), EXACT)
+@pytest.mark.parametrize("batch_size", [1, 4, 6])
+def test_token_and_sample_kinds_equal_the_stored_path(name, params, batch_size):
+    """Per-token values summed in float64 (to 1e-12 relative: the stored path takes a float64 mean of the
+    same float32 cosines) and the very rows the stored path draws, the generator moved on as it moves (the
+    Fourier features and the KSG noise drawn after the sample are the same): equal bit for bit."""
+    states = _states()
+    metric = METRICS.get(name)(**params)
+    expected = metric.score_span_lengths(states, [1, 2, 3])
+    got = stream_scores(metric, states, batch_size=batch_size, lengths=[1, 2, 3])
+    assert sorted(got) == [1, 2, 3]
+    for n in (1, 2, 3):
+        assert got[n].shape == (7 - n,) and got[n].dtype == torch.float64
+        if metric.stream_kind() == "sample":
+            assert torch.equal(got[n], expected[n]), (n, got[n], expected[n])
+        else:
+            torch.testing.assert_close(got[n], expected[n], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize(("name", "params"), [("mi_gauss", {}), ("mi_gauss", {"max_dim": 8}), ("cka_linear", {})])
+def test_moment_kinds_are_as_close_to_float64_as_the_stored_path(name, params):
+    """Float32 states: both paths round (float32 products summed in float64); against the float64 truth
+    the streamed scores are as accurate as the stored ones (measured: mi_gauss 7.5e-7 vs 5.4e-7,
+    max_dim=8 1.1e-6 vs 4.1e-6, cka 1e-7), so they agree to a few 1e-6, not to the last bit."""
+    states = _states()
+    metric = METRICS.get(name)(**params)
+    truth = metric.score_span_lengths(states.double(), [1, 2])
+    stored = metric.score_span_lengths(states, [1, 2])
+    for batch_size in (1, 4):
+        got = stream_scores(metric, states, batch_size=batch_size, lengths=[1, 2])
+        for n in (1, 2):
+            stored_error = ((stored[n] - truth[n]).abs() / truth[n].abs()).max()
+            streamed_error = ((got[n] - truth[n]).abs() / truth[n].abs()).max()
+            assert streamed_error < max(3 * stored_error, 2e-6), (name, n, streamed_error, stored_error)
+            torch.testing.assert_close(got[n], stored[n], rtol=1e-5, atol=0)
+    # in float64 the two paths are the same maths
+    got64 = stream_scores(metric, states.double(), batch_size=4, lengths=[1, 2])
+    for n in (1, 2):
+        torch.testing.assert_close(got64[n], truth[n], rtol=1e-10, atol=0)
+
+
+def test_gaussian_mi_from_moments_drops_a_constant_feature_as_the_stored_path_does():
+    """A constant feature has exactly zero variance in both paths (the stream subtracts the first batch's
+    mean, which equal float32 values reproduce exactly), so both drop it and agree; kept, it would make the
+    correlation matrix singular."""
+    states = _states().double()
+    metric = METRICS.get("mi_gauss")()
+    acc = accumulator(metric, depths=7, samples=6, seq_len=40)
+    for start in range(0, 6, 2):
+        acc.update(states[:, start:start + 2], slice(start, start + 2))
+    assert acc.moments(0).cov[3, 3].item() == 0.0 and acc.moments(0).cov[2, 2].item() > 0
+    side = metric.prepare_moments(acc.moments(0))
+    assert side.d == 23 and side.keep.tolist() == [i for i in range(24) if i != 3]
+    torch.testing.assert_close(acc.span_lengths([1])[1], metric.score_blocks(states), rtol=1e-10, atol=0)
+
+
+def test_what_a_stream_keeps_does_not_grow_with_tokens():
+    """The bytes held after 4 and after 64 samples: equal for every kind (a sample holds n_tokens rows
+    however many tokens pass; moments hold d x d matrices; token sums one number per span)."""
+    held = {}
+    for samples in (4, 64):
+        states = torch.randn(5, samples, 32, 16, generator=torch.Generator().manual_seed(samples))
+        for name, params in [("bi", {}), ("mi_gauss", {}), ("hsic", {"n_tokens": 64})]:
+            acc = accumulator(METRICS.get(name)(**params), depths=5, samples=samples, seq_len=32, max_length=2)
+            for start in range(0, samples, 4):
+                acc.update(states[:, start:start + 4], slice(start, start + 4))
+            held[name, samples] = acc.nbytes
+    assert held["bi", 4] == held["bi", 64] == 4 * 2 * 8  # (depths - 1) x max_length float64 sums
+    assert held["mi_gauss", 4] == held["mi_gauss", 64] == 8 * (5 * 16 * 16 + 2 * 5 * 16 + 7 * 16 * 16)  # 4 + 3 spans
+    assert held["hsic", 4] == held["hsic", 64] == 5 * 64 * 16 * 4
+
+
+def test_kinds_and_refusals():
+    kinds = {name: METRICS.get(name)().stream_kind() for name in METRICS.list()}
+    assert kinds == {"bi": "tokens", "angular": "tokens", "mi_gauss": "moments", "cka_linear": "moments",
+                     "hsic": "sample", "mi_ksg": "sample", "mi_renyi": "sample"}
+    assert METRICS.get("cka_linear")(debiased=True).stream_kind() is None  # needs every token's norm
+    types = {name: type(accumulator(METRICS.get(name)(), depths=3, samples=2, seq_len=4))
+             for name in ("bi", "mi_gauss", "hsic")}
+    assert types == {"bi": TokenAccumulator, "mi_gauss": MomentAccumulator, "hsic": SampleAccumulator}
+
+    class Plugin(Metric):  # says nothing about streaming: scored from stored states
+        name = "plugin"
+
+        def pair(self, x, y):
+            return (x - y).abs().mean().double()
+
+    assert accumulator(Plugin(), depths=3, samples=2, seq_len=4) is None
+    with pytest.raises(ValueError, match="'plugin' has no stream kind"):
+        stream_scores(Plugin(), torch.randn(3, 2, 4, 5), batch_size=1)
+
+    states = _states()
+    acc = accumulator(METRICS.get("bi")(), depths=7, samples=6, seq_len=40, max_length=2)
+    with pytest.raises(ValueError, match="no batch was streamed"):
+        acc.span_lengths([1])
+    acc.update(states, slice(0, 6))
+    with pytest.raises(ValueError, match=r"span length 3: this stream kept spans of 1 to 2 blocks \(max_length\)"):
+        acc.span_lengths([3])
+    with pytest.raises(ValueError, match=r"max_length must be in \[1, 6\], got 7"):
+        accumulator(METRICS.get("bi")(), depths=7, samples=6, seq_len=40, max_length=7)
+    sample = accumulator(METRICS.get("hsic")(n_tokens=100), depths=7, samples=6, seq_len=40)
+    sample.update(states[:, :3], slice(0, 3))  # half the samples never streamed
+    with pytest.raises(ValueError, match="the stream covered [0-9]+ of the 100 sampled tokens"):
+        sample.span_lengths([1])
