@@ -267,6 +267,10 @@ class GridConfig(_Frozen):
     dtype: DType = "float32"
     #: keep captured hidden states on disk under the results dir (safetensors) for reruns
     cache_hidden_states: bool = True
+    #: ``stored``: a calibration group's hidden states are kept as one tensor and scored from it;
+    #: ``streamed``: metrics that can (``estimators.streaming``) are scored batch by batch during capture,
+    #: so memory does not grow with calibration tokens (states are stored only for a metric that cannot)
+    scoring: Literal["stored", "streamed"] = "stored"
 
     @property
     def perplexity(self) -> Any:

@@ -98,9 +98,8 @@ class LocalExecutor(Executor):
             memo = ModelMemo()
             for _, group in itertools.groupby(model_cells, key=lambda c: short_hash(c.calibration)):
                 group = list(group)
-                sub = needs_sublayers(group)
-                captured = Lazy("capture", lambda cal=group[0].calibration, m=model, sub=sub:
-                                pipeline.capture(m.get(), cal, **_sublayers(sub)))
+                captured = Lazy("capture", lambda cal=group[0].calibration, m=model, group=group:
+                                pipeline.capture(m.get(), cal, **capture_options(group)))
                 for cell in group:
                     with store.claim(cell.cell_id) as mine:
                         if not mine or store.is_done(cell.cell_id):
@@ -121,8 +120,7 @@ def select_group(config_json: dict[str, Any], results_dir: str, cell_ids: list[s
     wanted = set(cell_ids)
     cells = [c for c in expand(pipeline.config) if c.cell_id in wanted]
     model = Lazy("load_model", lambda: pipeline.load(cells[0].model))
-    captured = Lazy("capture", lambda: pipeline.capture(model.get(), cells[0].calibration,
-                                                        **_sublayers(needs_sublayers(cells))))
+    captured = Lazy("capture", lambda: pipeline.capture(model.get(), cells[0].calibration, **capture_options(cells)))
     return [pipeline.select_cell(cell, model, captured).to_json() for cell in cells]
 
 
@@ -131,9 +129,12 @@ def needs_sublayers(cells: list[Cell]) -> bool:
     return any(c.unit != "block" for c in cells)
 
 
-def _sublayers(needed: bool) -> dict[str, bool]:
-    # only passed when needed: a block-only grid calls capture(loaded, calibration) as before
-    return {"sublayers": True} if needed else {}
+def capture_options(cells: list[Cell]) -> dict[str, Any]:
+    """:meth:`Pipeline.capture`'s keywords for a calibration group: ``sublayers`` when a cell removes
+    branches, the ``cells`` when the grid streams scoring. Only what is needed is passed: a block-only,
+    stored grid calls ``capture(loaded, calibration)`` as before."""
+    return {**({"sublayers": True} if needs_sublayers(cells) else {}),
+            **({"cells": cells} if cells and cells[0].scoring == "streamed" else {})}
 
 
 def evaluate_set(config_json: dict[str, Any], results_dir: str, model_spec: dict[str, Any],

@@ -105,6 +105,8 @@ class Cell:
     healing: ComponentSpec = ComponentSpec(name=NO_HEALING)
     #: the method preset the cell runs (``None``: a metric × selector cell of the grid)
     method: str | None = None
+    #: the grid's ``scoring``: ``streamed`` scores the metric during capture when it can
+    scoring: str = "stored"
 
     @cached_property
     def healing_identity(self) -> dict[str, Any] | None:
@@ -118,6 +120,20 @@ class Cell:
     @cached_property
     def metric_identity(self) -> dict[str, Any]:
         return resolved_component(metric_registry(self.metric.name), self.metric)
+
+    @cached_property
+    def stream_kind(self) -> str | None:
+        """How the metric is scored from streamed states (:mod:`estimators.streaming`), or None: the grid
+        stores states, the metric runs the model, or it needs every state at once."""
+        if self.scoring != "streamed" or is_model_metric(self.metric.name):
+            return None
+        return metric_class(self.metric.name)(**self.metric.params).stream_kind()
+
+    @property
+    def streamed_scores(self) -> bool:
+        """Whether streaming changes the scores' last digits (sums instead of one pass: ``tokens``,
+        ``moments``); a ``sample`` metric scores the stored path's rows bit for bit."""
+        return self.stream_kind in ("tokens", "moments")
 
     @cached_property
     def selector_identity(self) -> dict[str, Any]:
@@ -139,6 +155,7 @@ class Cell:
             **({"unit": self.unit} if self.unit != "block" else {}),
             **({"healing": self.healing_identity} if self.healing_identity is not None else {}),
             **({"method": self.method} if self.method is not None else {}),
+            **({"scoring": "streamed"} if self.streamed_scores else {}),
         }
 
     def versions(self) -> dict[str, str]:
@@ -264,7 +281,7 @@ def expand(config: GridConfig) -> list[Cell]:
 
     def make(model, variant: dict[str, Any], seed: int, **fields: Any) -> Cell:
         return Cell(grid=config.name, model=model.identity(), calibration={**variant, "seed": seed},
-                    evaluations=evaluations, dtype=config.dtype, device=device, **fields)
+                    evaluations=evaluations, dtype=config.dtype, device=device, scoring=config.scoring, **fields)
 
     for model, variant, seed in itertools.product(config.models, variants, config.calibration.seeds):
         for unit, healing, metric, selector, budget in itertools.product(

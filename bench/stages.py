@@ -242,7 +242,8 @@ class CapturedStates:
     cached under it, so adding sub-layer units to a grid does not recompute them)."""
 
     key: str
-    states: torch.Tensor
+    #: None in a streamed group where every metric streams (``scoring: streamed``): nothing was stored
+    states: torch.Tensor | None
     input_ids: torch.Tensor
     stats: dict[str, float]
     seconds: float
@@ -257,6 +258,30 @@ class CapturedStates:
     #: the calibration loss of removal sets per unit kind, memoised: shared by model-metric scoring
     #: (``ppl``) and every search objective ``loss`` of the group
     losses: dict[str, Any] = field(default_factory=dict)
+    #: streamed scoring (:meth:`Pipeline.capture` with ``scoring: streamed``): the accumulator of each
+    #: streamed metric (:meth:`stream_key`), fed during capture, and the seconds its updates took
+    streams: dict[str, Any] = field(default_factory=dict)
+    stream_seconds: dict[str, float] = field(default_factory=dict)
+    #: depths of the captured stream (``L + 1``, or ``2L + 1`` with ``sublayers``)
+    depths: int = 0
+
+    def __post_init__(self) -> None:
+        if self.states is not None:
+            self.depths = self.states.shape[0]
+        if self.depths < 2:
+            raise ValueError("captured states need the number of depths (states, or depths when none are stored)")
+
+    @staticmethod
+    def stream_key(cell: Cell) -> str:
+        """A streamed metric's accumulator: its identity and the stream it reads (block states, or the
+        sub-layer stream for branch units)."""
+        return short_hash({"metric": cell.metric_identity, "stream": "block" if cell.unit == "block" else "sublayer"})
+
+    def stored(self) -> torch.Tensor:
+        """The stored states; a ``RuntimeError`` when the group streamed them instead."""
+        if self.states is None:
+            raise RuntimeError("this calibration group streamed its states (scoring: streamed) and stored none")
+        return self.states
 
     def loss(self, model: torch.nn.Module, unit: str, batch_size: int) -> Any:
         """The group's memoised ``loss`` objective (:class:`algorithms.objectives.Objective`) for ``unit``."""
@@ -266,7 +291,8 @@ class CapturedStates:
             def prefix():  # the captured states enter each block as in the loss's own forward passes
                 from algorithms.models.prefix import from_captured
 
-                return from_captured(self.blocks(), batch_size)
+                # streamed: nothing stored, every loss runs from the first block (same numbers, slower)
+                return None if self.states is None else from_captured(self.blocks(), batch_size)
 
             self.losses[unit] = ObjectiveFactory(model=model, input_ids=self.input_ids, batch_size=batch_size,
                                                  unit=unit, prefix=prefix).get("loss")
@@ -276,18 +302,27 @@ class CapturedStates:
         if self.device_states is None:
             timer = Timer(device)
             with timer.stage("to_device"):
-                self.device_states = self.states.to(device)
+                self.device_states = self.stored().to(device)
             self.to_device_seconds = timer.times["to_device"]
         return self.device_states
 
     def blocks(self, device: torch.device | None = None) -> torch.Tensor:
         """The block states ``(L + 1, ...)`` (on ``device`` when given)."""
-        states = self.states if device is None else self.on_device(device)
+        states = self.stored() if device is None else self.on_device(device)
         return states[0::2] if self.sublayers else states
 
     @property
     def n_blocks(self) -> int:
-        return (self.states.shape[0] - 1) // 2 if self.sublayers else self.states.shape[0] - 1
+        return (self.depths - 1) // 2 if self.sublayers else self.depths - 1
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """:meth:`Pipeline.stream_plan`: per streamed metric key, a cell that names it and the longest span
+    to accumulate; ``store``: a metric of the group cannot stream, so the states are stored as well."""
+
+    metrics: dict[str, tuple[Cell, int]]
+    store: bool
 
 
 @dataclass
@@ -441,9 +476,14 @@ class Pipeline:
                            seconds=time.perf_counter() - start)
 
     # ------------------------------------------------------------------ capture
-    def capture(self, loaded: LoadedModel, calibration: dict[str, Any], *, sublayers: bool = False) -> CapturedStates:
+    def capture(self, loaded: LoadedModel, calibration: dict[str, Any], *, sublayers: bool = False,
+                cells: list[Cell] | None = None) -> CapturedStates:
         """Hidden states entering every block and leaving the last, from hooks, for one calibration set
-        (``sublayers``: between the attention and MLP branches of every block too)."""
+        (``sublayers``: between the attention and MLP branches of every block too).
+
+        With ``scoring: streamed`` and the group's ``cells``, every cell metric that streams is fed each
+        batch as it leaves the model (:meth:`stream_plan`) and the states are not stored unless a metric
+        cannot stream; the hidden-state cache is neither read nor written then."""
         from algorithms.data import calibration_batch, source_fingerprint
         from algorithms.models.capture import capture_hidden_states
 
@@ -459,6 +499,9 @@ class Pipeline:
             loaded.tokenizer, calibration["source"], samples=calibration["samples"],
             seq_len=calibration["seq_len"], seed=calibration["seed"],
         )
+        plan = self.stream_plan(loaded, cells or []) if self.config.scoring == "streamed" else None
+        if plan is not None:
+            return self._capture_streamed(loaded, ids, key, block_key, sublayers, depths, plan)
         cached = self.store.get_tensors("hidden", key) if self.config.cache_hidden_states else None
         if cached is not None:
             tensors, meta = cached
@@ -488,6 +531,61 @@ class Pipeline:
         return CapturedStates(key=key, states=states, input_ids=ids, stats=stats, seconds=timer.times["capture"],
                               cached=False, sublayers=sublayers, block_key=block_key)
 
+    def stream_plan(self, loaded: LoadedModel, cells: list[Cell]) -> StreamPlan | None:
+        """What a streamed group accumulates: per streamed metric (:meth:`CapturedStates.stream_key`) the
+        metric, its stream and the longest span it needs (the cell's ``k``: a selector's runs and the
+        shared ``proxy_span`` of a set of k units are at most k long; one step for attention or MLP
+        branches, whose runs are single branches), and whether a metric needs the states stored. None
+        when no cell streams."""
+        metrics: dict[str, tuple[Cell, int]] = {}
+        store = False
+        for cell in cells:
+            if cell.stream_kind is None:
+                store = store or not is_model_metric(cell.metric.name)
+                continue
+            length = 1 if cell.unit in ("attention", "mlp") else self.resolve_k(cell, loaded)
+            key = CapturedStates.stream_key(cell)
+            metrics[key] = (cell, max(length, metrics[key][1] if key in metrics else 1))
+        return StreamPlan(metrics=metrics, store=store) if metrics else None
+
+    def _capture_streamed(self, loaded: LoadedModel, ids: torch.Tensor, key: str, block_key: str, sublayers: bool,
+                          depths: int, plan: StreamPlan) -> CapturedStates:
+        from algorithms.models.capture import capture_hidden_states
+        from estimators.streaming import accumulator
+
+        n_blocks = loaded.info.n_blocks
+        streams, seconds, consumers = {}, {}, []
+        for name, (cell, length) in plan.metrics.items():
+            block_stream = cell.unit == "block"
+            stream_depths = n_blocks + 1 if block_stream else 2 * n_blocks + 1
+            metric = metric_class(cell.metric.name)(**cell.metric.params)
+            streams[name] = accumulator(metric, depths=stream_depths, samples=ids.shape[0], seq_len=ids.shape[1],
+                                        max_length=min(length, stream_depths - 1))
+            seconds[name] = 0.0
+
+            def consume(batch: torch.Tensor, rows: slice, name=name, every=2 if block_stream and sublayers else 1):
+                timer = Timer(self.device)
+                with timer.stage("update"):
+                    streams[name].update(batch[::every], rows)
+                seconds[name] += timer.times["update"]
+
+            consumers.append(consume)
+        timer = Timer(self.device)
+        with timer.stage("capture"):
+            states, stats = capture_hidden_states(
+                loaded.model, ids, batch_size=self.config.calibration.batch_size, sublayers=sublayers,
+                progress=self.reporter.step("capture"), consumers=consumers, keep=plan.store)
+        self.counters["captures"] += 1
+        capture_seconds = timer.times["capture"] - sum(seconds.values())
+        self.seconds["capture"] += capture_seconds
+        if states is not None and not torch.isfinite(states).all():
+            bad = sorted({int(i) for i in (~torch.isfinite(states)).nonzero()[:, 0].tolist()})
+            raise FloatingPointError(f"hidden states contain NaN or inf at depths {bad}")
+        stats["capture_seconds"] = capture_seconds
+        return CapturedStates(key=key, states=states, input_ids=ids, stats=stats, seconds=capture_seconds,
+                              cached=False, sublayers=sublayers, block_key=block_key, streams=streams,
+                              stream_seconds=seconds, depths=depths)
+
     # ------------------------------------------------------------------ score
     def score(self, captured: CapturedStates, cell: Cell, loaded: LoadedModel | None = None) -> Scores:
         """The cell's metric on every unit, once per (hidden states, resolved metric). A block compares the
@@ -505,7 +603,8 @@ class Pipeline:
         if sublayer and not captured.sublayers:
             raise RuntimeError(f"unit {cell.unit!r} needs the sub-layer stream; this group captured blocks only")
         hidden = captured.key if sublayer else captured.block_key or captured.key
-        key = short_hash({"hidden": hidden, "metric": identity, "device": self.device.type})
+        key = short_hash({"hidden": hidden, "metric": identity, "device": self.device.type,
+                          **({"scoring": "streamed"} if cell.streamed_scores else {})})
         steps = 2 * captured.n_blocks if sublayer else captured.n_blocks
         pick = {"block": slice(None), "attention": slice(0, None, 2), "mlp": slice(1, None, 2),
                 "sublayer": slice(None)}[cell.unit]
@@ -513,12 +612,19 @@ class Pipeline:
         if cached is not None:
             return Scores(values=cached.values[pick], higher_is_important=cached.higher_is_important,
                           seconds=cached.seconds, cached=True)
-        metric = cls(**cell.metric.params)
-        states = captured.on_device(self.device) if sublayer else captured.blocks(self.device)
         timer = Timer(self.device)
-        with timer.stage("scoring"):
-            values = metric.score_blocks(states).cpu()
-        scores = self._store_scores(key, cell, cls, values, timer.times["scoring"])
+        stream = captured.streams.get(CapturedStates.stream_key(cell)) if cell.stream_kind else None
+        if stream is not None:  # accumulated during capture: the updates' time is the scoring's too
+            with timer.stage("scoring"):
+                values = stream.span_lengths([1])[1]
+            seconds = timer.times["scoring"] + captured.stream_seconds[CapturedStates.stream_key(cell)]
+        else:
+            metric = cls(**cell.metric.params)
+            states = captured.on_device(self.device) if sublayer else captured.blocks(self.device)
+            with timer.stage("scoring"):
+                values = metric.score_blocks(states).cpu()
+            seconds = timer.times["scoring"]
+        scores = self._store_scores(key, cell, cls, values, seconds)
         return Scores(values=scores.values[pick], higher_is_important=scores.higher_is_important,
                       seconds=scores.seconds, cached=False)
 
@@ -572,7 +678,8 @@ class Pipeline:
         # calibration, so the same selection (units and metrics are in the key themselves)
         return short_hash({"calibration": captured.block_key or captured.key, "metric": cell.metric_identity,
                            "selector": cell.selector_identity, "k": k, "protect": list(cell.protect),
-                           "unit": cell.unit, "device": self.device.type, "protocol": PROTOCOL_VERSION})
+                           "unit": cell.unit, "device": self.device.type, "protocol": PROTOCOL_VERSION,
+                           **({"scoring": "streamed"} if cell.streamed_scores else {})})
 
     def select(self, cell: Cell, loaded: LoadedModel, captured: CapturedStates, scores: Scores) -> Selection:
         """The cell's selector on its scores; the chosen set is then scored on the shared proxies. Cached
@@ -619,12 +726,15 @@ class Pipeline:
                 def run_score(start: int, length: int) -> float:
                     return metric.span_score(values, start, length, target)
 
+            stream = captured.streams.get(CapturedStates.stream_key(cell)) if cell.stream_kind else None
+            span_scores = None if stream is None else (lambda n, stream=stream: stream.span_lengths([n])[n])
             captured.objectives[label] = ObjectiveFactory(
                 model=loaded.model, input_ids=captured.input_ids,
                 # sublayer: spans of sub-layers are compared on the full stream (2L + 1 depths)
-                states=None if run_score is not None else (
+                states=None if run_score is not None or stream is not None else (
                     (lambda: captured.on_device(self.device)) if cell.unit == "sublayer"
                     else (lambda: captured.blocks(self.device))),
+                span_scores=span_scores,
                 metric=metric, higher_is_important=scores.higher_is_important, block_scores=scores.values,
                 batch_size=batch_size, fingerprint=captured.key, unit=cell.unit, loss=loss,
                 run_score=run_score,

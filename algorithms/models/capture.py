@@ -16,6 +16,8 @@ the block performs.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 
 from algorithms.models.blocks import get_blocks, hidden_tensor
@@ -28,9 +30,15 @@ from algorithms.progress import Progress, report
 def capture_hidden_states(
     model, input_ids: torch.Tensor, *, batch_size: int = 4, store_dtype: torch.dtype = torch.float32,
     sublayers: bool = False, progress: Progress | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+    consumers: Sequence[Callable[[torch.Tensor, slice], None]] = (), keep: bool = True,
+) -> tuple[torch.Tensor | None, dict[str, float]]:
     """Run ``input_ids`` (``(samples, seq_len)``) through ``model`` and return ``(states, stats)``
     (``sublayers``: the stream between the branches too, see the module doc).
+
+    ``consumers`` are called with each batch's states ``(depths, b, seq_len, d)`` (``store_dtype``, on
+    the model's input device) and the sample ``rows`` they hold, as they leave the model: streamed
+    scoring (:mod:`estimators.streaming`). ``keep=False`` stores nothing (``states`` is None), so memory
+    does not grow with the calibration tokens.
 
     ``stats`` holds the calibration loss of the dense model on the same tokens (a free by-product:
     ``nll`` and ``ppl``), measured by :func:`algorithms.models.nll.batch_nll`, the one NLL of blockbench.
@@ -77,20 +85,31 @@ def capture_hidden_states(
             total_tokens += n
             if len(current) != expected:
                 raise RuntimeError(f"captured {len(current)} hidden states, expected {expected}")
-            if states is None:
-                d = current[0].shape[-1]
-                states = torch.empty((depths, samples, seq_len, d), dtype=store_dtype)
             rows = slice(start, start + ids.shape[0])
-            for where, hidden in current.items():
-                if isinstance(where, tuple):  # the attention branch's output: h_i = x_i + a_i
-                    i = where[1]
-                    states[2 * i + 1, rows] = (current[i] + hidden).to("cpu", store_dtype)
-                else:
-                    states[2 * where if sublayers else where, rows] = hidden.to("cpu", store_dtype)
+            if consumers:  # one tensor per batch, in stream order: what the consumers see
+                batch = torch.stack([_depth(current, depth, sublayers).to(store_dtype) for depth in range(depths)])
+                for consume in consumers:
+                    consume(batch, rows)
+            if keep:
+                if states is None:
+                    d = current[0].shape[-1]
+                    states = torch.empty((depths, samples, seq_len, d), dtype=store_dtype)
+                for depth in range(depths):
+                    states[depth, rows] = (batch[depth] if consumers else _depth(current, depth, sublayers)).to(
+                        "cpu", store_dtype)
             report(progress, "windows", rows.stop, samples, "windows")
     finally:
         for h in handles:
             h.remove()
-    assert states is not None
     mean_nll = total_nll / total_tokens
     return states, {"calib_nll": mean_nll, "calib_ppl": float(torch.tensor(mean_nll).exp())}
+
+
+def _depth(current: dict, depth: int, sublayers: bool) -> torch.Tensor:
+    """The state at ``depth`` of the captured stream from one batch's hooks."""
+    if not sublayers:
+        return current[depth]
+    if depth % 2 == 0:
+        return current[depth // 2]
+    i = depth // 2
+    return current[i] + current[("attention", i)]  # the attention branch's output: h_i = x_i + a_i
