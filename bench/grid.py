@@ -130,6 +130,12 @@ class Cell:
         return metric_class(self.metric.name)(**self.metric.params).stream_kind()
 
     @property
+    def stream_key(self) -> str:
+        """A streamed metric's accumulator in its calibration group: the metric's identity and the stream it
+        reads (block states, or the sub-layer stream for branch units)."""
+        return short_hash({"metric": self.metric_identity, "stream": "block" if self.unit == "block" else "sublayer"})
+
+    @property
     def streamed_scores(self) -> bool:
         """Whether streaming changes the scores' last digits (sums instead of one pass: ``tokens``,
         ``moments``); a ``sample`` metric scores the stored path's rows bit for bit."""

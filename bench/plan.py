@@ -10,7 +10,8 @@ blocks, ``d`` width, ``F`` MLP width, ``V`` vocabulary, ``S`` calibration sample
 - weights: parameters × bytes of the grid's ``dtype`` (tied tensors counted once);
 - hidden states of one calibration group: ``depths × S × T × d × 4`` bytes (float32; ``depths`` is
   ``L + 1``, or ``2L + 1`` when the grid removes attention or MLP branches), held on the CPU and copied
-  once to the device when a metric scores hidden states;
+  once to the device when a metric scores hidden states; with ``scoring: streamed`` instead what the
+  streamed metrics keep (:func:`_fill_stream`), the states only when a metric cannot stream;
 - activations of one forward batch: ``B × T × max(d, F, V) × 4 × ACTIVATION_FACTOR`` bytes (the
   logits, their float32 copy and the cross-entropy's log-softmax of one calibration batch);
 - ``taylor`` adds a gradient and a float32 accumulator per weight: parameters × (dtype bytes + 4);
@@ -89,6 +90,10 @@ class ModelPlan:
     state_seq_len: int = 0
     #: whether a metric scores hidden states (they are then copied to the device)
     states_on_device: bool = True
+    #: ``scoring: streamed``: whether a metric still needs the states stored (it cannot stream), and what
+    #: the streamed metrics of one group keep (:mod:`estimators.streaming`) plus one capture batch
+    states_stored: bool = True
+    stream_bytes: int = 0
     activation_bytes: int | None = None
     taylor_bytes: int = 0
     #: the model sets ``device_map``: accelerate places its weights (within ``max_memory``), so they are
@@ -115,7 +120,8 @@ class ModelPlan:
     def terms(self) -> list[tuple[str, int, str]]:
         """The peak's terms ``(what, bytes, knob)``, largest first."""
         out = [("weights", 0 if self.dispatched else self.weight_bytes or 0, "dtype"),
-               ("hidden states", self.state_bytes if self.states_on_device else 0, "states"),
+               ("hidden states", self.state_bytes if self.states_on_device and self.states_stored else 0, "states"),
+               ("streamed scoring", self.stream_bytes, "stream"),
                ("activations", self.activation_bytes or 0, "calibration.batch_size"),
                ("taylor gradients", self.taylor_bytes, "taylor")]
         return sorted((t for t in out if t[1]), key=lambda t: -t[1])
@@ -281,9 +287,10 @@ def plan(config: GridConfig, cells: list | None = None) -> list[ModelPlan]:
         if p.n_blocks is not None and p.width is not None:
             _fill_sizes(p, config, variants, sublayers)
             _fill_passes(p, config, mine)
+            if config.scoring == "streamed":
+                _fill_stream(p, config, mine)
         if p.parameters is not None and p.state_bytes is not None and p.activation_bytes is not None:
-            p.peak_bytes = ((0 if p.dispatched else p.weight_bytes) + (p.state_bytes if p.states_on_device else 0) + p.activation_bytes
-                            + p.taylor_bytes)
+            p.peak_bytes = sum(size for _, size, _ in p.terms())
         _fill_evaluations(p, config)
         out.append(p)
     return out
@@ -300,6 +307,50 @@ def _fill_sizes(p: ModelPlan, config: GridConfig, variants: list, sublayers: boo
     widest = max(p.width, p.intermediate_size or 0, p.vocab_size or 0)
     longest = max(v["seq_len"] for v, _ in variants)
     p.activation_bytes = config.calibration.batch_size * longest * widest * 4 * ACTIVATION_FACTOR
+
+
+def _fill_stream(p: ModelPlan, config: GridConfig, cells: list) -> None:
+    """What streamed scoring keeps per group: per streamed metric and stream, ``tokens`` sums (small),
+    ``moments`` ``(depths + (depths - 1) k) d²`` float64 sums (``k``: the longest span, the cell's budget),
+    a ``sample`` ``depths × n_tokens × d`` floats; plus one capture batch of every depth. The states stay
+    stored only when a hidden-state metric cannot stream."""
+    from bench.grid import is_model_metric
+
+    assert p.n_blocks is not None and p.width is not None and p.depths is not None
+    streams: dict[str, tuple[Any, int, int]] = {}  # key -> (metric, depths, longest span)
+    p.states_stored = False
+    for cell in cells:
+        if cell.stream_kind is None:
+            p.states_stored = p.states_stored or not is_model_metric(cell.metric.name)
+            continue
+        depths = p.n_blocks + 1 if cell.unit == "block" else 2 * p.n_blocks + 1
+        try:
+            k = 1 if cell.unit in ("attention", "mlp") else cell.resolve_k(p.n_blocks)
+        except (KeyError, TypeError, ValueError):  # a params budget: known once loaded; the worst case
+            k = depths - 1
+        key = cell.stream_key
+        metric = streams[key][0] if key in streams else _metric_of(cell)
+        streams[key] = (metric, depths, max(k, streams[key][2] if key in streams else 1))
+    total = 0
+    for metric, depths, k in streams.values():
+        kind = metric.stream_kind()
+        if kind == "moments":
+            total += (depths + (depths - 1) * min(k, depths - 1)) * p.width**2 * 8
+        elif kind == "sample":
+            n_tokens = metric.sample_spec()[0]
+            total += depths * min(n_tokens or p.state_samples * p.state_seq_len,
+                                  p.state_samples * p.state_seq_len) * p.width * STATE_BYTES
+        else:
+            total += (depths - 1) * k * 8
+    if streams:  # the batch every consumer sees
+        total += p.depths * config.calibration.batch_size * p.state_seq_len * p.width * STATE_BYTES
+    p.stream_bytes = total
+
+
+def _metric_of(cell: Any) -> Any:
+    from bench.grid import metric_class
+
+    return metric_class(cell.metric.name)(**cell.metric.params)
 
 
 def _fill_passes(p: ModelPlan, config: GridConfig, cells: list) -> None:
@@ -432,7 +483,11 @@ def _available_ram() -> int | None:
 
 def _advice(p: ModelPlan, config: GridConfig, knob: str) -> str:
     if knob == "states":
-        return f"lower {p.state_keys[0]} or {p.state_keys[1]}"
+        return f"lower {p.state_keys[0]} or {p.state_keys[1]}" + (
+            "" if config.scoring == "streamed" else ", or set scoring: streamed")
+    if knob == "stream":
+        return ("score fewer moment metrics (mi_gauss, cka_linear: (L + 1 + L·k) d×d float64 sums each) "
+                "or lower their n_tokens (sample metrics)")
     if knob == "calibration.batch_size":
         return "lower calibration.batch_size"
     if knob == "taylor":
@@ -452,6 +507,8 @@ def check_memory(config: GridConfig, plans: list[ModelPlan], available: int | No
         for what, size, knob in p.terms():
             if knob == "states":
                 extra = f": {p.state_keys[0]} × {p.state_keys[1]}"
+            elif knob == "stream":
+                extra = " (scoring: streamed)"
             elif knob == "dtype":
                 extra = f" at {config.dtype}"
             elif knob == "calibration.batch_size":
@@ -485,7 +542,9 @@ def summary_line(p: ModelPlan) -> str:
     else:
         head = f"{human_count(p.parameters)} parameters ({human_bytes(p.weight_bytes)} at {p.dtype}"
         head += ", placed by device_map)" if p.dispatched else ")"
-    return (f"plan: {p.name}: {head}, hidden states {human_bytes(p.state_bytes)} per group × {p.groups}, "
+    held = (f"hidden states {human_bytes(p.state_bytes)}" if p.states_stored
+            else f"streamed scoring {human_bytes(p.stream_bytes)} (no states stored)")
+    return (f"plan: {p.name}: {head}, {held} per group × {p.groups}, "
             f"peak ~{human_bytes(p.peak_bytes)}; {p.cells} cells, ≤ {p.block_sets} block sets; "
             f"calibration windows: {_windows(p)}")
 
@@ -513,10 +572,15 @@ def table(p: ModelPlan, where: str) -> Any:
         t.add_row("activations / batch", human_bytes(p.activation_bytes),
                   f"{batch:,} tokens × {widest:,} × 4 B × {ACTIVATION_FACTOR} "
                   "(calibration.batch_size × seq_len × max(d, F, V))")
+    if p.stream_bytes:
+        stored = "states stored too (a metric cannot stream)" if p.states_stored else "no states stored"
+        t.add_row("streamed scoring / group", human_bytes(p.stream_bytes),
+                  f"moments (L+1+L·k)·d²·8 B, samples depths·n_tokens·d·4 B, one batch; {stored}")
     if p.taylor_bytes:
         t.add_row("taylor gradients", human_bytes(p.taylor_bytes), "parameters × (dtype bytes + 4)")
     if p.peak_bytes is not None:
-        states = "states + " if p.states_on_device else ""
+        states = ("states + " if p.states_on_device and p.states_stored else "") + (
+            "streamed scoring + " if p.stream_bytes else "")
         weights = "(weights placed by device_map) " if p.dispatched else "weights + "
         t.add_row("peak (capture + scoring)", human_bytes(p.peak_bytes), f"{weights}{states}activations; {where}")
     t.add_row("cells / block sets", f"{p.cells} / ≤ {p.block_sets}", "one set per cell at most, dense once")

@@ -259,7 +259,7 @@ class CapturedStates:
     #: (``ppl``) and every search objective ``loss`` of the group
     losses: dict[str, Any] = field(default_factory=dict)
     #: streamed scoring (:meth:`Pipeline.capture` with ``scoring: streamed``): the accumulator of each
-    #: streamed metric (:meth:`stream_key`), fed during capture, and the seconds its updates took
+    #: streamed metric (:attr:`bench.grid.Cell.stream_key`), fed during capture, and the seconds its updates took
     streams: dict[str, Any] = field(default_factory=dict)
     stream_seconds: dict[str, float] = field(default_factory=dict)
     #: depths of the captured stream (``L + 1``, or ``2L + 1`` with ``sublayers``)
@@ -270,12 +270,6 @@ class CapturedStates:
             self.depths = self.states.shape[0]
         if self.depths < 2:
             raise ValueError("captured states need the number of depths (states, or depths when none are stored)")
-
-    @staticmethod
-    def stream_key(cell: Cell) -> str:
-        """A streamed metric's accumulator: its identity and the stream it reads (block states, or the
-        sub-layer stream for branch units)."""
-        return short_hash({"metric": cell.metric_identity, "stream": "block" if cell.unit == "block" else "sublayer"})
 
     def stored(self) -> torch.Tensor:
         """The stored states; a ``RuntimeError`` when the group streamed them instead."""
@@ -532,7 +526,7 @@ class Pipeline:
                               cached=False, sublayers=sublayers, block_key=block_key)
 
     def stream_plan(self, loaded: LoadedModel, cells: list[Cell]) -> StreamPlan | None:
-        """What a streamed group accumulates: per streamed metric (:meth:`CapturedStates.stream_key`) the
+        """What a streamed group accumulates: per streamed metric (:attr:`Cell.stream_key <bench.grid.Cell.stream_key>`) the
         metric, its stream and the longest span it needs (the cell's ``k``: a selector's runs and the
         shared ``proxy_span`` of a set of k units are at most k long; one step for attention or MLP
         branches, whose runs are single branches), and whether a metric needs the states stored. None
@@ -544,7 +538,7 @@ class Pipeline:
                 store = store or not is_model_metric(cell.metric.name)
                 continue
             length = 1 if cell.unit in ("attention", "mlp") else self.resolve_k(cell, loaded)
-            key = CapturedStates.stream_key(cell)
+            key = cell.stream_key
             metrics[key] = (cell, max(length, metrics[key][1] if key in metrics else 1))
         return StreamPlan(metrics=metrics, store=store) if metrics else None
 
@@ -613,11 +607,11 @@ class Pipeline:
             return Scores(values=cached.values[pick], higher_is_important=cached.higher_is_important,
                           seconds=cached.seconds, cached=True)
         timer = Timer(self.device)
-        stream = captured.streams.get(CapturedStates.stream_key(cell)) if cell.stream_kind else None
+        stream = captured.streams.get(cell.stream_key) if cell.stream_kind else None
         if stream is not None:  # accumulated during capture: the updates' time is the scoring's too
             with timer.stage("scoring"):
                 values = stream.span_lengths([1])[1]
-            seconds = timer.times["scoring"] + captured.stream_seconds[CapturedStates.stream_key(cell)]
+            seconds = timer.times["scoring"] + captured.stream_seconds[cell.stream_key]
         else:
             metric = cls(**cell.metric.params)
             states = captured.on_device(self.device) if sublayer else captured.blocks(self.device)
@@ -726,7 +720,7 @@ class Pipeline:
                 def run_score(start: int, length: int) -> float:
                     return metric.span_score(values, start, length, target)
 
-            stream = captured.streams.get(CapturedStates.stream_key(cell)) if cell.stream_kind else None
+            stream = captured.streams.get(cell.stream_key) if cell.stream_kind else None
             span_scores = None if stream is None else (lambda n, stream=stream: stream.span_lengths([n])[n])
             captured.objectives[label] = ObjectiveFactory(
                 model=loaded.model, input_ids=captured.input_ids,

@@ -142,9 +142,32 @@ def test_validate_refuses_a_plan_over_the_device_memory(models, cache, tmp_path,
         assert (f"error: models[0] = '{models / 'llama-70b'}': the plan needs 850 GB of memory for capture and "
                 "scoring (hidden states 696 GB: calibration.samples × calibration.seq_len, weights 141 GB at "
                 "bfloat16, activations 12.6 GB: calibration.batch_size), the cpu has 80 GB "
-                f"({MEMORY_ENV}): lower calibration.samples or calibration.seq_len, or run on a larger "
-                "device") in message
+                f"({MEMORY_ENV}): lower calibration.samples or calibration.seq_len, or set scoring: streamed, or "
+                "run on a larger device") in message
     assert not results.exists()
+
+
+def test_streamed_scoring_replaces_the_states_by_what_the_metrics_keep(models, cache, monkeypatch):
+    """The 70B grid that needs 850 GB stored: streamed, bi keeps one float64 sum per (block, span length
+    up to k = 8) and the group one capture batch of every depth; Gaussian MI keeps (L + 1 + L k) d x d
+    float64 sums, which at d = 8192 is the largest term; a metric that cannot stream keeps the states."""
+    batch = 81 * 4 * 2048 * 8192 * 4
+    (p,) = plan(parse_config(grid(models, scoring="streamed")))
+    assert not p.states_stored and p.state_bytes == 81 * 128 * 2048 * 8192 * 4
+    assert p.stream_bytes == 80 * 8 * 8 + batch
+    assert p.peak_bytes == p.weight_bytes + p.stream_bytes + p.activation_bytes
+    monkeypatch.setenv(MEMORY_ENV, "400GB")
+    validate_plan(parse_config(grid(models, scoring="streamed")))  # fits; stored it does not
+    with pytest.raises(ConfigError, match="hidden states 696 GB"):
+        validate_plan(parse_config(grid(models)))
+
+    (p,) = plan(parse_config(grid(models, scoring="streamed", metrics=["bi", "mi_gauss"])))
+    assert p.stream_bytes == 80 * 8 * 8 + (81 + 80 * 8) * 8192**2 * 8 + batch
+    with pytest.raises(ConfigError, match=r"streamed scoring 409 GB \(scoring: streamed\).*score fewer moment metrics"):
+        validate_plan(parse_config(grid(models, scoring="streamed", metrics=["bi", "mi_gauss"])))
+
+    (p,) = plan(parse_config(grid(models, scoring="streamed", metrics=["bi", {"name": "cka_linear", "params": {"debiased": True}}])))
+    assert p.states_stored and p.peak_bytes == p.weight_bytes + p.state_bytes + p.stream_bytes + p.activation_bytes
 
 
 def test_the_knob_is_the_largest_term(models, cache, monkeypatch):
