@@ -37,6 +37,29 @@ def test_every_metric_scores_every_block_and_span(states, name):
         assert spans.shape == (31 - n,) and torch.isfinite(spans).all()
 
 
+@pytest.mark.parametrize("name", METRICS.list())
+def test_streamed_scores_on_smollm2_equal_the_stored_ones(states, name):
+    """Real hidden states streamed in capture batches of 4 samples (estimators.streaming): token and sample
+    kinds equal the stored scores (1e-12 / bit for bit); moment kinds are as close to the float64 truth
+    as the stored float32 path is (both round)."""
+    from estimators.streaming import stream_scores
+
+    metric = METRICS.get(name)(**PARAMS.get(name, {}))
+    kind = metric.stream_kind()
+    stored = metric.score_span_lengths(states, [1, 3])
+    streamed = stream_scores(metric, states, batch_size=4, lengths=[1, 3])
+    for n in (1, 3):
+        if kind == "sample":
+            assert torch.equal(streamed[n], stored[n])
+        elif kind == "tokens":
+            torch.testing.assert_close(streamed[n], stored[n], rtol=1e-12, atol=1e-15)
+        else:
+            truth = metric.score_span_lengths(states.double(), [n])[n]
+            stored_error = ((stored[n] - truth).abs() / truth.abs()).max()
+            streamed_error = ((streamed[n] - truth).abs() / truth.abs()).max()
+            assert streamed_error <= max(3 * stored_error, 1e-6), (n, streamed_error, stored_error)
+
+
 def test_gaussian_mi_refuses_too_few_tokens_at_full_width(states):
     with pytest.raises(ValueError, match="1024"):
         METRICS.get("mi_gauss")().score_blocks(states)
