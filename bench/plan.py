@@ -311,9 +311,10 @@ def _fill_sizes(p: ModelPlan, config: GridConfig, variants: list, sublayers: boo
 
 def _fill_stream(p: ModelPlan, config: GridConfig, cells: list) -> None:
     """What streamed scoring keeps per group: per streamed metric and stream, ``tokens`` sums (small),
-    ``moments`` ``(depths + (depths - 1) k) d²`` float64 sums (``k``: the longest span, the cell's budget),
-    a ``sample`` ``depths × n_tokens × d`` floats; plus one capture batch of every depth. The states stay
-    stored only when a hidden-state metric cannot stream."""
+    ``moments`` ``(depths + (depths - 1) k) d²`` float64 sums (``k``: the longest span, the cell's budget;
+    one set per stream, shared by every moment metric), a ``sample`` ``depths × n_tokens × d`` floats (one
+    per stream, ``n_tokens`` and seed); plus one capture batch of every depth. The states stay stored
+    only when a hidden-state metric cannot stream."""
     from bench.grid import is_model_metric
 
     assert p.n_blocks is not None and p.width is not None and p.depths is not None
@@ -331,17 +332,28 @@ def _fill_stream(p: ModelPlan, config: GridConfig, cells: list) -> None:
         key = cell.stream_key
         metric = streams[key][0] if key in streams else _metric_of(cell)
         streams[key] = (metric, depths, max(k, streams[key][2] if key in streams else 1))
-    total = 0
+    # metrics that keep the same state share it (estimators.streaming.shared_accumulators): the moments of
+    # every token per stream, a token sample per stream, n_tokens and seed
+    kept: dict[tuple, int] = {}
+    tokens = p.state_samples * p.state_seq_len
     for metric, depths, k in streams.values():
         kind = metric.stream_kind()
+        k = min(k, depths - 1)
         if kind == "moments":
-            total += (depths + (depths - 1) * min(k, depths - 1)) * p.width**2 * 8
+            key, size = ("moments", depths, k), (depths + (depths - 1) * k) * p.width**2 * 8
+            shared = [other for other in kept if other[:2] == key[:2]]
+            if shared and shared[0][2] >= k:
+                continue
+            for other in shared:
+                del kept[other]
         elif kind == "sample":
-            n_tokens = metric.sample_spec()[0]
-            total += depths * min(n_tokens or p.state_samples * p.state_seq_len,
-                                  p.state_samples * p.state_seq_len) * p.width * STATE_BYTES
+            n_tokens, seed = metric.sample_spec()
+            key = ("sample", depths, n_tokens, seed)
+            size = depths * min(n_tokens or tokens, tokens) * p.width * STATE_BYTES
         else:
-            total += (depths - 1) * k * 8
+            key, size = ("tokens", id(metric), depths), (depths - 1) * k * 8
+        kept[key] = size
+    total = sum(kept.values())
     if streams:  # the batch every consumer sees
         total += p.depths * config.calibration.batch_size * p.state_seq_len * p.width * STATE_BYTES
     p.stream_bytes = total

@@ -258,8 +258,9 @@ class CapturedStates:
     #: the calibration loss of removal sets per unit kind, memoised: shared by model-metric scoring
     #: (``ppl``) and every search objective ``loss`` of the group
     losses: dict[str, Any] = field(default_factory=dict)
-    #: streamed scoring (:meth:`Pipeline.capture` with ``scoring: streamed``): the accumulator of each
-    #: streamed metric (:attr:`bench.grid.Cell.stream_key`), fed during capture, and the seconds its updates took
+    #: streamed scoring (:meth:`Pipeline.capture` with ``scoring: streamed``): each streamed metric's scores
+    #: (:attr:`bench.grid.Cell.stream_key` -> :class:`estimators.streaming.MetricStream`, from accumulators
+    #: fed during capture and shared between metrics that keep the same state), and its share of their time
     streams: dict[str, Any] = field(default_factory=dict)
     stream_seconds: dict[str, float] = field(default_factory=dict)
     #: depths of the captured stream (``L + 1``, or ``2L + 1`` with ``sublayers``)
@@ -545,23 +546,25 @@ class Pipeline:
     def _capture_streamed(self, loaded: LoadedModel, ids: torch.Tensor, key: str, block_key: str, sublayers: bool,
                           depths: int, plan: StreamPlan) -> CapturedStates:
         from algorithms.models.capture import capture_hidden_states
-        from estimators.streaming import accumulator
+        from estimators.streaming import shared_accumulators
 
         n_blocks = loaded.info.n_blocks
-        streams, seconds, consumers = {}, {}, []
+        requests = {}
         for name, (cell, length) in plan.metrics.items():
-            block_stream = cell.unit == "block"
-            stream_depths = n_blocks + 1 if block_stream else 2 * n_blocks + 1
-            metric = metric_class(cell.metric.name)(**cell.metric.params)
-            streams[name] = accumulator(metric, depths=stream_depths, samples=ids.shape[0], seq_len=ids.shape[1],
-                                        max_length=min(length, stream_depths - 1))
-            seconds[name] = 0.0
+            stream_depths = n_blocks + 1 if cell.unit == "block" else 2 * n_blocks + 1
+            requests[name] = (metric_class(cell.metric.name)(**cell.metric.params), stream_depths,
+                              min(length, stream_depths - 1))
+        feeds, streams = shared_accumulators(requests, samples=ids.shape[0], seq_len=ids.shape[1])
+        feed_seconds = [0.0] * len(feeds)
+        consumers = []
+        for i, feed in enumerate(feeds):
+            every = 2 if sublayers and feed.depths == n_blocks + 1 else 1  # block states of the sub-layer stream
 
-            def consume(batch: torch.Tensor, rows: slice, name=name, every=2 if block_stream and sublayers else 1):
+            def consume(batch: torch.Tensor, rows: slice, feed=feed, i=i, every=every):
                 timer = Timer(self.device)
                 with timer.stage("update"):
-                    streams[name].update(batch[::every], rows)
-                seconds[name] += timer.times["update"]
+                    feed.update(batch[::every], rows)
+                feed_seconds[i] += timer.times["update"]
 
             consumers.append(consume)
         timer = Timer(self.device)
@@ -570,7 +573,11 @@ class Pipeline:
                 loaded.model, ids, batch_size=self.config.calibration.batch_size, sublayers=sublayers,
                 progress=self.reporter.step("capture"), consumers=consumers, keep=plan.store)
         self.counters["captures"] += 1
-        capture_seconds = timer.times["capture"] - sum(seconds.values())
+        capture_seconds = timer.times["capture"] - sum(feed_seconds)
+        # a shared accumulator's time is split between the metrics it serves
+        sharers = {i: sum(s.accumulator is feed for s in streams.values()) for i, feed in enumerate(feeds)}
+        seconds = {name: next(feed_seconds[i] / sharers[i] for i, feed in enumerate(feeds) if s.accumulator is feed)
+                   for name, s in streams.items()}
         self.seconds["capture"] += capture_seconds
         if states is not None and not torch.isfinite(states).all():
             bad = sorted({int(i) for i in (~torch.isfinite(states)).nonzero()[:, 0].tolist()})

@@ -71,7 +71,7 @@ class Accumulator(abc.ABC):
         """Take one capture batch ``(depths, b, seq_len, d)``: the states of calibration samples ``rows``."""
 
     @abc.abstractmethod
-    def _spans(self, lengths: list[int]) -> dict[int, Tensor]:
+    def _spans(self, lengths: list[int], metric: Metric) -> dict[int, Tensor]:
         """Scores of every span of each length (all checked, none longer than ``max_length``)."""
 
     @property
@@ -79,9 +79,10 @@ class Accumulator(abc.ABC):
     def nbytes(self) -> int:
         """Bytes this accumulator holds (its memory, which no token count changes)."""
 
-    def span_lengths(self, lengths: Iterable[int]) -> dict[int, Tensor]:
+    def span_lengths(self, lengths: Iterable[int], metric: Metric | None = None) -> dict[int, Tensor]:
         """``{n: scores of the L - n + 1 spans of n blocks}``, float64 on the CPU, as
-        :meth:`Metric.score_span_lengths <estimators.base.Metric.score_span_lengths>` returns them."""
+        :meth:`Metric.score_span_lengths <estimators.base.Metric.score_span_lengths>` returns them;
+        ``metric``: another metric that shares what this one kept (:func:`shared_accumulators`)."""
         if self.batches == 0:
             raise ValueError("no batch was streamed: nothing to score")
         lengths = sorted(set(lengths))
@@ -89,7 +90,12 @@ class Accumulator(abc.ABC):
             if not isinstance(n, int) or not 1 <= n <= self.max_length:
                 raise ValueError(f"span length {n!r}: this stream kept spans of 1 to {self.max_length} blocks "
                                  f"(max_length); score longer spans from stored states")
-        return {n: scores.to("cpu", torch.float64) for n, scores in self._spans(lengths).items()}
+        return {n: scores.to("cpu", torch.float64) for n, scores in self._spans(lengths, metric or self.metric).items()}
+
+    def share_key(self) -> tuple | None:
+        """What this accumulator's state depends on, when other metrics can score from the same state
+        (equal keys: one accumulator feeds them all); None when it is the metric's own."""
+        return None
 
     def _pairs(self) -> Iterable[tuple[int, int]]:
         """(start depth, span length) of every span kept."""
@@ -116,8 +122,8 @@ class TokenAccumulator(Accumulator):
         self.count += picked[0, ..., 0].numel()
         self.batches += 1
 
-    def _spans(self, lengths: list[int]) -> dict[int, Tensor]:
-        assert self.sums is not None
+    def _spans(self, lengths: list[int], metric: Metric) -> dict[int, Tensor]:
+        assert self.sums is not None and metric is self.metric, "token sums are their metric's own"
         return {n: self.sums[: self.depths - n, n - 1] / self.count for n in lengths}
 
     @property
@@ -173,20 +179,26 @@ class MomentAccumulator(Accumulator):
         mx, my = self.s1[start] / self.n, self.s1[start + n] / self.n
         return (self.cross[start, n] - self.n * torch.outer(mx, my)) / (self.n - 1)
 
-    def _spans(self, lengths: list[int]) -> dict[int, Tensor]:
+    def share_key(self) -> tuple | None:
+        # the sums depend on the tokens only: metrics that keep every token share them
+        if type(self.metric).select_tokens is not Metric.select_tokens:
+            return None
+        return ("moments", self.depths)
+
+    def _spans(self, lengths: list[int], metric: Metric) -> dict[int, Tensor]:
         if self.n < 2:
             raise ValueError(f"moments need at least 2 tokens, got {self.n}")
         sides: dict[int, Any] = {}
 
         def side(depth: int) -> Any:
             if depth not in sides:
-                sides[depth] = self.metric.prepare_moments(self.moments(depth))
+                sides[depth] = metric.prepare_moments(self.moments(depth))
             return sides[depth]
 
         out = {}
         for n in lengths:
             out[n] = torch.stack([
-                self.metric.compare_moments(side(start), side(start + n), self._cross_covariance(start, n))
+                metric.compare_moments(side(start), side(start + n), self._cross_covariance(start, n))
                 .to(torch.float64).reshape(()) for start in range(self.depths - n)])
         return out
 
@@ -226,11 +238,14 @@ class SampleAccumulator(Accumulator):
             self.filled += where.numel()
         self.batches += 1
 
-    def _spans(self, lengths: list[int]) -> dict[int, Tensor]:
+    def share_key(self) -> tuple | None:
+        return ("sample", self.depths, self.population, *self.metric.sample_spec())
+
+    def _spans(self, lengths: list[int], metric: Metric) -> dict[int, Tensor]:
         assert self.sample is not None
         if self.filled != self.sample.shape[1]:
             raise ValueError(f"the stream covered {self.filled} of the {self.sample.shape[1]} sampled tokens")
-        return self.metric.score_sample(self.sample[:, None], self.population, lengths)
+        return metric.score_sample(self.sample[:, None], self.population, lengths)
 
     @property
     def nbytes(self) -> int:
@@ -251,6 +266,51 @@ def accumulator(metric: Metric, *, depths: int, samples: int, seq_len: int, max_
         return SampleAccumulator(metric, depths, max_length, samples=samples, seq_len=seq_len)
     raise ValueError(f"metric {metric.name!r}: stream_kind() returned {kind!r}; expected one of "
                      f"{', '.join(STREAM_KINDS)} or None")
+
+
+@dataclass(frozen=True)
+class MetricStream:
+    """One metric's scores from an accumulator it may share with other metrics."""
+
+    accumulator: Accumulator
+    metric: Metric
+
+    def span_lengths(self, lengths: Iterable[int]) -> dict[int, Tensor]:
+        return self.accumulator.span_lengths(lengths, self.metric)
+
+
+def shared_accumulators(
+    requests: dict[str, tuple[Metric, int, int]], *, samples: int, seq_len: int,
+) -> tuple[list[Accumulator], dict[str, MetricStream]]:
+    """Accumulators for several metrics of one stream: ``requests`` maps a name to ``(metric, depths,
+    max_length)``. Metrics whose accumulators keep the same state (:meth:`Accumulator.share_key`: the
+    moments of every token, the same token sample) share one, kept for the longest span any of them
+    needs: ``mi_gauss`` and ``cka_linear`` one set of covariances, ``hsic`` and ``mi_ksg`` at their
+    default ``n_tokens`` (2048) and ``seed`` one sample (``mi_renyi``'s default is 512 tokens: its own). Returns the accumulators to feed (each once
+    per batch) and each name's :class:`MetricStream`; a metric without a stream kind is left out."""
+    wanted: dict[str, tuple[Accumulator, Metric]] = {}
+    lengths: dict[tuple, int] = {}
+    for name, (metric, depths, max_length) in requests.items():
+        acc = accumulator(metric, depths=depths, samples=samples, seq_len=seq_len, max_length=max_length)
+        if acc is None:
+            continue
+        key = acc.share_key()
+        if key is not None:
+            lengths[key] = max(lengths.get(key, 1), max_length)
+        wanted[name] = (acc, metric)
+    feeds: dict[Any, Accumulator] = {}
+    out = {}
+    for name, (acc, metric) in wanted.items():
+        key = acc.share_key()
+        if key is None:
+            feeds[name, None] = acc
+        else:
+            if key not in feeds:
+                feeds[key] = accumulator(metric, depths=acc.depths, samples=samples, seq_len=seq_len,
+                                         max_length=lengths[key])
+            acc = feeds[key]
+        out[name] = MetricStream(acc, metric)
+    return list(feeds.values()), out
 
 
 def stream_scores(metric: Metric, states: Tensor, *, batch_size: int, lengths: Iterable[int] = (1,)) -> dict[int, Tensor]:

@@ -163,6 +163,9 @@ def test_streamed_scoring_replaces_the_states_by_what_the_metrics_keep(models, c
 
     (p,) = plan(parse_config(grid(models, scoring="streamed", metrics=["bi", "mi_gauss"])))
     assert p.stream_bytes == 80 * 8 * 8 + (81 + 80 * 8) * 8192**2 * 8 + batch
+    # cka_linear shares mi_gauss's covariances; hsic and mi_ksg (2048 tokens, seed 0) one sample
+    (shared,) = plan(parse_config(grid(models, scoring="streamed", metrics=["bi", "mi_gauss", "cka_linear", "hsic", "mi_ksg"])))
+    assert shared.stream_bytes == p.stream_bytes + 81 * 2048 * 8192 * 4
     with pytest.raises(ConfigError, match=r"streamed scoring 409 GB \(scoring: streamed\).*score fewer moment metrics"):
         validate_plan(parse_config(grid(models, scoring="streamed", metrics=["bi", "mi_gauss"])))
 

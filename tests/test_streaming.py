@@ -105,6 +105,31 @@ def test_what_a_stream_keeps_does_not_grow_with_tokens():
     assert held["hsic", 4] == held["hsic", 64] == 5 * 64 * 16 * 4
 
 
+def test_metrics_that_keep_the_same_state_share_one_accumulator():
+    """mi_gauss and cka_linear read the same covariances, hsic and mi_ksg at one n_tokens and seed the same
+    rows: one accumulator each pair, fed once, kept for the longer span; every metric scores as alone."""
+    from estimators.streaming import shared_accumulators
+
+    states = _states().double()
+    metrics = {"gauss": METRICS.get("mi_gauss")(), "cka": METRICS.get("cka_linear")(),
+               "hsic": METRICS.get("hsic")(n_tokens=100), "ksg": METRICS.get("mi_ksg")(n_tokens=100),
+               "renyi": METRICS.get("mi_renyi")(n_tokens=64), "bi": METRICS.get("bi")()}
+    lengths = {"gauss": 1, "cka": 3, "hsic": 2, "ksg": 1, "renyi": 1, "bi": 2}
+    feeds, streams = shared_accumulators({name: (m, 7, lengths[name]) for name, m in metrics.items()},
+                                         samples=6, seq_len=40)
+    assert len(feeds) == 4
+    assert streams["gauss"].accumulator is streams["cka"].accumulator and streams["cka"].accumulator.max_length == 3
+    assert streams["hsic"].accumulator is streams["ksg"].accumulator is not streams["renyi"].accumulator
+    for start in range(0, 6, 4):
+        for feed in feeds:
+            feed.update(states[:, start:start + 4], slice(start, min(start + 4, 6)))
+    for name, m in metrics.items():
+        alone = stream_scores(m, states, batch_size=4, lengths=[1, lengths[name]])
+        got = streams[name].span_lengths([1, lengths[name]])
+        for n in alone:
+            assert torch.equal(got[n], alone[n]), (name, n)
+
+
 def test_kinds_and_refusals():
     kinds = {name: METRICS.get(name)().stream_kind() for name in METRICS.list()}
     assert kinds == {"bi": "tokens", "angular": "tokens", "mi_gauss": "moments", "cka_linear": "moments",

@@ -50,7 +50,7 @@ def measure(path: str, samples: int, out: str) -> None:
     from algorithms.models.capture import capture_hidden_states
     from algorithms.models.zoo import load_model
     from estimators import METRICS as REGISTRY
-    from estimators.streaming import accumulator
+    from estimators.streaming import shared_accumulators
 
     torch.manual_seed(0)
     model, tokenizer, _ = load_model("smollm2-135m")
@@ -63,8 +63,9 @@ def measure(path: str, samples: int, out: str) -> None:
         states, _ = capture_hidden_states(model, ids, batch_size=4)
         scores = {name: m.score_blocks(states).tolist() for name, m in metrics.items()}
     else:
-        streams = {name: accumulator(m, depths=31, samples=samples, seq_len=SEQ_LEN) for name, m in metrics.items()}
-        consumers = [lambda batch, rows, s=s: s.update(batch, rows) for s in streams.values()]
+        feeds, streams = shared_accumulators({name: (m, 31, 1) for name, m in metrics.items()},
+                                             samples=samples, seq_len=SEQ_LEN)
+        consumers = [lambda batch, rows, feed=feed: feed.update(batch, rows) for feed in feeds]
         states, _ = capture_hidden_states(model, ids, batch_size=4, consumers=consumers, keep=False)
         assert states is None
         scores = {name: s.span_lengths([1])[1].tolist() for name, s in streams.items()}
