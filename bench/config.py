@@ -271,6 +271,10 @@ class GridConfig(_Frozen):
     #: ``streamed``: metrics that can (``estimators.streaming``) are scored batch by batch during capture,
     #: so memory does not grow with calibration tokens (states are stored only for a metric that cannot)
     scoring: Literal["stored", "streamed"] = "stored"
+    #: the dtype hidden states are kept in (memory, the ``cache/hidden`` files, what streamed metrics see):
+    #: float16 or bfloat16 halve them; metrics still compute in float32 or wider. Changes the numbers
+    #: (it is in the cell id when not float32)
+    state_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
     @property
     def perplexity(self) -> Any:

@@ -107,6 +107,8 @@ class Cell:
     method: str | None = None
     #: the grid's ``scoring``: ``streamed`` scores the metric during capture when it can
     scoring: str = "stored"
+    #: the dtype hidden states are kept in (``float32``, ``float16``, ``bfloat16``)
+    state_dtype: str = "float32"
 
     @cached_property
     def healing_identity(self) -> dict[str, Any] | None:
@@ -162,6 +164,7 @@ class Cell:
             **({"healing": self.healing_identity} if self.healing_identity is not None else {}),
             **({"method": self.method} if self.method is not None else {}),
             **({"scoring": "streamed"} if self.streamed_scores else {}),
+            **({"state_dtype": self.state_dtype} if self.state_dtype != "float32" else {}),
         }
 
     def versions(self) -> dict[str, str]:
@@ -287,7 +290,8 @@ def expand(config: GridConfig) -> list[Cell]:
 
     def make(model, variant: dict[str, Any], seed: int, **fields: Any) -> Cell:
         return Cell(grid=config.name, model=model.identity(), calibration={**variant, "seed": seed},
-                    evaluations=evaluations, dtype=config.dtype, device=device, scoring=config.scoring, **fields)
+                    evaluations=evaluations, dtype=config.dtype, device=device, scoring=config.scoring,
+                    state_dtype=config.state_dtype, **fields)
 
     for model, variant, seed in itertools.product(config.models, variants, config.calibration.seeds):
         for unit, healing, metric, selector, budget in itertools.product(

@@ -8,7 +8,8 @@ blocks, ``d`` width, ``F`` MLP width, ``V`` vocabulary, ``S`` calibration sample
 ``B`` calibration batch size):
 
 - weights: parameters × bytes of the grid's ``dtype`` (tied tensors counted once);
-- hidden states of one calibration group: ``depths × S × T × d × 4`` bytes (float32; ``depths`` is
+- hidden states of one calibration group: ``depths × S × T × d × 4`` bytes (float32, 2 with
+  ``state_dtype: float16`` or ``bfloat16``; ``depths`` is
   ``L + 1``, or ``2L + 1`` when the grid removes attention or MLP branches), held on the CPU and copied
   once to the device when a metric scores hidden states; with ``scoring: streamed`` instead what the
   streamed metrics keep (:func:`_fill_stream`), the states only when a metric cannot stream;
@@ -62,7 +63,6 @@ MEMORY_ENV = "BLOCKBENCH_DEVICE_MEMORY"
 PLAN_MEMO = "plan-parameters.json"
 _MEMO_KEPT = 256
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
-STATE_BYTES = 4  # hidden states are kept in float32
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -94,6 +94,8 @@ class ModelPlan:
     #: the streamed metrics of one group keep (:mod:`estimators.streaming`) plus one capture batch
     states_stored: bool = True
     stream_bytes: int = 0
+    #: the grid's ``state_dtype``: what the states are kept in
+    state_dtype: str = "float32"
     activation_bytes: int | None = None
     taylor_bytes: int = 0
     #: the model sets ``device_map``: accelerate places its weights (within ``max_memory``), so they are
@@ -255,6 +257,7 @@ def plan(config: GridConfig, cells: list | None = None) -> list[ModelPlan]:
     out = []
     for i, model in enumerate(config.models):
         p = ModelPlan(index=i, name=model.name, dtype=config.dtype, groups=groups, states_on_device=on_device,
+                      state_dtype=config.state_dtype,
                       dispatched=model.device_map is not None)
         mine = [c for c in cells if c.model["name"] == model.name]
         p.cells = len(mine)
@@ -301,7 +304,7 @@ def _fill_sizes(p: ModelPlan, config: GridConfig, variants: list, sublayers: boo
     p.depths = 2 * p.n_blocks + 1 if sublayers else p.n_blocks + 1
     largest = max(variants, key=lambda v: v[0]["samples"] * v[0]["seq_len"])
     variant, keys = largest
-    p.state_bytes = p.depths * variant["samples"] * variant["seq_len"] * p.width * STATE_BYTES
+    p.state_bytes = p.depths * variant["samples"] * variant["seq_len"] * p.width * DTYPE_BYTES[config.state_dtype]
     p.state_keys = (keys["samples"], keys["seq_len"])
     p.state_samples, p.state_seq_len = variant["samples"], variant["seq_len"]
     widest = max(p.width, p.intermediate_size or 0, p.vocab_size or 0)
@@ -349,13 +352,13 @@ def _fill_stream(p: ModelPlan, config: GridConfig, cells: list) -> None:
         elif kind == "sample":
             n_tokens, seed = metric.sample_spec()
             key = ("sample", depths, n_tokens, seed)
-            size = depths * min(n_tokens or tokens, tokens) * p.width * STATE_BYTES
+            size = depths * min(n_tokens or tokens, tokens) * p.width * DTYPE_BYTES[config.state_dtype]
         else:
             key, size = ("tokens", id(metric), depths), (depths - 1) * k * 8
         kept[key] = size
     total = sum(kept.values())
     if streams:  # the batch every consumer sees
-        total += p.depths * config.calibration.batch_size * p.state_seq_len * p.width * STATE_BYTES
+        total += p.depths * config.calibration.batch_size * p.state_seq_len * p.width * DTYPE_BYTES[config.state_dtype]
     p.stream_bytes = total
 
 
@@ -577,7 +580,8 @@ def table(p: ModelPlan, where: str) -> Any:
         t.add_row("weights", human_bytes(p.weight_bytes), f"{DTYPE_BYTES[p.dtype]} B each ({p.dtype})")
     if p.state_bytes is not None:
         t.add_row("hidden states / group", human_bytes(p.state_bytes),
-                  f"{p.depths} depths × {p.state_samples} × {p.state_seq_len} × {p.width} × 4 B "
+                  f"{p.depths} depths × {p.state_samples} × {p.state_seq_len} × {p.width} × "
+                  f"{DTYPE_BYTES[p.state_dtype]} B ({p.state_dtype}) "
                   f"({p.state_keys[0]} × {p.state_keys[1]}); {p.groups} group(s)")
         widest = max(p.width or 0, p.intermediate_size or 0, p.vocab_size or 0)
         batch = (p.activation_bytes or 0) // (widest * 4 * ACTIVATION_FACTOR) if widest else 0

@@ -286,8 +286,12 @@ class CapturedStates:
             def prefix():  # the captured states enter each block as in the loss's own forward passes
                 from algorithms.models.prefix import from_captured
 
-                # streamed: nothing stored, every loss runs from the first block (same numbers, slower)
-                return None if self.states is None else from_captured(self.blocks(), batch_size)
+                # streamed: nothing stored, every loss runs from the first block (same numbers, slower); so
+                # do states kept in a narrower dtype than the model computes in (they are not its states)
+                states = self.states
+                if states is None or states.dtype not in (torch.float32, next(model.parameters()).dtype):
+                    return None
+                return from_captured(self.blocks(), batch_size)
 
             self.losses[unit] = ObjectiveFactory(model=model, input_ids=self.input_ids, batch_size=batch_size,
                                                  unit=unit, prefix=prefix).get("loss")
@@ -486,7 +490,9 @@ class Pipeline:
             "model": loaded.info.fingerprint, "calibration": calibration,
             "source": source_fingerprint(calibration["source"]), "dtype": self.config.dtype,
             "device": self.device.type, "protocol": PROTOCOL_VERSION,
+            **({"state_dtype": self.config.state_dtype} if self.config.state_dtype != "float32" else {}),
         }
+        store_dtype = getattr(torch, self.config.state_dtype)
         block_key = short_hash(parts)
         key = short_hash({**parts, "resolution": "sublayer"}) if sublayers else block_key
         depths = 2 * loaded.info.n_blocks + 1 if sublayers else loaded.info.n_blocks + 1
@@ -496,11 +502,11 @@ class Pipeline:
         )
         plan = self.stream_plan(loaded, cells or []) if self.config.scoring == "streamed" else None
         if plan is not None:
-            return self._capture_streamed(loaded, ids, key, block_key, sublayers, depths, plan)
+            return self._capture_streamed(loaded, ids, key, block_key, sublayers, depths, plan, store_dtype)
         cached = self.store.get_tensors("hidden", key) if self.config.cache_hidden_states else None
         if cached is not None:
             tensors, meta = cached
-            why = _unusable_states(tensors, meta, depths, tuple(ids.shape))
+            why = _unusable_states(tensors, meta, depths, tuple(ids.shape), store_dtype)
             if why is None:
                 return CapturedStates(key=key, states=tensors["states"], input_ids=ids,
                                       stats={k: float(v) for k, v in meta.items()}, seconds=0.0, cached=True,
@@ -509,12 +515,11 @@ class Pipeline:
         timer = Timer(self.device)
         with timer.stage("capture"):
             states, stats = capture_hidden_states(loaded.model, ids, batch_size=self.config.calibration.batch_size,
-                                                  sublayers=sublayers, progress=self.reporter.step("capture"))
+                                                  sublayers=sublayers, progress=self.reporter.step("capture"),
+                                                  store_dtype=store_dtype)
         self.counters["captures"] += 1
         self.seconds["capture"] += timer.times["capture"]
-        if not torch.isfinite(states).all():
-            bad = sorted({int(i) for i in (~torch.isfinite(states)).nonzero()[:, 0].tolist()})
-            raise FloatingPointError(f"hidden states contain NaN or inf at depths {bad}")
+        self._check_finite(states)
         stats["capture_seconds"] = timer.times["capture"]
         if self.config.cache_hidden_states:
             size = states.numel() * states.element_size()
@@ -543,8 +548,16 @@ class Pipeline:
             metrics[key] = (cell, max(length, metrics[key][1] if key in metrics else 1))
         return StreamPlan(metrics=metrics, store=store) if metrics else None
 
+    def _check_finite(self, states: torch.Tensor | None) -> None:
+        if states is None or torch.isfinite(states).all():
+            return
+        bad = sorted({int(i) for i in (~torch.isfinite(states)).nonzero()[:, 0].tolist()})
+        hint = (" (state_dtype: float16 overflows above 65504: use bfloat16 or float32)"
+                if states.dtype == torch.float16 else "")
+        raise FloatingPointError(f"hidden states contain NaN or inf at depths {bad}{hint}")
+
     def _capture_streamed(self, loaded: LoadedModel, ids: torch.Tensor, key: str, block_key: str, sublayers: bool,
-                          depths: int, plan: StreamPlan) -> CapturedStates:
+                          depths: int, plan: StreamPlan, store_dtype: torch.dtype) -> CapturedStates:
         from algorithms.models.capture import capture_hidden_states
         from estimators.streaming import shared_accumulators
 
@@ -571,7 +584,7 @@ class Pipeline:
         with timer.stage("capture"):
             states, stats = capture_hidden_states(
                 loaded.model, ids, batch_size=self.config.calibration.batch_size, sublayers=sublayers,
-                progress=self.reporter.step("capture"), consumers=consumers, keep=plan.store)
+                progress=self.reporter.step("capture"), consumers=consumers, keep=plan.store, store_dtype=store_dtype)
         self.counters["captures"] += 1
         capture_seconds = timer.times["capture"] - sum(feed_seconds)
         # a shared accumulator's time is split between the metrics it serves
@@ -579,9 +592,7 @@ class Pipeline:
         seconds = {name: next(feed_seconds[i] / sharers[i] for i, feed in enumerate(feeds) if s.accumulator is feed)
                    for name, s in streams.items()}
         self.seconds["capture"] += capture_seconds
-        if states is not None and not torch.isfinite(states).all():
-            bad = sorted({int(i) for i in (~torch.isfinite(states)).nonzero()[:, 0].tolist()})
-            raise FloatingPointError(f"hidden states contain NaN or inf at depths {bad}")
+        self._check_finite(states)
         stats["capture_seconds"] = capture_seconds
         return CapturedStates(key=key, states=states, input_ids=ids, stats=stats, seconds=capture_seconds,
                               cached=False, sublayers=sublayers, block_key=block_key, streams=streams,
@@ -1044,11 +1055,14 @@ def _number(value: Any) -> bool:
 
 
 def _unusable_states(tensors: dict[str, torch.Tensor], meta: dict[str, str], depths: int,
-                     ids_shape: tuple[int, ...]) -> str | None:
-    """Why cached hidden states (``depths`` of them) cannot serve a calibration group (None: they can)."""
+                     ids_shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> str | None:
+    """Why cached hidden states (``depths`` of them, in ``dtype``) cannot serve a calibration group (None:
+    they can)."""
     states = tensors.get("states")
     if states is None:
         return "no 'states' tensor"
+    if states.dtype != dtype:
+        return f"states in {states.dtype}, expected {dtype}"
     if states.dim() != 4 or tuple(states.shape[:3]) != (depths, *ids_shape):
         return (f"states of shape {tuple(states.shape)}, expected ({depths}, {ids_shape[0]}, {ids_shape[1]}, "
                 "hidden)")

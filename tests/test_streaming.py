@@ -257,3 +257,39 @@ def test_a_metric_that_cannot_stream_keeps_the_states_of_its_group(tiny_folder, 
     bi = next(c for c in cells if c.metric.name == "bi")
     torch.testing.assert_close(pipeline.score(only_bi, bi).values,
                                METRICS.get("bi")().score_blocks(both.states), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_states_kept_in_float16_are_half_the_bytes_and_their_own_cells(tiny_folder, tmp_path):
+    """``state_dtype: float16``: the group's states (and their cache file) are float16, the float32 states
+    rounded; scores move by that rounding only; cells and caches are apart from float32's; the search
+    loss does not start from rounded states (it runs from the first block: the very float32 numbers)."""
+    import yaml
+
+    from bench.config import load_config
+    from bench.grid import expand
+    from bench.plan import plan
+    from bench.stages import Pipeline
+
+    pipelines, captured = {}, {}
+    for dtype in ("float32", "float16"):
+        grid = tmp_path / f"{dtype}.yaml"
+        grid.write_text(yaml.safe_dump({**GRID, "models": [str(tiny_folder)], "units": ["block"], "metrics": ["bi"],
+                                        "state_dtype": dtype}))
+        pipelines[dtype] = Pipeline(load_config(grid), tmp_path / dtype)
+        cells = expand(pipelines[dtype].config)
+        loaded = pipelines[dtype].load(cells[0].model)
+        captured[dtype] = (pipelines[dtype].capture(loaded, cells[0].calibration), cells[0], loaded)
+    (c32, cell32, loaded32), (c16, cell16, loaded16) = captured["float32"], captured["float16"]
+    assert c16.states.dtype == torch.float16 and torch.equal(c16.states, c32.states.half())
+    assert c16.key != c32.key and cell16.cell_id != cell32.cell_id and cell16.spec()["state_dtype"] == "float16"
+    assert "state_dtype" not in cell32.spec()
+    (cached,) = (tmp_path / "float16" / "cache" / "hidden").glob("*.safetensors")
+    assert cached.stat().st_size < 0.55 * next((tmp_path / "float32" / "cache" / "hidden").glob("*.safetensors")).stat().st_size
+    s32, s16 = pipelines["float32"].score(c32, cell32).values, pipelines["float16"].score(c16, cell16).values
+    assert not torch.equal(s16, s32)
+    torch.testing.assert_close(s16, s32, rtol=2e-2, atol=1e-6)
+    for removed in ({2, 3}, {4}):
+        assert c16.loss(loaded16.model, "block", 4)(removed) == c32.loss(loaded32.model, "block", 4)(removed)
+    (p32,), (p16,) = plan(pipelines["float32"].config), plan(pipelines["float16"].config)
+    assert p16.state_bytes * 2 == p32.state_bytes == 7 * 6 * 32 * 24 * 4
