@@ -85,7 +85,7 @@ def file_mode() -> int:
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (a temporary file in the same folder, fsynced, renamed):
     readers see the whole file or none. The one way blockbench writes an output file."""
-    _atomic_write(path, lambda fh: fh.write(data))
+    atomic_write(path, lambda fh: fh.write(data))
 
 
 def read_memo(name: str) -> tuple[Path, dict[str, Any]]:
@@ -101,7 +101,7 @@ def read_memo(name: str) -> tuple[Path, dict[str, Any]]:
     return path, memo if isinstance(memo, dict) else {}
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """``write(fh)`` into a temporary file next to ``path``, then fsync, chmod to :func:`file_mode`
     (``mkstemp`` creates 0600, which the rename would keep) and rename over ``path``. A crash at any
     point leaves the old ``path`` (or none) and at most a hidden ``.<name>.*.tmp`` file."""
@@ -172,7 +172,7 @@ _KEY_META, _SUM_META = "blockbench_key", "blockbench_sha256"
 
 def write_json(path: Path, data: Any) -> None:
     payload = json.dumps(_clean(data), indent=2, sort_keys=True, allow_nan=False).encode()
-    _atomic_write(path, lambda fh: fh.write(payload + b"\n"))
+    atomic_write(path, lambda fh: fh.write(payload + b"\n"))
 
 
 def read_json(path: Path) -> Any | None:

@@ -10,9 +10,9 @@ from algorithms.evaluations import lmeval as accuracy
 from algorithms.evaluations.lmeval import (
     BUILTIN_TASKS,
     SUPPORTED_TASKS,
-    _sample_indices,
     ensure_eval_data,
     evaluate_tasks,
+    sample_indices,
 )
 from algorithms.models import zoo
 
@@ -41,16 +41,16 @@ def test_bad_arguments_are_refused(kwargs):
 
 
 def test_seeded_sample_is_deterministic_nested_and_seed_dependent():
-    first = _sample_indices("piqa", 1838, 40, seed=0)
-    assert first == _sample_indices("piqa", 1838, 40, seed=0)
+    first = sample_indices("piqa", 1838, 40, seed=0)
+    assert first == sample_indices("piqa", 1838, 40, seed=0)
     assert len(first) == len(set(first)) == 40 and first == sorted(first)
     assert all(0 <= i < 1838 for i in first)
     assert first != list(range(40))  # a sample, not lm-eval's first N
-    assert first != _sample_indices("piqa", 1838, 40, seed=1)
-    assert set(first) <= set(_sample_indices("piqa", 1838, 100, seed=0))  # a smaller limit is a subset
-    assert _sample_indices("piqa", 1838, None, seed=0) is None  # every document
-    assert _sample_indices("copa", 100, 100, seed=0) is None
-    assert _sample_indices("copa", 100, 500, seed=0) is None
+    assert first != sample_indices("piqa", 1838, 40, seed=1)
+    assert set(first) <= set(sample_indices("piqa", 1838, 100, seed=0))  # a smaller limit is a subset
+    assert sample_indices("piqa", 1838, None, seed=0) is None  # every document
+    assert sample_indices("copa", 100, 100, seed=0) is None
+    assert sample_indices("copa", 100, 500, seed=0) is None
 
 
 @pytest.mark.slow
@@ -145,7 +145,7 @@ def test_pruned_model_is_scored_deterministically_on_a_seeded_sample(smollm2, mo
     _check_metrics(other, ["piqa"], LIMIT)
     assert first == again
     # lm-eval was handed the seeded sample, not its first LIMIT documents
-    assert calls[0]["samples"] == {t: _sample_indices(t, n, LIMIT, 0) for t, n in (("piqa", 1838), ("arc_easy", 570))}
+    assert calls[0]["samples"] == {t: sample_indices(t, n, LIMIT, 0) for t, n in (("piqa", 1838), ("arc_easy", 570))}
     assert calls[0]["limit"] is None
     assert calls[2]["samples"]["piqa"] != calls[0]["samples"]["piqa"]
 
@@ -161,7 +161,7 @@ REFERENCE_FIRST_200 = {"piqa": ("acc", 0.64), "lambada_openai": ("acc", 0.34)}
 @pytest.mark.download
 def test_dense_model_reproduces_reference_accuracies(smollm2, monkeypatch):
     model, tokenizer = smollm2
-    monkeypatch.setattr(accuracy, "_sample_indices", lambda task, n, limit, seed: list(range(limit)))
+    monkeypatch.setattr(accuracy, "sample_indices", lambda task, n, limit, seed: list(range(limit)))
     result = evaluate_tasks(model, tokenizer, list(REFERENCE_FIRST_200), limit=200, seed=0)
     for task, (metric, expected) in REFERENCE_FIRST_200.items():
         assert result[task]["n"] == 200

@@ -50,9 +50,9 @@ def test_generated_yaml_keeps_lm_evals_generation_task_and_points_at_the_local_a
 
     data = tmp_path / f"{task}.arrow"
     path = tmp_path / "task.yaml"
-    lmeval._write_task_yaml(task, TASKS.get(task), data, path)
+    lmeval.write_task_yaml(task, TASKS.get(task), data, path)
     written = yaml.safe_load(path.read_text())
-    assert written["include"] == str(lmeval._lm_eval_tasks_dir() / TASKS.get(task).lm_eval_yaml)
+    assert written["include"] == str(lmeval.lm_eval_tasks_dir() / TASKS.get(task).lm_eval_yaml)
     assert written["dataset_path"] == "arrow" and written["dataset_name"] is None
     assert written["dataset_kwargs"]["data_files"] == {"validation": str(data)}
     assert (written["validation_split"], written["test_split"], written["training_split"]) == ("validation", None, None)
@@ -78,10 +78,10 @@ def test_humaneval_generation_settings_come_from_lm_evals_yaml():
 def test_generation_metrics_are_read_under_their_filter_and_are_the_headline():
     stock = {"alias": "triviaqa", "exact_match,remove_whitespace": 0.25,
              "exact_match_stderr,remove_whitespace": 0.1}
-    assert lmeval._metrics(stock) == {"exact_match": 0.25, "exact_match_stderr": 0.1}
-    assert lmeval._metrics({"acc,none": 0.5, "acc_stderr,none": 0.1}) == {"acc": 0.5, "acc_stderr": 0.1}
+    assert lmeval.task_metrics(stock) == {"exact_match": 0.25, "exact_match_stderr": 0.1}
+    assert lmeval.task_metrics({"acc,none": 0.5, "acc_stderr,none": 0.1}) == {"acc": 0.5, "acc_stderr": 0.1}
     with pytest.raises(RuntimeError, match="filters a, b"):
-        lmeval._metrics({"exact_match,a": 0.1, "exact_match,b": 0.2})
+        lmeval.task_metrics({"exact_match,a": 0.1, "exact_match,b": 0.2})
     assert lmeval.headline({"exact_match": 0.25, "exact_match_stderr": 0.1, "n": 4}) == 0.25
     assert lmeval.headline({"acc": 0.5, "acc_norm": 0.6}) == 0.6 and lmeval.headline({"pass@1": 0.0}) == 0.0
     with pytest.raises(ValueError, match="no headline metric"):
@@ -258,14 +258,14 @@ def test_qa_scores_equal_stock_lm_eval_on_the_same_documents(smollm2, monkeypatc
         return datasets.DatasetDict({"train": docs, "validation": docs})  # train: few-shot pool, unused at 0-shot
 
     monkeypatch.setattr(lm_task.datasets, "load_dataset", local_dataset)
-    samples = {t: lmeval._sample_indices(t, TASKS.get(t).rows, QA_LIMIT, 0) for t in QA_TASKS}
+    samples = {t: lmeval.sample_indices(t, TASKS.get(t).rows, QA_LIMIT, 0) for t in QA_TASKS}
     generated.append([])
     stock = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8),
                                     tasks=list(QA_TASKS), task_manager=TaskManager(), samples=samples,
                                     random_seed=0, numpy_random_seed=0, torch_random_seed=0,
                                     fewshot_random_seed=0)
     for task in QA_TASKS:
-        expected = lmeval._metrics(stock["results"][task])
+        expected = lmeval.task_metrics(stock["results"][task])
         assert ours[task]["n"] == QA_LIMIT == stock["n-samples"][task]["effective"]
         assert ours[task]["exact_match"] == expected["exact_match"], (task, ours, expected)
     assert len(generated[0]) == 2 * QA_LIMIT and sorted(generated[0]) == sorted(generated[1])

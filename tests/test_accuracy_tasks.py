@@ -301,7 +301,7 @@ def test_a_local_task_scores_as_the_direct_loglikelihood_argmax(smollm2, tmp_pat
     heard: list[tuple] = []
     target = EvalTarget(model, tokenizer, (), 30, skip_blocks, progress=lambda *a: heard.append(a))
     measured = acc.measure(target)
-    indices = lmeval._sample_indices("my_task", 20, 8, 3)
+    indices = lmeval.sample_indices("my_task", 20, 8, 3)
     requests = sum(len(QUESTIONS[i][1]) for i in indices)  # one loglikelihood request per choice
     assert heard[0] == ("lm-eval: loglikelihood requests", 0, requests, "requests")
     assert heard[-1] == ("lm-eval: loglikelihood requests", requests, requests, "requests")

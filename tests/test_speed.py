@@ -11,7 +11,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from algorithms.evaluations.timing import _decode, compare_speed, expected_ceiling, measure_speed, speedup
+from algorithms.evaluations.timing import (
+    compare_speed,
+    decode_steps,
+    expected_ceiling,
+    measure_speed,
+    speedup,
+)
 from algorithms.models.blocks import count_parameters, num_blocks, pruned_copy, weight_bytes
 
 FAST = {"prompt_lengths": (8, 16), "decode_tokens": 4, "repeats": 2, "warmup": 1}
@@ -71,7 +77,7 @@ def test_decode_loop_is_greedy_decoding_with_the_cache():
     model = tiny_llama()
     prompt = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
-        reset, run, produced = _decode(model, prompt, steps=6, extra={})
+        reset, run, produced = decode_steps(model, prompt, steps=6, extra={})
         reset()
         run()
         first = list(produced)

@@ -18,7 +18,7 @@ from bench.records import CellRecord
 from bench.store import (
     CacheWarning,
     ResultStore,
-    _atomic_write,
+    atomic_write,
     current_umask,
     write_bytes_atomic,
     write_json,
@@ -48,7 +48,7 @@ def test_a_write_that_fails_midway_leaves_the_old_file_whole(tmp_path):
         raise RuntimeError("crash mid-write")
 
     with pytest.raises(RuntimeError, match="crash mid-write"):
-        _atomic_write(path, half_then_crash)
+        atomic_write(path, half_then_crash)
     assert path.read_bytes() == b"old"  # a plain open(path, "wb") would have truncated it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # the temporary file is gone
 
@@ -83,10 +83,10 @@ def test_kill_minus_9_mid_write_leaves_the_old_file_and_no_partial_one(tmp_path)
         [sys.executable, "-c",
          "import sys, time\n"
          "from pathlib import Path\n"
-         "from bench.store import _atomic_write\n"
+         "from bench.store import atomic_write\n"
          "def writer(fh):\n"
          "    fh.write(b'n' * (8 << 20)); fh.flush(); print('half', flush=True); time.sleep(60)\n"
-         "_atomic_write(Path(sys.argv[1]), writer)\n",
+         "atomic_write(Path(sys.argv[1]), writer)\n",
          str(path)],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )

