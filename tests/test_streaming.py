@@ -293,3 +293,17 @@ def test_states_kept_in_float16_are_half_the_bytes_and_their_own_cells(tiny_fold
         assert c16.loss(loaded16.model, "block", 4)(removed) == c32.loss(loaded32.model, "block", 4)(removed)
     (p32,), (p16,) = plan(pipelines["float32"].config), plan(pipelines["float16"].config)
     assert p16.state_bytes * 2 == p32.state_bytes == 7 * 6 * 32 * 24 * 4
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(("name", "params"), [("bi", {}), ("mi_gauss", {"max_dim": 8}), ("cka_linear", {}),
+                                              ("hsic", {"n_tokens": 100}), ("mi_renyi", {"n_tokens": 64})])
+def test_streaming_on_cuda_equals_cpu(name, params):
+    """Accumulators keep their state on the batches' device; the scores come back to the CPU."""
+    states = _states().double()
+    metric = METRICS.get(name)(**params)
+    cpu = stream_scores(metric, states, batch_size=4, lengths=[1, 2])
+    cuda = stream_scores(metric, states.cuda(), batch_size=4, lengths=[1, 2])
+    for n in (1, 2):
+        assert cuda[n].device.type == "cpu"
+        torch.testing.assert_close(cuda[n], cpu[n], rtol=1e-6, atol=1e-9)
