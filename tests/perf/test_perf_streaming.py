@@ -5,8 +5,8 @@ during capture, nothing stored), each in a fresh process so its peak resident me
 
 The memory reported is the process's peak RSS minus its RSS once the model is loaded and warmed up (what
 capture and scoring add). Scores of both paths are compared: ``tokens`` metrics to 1e-12, ``sample``
-metrics bit for bit, ``moments`` to the float32 rounding of the stored path (1e-4 here: see
-``tests/test_streaming.py``). Run: ``BLOCKBENCH_PERF=1 pytest tests/perf/test_perf_streaming.py
+metrics bit for bit, ``moments`` by their distance to the float64 truth at 4k tokens (both paths round
+products in float32; see ``tests/test_streaming.py``). Run: ``BLOCKBENCH_PERF=1 pytest tests/perf/test_perf_streaming.py
 --benchmark-only -s`` (about 15 minutes on 2 idle cores)."""
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ SEQ_LEN = 256
 SIZES = {"4k": 16, "16k": 64, "64k": 256}  # calibration samples of SEQ_LEN tokens
 #: every hidden-state metric at its defaults (mi_gauss at full width needs 2 x (576 + 576) tokens: all sizes have)
 METRICS = ["bi", "angular", "mi_gauss", "cka_linear", "hsic", "mi_ksg", "mi_renyi"]
+MOMENTS = ("mi_gauss", "cka_linear")
 
 
 def _rss_mb() -> float:
@@ -70,7 +71,10 @@ def measure(path: str, samples: int, out: str) -> None:
         assert states is None
         scores = {name: s.span_lengths([1])[1].tolist() for name, s in streams.items()}
     seconds = time.perf_counter() - start
-    Path(out).write_text(json.dumps({"peak_mb": _rss_mb(), "base_mb": base, "seconds": seconds, "scores": scores}))
+    result = {"peak_mb": _rss_mb(), "base_mb": base, "seconds": seconds, "scores": scores}
+    if path == "stored" and samples <= min(SIZES.values()):  # after the peak is read: the float64 truth
+        result["truth"] = {name: metrics[name].score_blocks(states.double()).tolist() for name in MOMENTS}
+    Path(out).write_text(json.dumps(result))
 
 
 def _run(tmp_path: Path, path: str, size: str) -> dict:
@@ -101,9 +105,21 @@ def test_streamed_peak_memory_does_not_grow_with_tokens(benchmark, tmp_path):
             a, b = torch.tensor(stored[name], dtype=torch.float64), torch.tensor(streamed[name], dtype=torch.float64)
             if name in ("hsic", "mi_ksg", "mi_renyi"):
                 assert torch.equal(a, b), (size, name)
+            elif name in MOMENTS:
+                # full-width Gaussian MI of SmolLM2 reads 500-660 nats (correlations within 1e-6 of 1): float32
+                # rounding moves it by 0.5% in the stored path and 0.2% streamed (measured at 4k against float64)
+                torch.testing.assert_close(b, a, rtol=1e-2 if name == "mi_gauss" else 1e-5, atol=1e-12,
+                                           msg=f"{size} {name}")
             else:
-                torch.testing.assert_close(b, a, rtol=1e-4 if name in ("mi_gauss", "cka_linear") else 1e-12,
-                                           atol=1e-12, msg=f"{size} {name}")
+                torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-15, msg=f"{size} {name}")
+    truth = runs["stored", "4k"]["truth"]
+    for name in MOMENTS:
+        t = torch.tensor(truth[name], dtype=torch.float64)
+        errors = {path: float(((torch.tensor(runs[path, "4k"]["scores"][name], dtype=torch.float64) - t).abs()
+                               / t.abs()).max()) for path in ("stored", "streamed")}
+        NOTES.append(f"streaming 4k {name}: largest relative error against float64, stored {errors['stored']:.1e}, "
+                     f"streamed {errors['streamed']:.1e}")
+        assert errors["streamed"] <= max(2 * errors["stored"], 1e-6), (name, errors)
     # the states alone at 64k tokens: 31 x 65,536 x 576 x 4 B = 4.7 GB; streamed holds what does not grow
     assert added["streamed", "64k"] <= 1.10 * added["streamed", "4k"], added
     assert added["stored", "64k"] >= 8 * added["stored", "4k"] * 0.5, added  # about linear (16x the tokens)
