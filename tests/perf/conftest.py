@@ -1,6 +1,8 @@
 """Benchmarks are opt-in: they run only with BLOCKBENCH_PERF=1 (``nox -s bench`` sets it)."""
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,3 +60,21 @@ def correlated_pair(n: int, d: int, device: str, seed: int = 0) -> tuple[torch.T
     x = torch.randn(n, d, generator=g)
     y = 0.8 * x + 0.6 * torch.randn(n, d, generator=g)
     return x.to(device), y.to(device)
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "results" / "examples"
+
+
+def leaderboard_sets(name: str, model: str = "smollm2-135m") -> set[tuple[int, ...]]:
+    """The removed sets of a leaderboard's rows of ``model`` (``13-15,17`` is blocks 13, 14, 15, 17)."""
+    sets = set()
+    for line in (EXAMPLES / name).read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or model not in cells or not re.fullmatch(r"[\d,\-]+", cells[-1]):
+            continue
+        blocks = []
+        for part in cells[-1].split(","):
+            lo, _, hi = part.partition("-")
+            blocks += range(int(lo), int(hi or lo) + 1)
+        sets.add(tuple(blocks))
+    return sets

@@ -9,31 +9,15 @@ for the dense model too: ``0`` measures it as one more set, the default in its r
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import pytest
 
-from tests.perf.conftest import NOTES, TIMINGS
+from tests.perf.conftest import NOTES, TIMINGS, leaderboard_sets
 
 pytestmark = [pytest.mark.slow, pytest.mark.download]
 
-LEADERBOARD = Path(__file__).resolve().parents[2] / "results" / "examples" / "selectors.md"
-
-
 def distinct_sets() -> list[tuple[int, ...]]:
-    """The removed sets of the leaderboard's rows (``13-15,17`` is blocks 13, 14, 15 and 17)."""
-    sets = set()
-    for line in LEADERBOARD.read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) < 2 or not re.fullmatch(r"[\d,\-]+", cells[-1]):
-            continue
-        blocks = []
-        for part in cells[-1].split(","):
-            lo, _, hi = part.partition("-")
-            blocks += range(int(lo), int(hi or lo) + 1)
-        sets.add(tuple(blocks))
-    return sorted(sets)
+    """The removed sets of the selectors leaderboard's rows."""
+    return sorted(leaderboard_sets("selectors.md"))
 
 
 @pytest.fixture(scope="module")

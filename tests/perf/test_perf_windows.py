@@ -11,31 +11,12 @@ evidence for how many windows it keeps. Run: ``BLOCKBENCH_PERF=1 pytest tests/pe
 from __future__ import annotations
 
 import itertools
-import re
-from pathlib import Path
 
 import pytest
 
-from tests.perf.conftest import NOTES
+from tests.perf.conftest import NOTES, leaderboard_sets
 
 pytestmark = [pytest.mark.slow, pytest.mark.download]
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "results" / "examples"
-
-
-def leaderboard_sets(name: str, model: str = "smollm2-135m") -> set[tuple[int, ...]]:
-    """The removed sets of a leaderboard's rows of ``model`` (``13-15,17`` is blocks 13, 14, 15, 17)."""
-    sets = set()
-    for line in (EXAMPLES / name).read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) < 3 or model not in cells or not re.fullmatch(r"[\d,\-]+", cells[-1]):
-            continue
-        blocks = []
-        for part in cells[-1].split(","):
-            lo, _, hi = part.partition("-")
-            blocks += range(int(lo), int(hi or lo) + 1)
-        sets.add(tuple(blocks))
-    return sets
 
 
 def _ranks(values: list[float]) -> list[int]:
