@@ -335,28 +335,23 @@ def _fill_stream(p: ModelPlan, config: GridConfig, cells: list) -> None:
         key = cell.stream_key
         metric = streams[key][0] if key in streams else _metric_of(cell)
         streams[key] = (metric, depths, max(k, streams[key][2] if key in streams else 1))
-    # metrics that keep the same state share it (estimators.streaming.shared_accumulators): the moments of
-    # every token per stream, a token sample per stream, n_tokens and seed
-    kept: dict[tuple, int] = {}
-    tokens = p.state_samples * p.state_seq_len
+    # metrics that keep the same state share it (estimators.streaming.shared_accumulators), kept for the
+    # longest span any of them needs: the moments of every token per stream, a token sample per stream,
+    # n_tokens and seed; token sums are each metric's own
+    longest: dict[tuple, int] = {}
     for metric, depths, k in streams.values():
         kind = metric.stream_kind()
-        k = min(k, depths - 1)
+        key = (kind, depths, *(metric.sample_spec() if kind == "sample" else ()), *((id(metric),) if kind == "tokens" else ()))
+        longest[key] = max(longest.get(key, 1), min(k, depths - 1))
+    tokens = p.state_samples * p.state_seq_len
+    total = 0
+    for (kind, depths, *rest), k in longest.items():
         if kind == "moments":
-            key, size = ("moments", depths, k), (depths + (depths - 1) * k) * p.width**2 * 8
-            shared = [other for other in kept if other[:2] == key[:2]]
-            if shared and shared[0][2] >= k:
-                continue
-            for other in shared:
-                del kept[other]
+            total += (depths + (depths - 1) * k) * p.width**2 * 8
         elif kind == "sample":
-            n_tokens, seed = metric.sample_spec()
-            key = ("sample", depths, n_tokens, seed)
-            size = depths * min(n_tokens or tokens, tokens) * p.width * DTYPE_BYTES[config.state_dtype]
+            total += depths * min(rest[0] or tokens, tokens) * p.width * DTYPE_BYTES[config.state_dtype]
         else:
-            key, size = ("tokens", id(metric), depths), (depths - 1) * k * 8
-        kept[key] = size
-    total = sum(kept.values())
+            total += (depths - 1) * k * 8
     if streams:  # the batch every consumer sees
         total += p.depths * config.calibration.batch_size * p.state_seq_len * p.width * DTYPE_BYTES[config.state_dtype]
     p.stream_bytes = total

@@ -588,9 +588,9 @@ class Pipeline:
         self.counters["captures"] += 1
         capture_seconds = timer.times["capture"] - sum(feed_seconds)
         # a shared accumulator's time is split between the metrics it serves
-        sharers = {i: sum(s.accumulator is feed for s in streams.values()) for i, feed in enumerate(feeds)}
-        seconds = {name: next(feed_seconds[i] / sharers[i] for i, feed in enumerate(feeds) if s.accumulator is feed)
-                   for name, s in streams.items()}
+        spent = {id(feed): t for feed, t in zip(feeds, feed_seconds, strict=True)}
+        users = Counter(id(s.accumulator) for s in streams.values())
+        seconds = {name: spent[id(s.accumulator)] / users[id(s.accumulator)] for name, s in streams.items()}
         self.seconds["capture"] += capture_seconds
         self._check_finite(states)
         stats["capture_seconds"] = capture_seconds

@@ -147,15 +147,17 @@ class MomentAccumulator(Accumulator):
     def update(self, batch: Tensor, rows: slice) -> None:
         picked = self.metric.select_tokens(batch)
         flat = picked.reshape(self.depths, -1, picked.shape[-1])
+        work = torch.float64 if flat.dtype == torch.float64 else torch.float32
         if self.shift is None:
-            self.shift = flat.to(torch.float64).mean(1)
+            # the first batch's mean, rounded to the working precision: the covariance does not depend on
+            # the shift, only on its being the same for every batch (the mean adds it back in float64)
+            self.shift = flat.to(torch.float64).mean(1).to(work)
             d = flat.shape[-1]
             self.s1 = torch.zeros(self.depths, d, dtype=torch.float64, device=flat.device)
             self.s2 = torch.zeros(self.depths, d, d, dtype=torch.float64, device=flat.device)
         assert self.s1 is not None and self.s2 is not None
         # shifted by a fixed mean, so large offsets cancel before the products; a constant feature is 0
-        work = torch.float64 if flat.dtype == torch.float64 else torch.float32
-        z = (flat.to(torch.float64) - self.shift[:, None]).to(work)
+        z = flat.to(work) - self.shift[:, None]
         with no_tf32():
             self.s1 += z.sum(1, dtype=torch.float64)
             self.s2 += (z.transpose(1, 2) @ z).to(torch.float64)
@@ -172,7 +174,7 @@ class MomentAccumulator(Accumulator):
         assert self.s1 is not None and self.s2 is not None and self.shift is not None
         m = self.s1[depth] / self.n
         cov = (self.s2[depth] - self.n * torch.outer(m, m)) / (self.n - 1)
-        return Moments(self.n, self.shift[depth] + m, cov)
+        return Moments(self.n, self.shift[depth].to(torch.float64) + m, cov)
 
     def _cross_covariance(self, start: int, n: int) -> Tensor:
         assert self.s1 is not None
