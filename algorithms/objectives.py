@@ -75,11 +75,14 @@ class Objective:
     breaks the model is never preferred) so that comparisons stay total.
     """
 
-    def __init__(self, fn: Callable[[frozenset[int]], float], name: str = "custom") -> None:
+    def __init__(self, fn: Callable[[frozenset[int]], float], name: str = "custom",
+                 anchor: Callable[[frozenset[int]], float | None] | None = None) -> None:
         self.fn = fn
         self.name = name
+        self._anchor = anchor
         self.cache: dict[frozenset[int], float] = {}
         self.evaluations = 0  #: distinct sets really computed (cache misses)
+        self.anchors = 0  #: :meth:`anchor` passes really run
 
     def __call__(self, blocks: Iterable[int]) -> float:
         key = _key(blocks)
@@ -91,6 +94,22 @@ class Objective:
             self.cache[key] = value
             self.evaluations += 1
         return value
+
+    def anchor(self, blocks: Iterable[int]) -> None:
+        """A hint from a search: the sets it asks for next contain ``blocks`` (a greedy step). An objective
+        that can use it prepares for them (the ``loss`` keeps the states of the model without ``blocks``
+        at every depth, so each superset starts at its first block not in ``blocks``); no value changes.
+        The value of ``blocks`` itself, computed on the way, is memoised (and counted when new)."""
+        if self._anchor is None:
+            return
+        key = _key(blocks)
+        value = self._anchor(key)
+        if value is None:
+            return
+        self.anchors += 1
+        if key not in self.cache:
+            self.cache[key] = math.inf if math.isnan(value) else float(value)
+            self.evaluations += 1
 
     def cached(self, blocks: Iterable[int]) -> float | None:
         """The memoised value of ``blocks`` without computing it (None when unknown)."""
@@ -125,6 +144,10 @@ class CountingObjective:
         key = _key(blocks)
         self.seen.add(key)
         return self.objective(key)
+
+    def anchor(self, blocks: Iterable[int]) -> None:
+        """:meth:`Objective.anchor` (a hint; counts nothing: the value of ``blocks`` is asked separately)."""
+        self.objective.anchor(blocks)
 
     def prepaid(self, blocks: Iterable[int], value: float) -> None:
         """Memoise a value known from elsewhere; querying that set later costs nothing."""
@@ -197,6 +220,8 @@ class ObjectiveFactory:
         #: the dense model's states on ``input_ids`` in ``batch_size`` batches (the captured hidden states):
         #: the ``loss`` of a set starts at its first removed block (:mod:`algorithms.models.prefix`)
         self._prefix = prefix
+        #: the states of the model without the set a greedy search has chosen so far (:meth:`Objective.anchor`)
+        self._anchor: PrefixStates | None = None
         self._span_fn = span_scores
         self._objectives: dict[str, Objective] = {}
         #: model-level objectives (``loss``), shared with ``share`` when it wraps the same model and ids
@@ -261,7 +286,7 @@ class ObjectiveFactory:
             missing = [n for n, v in (("model", self.model), ("input_ids", self.input_ids)) if v is None]
             if missing:
                 raise ValueError(f"objective 'loss' needs {' and '.join(missing)}; this factory has none")
-            return Objective(self._calibration_loss, name=kind)
+            return Objective(self._calibration_loss, name=kind, anchor=self._anchor_loss)
         raise ValueError(f"unknown objective {kind!r}; known: {', '.join(OBJECTIVE_KINDS + tuple(self.custom))}")
 
     def _need(self, kind: str, *, states_or_scores: bool) -> None:
@@ -288,17 +313,49 @@ class ObjectiveFactory:
                     self._spans[m] = [float(v) for v in scores.cpu().tolist()]
         return self._spans[n]
 
-    def _calibration_loss(self, blocks: frozenset[int]) -> float:
-        from algorithms.models.nll import mean_nll, perplexity_of
-        from algorithms.models.prefix import resumed
-        from algorithms.models.units import skip_units
-
+    def _dense_prefix(self) -> PrefixStates | None:
         if callable(self._prefix):
             self._prefix = self._prefix()  # resolve a lazy prefix once
-        first = min(blocks, default=None)
-        if first is not None and self.unit == "sublayer":
-            first //= 2
+        return self._prefix
+
+    def _start(self, blocks: frozenset[int]) -> PrefixStates | None:
+        """The kept states (dense, or the anchor's) from which the model without ``blocks`` starts deepest."""
+        kept = [p for p in (self._dense_prefix(), self._anchor) if p is not None]
+        return max(kept, key=lambda p: p.resume_depth(blocks, self.unit), default=None)
+
+    def _calibration_loss(self, blocks: frozenset[int]) -> float:
+        from algorithms.models.nll import mean_nll
+        from algorithms.models.prefix import resumed_without
+        from algorithms.models.units import skip_units
+
+        start = self._start(blocks)
         with skip_units(self.model, self.unit, sorted(blocks)) as model, \
-                contextlib.nullcontext(model) if self._prefix is None else resumed(model, self._prefix, first):
+                contextlib.nullcontext(model) if start is None else resumed_without(model, start, blocks, self.unit):
             nll, _ = mean_nll(model, self.input_ids, batch_size=self.batch_size)
+        return self._value(nll)
+
+    def _value(self, nll: float) -> float:
+        from algorithms.models.nll import perplexity_of
+
         return perplexity_of(nll) if self.true_loss == "ppl" else nll
+
+    def _anchor_loss(self, blocks: frozenset[int]) -> float | None:
+        """Keep the states of the model without ``blocks`` at the dense prefix's depths (replacing the
+        previous anchor; memory: at most one more set of captured states), computed from the deepest
+        kept states; returns its loss. ``None`` (nothing kept) without a dense prefix or for no blocks."""
+        from algorithms.models.nll import mean_nll
+        from algorithms.models.prefix import recording_resumed
+        from algorithms.models.units import skip_units
+
+        dense = self._dense_prefix()
+        if dense is None or not blocks:
+            return None
+        if self._anchor is not None and self._anchor.removed == blocks and self._anchor.unit == self.unit:
+            return None
+        start = self._start(blocks)
+        self._anchor = None  # the new anchor shares the states it starts from; the rest of the old one goes
+        with skip_units(self.model, self.unit, sorted(blocks)) as model:
+            self._anchor, (nll, _) = recording_resumed(
+                model, start, dense.depths, blocks, self.unit,
+                lambda m: mean_nll(m, self.input_ids, batch_size=self.batch_size))
+        return self._value(nll)

@@ -217,6 +217,7 @@ class Iterative(SearchSelector):
         path = []
         value = math.inf
         for _ in range(problem.k):
+            f.anchor(chosen)  # every set of this step contains ``chosen`` (the loss then starts at ``c``)
             options = [c for c in problem.candidates if c not in chosen]
             best = min(options, key=lambda c: (f(chosen + [c]), -red[c], -c))
             chosen.append(best)

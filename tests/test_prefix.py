@@ -270,3 +270,59 @@ def test_captured_prefix_states_are_views_split_like_the_batches():
     assert prefix.depths == (1, 2, 3, 4, 5)
     assert [t.shape[0] for t in prefix.states[3]] == [2, 2, 1]
     assert all(t.data_ptr() == states[3, 2 * i].data_ptr() for i, t in enumerate(prefix.states[3]))  # no copy
+
+
+def block_calls(model) -> tuple[list[int], list]:
+    """Per-block forward counters (dense numbering) and their hook handles."""
+    calls = [0] * N_LAYERS
+    handles = []
+    for i, block in enumerate(get_blocks(model)):
+        def count(_m, _a, i=i):
+            calls[i] += 1
+        handles.append(block.register_forward_pre_hook(count))
+    return calls, handles
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "qwen2"])
+@pytest.mark.parametrize(("unit", "path"), [
+    ("block", [3, 1, 4]),          # the anchor {3, 1} starts after the removed block 1; {1, 3} + 4 resumes at 4
+    ("attention", [4, 2, 5]),
+    ("sublayer", [9, 4, 7, 1]),    # sub-layers: block 4's MLP, block 2's attention, ...
+])
+def test_a_greedy_search_anchored_on_its_chosen_set_gives_the_same_losses(arch, unit, path):
+    """SLEB and BlockPruner add one unit at a time: with the states of the model without the chosen set
+    kept (Objective.anchor), each set tried next starts at its new unit's block. Every loss is the one
+    run whole, and the blocks before the new unit are really not run."""
+    from algorithms.models.capture import capture_hidden_states
+    from algorithms.models.prefix import from_captured, unit_block
+    from algorithms.models.units import n_units
+    from algorithms.objectives import ObjectiveFactory
+
+    model = build(arch)
+    states, _ = capture_hidden_states(model, WINDOWS, batch_size=BATCH, sublayers=unit == "sublayer")
+    blocks = states[0::2] if unit == "sublayer" else states
+    anchored = ObjectiveFactory(model=model, input_ids=WINDOWS, batch_size=BATCH, unit=unit,
+                                prefix=lambda: from_captured(blocks, BATCH)).get("loss")
+    whole = ObjectiveFactory(model=model, input_ids=WINDOWS, batch_size=BATCH, unit=unit).get("loss")
+    chosen: list[int] = []
+    for step in path:
+        anchored.anchor(chosen)
+        for u in range(n_units(model, unit)):
+            if u in chosen:
+                continue
+            tried = [*chosen, u]
+            calls, handles = block_calls(model)
+            value = anchored(tried)
+            for h in handles:
+                h.remove()
+            assert value == whole(tried), (tried, value, whole(tried))
+            first = unit_block(unit, u)
+            ran = [i for i, c in enumerate(calls) if c]
+            gone = set(tried) if unit == "block" else set()
+            expect = [i for i in range(N_LAYERS) if i not in gone and i >= first] if chosen else None
+            if expect is not None and expect and ran != expect:
+                # the fed block is the first one left at or after the new unit's block
+                pytest.fail(f"{tried}: blocks run {ran}, expected {expect}")
+        chosen.append(step)
+    assert anchored.cached(chosen[:-1]) == whole(chosen[:-1])
+    assert anchored.anchors == len(path) - 1  # one anchor pass per step after the first

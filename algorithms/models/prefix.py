@@ -45,6 +45,11 @@ class PrefixStates:
 
     depths: tuple[int, ...]
     states: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    #: the units removed in the model that ran the windows (``unit`` numbering; empty: the dense model). A
+    #: model without other units enters block ``d`` in the same state as long as both remove the same
+    #: units of the blocks before ``d`` (:meth:`resume_depth`)
+    removed: frozenset[int] = frozenset()
+    unit: str = "block"
 
     @property
     def nbytes(self) -> int:
@@ -55,6 +60,22 @@ class PrefixStates:
         if first_removed is None:
             return 0
         return max((d for d in self.depths if d <= first_removed), default=0)
+
+    def resume_depth(self, removed: Iterable[int], unit: str = "block") -> int:
+        """The deepest kept depth at which a model without the ``unit`` units ``removed`` enters that block
+        in the state kept here: both remove the same units of every block before it (``0``: none)."""
+        removed = frozenset(int(u) for u in removed)
+        if self.removed and unit != self.unit:  # dense states serve every unit kind; others their own
+            return 0
+        differ = removed ^ self.removed
+        if not differ:
+            return max(self.depths, default=0)
+        return self.start(min(unit_block(unit, u) for u in differ))
+
+
+def unit_block(unit: str, index: int) -> int:
+    """The block a unit index belongs to (sub-layers ``2i``/``2i + 1`` belong to block ``i``)."""
+    return index // 2 if unit == "sublayer" else index
 
 
 def checkpoint_depths(n_blocks: int, bytes_per_depth: int, budget_bytes: int) -> tuple[int, ...]:
@@ -78,15 +99,29 @@ def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def recording(model: nn.Module, depths: Iterable[int]) -> Iterator[PrefixStates]:
-    """While the ``with`` block runs ``model`` (the dense model) batch by batch, keep the state
-    entering each block of ``depths``; yields the :class:`PrefixStates` being filled."""
-    blocks = get_blocks(model)
-    kept = tuple(sorted(set(depths)))
-    bad = [d for d in kept if not 0 < d < len(blocks)]
+def recording(model: nn.Module, depths: Iterable[int], removed: Iterable[int] = (),
+              unit: str = "block") -> Iterator[PrefixStates]:
+    """While the ``with`` block runs ``model`` batch by batch, keep the state entering each block of
+    ``depths``; yields the :class:`PrefixStates` being filled. ``model`` is the dense model, or one that
+    runs without the ``unit`` units ``removed`` (``depths`` in dense numbering; removed blocks keep none)."""
+    removed = frozenset(int(u) for u in removed)
+    gone = removed if unit == "block" else frozenset()
+    n_dense = len(get_blocks(model)) + len(gone)
+    kept = tuple(sorted(set(depths) - gone))
+    bad = [d for d in kept if not 0 < d < n_dense]
     if bad:
-        raise ValueError(f"depths {bad} are not between 1 and {len(blocks) - 1} (the blocks of the model)")
-    prefix = PrefixStates(depths=kept, states={d: [] for d in kept})
+        raise ValueError(f"depths {bad} are not between 1 and {n_dense - 1} (the blocks of the model)")
+    prefix = PrefixStates(depths=kept, states={d: [] for d in kept}, removed=removed, unit=unit)
+    blocks = get_blocks(model)
+    with _keeping({d: blocks[d - sum(1 for g in gone if g < d)] for d in kept}, prefix):
+        yield prefix
+
+
+@contextlib.contextmanager
+def _keeping(targets: dict[int, nn.Module], prefix: PrefixStates) -> Iterator[None]:
+    """Append the state entering each module of ``targets`` (depth -> block) to ``prefix.states[depth]``
+    while the ``with`` block runs. The hooks go after any pre-hook already on a block (a fed state is
+    the one kept)."""
 
     def hook(depth: int):
         def keep(_module, args, kwargs):
@@ -94,12 +129,37 @@ def recording(model: nn.Module, depths: Iterable[int]) -> Iterator[PrefixStates]
 
         return keep
 
-    handles = [blocks[d].register_forward_pre_hook(hook(d), with_kwargs=True) for d in kept]
+    handles = [block.register_forward_pre_hook(hook(d), with_kwargs=True) for d, block in targets.items()]
     try:
-        yield prefix
+        yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def recording_resumed(model: nn.Module, source: PrefixStates, depths: Iterable[int], removed: Iterable[int],
+                      unit: str, run: Callable[[nn.Module], Any]) -> tuple[PrefixStates, Any]:
+    """``run(model)`` for ``model`` running without the ``unit`` units ``removed``, started from
+    ``source`` (:func:`resumed_without`), keeping the states entering the blocks of ``depths`` (dense
+    numbering): those before the depth it starts at are ``source``'s (the same tensors: both models
+    agree up to there), the others are recorded on the way. Returns the model's
+    :class:`PrefixStates` and ``run``'s result. A greedy search keeps the states of the set chosen so
+    far this way, and each set it tries next starts at its own new unit."""
+    removed = frozenset(int(u) for u in removed)
+    gone = removed if unit == "block" else frozenset()
+    start = source.resume_depth(removed, unit)
+    kept = tuple(sorted(set(depths) - gone))
+    prefix = PrefixStates(depths=kept, states={d: [] for d in kept}, removed=removed, unit=unit)
+    blocks = get_blocks(model)
+    targets = {}
+    for d in kept:
+        if d <= start and d in source.states:
+            prefix.states[d] = list(source.states[d])
+        else:
+            targets[d] = blocks[d - sum(1 for g in gone if g < d)]
+    with resumed_without(model, source, removed, unit) as started, _keeping(targets, prefix):
+        result = run(started)
+    return prefix, result
 
 
 @contextlib.contextmanager
@@ -112,7 +172,29 @@ def resumed(model: nn.Module, prefix: PrefixStates, first_changed: int | None) -
     model runs as it is."""
     n_blocks = len(get_blocks(model))
     depth = 0 if first_changed is None else prefix.start(min(first_changed, n_blocks - 1))
-    if depth == 0 or not shareable(model):
+    with _fed(model, prefix, depth, depth) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def resumed_without(model: nn.Module, prefix: PrefixStates, removed: Iterable[int],
+                    unit: str = "block") -> Iterator[nn.Module]:
+    """Like :func:`resumed` for ``model`` running without the ``unit`` units ``removed`` (dense
+    numbering), from states kept on the dense model or on a model without other units
+    (:attr:`PrefixStates.removed`): it starts at :meth:`PrefixStates.resume_depth`, the deepest kept depth
+    before which both remove the same units."""
+    removed = frozenset(int(u) for u in removed)
+    depth = prefix.resume_depth(removed, unit)
+    # the leading blocks still in ``model``'s list (removed blocks are out of it; removed branches are not)
+    skip = depth - sum(1 for b in removed if b < depth) if unit == "block" else depth
+    with _fed(model, prefix, depth, skip) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def _fed(model: nn.Module, prefix: PrefixStates, depth: int, skip: int) -> Iterator[nn.Module]:
+    """``model`` without its first ``skip`` blocks, the states kept at ``depth`` fed to the next one."""
+    if depth == 0 or skip >= len(get_blocks(model)) or not shareable(model):
         yield model
         return
     batches = prefix.states[depth]
@@ -133,7 +215,7 @@ def resumed(model: nn.Module, prefix: PrefixStates, first_changed: int | None) -
             return (state, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": state}
 
-    with skip_blocks(model, range(depth)):
+    with skip_blocks(model, range(skip)):
         handle = get_blocks(model)[0].register_forward_pre_hook(feed, with_kwargs=True)
         try:
             yield model
