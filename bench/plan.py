@@ -29,8 +29,8 @@ blocks, ``d`` width, ``F`` MLP width, ``V`` vocabulary, ``S`` calibration sample
   timed forward passes per pruned set; accuracy ``tasks × limit`` documents per set (lm-eval sends one
   or more requests per document: a multiple-choice document one per choice); generation
   ``prompts × new_tokens`` decoding steps per set (the dense model included). Perplexity and KL also
-  keep up to their ``prefix_memory_mb`` of dense states on the CPU (the shared prefix), which is not
-  device memory and not in the peak.
+  keep up to their ``prefix_memory_mb`` of dense states and ``prefix_sets_mb`` of measured sets' states
+  on the CPU (the shared prefix), which is not device memory and not in the peak.
 
 These are estimates: their point is the order of magnitude and the knob, not the byte. A model whose
 config is not on disk (a hub id, a zoo model not built yet) is "unknown until loaded" and not checked.

@@ -203,6 +203,58 @@ def test_perplexity_and_kl_evaluations_share_the_prefix_with_the_same_numbers(mo
         assert with_prefix == without and with_prefix["kl"] > 0
 
 
+@pytest.mark.parametrize(("unit", "sets", "first_run", "first_run_dense_only"), [
+    # block sets in the order they come, and the first block each runs (dense numbering) with the states of
+    # the sets before it kept, and with the dense states only. {1,2,4} after {1,2}: block 5 (the only kept
+    # block after 4); {1,3}: nothing in common with {1,2} past block 1; {1,2,5}: from {1,2} at block 4 (at 5
+    # nothing would be left to run); {0,5}: nothing in common with anyone, runs from its embeddings.
+    ("block", [(1, 2), (1, 2, 4), (1, 3), (1, 2, 5), (0, 5)], [3, 5, 2, 4, 1], [3, 3, 2, 3, 1]),
+    # sub-layers 2i / 2i + 1 of block i: {3,4,9} after {3,4} starts at block 4; {3,8} differs from it at 4
+    ("sublayer", [(3, 4), (3, 4, 9), (3, 8)], [1, 4, 2], [1, 1, 1]),
+])
+def test_sets_start_from_the_states_of_sets_measured_before(monkeypatch, unit, sets, first_run, first_run_dense_only):
+    """The trie of removed sets: an evaluation keeps the states of the sets it measured, and a set that
+    agrees with one of them up to a later block starts there. Same numbers as each set measured alone."""
+    import algorithms.data as data
+
+    monkeypatch.setattr(data, "heldout_windows", lambda *a, **k: WINDOWS)
+    model = build("llama")
+    ways = {"trie": Perplexity({"batch_size": BATCH}),
+            "dense_only": Perplexity({"batch_size": BATCH, "prefix_sets_mb": 0})}
+    refs = {way: evaluation.reference(model, Tokenizer()) for way, evaluation in ways.items()}
+    prune = transform(unit)
+    ran = {way: [] for way in ways}
+    for removed in sets:
+        values = {}
+        for way, evaluation in ways.items():
+            calls, handles = block_calls(model)
+            values[way] = evaluation.measure(EvalTarget(model, Tokenizer(), removed, N_LAYERS, prune, unit=unit,
+                                                        reference=refs[way]))["nll"]
+            for h in handles:
+                h.remove()
+            ran[way].append(min(i for i, c in enumerate(calls) if c))
+        with prune(model, removed) as pruned:
+            assert values["trie"] == values["dense_only"] == mean_nll(pruned, WINDOWS, batch_size=BATCH)[0]
+    assert ran == {"trie": first_run, "dense_only": first_run_dense_only}
+    assert [p.removed for p in refs["trie"].earlier] == [frozenset(r) for r in sets]
+    assert refs["dense_only"].earlier == []
+
+
+def test_the_states_of_earlier_sets_stay_within_their_budget():
+    """Each kept set costs the bytes it does not share with the dense states; the oldest go first."""
+    model = build("llama")
+    with recording(model, range(1, N_LAYERS)) as dense:
+        mean_nll(model, WINDOWS, batch_size=BATCH)
+    per_depth = WINDOWS.numel() * model.config.hidden_size * 4
+    reference = PrefixReference(None, dense, earlier_bytes=5 * per_depth)
+    for removed in [(3,), (4,), (2,)]:  # own depths: 4, 5 (block 4 kept), 3, 4, 5 -> 2, 1, 3 depths
+        target = EvalTarget(model, None, removed, N_LAYERS, skip_blocks, reference=reference)
+        with target.pruned(reference) as pruned:
+            mean_nll(pruned, WINDOWS, batch_size=BATCH)
+    assert [reference.own_bytes(p) // per_depth for p in reference.earlier] == [1, 3]
+    assert [p.removed for p in reference.earlier] == [frozenset({4}), frozenset({2})]
+
+
 def test_healed_targets_never_resume():
     """A healed model's kept blocks are not the dense model's: the target ignores the prefix."""
     model = build("llama")
@@ -213,9 +265,9 @@ def test_healed_targets_never_resume():
 
 
 def test_prefix_memory_is_a_speed_setting_not_an_identity():
-    assert Perplexity({"prefix_memory_mb": 0}).describe() == Perplexity().describe()
-    assert KLDivergence({"prefix_memory_mb": 0}).describe() == KLDivergence().describe()
-    assert "prefix_memory_mb" not in Perplexity().describe()["params"]
+    assert Perplexity({"prefix_memory_mb": 0, "prefix_sets_mb": 0}).describe() == Perplexity().describe()
+    assert KLDivergence({"prefix_memory_mb": 0, "prefix_sets_mb": 7}).describe() == KLDivergence().describe()
+    assert not {"prefix_memory_mb", "prefix_sets_mb"} & set(Perplexity().describe()["params"])
 
 
 @pytest.mark.slow

@@ -43,7 +43,7 @@ from algorithms.params import Parameterised, Params
 if TYPE_CHECKING:  # torch is imported by whoever measures; reading a grid's sections does not need it
     import torch
 
-    from algorithms.models.prefix import PrefixStates
+    from algorithms.models.prefix import PrefixReference, PrefixStates
     from algorithms.progress import Progress
 
 Aggregate = Literal["mean", "median"]
@@ -125,21 +125,31 @@ class EvalTarget:
         return first // 2 if self.unit == "sublayer" else first
 
     @contextlib.contextmanager
-    def pruned(self, prefix: PrefixStates | None = None) -> Iterator[torch.nn.Module]:
+    def pruned(self, prefix: PrefixStates | PrefixReference | None = None) -> Iterator[torch.nn.Module]:
         """The model with ``removed`` taken out for the duration of the block (the transform stage).
 
-        ``prefix``: the dense model's states kept by :func:`algorithms.models.prefix.recording` on the
-        windows the body will feed, in the same batches; the pruned model then starts from them at its
-        first removed block instead of recomputing the blocks it shares with the dense model (same
-        numbers). Ignored for a healed model (healing changes the blocks before it)."""
+        ``prefix``: states kept on the windows the body will feed, in the same batches — the dense
+        model's (:func:`algorithms.models.prefix.recording`), or an evaluation's reference holding them
+        and those of sets measured before (:class:`~algorithms.models.prefix.PrefixReference`). The
+        pruned model then starts from them where its blocks stop agreeing with theirs instead of
+        recomputing the blocks it shares (same numbers); with a reference, the states of this set are
+        kept for the sets that follow once the body has run every window. Ignored for a healed model
+        (healing changes the blocks before it)."""
+        from algorithms.models.prefix import PrefixReference, resumed_recording, resumed_without
+
+        reference = prefix if isinstance(prefix, PrefixReference) else None
+        source = reference.source(self.removed, self.unit) if reference is not None else prefix
         with self.transform(self.model, self.removed) as model:
-            if prefix is None or self.healing is not None:
+            if source is None or self.healing is not None:
                 yield model
                 return
-            from algorithms.models.prefix import resumed
-
-            with resumed(model, prefix, self.first_block) as shortened:
+            if reference is None or reference.earlier_bytes <= 0 or not self.removed:
+                with resumed_without(model, source, self.removed, self.unit) as shortened:
+                    yield shortened
+                return
+            with resumed_recording(model, source, reference.prefix.depths, self.removed, self.unit) as (shortened, kept):
                 yield shortened
+            reference.keep(kept)
 
 
 class Evaluation(Parameterised, abc.ABC):

@@ -38,6 +38,9 @@ class KLParams(Params):
     batch_size: int = Field(4, ge=1)
     #: megabytes for the dense states pruned sets start from (0: off); speed only (left out of identities)
     prefix_memory_mb: float = Field(512, ge=0)
+    #: megabytes for the states of sets already measured, which later sets start from where they first
+    #: differ (0: only the dense states); speed only (left out of identities)
+    prefix_sets_mb: float = Field(512, ge=0)
 
 
 def next_token_log_probs(model: torch.nn.Module, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -86,7 +89,7 @@ class KLDivergence(Evaluation):
     version = "1"
     Params = KLParams
     measures_dense = False  # KL of the dense model with itself is 0 by definition
-    speed_only = ("batch_size", "prefix_memory_mb")
+    speed_only = ("batch_size", "prefix_memory_mb", "prefix_sets_mb")
 
     def columns(self) -> list[Column]:
         return [
@@ -110,13 +113,13 @@ class KLDivergence(Evaluation):
         def run(m: torch.nn.Module) -> torch.Tensor:
             return next_token_log_probs(m, windows, p.batch_size)
 
-        return dense_pass(model, windows, p.prefix_memory_mb, run) or PrefixReference(run(model), None)
+        return dense_pass(model, windows, p.prefix_memory_mb, run, p.prefix_sets_mb) or PrefixReference(run(model), None)
 
     def measure(self, target: EvalTarget) -> dict[str, Any]:
         reference = target.reference
         if reference is None:
             raise ValueError("kl needs the dense model's log-probabilities (its reference)")
-        with target.pruned(reference.prefix) as model:
+        with target.pruned(reference) as model:
             return kl_and_agreement(reference.dense, model, self._windows(target.tokenizer),
                                     self.params.batch_size)
 

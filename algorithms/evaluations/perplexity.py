@@ -10,7 +10,9 @@ float64). Perplexities of models with different tokenizers are not comparable.
 Shared prefix: the dense model's pass (the evaluation's :meth:`~Perplexity.reference`) keeps the state
 entering each block on these windows (up to ``prefix_memory_mb``), and every pruned set of the model
 starts from the state at its first removed block instead of recomputing the blocks it shares with the
-dense model (:mod:`algorithms.models.prefix`; the same numbers, fewer blocks run).
+dense model (:mod:`algorithms.models.prefix`; the same numbers, fewer blocks run). The states of the sets
+measured since are kept too (up to ``prefix_sets_mb``): a set that agrees with one of them up to a later
+block starts there (``{13, 14, 17, 25}`` after ``{13, 14, 17}`` runs from block 25).
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ class PerplexityParams(Params):
     #: megabytes for the dense states pruned sets start from (0: every set runs every kept block);
     #: changes speed, not the number (left out of identities)
     prefix_memory_mb: float = Field(1024, ge=0)
+    #: megabytes for the states of sets already measured, which later sets start from where they first
+    #: differ (0: only the dense states); speed only (left out of identities)
+    prefix_sets_mb: float = Field(1024, ge=0)
 
 
 class Perplexity(Evaluation):
@@ -53,7 +58,7 @@ class Perplexity(Evaluation):
     name = "perplexity"
     version = "1"
     Params = PerplexityParams
-    speed_only = ("batch_size", "prefix_memory_mb")
+    speed_only = ("batch_size", "prefix_memory_mb", "prefix_sets_mb")
 
     def columns(self) -> list[Column]:
         return [
@@ -75,7 +80,7 @@ class Perplexity(Evaluation):
 
         p, windows = self.params, self._windows(tokenizer)
         return dense_pass(model, windows, p.prefix_memory_mb,
-                          lambda m: perplexity(m, windows, batch_size=p.batch_size))
+                          lambda m: perplexity(m, windows, batch_size=p.batch_size), p.prefix_sets_mb)
 
     def measure(self, target: EvalTarget) -> dict[str, Any]:
         from algorithms.models.prefix import PrefixReference
@@ -84,7 +89,7 @@ class Perplexity(Evaluation):
         if reference is not None and not target.removed:
             return dict(reference.dense)
         windows = self._windows(target.tokenizer)
-        with target.pruned(reference.prefix if reference is not None else None) as model:
+        with target.pruned(reference) as model:
             return perplexity(model, windows, batch_size=self.params.batch_size, progress=target.progress)
 
     def values(self, dense: dict[str, Any] | None, pruned: dict[str, Any]) -> dict[str, float | None]:

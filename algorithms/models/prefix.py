@@ -137,14 +137,16 @@ def _keeping(targets: dict[int, nn.Module], prefix: PrefixStates) -> Iterator[No
             handle.remove()
 
 
-def recording_resumed(model: nn.Module, source: PrefixStates, depths: Iterable[int], removed: Iterable[int],
-                      unit: str, run: Callable[[nn.Module], Any]) -> tuple[PrefixStates, Any]:
-    """``run(model)`` for ``model`` running without the ``unit`` units ``removed``, started from
-    ``source`` (:func:`resumed_without`), keeping the states entering the blocks of ``depths`` (dense
-    numbering): those before the depth it starts at are ``source``'s (the same tensors: both models
-    agree up to there), the others are recorded on the way. Returns the model's
-    :class:`PrefixStates` and ``run``'s result. A greedy search keeps the states of the set chosen so
-    far this way, and each set it tries next starts at its own new unit."""
+@contextlib.contextmanager
+def resumed_recording(model: nn.Module, source: PrefixStates, depths: Iterable[int], removed: Iterable[int],
+                      unit: str = "block") -> Iterator[tuple[nn.Module, PrefixStates]]:
+    """:func:`resumed_without` that also keeps the states of ``model`` (running without the ``unit`` units
+    ``removed``) entering the blocks of ``depths`` (dense numbering): those before the depth it starts at
+    are ``source``'s (the same tensors: both models agree up to there), the others are recorded while the
+    ``with`` block runs the windows. Yields the model and its :class:`PrefixStates` (complete once the
+    block has run every batch). A greedy search keeps the states of the set chosen so far this way, and
+    an evaluation those of the sets it measured: a set that differs from one of them only at a later
+    block starts there."""
     removed = frozenset(int(u) for u in removed)
     gone = removed if unit == "block" else frozenset()
     start = source.resume_depth(removed, unit)
@@ -158,6 +160,13 @@ def recording_resumed(model: nn.Module, source: PrefixStates, depths: Iterable[i
         else:
             targets[d] = blocks[d - sum(1 for g in gone if g < d)]
     with resumed_without(model, source, removed, unit) as started, _keeping(targets, prefix):
+        yield started, prefix
+
+
+def recording_resumed(model: nn.Module, source: PrefixStates, depths: Iterable[int], removed: Iterable[int],
+                      unit: str, run: Callable[[nn.Module], Any]) -> tuple[PrefixStates, Any]:
+    """``run(model)`` inside :func:`resumed_recording`; returns the kept states and ``run``'s result."""
+    with resumed_recording(model, source, depths, removed, unit) as (started, prefix):
         result = run(started)
     return prefix, result
 
@@ -184,9 +193,16 @@ def resumed_without(model: nn.Module, prefix: PrefixStates, removed: Iterable[in
     (:attr:`PrefixStates.removed`): it starts at :meth:`PrefixStates.resume_depth`, the deepest kept depth
     before which both remove the same units."""
     removed = frozenset(int(u) for u in removed)
-    depth = prefix.resume_depth(removed, unit)
-    # the leading blocks still in ``model``'s list (removed blocks are out of it; removed branches are not)
-    skip = depth - sum(1 for b in removed if b < depth) if unit == "block" else depth
+    deepest = prefix.resume_depth(removed, unit)
+    n_blocks = len(get_blocks(model))
+    depth, skip = 0, 0
+    # any kept depth up to the deepest will do: the deepest that leaves a block to feed. ``skip``: the
+    # leading blocks still in ``model``'s list (removed blocks are out of it; removed branches are not)
+    for d in sorted((d for d in prefix.depths if d <= deepest), reverse=True):
+        left = d - sum(1 for b in removed if b < d) if unit == "block" else d
+        if left < n_blocks:
+            depth, skip = d, left
+            break
     with _fed(model, prefix, depth, skip) as started:
         yield started
 
@@ -243,20 +259,48 @@ def depths_within(model: nn.Module, windows: torch.Tensor, budget_mb: float) -> 
 @dataclass
 class PrefixReference:
     """An evaluation's dense pass over its windows: the dense model's result and the states kept on
-    the way (an evaluation's :meth:`~algorithms.evaluations.base.Evaluation.reference`)."""
+    the way (an evaluation's :meth:`~algorithms.evaluations.base.Evaluation.reference`).
+
+    ``earlier``: the states of sets measured since, at the same depths, newest last, within
+    ``earlier_bytes`` (the bytes they do not share with the dense states; the oldest go first). A set
+    starts from whichever of them lets it start deepest: ``{13, 14, 17, 25}`` after ``{13, 14, 17}`` runs
+    from block 25, not 13 (a trie of removed sets, walked in the order the sets come)."""
 
     dense: Any
     prefix: PrefixStates | None
+    earlier: list[PrefixStates] = field(default_factory=list)
+    earlier_bytes: int = 0
+
+    def source(self, removed: Iterable[int], unit: str = "block") -> PrefixStates | None:
+        """The kept states from which a model without ``removed`` starts deepest (``None``: none kept)."""
+        removed = frozenset(removed)
+        kept = [p for p in (self.prefix, *self.earlier) if p is not None]
+        return max(kept, key=lambda p: p.resume_depth(removed, unit), default=None)
+
+    def own_bytes(self, states: PrefixStates) -> int:
+        """Bytes of ``states`` not shared with the dense states."""
+        dense = {id(t) for batches in (self.prefix.states.values() if self.prefix else ()) for t in batches}
+        return sum(t.numel() * t.element_size() for b in states.states.values() for t in b if id(t) not in dense)
+
+    def keep(self, states: PrefixStates) -> None:
+        """Add a measured set's states (newest), dropping the oldest past :attr:`earlier_bytes`."""
+        if self.earlier_bytes <= 0 or self.own_bytes(states) > self.earlier_bytes:
+            return
+        self.earlier = [p for p in self.earlier if p.removed != states.removed or p.unit != states.unit]
+        self.earlier.append(states)
+        while sum(self.own_bytes(p) for p in self.earlier) > self.earlier_bytes:
+            self.earlier.pop(0)
 
 
 def dense_pass(model: nn.Module, windows: torch.Tensor, budget_mb: float,
-               run: Callable[[nn.Module], Any]) -> PrefixReference | None:
+               run: Callable[[nn.Module], Any], earlier_mb: float = 0) -> PrefixReference | None:
     """``run(model)`` (the dense model's measurement of ``windows``, batch by batch) while keeping its
     states at the depths that fit ``budget_mb`` (:func:`depths_within`); ``None``, without running,
-    when no depth fits (sharing off)."""
+    when no depth fits (sharing off). ``earlier_mb``: how much the states of measured sets may keep
+    (:attr:`PrefixReference.earlier`; 0: none)."""
     depths = depths_within(model, windows, budget_mb)
     if not depths:
         return None
     with recording(model, depths) as prefix:
         dense = run(model)
-    return PrefixReference(dense, prefix)
+    return PrefixReference(dense, prefix, earlier_bytes=int(earlier_mb * 2**20))
