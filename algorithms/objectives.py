@@ -344,7 +344,7 @@ class ObjectiveFactory:
         previous anchor; memory: at most one more set of captured states), computed from the deepest
         kept states; returns its loss. ``None`` (nothing kept) without a dense prefix or for no blocks."""
         from algorithms.models.nll import mean_nll
-        from algorithms.models.prefix import recording_resumed
+        from algorithms.models.prefix import resumed_recording
         from algorithms.models.units import skip_units
 
         dense = self._dense_prefix()
@@ -354,8 +354,8 @@ class ObjectiveFactory:
             return None
         start = self._start(blocks)
         self._anchor = None  # the new anchor shares the states it starts from; the rest of the old one goes
-        with skip_units(self.model, self.unit, sorted(blocks)) as model:
-            self._anchor, (nll, _) = recording_resumed(
-                model, start, dense.depths, blocks, self.unit,
-                lambda m: mean_nll(m, self.input_ids, batch_size=self.batch_size))
+        with skip_units(self.model, self.unit, sorted(blocks)) as model, \
+                resumed_recording(model, start, dense.depths, blocks, self.unit) as (started, anchor):
+            nll, _ = mean_nll(started, self.input_ids, batch_size=self.batch_size)
+        self._anchor = anchor
         return self._value(nll)

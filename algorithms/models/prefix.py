@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,8 +113,13 @@ def recording(model: nn.Module, depths: Iterable[int], removed: Iterable[int] = 
         raise ValueError(f"depths {bad} are not between 1 and {n_dense - 1} (the blocks of the model)")
     prefix = PrefixStates(depths=kept, states={d: [] for d in kept}, removed=removed, unit=unit)
     blocks = get_blocks(model)
-    with _keeping({d: blocks[d - sum(1 for g in gone if g < d)] for d in kept}, prefix):
+    with _keeping({d: _dense_block(blocks, gone, d) for d in kept}, prefix):
         yield prefix
+
+
+def _dense_block(blocks: Sequence[nn.Module], gone: frozenset[int], depth: int) -> nn.Module:
+    """Block ``depth`` (dense numbering) of a model whose block list lacks the blocks ``gone``."""
+    return blocks[depth - sum(1 for g in gone if g < depth)]
 
 
 @contextlib.contextmanager
@@ -158,17 +163,9 @@ def resumed_recording(model: nn.Module, source: PrefixStates, depths: Iterable[i
         if d <= start and d in source.states:
             prefix.states[d] = list(source.states[d])
         else:
-            targets[d] = blocks[d - sum(1 for g in gone if g < d)]
+            targets[d] = _dense_block(blocks, gone, d)
     with resumed_without(model, source, removed, unit) as started, _keeping(targets, prefix):
         yield started, prefix
-
-
-def recording_resumed(model: nn.Module, source: PrefixStates, depths: Iterable[int], removed: Iterable[int],
-                      unit: str, run: Callable[[nn.Module], Any]) -> tuple[PrefixStates, Any]:
-    """``run(model)`` inside :func:`resumed_recording`; returns the kept states and ``run``'s result."""
-    with resumed_recording(model, source, depths, removed, unit) as (started, prefix):
-        result = run(started)
-    return prefix, result
 
 
 @contextlib.contextmanager
