@@ -116,6 +116,14 @@ class EvalTarget:
 
         return input_device(self.model)
 
+    @property
+    def first_block(self) -> int | None:
+        """The first block (dense numbering) the removal touches; ``None`` for the dense model."""
+        if not self.removed:
+            return None
+        first = min(self.removed)
+        return first // 2 if self.unit == "sublayer" else first
+
     @contextlib.contextmanager
     def pruned(self, prefix: PrefixStates | PrefixReference | None = None) -> Iterator[torch.nn.Module]:
         """The model with ``removed`` taken out for the duration of the block (the transform stage).
