@@ -290,6 +290,19 @@ def test_smollm2_perplexity_with_the_shared_prefix_is_bit_identical(smollm2_on_d
         assert measure(shared, reference) == measure(alone, None)
 
 
+def loss_objectives(model, unit: str):
+    """The calibration ``loss`` objective started from the captured hidden states, and the same run whole."""
+    from algorithms.models.capture import capture_hidden_states
+    from algorithms.models.prefix import from_captured
+    from algorithms.objectives import ObjectiveFactory
+
+    states, _ = capture_hidden_states(model, WINDOWS, batch_size=BATCH, sublayers=unit == "sublayer")
+    blocks = states[0::2] if unit == "sublayer" else states
+    shared = ObjectiveFactory(model=model, input_ids=WINDOWS, batch_size=BATCH, unit=unit,
+                              prefix=lambda: from_captured(blocks, BATCH)).get("loss")
+    return shared, ObjectiveFactory(model=model, input_ids=WINDOWS, batch_size=BATCH, unit=unit).get("loss")
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "qwen2"])
 @pytest.mark.parametrize(("unit", "sets"), [
     ("block", [(0,), (2,), (3, 4), (1, 5), (4, 5)]),
@@ -299,16 +312,8 @@ def test_smollm2_perplexity_with_the_shared_prefix_is_bit_identical(smollm2_on_d
 def test_the_search_loss_started_from_captured_states_is_bit_identical(arch, unit, sets):
     """SLEB-style searches evaluate the calibration loss of many sets: started from the captured hidden
     states (the dense model's states on the same windows and batches) it is the loss run whole."""
-    from algorithms.models.capture import capture_hidden_states
-    from algorithms.models.prefix import from_captured
-    from algorithms.objectives import ObjectiveFactory
-
     model = build(arch)
-    states, _ = capture_hidden_states(model, WINDOWS, batch_size=BATCH, sublayers=unit == "sublayer")
-    blocks = states[0::2] if unit == "sublayer" else states
-    shared = ObjectiveFactory(model=model, input_ids=WINDOWS, batch_size=BATCH, unit=unit,
-                              prefix=lambda: from_captured(blocks, BATCH)).get("loss")
-    whole = ObjectiveFactory(model=model, input_ids=WINDOWS, batch_size=BATCH, unit=unit).get("loss")
+    shared, whole = loss_objectives(model, unit)
     for removed in sets:
         assert shared(removed) == whole(removed)
     assert shared(()) == whole(())  # the dense model: nothing to start from
@@ -345,17 +350,11 @@ def test_a_greedy_search_anchored_on_its_chosen_set_gives_the_same_losses(arch, 
     """SLEB and BlockPruner add one unit at a time: with the states of the model without the chosen set
     kept (Objective.anchor), each set tried next starts at its new unit's block. Every loss is the one
     run whole, and the blocks before the new unit are really not run."""
-    from algorithms.models.capture import capture_hidden_states
-    from algorithms.models.prefix import from_captured, unit_block
+    from algorithms.models.prefix import unit_block
     from algorithms.models.units import n_units
-    from algorithms.objectives import ObjectiveFactory
 
     model = build(arch)
-    states, _ = capture_hidden_states(model, WINDOWS, batch_size=BATCH, sublayers=unit == "sublayer")
-    blocks = states[0::2] if unit == "sublayer" else states
-    anchored = ObjectiveFactory(model=model, input_ids=WINDOWS, batch_size=BATCH, unit=unit,
-                                prefix=lambda: from_captured(blocks, BATCH)).get("loss")
-    whole = ObjectiveFactory(model=model, input_ids=WINDOWS, batch_size=BATCH, unit=unit).get("loss")
+    anchored, whole = loss_objectives(model, unit)
     chosen: list[int] = []
     for step in path:
         anchored.anchor(chosen)
