@@ -64,6 +64,11 @@ def runs(blocks: Iterable[int]) -> list[tuple[int, int]]:
     return out
 
 
+#: bump when the calibration loss of a removal set (masking, NLL, prefix reuse) changes its numbers: it
+#: enters the key of the loss journal a grid keeps (``cache/losses``)
+LOSS_VERSION = "1"
+
+
 def _key(blocks: Iterable[int]) -> frozenset[int]:
     return frozenset(int(b) for b in blocks)
 
@@ -72,7 +77,9 @@ class Objective:
     """A memoised loss over block sets (lower = better to remove).
 
     ``fn`` receives a ``frozenset[int]`` and returns a number; NaN is stored as ``+inf`` (a set that
-    breaks the model is never preferred) so that comparisons stay total.
+    breaks the model is never preferred) so that comparisons stay total. ``on_new(blocks, value)``, when
+    set, hears every value computed here, the moment it is memoised (not the values given by
+    :meth:`seed`): the grid appends them to a journal, from which an interrupted search is seeded again.
     """
 
     def __init__(self, fn: Callable[[frozenset[int]], float], name: str = "custom",
@@ -83,6 +90,7 @@ class Objective:
         self.cache: dict[frozenset[int], float] = {}
         self.evaluations = 0  #: distinct sets really computed (cache misses)
         self.anchors = 0  #: :meth:`anchor` passes really run
+        self.on_new: Callable[[frozenset[int], float], None] | None = None
 
     def __call__(self, blocks: Iterable[int]) -> float:
         key = _key(blocks)
@@ -91,9 +99,14 @@ class Objective:
             value = float(self.fn(key))
             if math.isnan(value):
                 value = math.inf
-            self.cache[key] = value
-            self.evaluations += 1
+            self._memoise(key, value)
         return value
+
+    def _memoise(self, key: frozenset[int], value: float) -> None:
+        self.cache[key] = value
+        self.evaluations += 1
+        if self.on_new is not None:
+            self.on_new(key, value)
 
     def anchor(self, blocks: Iterable[int]) -> None:
         """A hint from a search: the sets it asks for next contain ``blocks`` (a greedy step). An objective
@@ -108,8 +121,7 @@ class Objective:
             return
         self.anchors += 1
         if key not in self.cache:
-            self.cache[key] = math.inf if math.isnan(value) else float(value)
-            self.evaluations += 1
+            self._memoise(key, math.inf if math.isnan(value) else float(value))
 
     def cached(self, blocks: Iterable[int]) -> float | None:
         """The memoised value of ``blocks`` without computing it (None when unknown)."""

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import math
 import os
 import platform
 import subprocess
@@ -640,6 +641,34 @@ class Pipeline:
         return Scores(values=scores.values[pick], higher_is_important=scores.higher_is_important,
                       seconds=scores.seconds, cached=False)
 
+    def _group_loss(self, captured: CapturedStates, loaded: LoadedModel, unit: str) -> Any:
+        """The group's memoised calibration loss for ``unit`` (:meth:`CapturedStates.loss`), kept in the
+        journal ``cache/losses/<key>``: every value is appended the moment it is computed, and the first
+        use in a process seeds the objective with the values already there. An interrupted search (a
+        killed run, a session that ended) thus resumes where it stopped: it asks for the same sets in the
+        same order and finds them memoised (values round-trip exactly: the same choice, bit for bit), and
+        its record counts them as evaluations, not as computed. The key is the calibration group's
+        (model, data, seed, dtype, device, protocol), the unit, the batch size and
+        :data:`algorithms.objectives.LOSS_VERSION`."""
+        from algorithms.objectives import LOSS_VERSION
+
+        batch_size = self.config.calibration.batch_size
+        fresh = unit not in captured.losses
+        loss = captured.loss(loaded.model, unit, batch_size)
+        if fresh:
+            journal = self.store.journal("losses", short_hash({
+                "calibration": captured.block_key or captured.key, "unit": unit, "batch_size": batch_size,
+                "loss": LOSS_VERSION}))
+            for entry in journal.read():
+                try:
+                    blocks = [int(b) for b in entry["set"]]
+                    value = math.inf if entry["value"] is None else float(entry["value"])
+                except (KeyError, TypeError, ValueError):
+                    continue  # verified but not a loss entry: computed again when asked
+                loss.seed(blocks, value)
+            loss.on_new = lambda blocks, value: journal.append({"set": sorted(blocks), "value": value})
+        return loss
+
     def _score_model(self, captured: CapturedStates, cell: Cell, cls: Any, loaded: LoadedModel) -> Scores:
         from algorithms.model_metrics import ScoringTarget
         from algorithms.models.units import n_units
@@ -652,7 +681,7 @@ class Pipeline:
         batch_size = self.config.calibration.batch_size
         target = ScoringTarget(model=loaded.model, input_ids=captured.input_ids, unit=cell.unit,
                                batch_size=batch_size, progress=self.reporter.step(cell.metric.label()),
-                               loss=captured.loss(loaded.model, cell.unit, batch_size))
+                               loss=self._group_loss(captured, loaded, cell.unit))
         timer = Timer(self.device)
         with timer.stage("scoring"):
             values = cls(**cell.metric.params).score_units(target).to(torch.float64).cpu()
@@ -725,7 +754,7 @@ class Pipeline:
             from algorithms.objectives import ObjectiveFactory
 
             batch_size = self.config.calibration.batch_size
-            loss = captured.loss(loaded.model, cell.unit, batch_size)
+            loss = self._group_loss(captured, loaded, cell.unit)
             metric = metric_class(cell.metric.name)(**cell.metric.params)
             run_score = None
             if is_model_metric(cell.metric.name):  # runs of blocks scored by the model, not by states

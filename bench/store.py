@@ -6,10 +6,14 @@ Layout::
     RESULTS/cache/hidden/<key>.safetensors  captured hidden states per (model, calibration, seed)
     RESULTS/cache/scores/<key>.json         metric scores per (hidden states, metric)
     RESULTS/cache/evaluations/<name>/<key>.json  one evaluation per (model, removed block set)
+    RESULTS/cache/losses/<key>.jsonl        calibration losses of removal sets, one line per set, appended
+                                            as each is computed (a search resumes from them)
     RESULTS/leaderboard.{md,csv}            written by ``bench report``
 
 Every file is written to a temporary name in the same folder, fsynced and renamed into place, so a
-reader (or a rerun after ``kill -9``) sees either the whole file or none. Files get the mode a plain
+reader (or a rerun after ``kill -9``) sees either the whole file or none; a journal (``.jsonl``) is
+appended to instead, one verified line per value, so a line cut short by ``kill -9`` is all it can lose.
+Files get the mode a plain
 ``open`` would give them (``0o666 & ~umask``: 0644 under umask 022, 0664 under 002), so a team sharing a
 results folder can read (and, with a group-writable umask, rerun) each other's results. No pickle anywhere.
 
@@ -301,6 +305,10 @@ class ResultStore:
             "sha256": hashlib.sha256(canonical_json(payload)).hexdigest(), "payload": payload,
         })
 
+    def journal(self, kind: str, key: str) -> Journal:
+        """The append-only journal ``kind``/``key`` (``RESULTS/cache/<kind>/<key>.jsonl``)."""
+        return Journal(self.cache_path(kind, key, ".jsonl"), kind, key)
+
     def distrust(self, kind: str, key: str, why: str, suffix: str = ".json") -> None:
         """Warn that a cache entry which verified holds a payload its stage cannot use (it is computed
         again and overwritten)."""
@@ -354,3 +362,65 @@ class ResultStore:
             Path(tmp).unlink(missing_ok=True)
             raise
         _fsync_dir(path.parent)
+
+
+class Journal:
+    """An append-only cache: values computed one by one (the calibration losses of a search), each kept
+    the moment it exists, so an interrupted run loses none of them.
+
+    Every line is one JSON entry ``{"blockbench_journal": 1, "kind", "key", "sha256", "payload"}`` with
+    the checksum of the payload's canonical JSON, as in a JSON cache entry; :meth:`read` returns the
+    payloads of the lines that verify, in order, and warns once (naming the file and how many) about the
+    others, which are skipped: a line cut short by ``kill -9``, another key's line, an edited one. Each
+    :meth:`append` is one ``write`` to a file opened with ``O_APPEND``, then fsynced (after a line cut
+    short it starts a new line): two processes appending to one journal interleave whole lines."""
+
+    FORMAT = 1
+
+    def __init__(self, path: Path, kind: str, key: str) -> None:
+        self.path = path
+        self.kind = kind
+        self.key = key
+
+    def read(self) -> list[Any]:
+        """The payloads of every line that verifies (none when the file is missing)."""
+        try:
+            lines = self.path.read_bytes().split(b"\n")
+        except OSError:
+            return []
+        out, bad = [], 0
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                ok = (isinstance(entry, dict) and entry.get("blockbench_journal") == self.FORMAT
+                      and entry.get("kind") == self.kind and entry.get("key") == self.key
+                      and hashlib.sha256(canonical_json(entry["payload"])).hexdigest() == entry.get("sha256"))
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            if ok:
+                out.append(entry["payload"])
+            else:
+                bad += 1
+        if bad:
+            distrust(self.path, f"{bad} line(s) do not verify (cut short, another key, or changed after they "
+                                "were written)")
+        return out
+
+    def append(self, payload: Any) -> None:
+        """Append one entry holding ``payload`` (made JSON-safe: non-finite floats become null)."""
+        payload = _clean(payload)
+        line = canonical_json({"blockbench_journal": self.FORMAT, "kind": self.kind, "key": self.key,
+                               "sha256": hashlib.sha256(canonical_json(payload)).hexdigest(),
+                               "payload": payload}) + b"\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, file_mode())
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":  # a line cut short: start a new one
+                line = b"\n" + line
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)

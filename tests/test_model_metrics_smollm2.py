@@ -80,3 +80,28 @@ def test_rerun_reads_the_scores_from_the_cache(run):
     rerun = {(r.labels.metric, r.labels.selector.split("(")[0]): r for r in again.store.records()}
     assert {k: rerun[k].scores for k in topk} == {k: records[k].scores for k in topk}
     assert all(rerun[k].cache_hits["scores"] for k in topk)
+
+
+def test_an_interrupted_search_resumes_from_the_loss_journal(run):
+    """Every calibration loss of the group is appended to its journal (``cache/losses``) as it is
+    computed. With SLEB's record and the cached selections gone, as after a session that ended in the
+    middle of its search, a new runner seeds the loss from the journal: the same set, the same path and
+    evaluations, nothing computed, nothing appended."""
+    import shutil
+
+    _, _, records, folder = run
+    sleb = records["ppl", "iterative"]
+    journals = sorted((folder / "cache" / "losses").glob("*.jsonl"))
+    assert len(journals) == 1
+    before = journals[0].read_bytes()
+    assert before.count(b"\n") == 1 + 30 + 29  # the dense model, the 30 singles, 29 pairs with the first
+    again = Runner(parse_config(GRID), folder)
+    (again.store.records_dir / f"{sleb.cell_id}.json").unlink()
+    shutil.rmtree(folder / "cache" / "selections")
+    summary = again.run()
+    assert summary.ran == 1 and summary.failed == 0
+    rerun = again.store.read_record(sleb.cell_id)
+    assert rerun.removed_blocks == sleb.removed_blocks
+    assert rerun.selector_result.info["path"] == sleb.selector_result.info["path"]
+    assert rerun.selector_result.evaluations == 59 and rerun.selector_result.info["computed"] == 0
+    assert journals[0].read_bytes() == before

@@ -118,6 +118,18 @@ def test_objective_memoises_and_counts_distinct_sets():
     assert nan([0]) == math.inf  # a broken set is never preferred
 
 
+def test_on_new_hears_each_computed_value_once_and_never_a_seeded_one():
+    heard = []
+    obj = Objective(lambda s: float(sum(s)), name="t", anchor=lambda s: float(sum(s)) + 0.5)
+    obj.on_new = lambda blocks, value: heard.append((sorted(blocks), value))
+    obj.seed([9], 1.25)
+    assert obj([9]) == 1.25 and obj([1, 2]) == 3.0 and obj([2, 1]) == 3.0
+    obj.anchor([4])  # the anchor's own value is memoised (and heard) when new
+    obj.anchor([1, 2])  # known already: not heard again
+    assert heard == [([1, 2], 3.0), ([4], 4.5)]
+    assert obj.evaluations == 2
+
+
 def test_prepaid_sets_are_free():
     obj = Objective(lambda s: 1.0)
     view = obj.counter()

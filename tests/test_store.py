@@ -185,6 +185,29 @@ def _data_offset(path: Path) -> int:
     return 8 + header_len
 
 
+def test_journal_keeps_each_appended_value_and_skips_lines_that_do_not_verify(tmp_path):
+    store = ResultStore(tmp_path)
+    journal = store.journal("losses", "k1")
+    assert journal.path == tmp_path / "cache" / "losses" / "k1.jsonl" and journal.read() == []
+    journal.append({"set": [3, 1], "value": 0.1 + 0.2})
+    journal.append({"set": [2], "value": float("inf")})  # strict JSON: a non-finite value is null
+    assert store.journal("losses", "k1").read() == [{"set": [3, 1], "value": 0.30000000000000004},
+                                                    {"set": [2], "value": None}]
+    lines = journal.path.read_bytes().split(b"\n")
+    assert len(lines) == 3 and lines[2] == b""
+    other = store.journal("losses", "k2")
+    other.append({"set": [5], "value": 1.0})
+    edited = lines[0].replace(b"0.30000000000000004", b"0.25")
+    assert edited != lines[0]
+    cut = lines[1][: len(lines[1]) // 2]  # what kill -9 in the middle of a write can leave
+    journal.path.write_bytes(b"\n".join([edited, other.path.read_bytes().rstrip(b"\n"), lines[1], cut]))
+    with pytest.warns(CacheWarning, match=r"k1\.jsonl: 3 line\(s\) do not verify"):
+        assert journal.read() == [{"set": [2], "value": None}]
+    journal.append({"set": [4], "value": 2.0})  # after a cut line, on a line of its own
+    with pytest.warns(CacheWarning, match="3 line"):
+        assert journal.read()[-1] == {"set": [4], "value": 2.0}
+
+
 def test_tensor_cache_round_trip_hides_the_stores_own_metadata(tmp_path):
     store = ResultStore(tmp_path)
     states = torch.randn(3, 2, 4, 5)
