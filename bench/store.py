@@ -13,9 +13,9 @@ Layout::
 Every file is written to a temporary name in the same folder, fsynced and renamed into place, so a
 reader (or a rerun after ``kill -9``) sees either the whole file or none; a journal (``.jsonl``) is
 appended to instead, one verified line per value, so a line cut short by ``kill -9`` is all it can lose.
-Files get the mode a plain
-``open`` would give them (``0o666 & ~umask``: 0644 under umask 022, 0664 under 002), so a team sharing a
-results folder can read (and, with a group-writable umask, rerun) each other's results. No pickle anywhere.
+Files get the mode a plain ``open`` would give them (``0o666 & ~umask``: 0644 under umask 022, 0664 under
+002), so a team sharing a results folder can read (and, with a group-writable umask, rerun) each other's
+results. No pickle anywhere.
 
 *Only what verifies is trusted.* Every cache entry carries its own key and a sha256 checksum of its
 content; a JSON entry is ``{"blockbench_cache": 1, "kind", "key", "sha256", "payload"}`` with the
@@ -157,6 +157,12 @@ def canonical_json(data: Any) -> bytes:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
+def payload_digest(payload: Any) -> str:
+    """The sha256 (hex) of a JSON payload's canonical form: the checksum a cache entry or journal line
+    carries."""
+    return hashlib.sha256(canonical_json(payload)).hexdigest()
+
+
 def tensors_digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
     """sha256 of a safetensors entry: its other metadata (canonical JSON), then every tensor in name
     order as name, dtype, shape and raw bytes."""
@@ -289,7 +295,7 @@ class ResultStore:
             distrust(path, f"holds the entry of {entry.get('kind')!r} key {entry.get('key')!r}")
             return None
         try:
-            digest = hashlib.sha256(canonical_json(entry["payload"])).hexdigest()
+            digest = payload_digest(entry["payload"])
         except (TypeError, ValueError):
             digest = None
         if digest != entry.get("sha256"):
@@ -302,7 +308,7 @@ class ResultStore:
         payload = _clean(data)
         write_json(self.cache_path(kind, key), {
             "blockbench_cache": CACHE_FORMAT, "kind": kind, "key": key,
-            "sha256": hashlib.sha256(canonical_json(payload)).hexdigest(), "payload": payload,
+            "sha256": payload_digest(payload), "payload": payload,
         })
 
     def journal(self, kind: str, key: str) -> Journal:
@@ -396,7 +402,7 @@ class Journal:
                 entry = json.loads(line)
                 ok = (isinstance(entry, dict) and entry.get("blockbench_journal") == self.FORMAT
                       and entry.get("kind") == self.kind and entry.get("key") == self.key
-                      and hashlib.sha256(canonical_json(entry["payload"])).hexdigest() == entry.get("sha256"))
+                      and payload_digest(entry["payload"]) == entry.get("sha256"))
             except (ValueError, KeyError, TypeError):
                 ok = False
             if ok:
@@ -412,7 +418,7 @@ class Journal:
         """Append one entry holding ``payload`` (made JSON-safe: non-finite floats become null)."""
         payload = _clean(payload)
         line = canonical_json({"blockbench_journal": self.FORMAT, "kind": self.kind, "key": self.key,
-                               "sha256": hashlib.sha256(canonical_json(payload)).hexdigest(),
+                               "sha256": payload_digest(payload),
                                "payload": payload}) + b"\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, file_mode())
