@@ -16,9 +16,17 @@ blocks, ``d`` width, ``F`` MLP width, ``V`` vocabulary, ``S`` calibration sample
 - activations of one forward batch: ``B × T × max(d, F, V) × 4 × ACTIVATION_FACTOR`` bytes (the
   logits, their float32 copy and the cross-entropy's log-softmax of one calibration batch);
 - ``taylor`` adds a gradient and a float32 accumulator per weight: parameters × (dtype bytes + 4);
-- peak on the device (capture + scoring): weights + hidden states (when scored there) + activations
-  (+ taylor's gradients); a model with ``device_map`` has its weights placed by accelerate (within its
-  ``max_memory``), so they are left out of the peak;
+- activations of one evaluation batch (perplexity, KL): ``batch_size × seq_len × V × 4 ×
+  ACTIVATION_FACTOR`` bytes; the larger of the two activations is in the peak;
+- what perplexity and KL keep on the host between sets: the dense states entering each block
+  (``L × max_windows × seq_len × d`` × dtype bytes, within ``prefix_memory_mb``), the states of sets
+  measured before (within ``prefix_sets_mb``, at most one dense-sized copy per pruned set) and KL's dense
+  log-probabilities (``max_windows × (seq_len - 1) × V × 4``); in the peak when the device is the
+  host's memory (a CPU grid), where they sit beside everything else;
+- peak on the device (capture, scoring and evaluation): weights + hidden states (when scored there) +
+  the larger activations (+ taylor's gradients) (+ the evaluations' host memory on a CPU grid); a
+  model with ``device_map`` has its weights placed by accelerate (within its ``max_memory``), so they
+  are left out of the peak;
 - calibration windows forwarded: capture ``S`` per group; ``ppl`` ``(L + 1) × S`` and ``taylor`` ``S``
   (forward and backward) per group and unit kind; a search selector with the ``loss`` objective its
   worst-case number of evaluated sets × ``S`` per cell (:func:`search_evaluations`; the proxies run no
@@ -28,9 +36,8 @@ blocks, ``d`` width, ``F`` MLP width, ``V`` vocabulary, ``S`` calibration sample
   set plus its dense reference; speed ``2 × (warmup + repeats) × (prompt lengths + decode_tokens)``
   timed forward passes per pruned set; accuracy ``tasks × limit`` documents per set (lm-eval sends one
   or more requests per document: a multiple-choice document one per choice); generation
-  ``prompts × new_tokens`` decoding steps per set (the dense model included). Perplexity and KL also
-  keep up to their ``prefix_memory_mb`` of dense states and ``prefix_sets_mb`` of measured sets' states
-  on the CPU (the shared prefix), which is not device memory and not in the peak.
+  ``prompts × new_tokens`` decoding steps per set (the dense model included). Perplexity and KL
+  keep their shared prefix on the host (above), not on a CUDA device.
 
 These are estimates: their point is the order of magnitude and the knob, not the byte. A model whose
 config is not on disk (a hub id, a zoo model not built yet) is "unknown until loaded" and not checked.
@@ -97,6 +104,13 @@ class ModelPlan:
     #: the grid's ``state_dtype``: what the states are kept in
     state_dtype: str = "float32"
     activation_bytes: int | None = None
+    #: one evaluation batch's activations (the largest of perplexity's and KL's) and the knob for it
+    evaluation_activation_bytes: int = 0
+    evaluation_knob: str = ""
+    #: what perplexity and KL keep on the host between sets (shared prefix, KL's dense log-probabilities)
+    host_bytes: int = 0
+    #: the device is the host's memory (not CUDA): ``host_bytes`` is in the peak
+    host_device: bool = True
     taylor_bytes: int = 0
     #: the model sets ``device_map``: accelerate places its weights (within ``max_memory``), so they are
     #: not in the peak of the device that captures and scores
@@ -121,10 +135,14 @@ class ModelPlan:
 
     def terms(self) -> list[tuple[str, int, str]]:
         """The peak's terms ``(what, bytes, knob)``, largest first."""
+        activations, knob = self.activation_bytes or 0, "calibration.batch_size"
+        if self.evaluation_activation_bytes > activations:
+            activations, knob = self.evaluation_activation_bytes, self.evaluation_knob
         out = [("weights", 0 if self.dispatched else self.weight_bytes or 0, "dtype"),
                ("hidden states", self.state_bytes if self.states_on_device and self.states_stored else 0, "states"),
                ("streamed scoring", self.stream_bytes, "stream"),
-               ("activations", self.activation_bytes or 0, "calibration.batch_size"),
+               ("activations", activations, knob),
+               ("evaluations' shared prefix", self.host_bytes if self.host_device else 0, "prefix"),
                ("taylor gradients", self.taylor_bytes, "taylor")]
         return sorted((t for t in out if t[1]), key=lambda t: -t[1])
 
@@ -257,7 +275,7 @@ def plan(config: GridConfig, cells: list | None = None) -> list[ModelPlan]:
     out = []
     for i, model in enumerate(config.models):
         p = ModelPlan(index=i, name=model.name, dtype=config.dtype, groups=groups, states_on_device=on_device,
-                      state_dtype=config.state_dtype,
+                      state_dtype=config.state_dtype, host_device=device_type(config.device) != "cuda",
                       dispatched=model.device_map is not None)
         mine = [c for c in cells if c.model["name"] == model.name]
         p.cells = len(mine)
@@ -292,6 +310,7 @@ def plan(config: GridConfig, cells: list | None = None) -> list[ModelPlan]:
             _fill_passes(p, config, mine)
             if config.scoring == "streamed":
                 _fill_stream(p, config, mine)
+            _fill_evaluation_memory(p, config)
         if p.parameters is not None and p.state_bytes is not None and p.activation_bytes is not None:
             p.peak_bytes = sum(size for _, size, _ in p.terms())
         _fill_evaluations(p, config)
@@ -406,6 +425,32 @@ def _unit_sizes(config: GridConfig, p: ModelPlan, cell: Any) -> tuple[list[int] 
     return sizes(config, [("units", cell.unit)], p.index, p.name).get(cell.unit, (None, None))
 
 
+def _fill_evaluation_memory(p: ModelPlan, config: GridConfig) -> None:
+    """Perplexity's and KL's batch activations and what they keep on the host between sets (see the
+    module's formulas): the dense states within ``prefix_memory_mb``, measured sets' within
+    ``prefix_sets_mb``, KL's dense log-probabilities."""
+    assert p.n_blocks is not None and p.width is not None
+    widest = max(p.width, p.intermediate_size or 0, p.vocab_size or 0)
+    pruned = max(p.block_sets - 1, 0)
+    for name in ("perplexity", "kl"):
+        params = config.evaluations.get(name)
+        if params is None:
+            continue
+        activations = params.batch_size * params.seq_len * widest * 4 * ACTIVATION_FACTOR
+        if activations > p.evaluation_activation_bytes:
+            p.evaluation_activation_bytes, p.evaluation_knob = activations, f"{name}.batch_size"
+        budget = int(params.prefix_memory_mb * 2**20)
+        if params.max_windows is None:  # every window of the text: as much as the budget allows
+            dense = budget
+        else:
+            dense = min(budget, p.n_blocks * params.max_windows * params.seq_len * p.width
+                        * DTYPE_BYTES[config.dtype])
+        earlier = min(int(params.prefix_sets_mb * 2**20), pruned * dense) if dense else 0
+        p.host_bytes += dense + earlier
+        if name == "kl":
+            p.host_bytes += params.max_windows * (params.seq_len - 1) * (p.vocab_size or widest) * 4
+
+
 def _fill_evaluations(p: ModelPlan, config: GridConfig) -> None:
     pruned = p.block_sets - 1
     passes: dict[str, int | None] = {}
@@ -456,8 +501,9 @@ def parse_size(text: str) -> int:
 
 
 def device_memory(config: GridConfig) -> tuple[int | None, str]:
-    """``(bytes, where)`` the grid's device has for capture and scoring: :data:`MEMORY_ENV` when set, free
-    CUDA memory for a CUDA grid, else the machine's available RAM; ``(None, ...)`` when unknown."""
+    """``(bytes, where)`` the grid's device has for capture, scoring and evaluation: :data:`MEMORY_ENV`
+    when set, free CUDA memory for a CUDA grid, else the machine's available RAM; ``(None, ...)`` when
+    unknown."""
     from bench.grid import device_type
 
     kind = device_type(config.device)
@@ -502,6 +548,11 @@ def _advice(p: ModelPlan, config: GridConfig, knob: str) -> str:
         return "lower calibration.batch_size"
     if knob == "taylor":
         return "drop the taylor metric"
+    if knob == "prefix":
+        return ("lower prefix_memory_mb and prefix_sets_mb of perplexity and kl (they change speed, not the "
+                "numbers)")
+    if knob.endswith(".batch_size"):
+        return f"lower {knob}"
     return "set dtype: bfloat16" if DTYPE_BYTES[config.dtype] > 2 else "choose a smaller model"
 
 
@@ -521,14 +572,16 @@ def check_memory(config: GridConfig, plans: list[ModelPlan], available: int | No
                 extra = " (scoring: streamed)"
             elif knob == "dtype":
                 extra = f" at {config.dtype}"
-            elif knob == "calibration.batch_size":
-                extra = ": calibration.batch_size"
+            elif knob.endswith(".batch_size"):
+                extra = f": {knob}"
+            elif knob == "prefix":
+                extra = ": prefix_memory_mb + prefix_sets_mb"
             else:
                 extra = ""
             parts.append(f"{what} {human_bytes(size)}{extra}")
         raise ConfigError(
-            f"models[{p.index}] = {p.name!r}: the plan needs {human_bytes(p.peak_bytes)} of memory for capture "
-            f"and scoring ({', '.join(parts)}), {where}: {_advice(p, config, p.terms()[0][2])}, or run on a "
+            f"models[{p.index}] = {p.name!r}: the plan needs {human_bytes(p.peak_bytes)} of memory for capture, "
+            f"scoring and evaluation ({', '.join(parts)}), {where}: {_advice(p, config, p.terms()[0][2])}, or run on a "
             "larger device")
 
 
@@ -587,13 +640,22 @@ def table(p: ModelPlan, where: str) -> Any:
         stored = "states stored too (a metric cannot stream)" if p.states_stored else "no states stored"
         t.add_row("streamed scoring / group", human_bytes(p.stream_bytes),
                   f"moments (L+1+L·k)·d²·8 B, samples depths·n_tokens·d·4 B, one batch; {stored}")
+    if p.evaluation_activation_bytes:
+        t.add_row("evaluation activations / batch", human_bytes(p.evaluation_activation_bytes),
+                  f"{p.evaluation_knob} × seq_len × max(d, F, V) × 4 B × {ACTIVATION_FACTOR}")
+    if p.host_bytes:
+        t.add_row("evaluations' shared prefix (host)", human_bytes(p.host_bytes),
+                  "dense states within prefix_memory_mb + measured sets' within prefix_sets_mb (+ kl's dense "
+                  "log-probs)" + ("; in the peak: the device is the host" if p.host_device else "; not on the GPU"))
     if p.taylor_bytes:
         t.add_row("taylor gradients", human_bytes(p.taylor_bytes), "parameters × (dtype bytes + 4)")
     if p.peak_bytes is not None:
         states = ("states + " if p.states_on_device and p.states_stored else "") + (
             "streamed scoring + " if p.stream_bytes else "")
         weights = "(weights placed by device_map) " if p.dispatched else "weights + "
-        t.add_row("peak (capture + scoring)", human_bytes(p.peak_bytes), f"{weights}{states}activations; {where}")
+        prefix = " + shared prefix" if p.host_device and p.host_bytes else ""
+        t.add_row("peak (capture, scoring, evaluation)", human_bytes(p.peak_bytes),
+                  f"{weights}{states}the larger activations{prefix}; {where}")
     t.add_row("cells / block sets", f"{p.cells} / ≤ {p.block_sets}", "one set per cell at most, dense once")
     if p.calibration_windows:
         t.add_row("calibration windows", _windows(p), "capture S per group, ppl (L+1)·S, search: worst-case sets × S")

@@ -171,7 +171,7 @@ def tensors_digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> st
         t = tensors[name].detach().cpu().contiguous()
         h.update(canonical_json([name, str(t.dtype), list(t.shape)]))
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy of the states
     return h.hexdigest()
 
 

@@ -87,7 +87,12 @@ def test_the_70b_plan_equals_its_formulas(models, cache):
     assert p.depths == 81
     assert p.state_bytes == 81 * 128 * 2048 * 8192 * 4
     assert p.activation_bytes == 4 * 2048 * 128256 * 4 * ACTIVATION_FACTOR  # the logits are the widest
-    assert p.peak_bytes == p.weight_bytes + p.state_bytes + p.activation_bytes
+    # perplexity (16 windows of 512, batches of 4): its batch's logits, smaller than calibration's; on the
+    # host the dense states fill prefix_memory_mb (1 GiB < 80 × 16 × 512 × 8192 × 2 B) and the 4 pruned
+    # sets' states prefix_sets_mb (1 GiB)
+    assert p.evaluation_activation_bytes == 4 * 512 * 128256 * 4 * ACTIVATION_FACTOR
+    assert p.host_bytes == 2 * 2**30 and p.host_device
+    assert p.peak_bytes == p.weight_bytes + p.state_bytes + p.activation_bytes + p.host_bytes
     assert (p.groups, p.cells, p.block_sets) == (2, 4, 5)
     # capture: S per group; span with the loss objective: its 80 - 8 + 1 runs × S, per cell (one per seed)
     assert p.calibration_windows == {"capture": 2 * 128, "model metrics": 0, "search": 2 * 73 * 128}
@@ -108,7 +113,10 @@ def test_sublayer_units_double_the_depths_and_model_metrics_count_their_passes(m
 def test_taylor_adds_gradients_to_the_peak(models, cache):
     (p,) = plan(parse_config(grid(models, metrics=["taylor"], calibration={"samples": 4, "seq_len": 64})))
     assert p.taylor_bytes == p.parameters * (2 + 4)
-    assert p.peak_bytes == p.weight_bytes + p.state_bytes + p.activation_bytes + p.taylor_bytes
+    # 64-token calibration windows: perplexity's 512-token batch has the larger activations
+    assert p.evaluation_activation_bytes > p.activation_bytes
+    assert p.peak_bytes == (p.weight_bytes + p.state_bytes + p.evaluation_activation_bytes + p.taylor_bytes
+                            + p.host_bytes)
 
 
 def test_worst_case_evaluations_of_the_search_selectors():
@@ -139,23 +147,24 @@ def test_validate_refuses_a_plan_over_the_device_memory(models, cache, tmp_path,
         result = cli.invoke(app, [*command, "--grid", str(write(tmp_path, data))])
         assert result.exit_code == 2, result.output
         message = " ".join(result.output.split())
-        assert (f"error: models[0] = '{models / 'llama-70b'}': the plan needs 850 GB of memory for capture and "
-                "scoring (hidden states 696 GB: calibration.samples × calibration.seq_len, weights 141 GB at "
-                "bfloat16, activations 12.6 GB: calibration.batch_size), the cpu has 80 GB "
+        assert (f"error: models[0] = '{models / 'llama-70b'}': the plan needs 852 GB of memory for capture, "
+                "scoring and evaluation (hidden states 696 GB: calibration.samples × calibration.seq_len, weights "
+                "141 GB at bfloat16, activations 12.6 GB: calibration.batch_size, evaluations' shared prefix "
+                "2.15 GB: prefix_memory_mb + prefix_sets_mb), the cpu has 80 GB "
                 f"({MEMORY_ENV}): lower calibration.samples or calibration.seq_len, or set scoring: streamed, or "
                 "run on a larger device") in message
     assert not results.exists()
 
 
 def test_streamed_scoring_replaces_the_states_by_what_the_metrics_keep(models, cache, monkeypatch):
-    """The 70B grid that needs 850 GB stored: streamed, bi keeps one float64 sum per (block, span length
+    """The 70B grid that needs 852 GB stored: streamed, bi keeps one float64 sum per (block, span length
     up to k = 8) and the group one capture batch of every depth; Gaussian MI keeps (L + 1 + L k) d x d
     float64 sums, which at d = 8192 is the largest term; a metric that cannot stream keeps the states."""
     batch = 81 * 4 * 2048 * 8192 * 4
     (p,) = plan(parse_config(grid(models, scoring="streamed")))
     assert not p.states_stored and p.state_bytes == 81 * 128 * 2048 * 8192 * 4
     assert p.stream_bytes == 80 * 8 * 8 + batch
-    assert p.peak_bytes == p.weight_bytes + p.stream_bytes + p.activation_bytes
+    assert p.peak_bytes == p.weight_bytes + p.stream_bytes + p.activation_bytes + p.host_bytes
     monkeypatch.setenv(MEMORY_ENV, "400GB")
     validate_plan(parse_config(grid(models, scoring="streamed")))  # fits; stored it does not
     with pytest.raises(ConfigError, match="hidden states 696 GB"):
@@ -170,7 +179,36 @@ def test_streamed_scoring_replaces_the_states_by_what_the_metrics_keep(models, c
         validate_plan(parse_config(grid(models, scoring="streamed", metrics=["bi", "mi_gauss"])))
 
     (p,) = plan(parse_config(grid(models, scoring="streamed", metrics=["bi", {"name": "cka_linear", "params": {"debiased": True}}])))
-    assert p.states_stored and p.peak_bytes == p.weight_bytes + p.state_bytes + p.stream_bytes + p.activation_bytes
+    assert p.states_stored and p.peak_bytes == (p.weight_bytes + p.state_bytes + p.stream_bytes + p.activation_bytes
+                                                + p.host_bytes)
+
+
+def test_evaluations_count_their_batch_and_on_a_cpu_what_they_keep_between_sets(models, cache, monkeypatch):
+    """Perplexity's and KL's batches are in the peak when larger than calibration's (the knob then names
+    theirs); what they keep on the host (dense states within prefix_memory_mb, measured sets' within
+    prefix_sets_mb, KL's dense log-probabilities) is in it when the device is the host's memory, and not
+    on a CUDA device."""
+    small = {"samples": 2, "seq_len": 64, "batch_size": 1}
+    evaluations = {"perplexity": {"seq_len": 512, "max_windows": 2, "batch_size": 16, "prefix_sets_mb": 64},
+                   "kl": {"seq_len": 256, "max_windows": 4, "batch_size": 4, "prefix_memory_mb": 0}}
+    (p,) = plan(parse_config(grid(models, calibration=small, **evaluations)))
+    assert p.evaluation_activation_bytes == 16 * 512 * 128256 * 4 * ACTIVATION_FACTOR  # perplexity's: the larger
+    assert p.evaluation_knob == "perplexity.batch_size"
+    dense = 80 * 2 * 512 * 8192 * 2  # 1.34 GB > prefix_memory_mb 1024: the budget
+    assert dense > 2**30
+    kl_log_probs = 4 * 255 * 128256 * 4  # kl keeps no states (prefix_memory_mb: 0), its dense log-probs
+    assert p.host_bytes == 2**30 + 64 * 2**20 + kl_log_probs
+    assert p.peak_bytes == p.weight_bytes + p.state_bytes + p.evaluation_activation_bytes + p.host_bytes
+    monkeypatch.setenv(MEMORY_ENV, "300GB")
+    with pytest.raises(ConfigError, match=r"activations 202 GB: perplexity\.batch_size, weights 141 GB.*"
+                                          r": lower perplexity\.batch_size, or run on a larger device"):
+        validate_plan(parse_config(grid(models, calibration=small,
+                                        perplexity={**evaluations["perplexity"], "batch_size": 256})))
+    # on a CUDA device the shared prefix stays on the host: not in the device's peak
+    monkeypatch.setattr("bench.grid.device_type", lambda device: "cuda")
+    (gpu,) = plan(parse_config(grid(models, calibration=small, **evaluations)))
+    assert not gpu.host_device and gpu.host_bytes == p.host_bytes
+    assert gpu.peak_bytes == gpu.weight_bytes + gpu.state_bytes + gpu.evaluation_activation_bytes
 
 
 def test_the_knob_is_the_largest_term(models, cache, monkeypatch):
@@ -192,7 +230,8 @@ def test_a_plan_that_fits_passes_and_is_printed(models, cache, tmp_path, monkeyp
     out = " ".join(result.stdout.split())
     assert ": ok: 1 cells" in out
     assert f"{llama_parameters(TINY):,}" in out
-    assert "peak (capture + scoring)" in out and "the cpu has 1 TB" in out
+    assert "peak (capture, scoring, evaluation)" in out and "the cpu has 1 TB" in out
+    assert "evaluations' shared prefix (host)" in out
     # the 70B grid fits the same override
     assert cli.invoke(app, ["validate", "--grid", str(write(tmp_path, grid(models)))]).exit_code == 0
 
