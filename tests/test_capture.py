@@ -49,3 +49,15 @@ def test_capture_and_mean_nll_report_windows_done():
     calls.clear()
     mean_nll(model, ids, batch_size=3, progress=lambda *a: calls.append(a))
     assert calls == [("windows", 3, 5, "windows"), ("windows", 5, 5, "windows")]
+
+
+def test_release_free_host_memory_runs_on_glibc_and_is_harmless_elsewhere():
+    """The capture step calls it before allocating a group's states (README "Performance", the memory of
+    configs/full.yaml): on Linux with glibc it calls malloc_trim and says so; elsewhere it does nothing."""
+    import platform
+    import sys
+
+    from bench.stages import release_free_host_memory
+
+    expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert release_free_host_memory() is expected
