@@ -13,11 +13,13 @@ blocks, ``d`` width, ``F`` MLP width, ``V`` vocabulary, ``S`` calibration sample
   ``L + 1``, or ``2L + 1`` when the grid removes attention or MLP branches), held on the CPU and copied
   once to the device when a metric scores hidden states; with ``scoring: streamed`` instead what the
   streamed metrics keep (:func:`_fill_stream`), the states only when a metric cannot stream;
-- activations of one forward batch: ``B × T × max(d, F, V) × 4 × ACTIVATION_FACTOR`` bytes (the
-  logits, their float32 copy and the cross-entropy's log-softmax of one calibration batch);
+- activations of one calibration batch: ``B × T × max(MLP_COPIES × max(d, F), V) × 4`` bytes plus
+  ``2 × CHUNK_ROWS × V × 4`` (a block's MLP, or the NLL's logits of the predicted positions and one chunk
+  of their log-probabilities, :mod:`algorithms.models.nll`);
 - ``taylor`` adds a gradient and a float32 accumulator per weight: parameters × (dtype bytes + 4);
-- activations of one evaluation batch (perplexity, KL): ``batch_size × seq_len × V × 4 ×
-  ACTIVATION_FACTOR`` bytes; the larger of the two activations is in the peak;
+- activations of one evaluation batch: perplexity's as calibration's with its ``batch_size`` and
+  ``seq_len``; KL's ``batch_size × seq_len × max(MLP_COPIES × max(d, F), KL_LOGITS_COPIES × V) × 4``
+  (logits, their shifted float32 copy, their log-softmax); the larger of all activations is in the peak;
 - what perplexity and KL keep on the host between sets: the dense states entering each block
   (``L × max_windows × seq_len × d`` × dtype bytes, within ``prefix_memory_mb``), the states of sets
   measured before (within ``prefix_sets_mb``, at most one dense-sized copy per pruned set) and KL's dense
@@ -61,9 +63,11 @@ from typing import Any
 
 from bench.config import ConfigError, GridConfig
 
-#: the largest activation of one forward batch counts this many float32 copies (logits, their float32
-#: copy, the cross-entropy's log-softmax)
-ACTIVATION_FACTOR = 3
+#: a block's MLP holds this many ``(B, T, F)`` float32 tensors at once (gate, up, their product)
+MLP_COPIES = 3
+#: KL's batch holds this many ``(B, T, V)`` float32 tensors (logits, their shifted copy, their log-softmax);
+#: the NLL holds one (the logits of the predicted positions) and a chunk of log-probabilities
+KL_LOGITS_COPIES = 3
 #: the environment variable that overrides the detected device memory
 MEMORY_ENV = "BLOCKBENCH_DEVICE_MEMORY"
 #: memo of parameter counts per config.json, so validating an unchanged grid builds no model again
@@ -326,9 +330,21 @@ def _fill_sizes(p: ModelPlan, config: GridConfig, variants: list, sublayers: boo
     p.state_bytes = p.depths * variant["samples"] * variant["seq_len"] * p.width * DTYPE_BYTES[config.state_dtype]
     p.state_keys = (keys["samples"], keys["seq_len"])
     p.state_samples, p.state_seq_len = variant["samples"], variant["seq_len"]
-    widest = max(p.width, p.intermediate_size or 0, p.vocab_size or 0)
     longest = max(v["seq_len"] for v, _ in variants)
-    p.activation_bytes = config.calibration.batch_size * longest * widest * 4 * ACTIVATION_FACTOR
+    p.activation_bytes = batch_activation_bytes(p, config.calibration.batch_size, longest)
+
+
+def batch_activation_bytes(p: ModelPlan, batch: int, seq_len: int, logits_copies: int = 1) -> int:
+    """The largest activations of one forward batch of ``batch × seq_len`` tokens, float32: a block's MLP
+    (:data:`MLP_COPIES` ``(B, T, max(d, F))`` tensors) or ``logits_copies`` ``(B, T, V)`` logits; with one
+    copy (the NLL, :mod:`algorithms.models.nll`), plus its chunk of log-probabilities and their float32 input."""
+    from algorithms.models.nll import CHUNK_ROWS
+
+    assert p.width is not None
+    vocab = p.vocab_size or 0
+    mlp = MLP_COPIES * max(p.width, p.intermediate_size or 0)
+    chunk = 2 * CHUNK_ROWS * vocab * 4 if logits_copies == 1 else 0
+    return batch * seq_len * max(mlp, logits_copies * vocab) * 4 + chunk
 
 
 def _fill_stream(p: ModelPlan, config: GridConfig, cells: list) -> None:
@@ -430,13 +446,13 @@ def _fill_evaluation_memory(p: ModelPlan, config: GridConfig) -> None:
     module's formulas): the dense states within ``prefix_memory_mb``, measured sets' within
     ``prefix_sets_mb``, KL's dense log-probabilities."""
     assert p.n_blocks is not None and p.width is not None
-    widest = max(p.width, p.intermediate_size or 0, p.vocab_size or 0)
     pruned = max(p.block_sets - 1, 0)
     for name in ("perplexity", "kl"):
         params = config.evaluations.get(name)
         if params is None:
             continue
-        activations = params.batch_size * params.seq_len * widest * 4 * ACTIVATION_FACTOR
+        copies = KL_LOGITS_COPIES if name == "kl" else 1
+        activations = batch_activation_bytes(p, params.batch_size, params.seq_len, copies)
         if activations > p.evaluation_activation_bytes:
             p.evaluation_activation_bytes, p.evaluation_knob = activations, f"{name}.batch_size"
         budget = int(params.prefix_memory_mb * 2**20)
@@ -448,7 +464,7 @@ def _fill_evaluation_memory(p: ModelPlan, config: GridConfig) -> None:
         earlier = min(int(params.prefix_sets_mb * 2**20), pruned * dense) if dense else 0
         p.host_bytes += dense + earlier
         if name == "kl":
-            p.host_bytes += params.max_windows * (params.seq_len - 1) * (p.vocab_size or widest) * 4
+            p.host_bytes += params.max_windows * (params.seq_len - 1) * (p.vocab_size or p.width) * 4
 
 
 def _fill_evaluations(p: ModelPlan, config: GridConfig) -> None:
@@ -544,8 +560,6 @@ def _advice(p: ModelPlan, config: GridConfig, knob: str) -> str:
     if knob == "stream":
         return ("score fewer moment metrics (mi_gauss, cka_linear: (L + 1 + L·k) d×d float64 sums each) "
                 "or lower their n_tokens (sample metrics)")
-    if knob == "calibration.batch_size":
-        return "lower calibration.batch_size"
     if knob == "taylor":
         return "drop the taylor metric"
     if knob == "prefix":
@@ -631,18 +645,17 @@ def table(p: ModelPlan, where: str) -> Any:
                   f"{p.depths} depths × {p.state_samples} × {p.state_seq_len} × {p.width} × "
                   f"{DTYPE_BYTES[p.state_dtype]} B ({p.state_dtype}) "
                   f"({p.state_keys[0]} × {p.state_keys[1]}); {p.groups} group(s)")
-        widest = max(p.width or 0, p.intermediate_size or 0, p.vocab_size or 0)
-        batch = (p.activation_bytes or 0) // (widest * 4 * ACTIVATION_FACTOR) if widest else 0
         t.add_row("activations / batch", human_bytes(p.activation_bytes),
-                  f"{batch:,} tokens × {widest:,} × 4 B × {ACTIVATION_FACTOR} "
-                  "(calibration.batch_size × seq_len × max(d, F, V))")
+                  f"calibration.batch_size × seq_len × max({MLP_COPIES}·max(d, F), V) × 4 B + a chunk of "
+                  "log-probs")
     if p.stream_bytes:
         stored = "states stored too (a metric cannot stream)" if p.states_stored else "no states stored"
         t.add_row("streamed scoring / group", human_bytes(p.stream_bytes),
                   f"moments (L+1+L·k)·d²·8 B, samples depths·n_tokens·d·4 B, one batch; {stored}")
     if p.evaluation_activation_bytes:
         t.add_row("evaluation activations / batch", human_bytes(p.evaluation_activation_bytes),
-                  f"{p.evaluation_knob} × seq_len × max(d, F, V) × 4 B × {ACTIVATION_FACTOR}")
+                  f"{p.evaluation_knob} × seq_len × max({MLP_COPIES}·max(d, F), V) × 4 B"
+                  + (f" (kl: {KL_LOGITS_COPIES}·V)" if p.evaluation_knob.startswith("kl.") else " + a chunk"))
     if p.host_bytes:
         t.add_row("evaluations' shared prefix (host)", human_bytes(p.host_bytes),
                   "dense states within prefix_memory_mb + measured sets' within prefix_sets_mb (+ kl's dense "

@@ -9,10 +9,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from algorithms.models.nll import CHUNK_ROWS
 from bench.cli import app
 from bench.config import ConfigError, parse_config
 from bench.plan import (
-    ACTIVATION_FACTOR,
+    KL_LOGITS_COPIES,
     MEMORY_ENV,
     human_bytes,
     human_count,
@@ -86,11 +87,12 @@ def test_the_70b_plan_equals_its_formulas(models, cache):
     assert (p.n_blocks, p.width, p.intermediate_size, p.vocab_size) == (80, 8192, 28672, 128256)
     assert p.depths == 81
     assert p.state_bytes == 81 * 128 * 2048 * 8192 * 4
-    assert p.activation_bytes == 4 * 2048 * 128256 * 4 * ACTIVATION_FACTOR  # the logits are the widest
+    # the logits of the predicted positions (wider than the MLP's 3 × 28672) and a chunk of log-probs
+    assert p.activation_bytes == 4 * 2048 * 128256 * 4 + 2 * CHUNK_ROWS * 128256 * 4
     # perplexity (16 windows of 512, batches of 4): its batch's logits, smaller than calibration's; on the
     # host the dense states fill prefix_memory_mb (1 GiB < 80 × 16 × 512 × 8192 × 2 B) and the 4 pruned
     # sets' states prefix_sets_mb (1 GiB)
-    assert p.evaluation_activation_bytes == 4 * 512 * 128256 * 4 * ACTIVATION_FACTOR
+    assert p.evaluation_activation_bytes == 4 * 512 * 128256 * 4 + 2 * CHUNK_ROWS * 128256 * 4
     assert p.host_bytes == 2 * 2**30 and p.host_device
     assert p.peak_bytes == p.weight_bytes + p.state_bytes + p.activation_bytes + p.host_bytes
     assert (p.groups, p.cells, p.block_sets) == (2, 4, 5)
@@ -147,9 +149,9 @@ def test_validate_refuses_a_plan_over_the_device_memory(models, cache, tmp_path,
         result = cli.invoke(app, [*command, "--grid", str(write(tmp_path, data))])
         assert result.exit_code == 2, result.output
         message = " ".join(result.output.split())
-        assert (f"error: models[0] = '{models / 'llama-70b'}': the plan needs 852 GB of memory for capture, "
+        assert (f"error: models[0] = '{models / 'llama-70b'}': the plan needs 843 GB of memory for capture, "
                 "scoring and evaluation (hidden states 696 GB: calibration.samples × calibration.seq_len, weights "
-                "141 GB at bfloat16, activations 12.6 GB: calibration.batch_size, evaluations' shared prefix "
+                "141 GB at bfloat16, activations 4.27 GB: calibration.batch_size, evaluations' shared prefix "
                 "2.15 GB: prefix_memory_mb + prefix_sets_mb), the cpu has 80 GB "
                 f"({MEMORY_ENV}): lower calibration.samples or calibration.seq_len, or set scoring: streamed, or "
                 "run on a larger device") in message
@@ -157,7 +159,7 @@ def test_validate_refuses_a_plan_over_the_device_memory(models, cache, tmp_path,
 
 
 def test_streamed_scoring_replaces_the_states_by_what_the_metrics_keep(models, cache, monkeypatch):
-    """The 70B grid that needs 852 GB stored: streamed, bi keeps one float64 sum per (block, span length
+    """The 70B grid that needs 843 GB stored: streamed, bi keeps one float64 sum per (block, span length
     up to k = 8) and the group one capture batch of every depth; Gaussian MI keeps (L + 1 + L k) d x d
     float64 sums, which at d = 8192 is the largest term; a metric that cannot stream keeps the states."""
     batch = 81 * 4 * 2048 * 8192 * 4
@@ -192,18 +194,23 @@ def test_evaluations_count_their_batch_and_on_a_cpu_what_they_keep_between_sets(
     evaluations = {"perplexity": {"seq_len": 512, "max_windows": 2, "batch_size": 16, "prefix_sets_mb": 64},
                    "kl": {"seq_len": 256, "max_windows": 4, "batch_size": 4, "prefix_memory_mb": 0}}
     (p,) = plan(parse_config(grid(models, calibration=small, **evaluations)))
-    assert p.evaluation_activation_bytes == 16 * 512 * 128256 * 4 * ACTIVATION_FACTOR  # perplexity's: the larger
+    assert p.evaluation_activation_bytes == 16 * 512 * 128256 * 4 + 2 * CHUNK_ROWS * 128256 * 4  # perplexity's: larger
     assert p.evaluation_knob == "perplexity.batch_size"
     dense = 80 * 2 * 512 * 8192 * 2  # 1.34 GB > prefix_memory_mb 1024: the budget
     assert dense > 2**30
     kl_log_probs = 4 * 255 * 128256 * 4  # kl keeps no states (prefix_memory_mb: 0), its dense log-probs
     assert p.host_bytes == 2**30 + 64 * 2**20 + kl_log_probs
     assert p.peak_bytes == p.weight_bytes + p.state_bytes + p.evaluation_activation_bytes + p.host_bytes
-    monkeypatch.setenv(MEMORY_ENV, "300GB")
-    with pytest.raises(ConfigError, match=r"activations 202 GB: perplexity\.batch_size, weights 141 GB.*"
+    # KL holds three copies of its logits: 16 × 256 tokens a batch outweigh perplexity's 16 × 512 in one
+    (k,) = plan(parse_config(grid(models, calibration=small, perplexity=evaluations["perplexity"],
+                                  kl={**evaluations["kl"], "batch_size": 16, "max_windows": 16})))
+    assert k.evaluation_activation_bytes == 16 * 256 * 128256 * 4 * KL_LOGITS_COPIES
+    assert k.evaluation_knob == "kl.batch_size"
+    monkeypatch.setenv(MEMORY_ENV, "400GB")
+    with pytest.raises(ConfigError, match=r"activations 269 GB: perplexity\.batch_size, weights 141 GB.*"
                                           r": lower perplexity\.batch_size, or run on a larger device"):
         validate_plan(parse_config(grid(models, calibration=small,
-                                        perplexity={**evaluations["perplexity"], "batch_size": 256})))
+                                        perplexity={**evaluations["perplexity"], "batch_size": 1024})))
     # on a CUDA device the shared prefix stays on the host: not in the device's peak
     monkeypatch.setattr("bench.grid.device_type", lambda device: "cuda")
     (gpu,) = plan(parse_config(grid(models, calibration=small, **evaluations)))

@@ -4,10 +4,20 @@ computation.
 
 Protocol: each row of ``input_ids`` is scored on its own (no context carried over), every token but
 the first is predicted, logits are promoted to float32 and the per-batch sums accumulated in float64.
+
+Memory and time: the head computes the logits of the predicted positions only (``logits_to_keep``,
+where the model's forward takes it), and the log-probabilities are formed :data:`CHUNK_ROWS` positions
+at a time, so a batch holds one ``(B, T - 1, V)`` logits tensor instead of three (logits, their
+shifted copy, their log-softmax). The sum is bit for bit the one of ``cross_entropy(logits[:, :-1]
+.reshape(-1, V), ids[:, 1:].reshape(-1), reduction="sum")``: every row's log-softmax is the same, and
+the picked log-probabilities are summed by the same ``nll_loss`` in the same order
+(``tests/test_nll.py`` checks it on every architecture blockbench removes blocks from and on SmolLM2).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import torch
@@ -15,15 +25,49 @@ import torch
 from algorithms.models.placement import input_device
 from algorithms.progress import Progress, report
 
+#: positions whose log-probabilities are formed at a time (a ``(CHUNK_ROWS, V)`` float32 tensor)
+CHUNK_ROWS = 64
+
+
+@functools.cache
+def _keeps_logits(forward_of: type) -> bool:
+    """Whether the forward of models of this class takes ``logits_to_keep`` (transformers' causal LMs)."""
+    try:
+        return "logits_to_keep" in inspect.signature(forward_of.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def batch_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The logits of positions ``0 .. T - 2`` of one batch ``(B, T)``, ``(B, T - 1, V)`` in the model's
+    dtype (the head runs on those positions only when the model allows it). Runs one forward pass."""
+    if _keeps_logits(type(model)):
+        keep = torch.arange(ids.shape[1] - 1)  # on the CPU: indexes the final states wherever they are
+        return model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+    return model(input_ids=ids, use_cache=False).logits[:, :-1, :]
+
+
+def summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed NLL (float32 sum, returned as a float) of ``targets`` ``(B, P)`` under ``logits``
+    ``(B, P, V)``, log-probabilities formed in float32, :data:`CHUNK_ROWS` positions at a time."""
+    batch, positions, vocab = logits.shape
+    picked = torch.empty((batch * positions, 1), dtype=torch.float32, device=logits.device)
+    targets = targets.to(logits.device)
+    for b in range(batch):
+        for start in range(0, positions, CHUNK_ROWS):
+            stop = min(start + CHUNK_ROWS, positions)
+            rows = torch.log_softmax(logits[b, start:stop].float(), dim=-1)
+            picked[b * positions + start : b * positions + stop] = rows.gather(1, targets[b, start:stop, None])
+    # nll_loss over the picked column adds them in the order and grouping it uses over the full rows
+    zeros = torch.zeros(batch * positions, dtype=torch.long, device=logits.device)
+    return float(torch.nn.functional.nll_loss(picked, zeros, reduction="sum").double())
+
 
 def batch_nll(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, int]:
     """Summed next-token NLL (float64) and the number of predicted tokens of one batch ``(B, T)``
     already on the model's device. Runs one forward pass (hooks on the model fire)."""
-    logits = model(input_ids=ids, use_cache=False).logits[:, :-1, :].float()
-    nll = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-    )
-    return float(nll.double()), ids[:, 1:].numel()
+    targets = ids[:, 1:]
+    return summed_nll(batch_logits(model, ids), targets), targets.numel()
 
 
 @torch.inference_mode()
