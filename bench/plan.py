@@ -17,9 +17,9 @@ blocks, ``d`` width, ``F`` MLP width, ``V`` vocabulary, ``S`` calibration sample
   ``2 × CHUNK_ROWS × V × 4`` (a block's MLP, or the NLL's logits of the predicted positions and one chunk
   of their log-probabilities, :mod:`algorithms.models.nll`);
 - ``taylor`` adds a gradient and a float32 accumulator per weight: parameters × (dtype bytes + 4);
-- activations of one evaluation batch: perplexity's as calibration's with its ``batch_size`` and
-  ``seq_len``; KL's ``batch_size × seq_len × max(MLP_COPIES × max(d, F), KL_LOGITS_COPIES × V) × 4``
-  (logits, their shifted float32 copy, their log-softmax); the larger of all activations is in the peak;
+- activations of one evaluation batch (perplexity, KL): as a calibration batch's, with the
+  evaluation's ``batch_size`` and ``seq_len`` (KL forms its log-probabilities in the same chunks); the
+  largest of all activations is in the peak;
 - what perplexity and KL keep on the host between sets: the dense states entering each block
   (``L × max_windows × seq_len × d`` × dtype bytes, within ``prefix_memory_mb``), the states of sets
   measured before (within ``prefix_sets_mb``, at most one dense-sized copy per pruned set) and KL's dense
@@ -63,11 +63,9 @@ from typing import Any
 
 from bench.config import ConfigError, GridConfig
 
-#: a block's MLP holds this many ``(B, T, F)`` float32 tensors at once (gate, up, their product)
+#: a block's MLP holds this many ``(B, T, F)`` float32 tensors at once (gate, up, their product); the
+#: NLL and KL hold one ``(B, T - 1, V)`` logits tensor and a chunk of log-probabilities
 MLP_COPIES = 3
-#: KL's batch holds this many ``(B, T, V)`` float32 tensors (logits, their shifted copy, their log-softmax);
-#: the NLL holds one (the logits of the predicted positions) and a chunk of log-probabilities
-KL_LOGITS_COPIES = 3
 #: the environment variable that overrides the detected device memory
 MEMORY_ENV = "BLOCKBENCH_DEVICE_MEMORY"
 #: memo of parameter counts per config.json, so validating an unchanged grid builds no model again
@@ -334,17 +332,16 @@ def _fill_sizes(p: ModelPlan, config: GridConfig, variants: list, sublayers: boo
     p.activation_bytes = batch_activation_bytes(p, config.calibration.batch_size, longest)
 
 
-def batch_activation_bytes(p: ModelPlan, batch: int, seq_len: int, logits_copies: int = 1) -> int:
+def batch_activation_bytes(p: ModelPlan, batch: int, seq_len: int) -> int:
     """The largest activations of one forward batch of ``batch × seq_len`` tokens, float32: a block's MLP
-    (:data:`MLP_COPIES` ``(B, T, max(d, F))`` tensors) or ``logits_copies`` ``(B, T, V)`` logits; with one
-    copy (the NLL, :mod:`algorithms.models.nll`), plus its chunk of log-probabilities and their float32 input."""
+    (:data:`MLP_COPIES` ``(B, T, max(d, F))`` tensors) or the ``(B, T, V)`` logits, plus one chunk of
+    log-probabilities and its float32 input (:mod:`algorithms.models.nll`)."""
     from algorithms.models.nll import CHUNK_ROWS
 
     assert p.width is not None
     vocab = p.vocab_size or 0
     mlp = MLP_COPIES * max(p.width, p.intermediate_size or 0)
-    chunk = 2 * CHUNK_ROWS * vocab * 4 if logits_copies == 1 else 0
-    return batch * seq_len * max(mlp, logits_copies * vocab) * 4 + chunk
+    return batch * seq_len * max(mlp, vocab) * 4 + 2 * CHUNK_ROWS * vocab * 4
 
 
 def _fill_stream(p: ModelPlan, config: GridConfig, cells: list) -> None:
@@ -451,8 +448,7 @@ def _fill_evaluation_memory(p: ModelPlan, config: GridConfig) -> None:
         params = config.evaluations.get(name)
         if params is None:
             continue
-        copies = KL_LOGITS_COPIES if name == "kl" else 1
-        activations = batch_activation_bytes(p, params.batch_size, params.seq_len, copies)
+        activations = batch_activation_bytes(p, params.batch_size, params.seq_len)
         if activations > p.evaluation_activation_bytes:
             p.evaluation_activation_bytes, p.evaluation_knob = activations, f"{name}.batch_size"
         budget = int(params.prefix_memory_mb * 2**20)
@@ -654,8 +650,7 @@ def table(p: ModelPlan, where: str) -> Any:
                   f"moments (L+1+L·k)·d²·8 B, samples depths·n_tokens·d·4 B, one batch; {stored}")
     if p.evaluation_activation_bytes:
         t.add_row("evaluation activations / batch", human_bytes(p.evaluation_activation_bytes),
-                  f"{p.evaluation_knob} × seq_len × max({MLP_COPIES}·max(d, F), V) × 4 B"
-                  + (f" (kl: {KL_LOGITS_COPIES}·V)" if p.evaluation_knob.startswith("kl.") else " + a chunk"))
+                  f"{p.evaluation_knob} × seq_len × max({MLP_COPIES}·max(d, F), V) × 4 B + a chunk")
     if p.host_bytes:
         t.add_row("evaluations' shared prefix (host)", human_bytes(p.host_bytes),
                   "dense states within prefix_memory_mb + measured sets' within prefix_sets_mb (+ kl's dense "

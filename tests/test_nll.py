@@ -1,10 +1,10 @@
-"""The one NLL (:mod:`algorithms.models.nll`): the head on the predicted positions only and the
-log-probabilities formed a chunk of positions at a time must give, bit for bit, the sum of the
-straightforward formula it replaced (``cross_entropy`` over the shifted logits), because calibration
-losses, loss journals, perplexities and stored baselines were all computed with that formula and
-``LOSS_VERSION`` did not move. Checked on every architecture blockbench removes blocks from (tiny random
-models), with chunk edges inside windows, on bfloat16 logits, on a model without ``logits_to_keep`` and
-on SmolLM2 on real held-out text."""
+"""The one NLL (:mod:`algorithms.models.nll`) and KL's log-probabilities: the head on the predicted
+positions only and the log-probabilities formed a chunk of positions at a time must give, bit for bit,
+the numbers of the straightforward formulas they replaced (``cross_entropy`` and ``log_softmax`` over the
+shifted logits), because calibration losses, loss journals, perplexities, KL values and stored baselines
+were all computed with those and neither ``LOSS_VERSION`` nor the evaluations' versions moved. Checked on
+every architecture blockbench removes blocks from (tiny random models), with chunk edges inside windows,
+on bfloat16 logits, on a model without ``logits_to_keep`` and on SmolLM2 on real held-out text."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from algorithms.evaluations.kl import kl_and_agreement, next_token_log_probs
 from algorithms.models import nll
 from algorithms.models.nll import batch_nll, mean_nll, summed_nll
 from tests.test_removal import ALL, V, build, ids
@@ -29,6 +30,29 @@ def straightforward(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, int
     return float(loss.double()), x[:, 1:].numel()
 
 
+def straightforward_log_probs(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """KL's dense log-probabilities as computed until the head was trimmed: whole batches, concatenated."""
+    out = []
+    for start in range(0, x.shape[0], batch_size):
+        logits = model(input_ids=x[start : start + batch_size], use_cache=False).logits[:, :-1, :].float()
+        out.append(torch.log_softmax(logits, dim=-1))
+    return torch.cat(out)
+
+
+def straightforward_kl(dense: torch.Tensor, model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> dict:
+    """KL and top-1 agreement as computed until the head was trimmed: a whole batch's log-softmax at once."""
+    kl_sum, agree, positions = 0.0, 0, 0
+    for start in range(0, x.shape[0], batch_size):
+        ids_ = x[start : start + batch_size]
+        log_q = torch.log_softmax(model(input_ids=ids_, use_cache=False).logits[:, :-1, :].float(), dim=-1)
+        log_p = dense[start : start + ids_.shape[0]]
+        kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+        kl_sum += float(kl.double().sum())
+        agree += int((log_p.argmax(dim=-1) == log_q.argmax(dim=-1)).sum())
+        positions += kl.numel()
+    return {"kl": kl_sum / positions, "top1": agree / positions, "positions": positions}
+
+
 @pytest.mark.parametrize("arch", sorted(ALL))
 @torch.inference_mode()
 def test_the_same_bits_as_the_straightforward_formula_on_every_architecture(arch, monkeypatch):
@@ -37,6 +61,21 @@ def test_the_same_bits_as_the_straightforward_formula_on_every_architecture(arch
     x = ids(seed=3, batch=3, length=20)
     assert batch_nll(model, x) == straightforward(model, x)
     assert nll._keeps_logits(type(model))  # every causal LM here trims its head
+
+
+@pytest.mark.parametrize("arch", sorted(ALL))
+@torch.inference_mode()
+def test_kl_and_its_dense_log_probs_are_the_same_bits_on_every_architecture(arch, monkeypatch):
+    """Two differently seeded models (so KL is far from 0), 5 windows in
+    batches of 2 (the last one short), chunks of 5 of 19 positions."""
+    dense, other = build(arch), build(arch, seed=1)
+    monkeypatch.setattr(nll, "CHUNK_ROWS", 5)
+    x = ids(seed=6, batch=5, length=20)
+    log_p = next_token_log_probs(dense, x, 2)
+    assert torch.equal(log_p, straightforward_log_probs(dense, x, 2))
+    got = kl_and_agreement(log_p, other, x, 2)
+    assert got == straightforward_kl(log_p, other, x, 2)
+    assert got["kl"] > 0.01 and got["positions"] == 5 * 19
 
 
 class NoTrimming(torch.nn.Module):
@@ -97,4 +136,12 @@ def test_smollm2_on_real_text_gives_the_same_bits(smollm2_on_disk):
         old = [straightforward(model, windows[s : s + 4]) for s in range(0, 6, 4)]  # batches of 4 and 2
         assert [batch_nll(model, windows[s : s + 4]) for s in range(0, 6, 4)] == old
     assert mean_nll(model, windows, batch_size=4) == (sum(n for n, _ in old) / (6 * 511), 6 * 511)
+    # KL of SmolLM2 without blocks 13, 14 and 17 to the dense model on 3 windows, batches of 2
+    from algorithms.models.masking import skip_blocks
+
+    with torch.inference_mode():
+        dense = next_token_log_probs(model, windows[:3], 2)
+        assert torch.equal(dense, straightforward_log_probs(model, windows[:3], 2))
+        with skip_blocks(model, (13, 14, 17)) as pruned:
+            assert kl_and_agreement(dense, pruned, windows[:3], 2) == straightforward_kl(dense, pruned, windows[:3], 2)
     assert model.config.vocab_size == 49152 > V  # the real head: 49,152 columns, chunked by CHUNK_ROWS positions

@@ -13,7 +13,6 @@ from algorithms.models.nll import CHUNK_ROWS
 from bench.cli import app
 from bench.config import ConfigError, parse_config
 from bench.plan import (
-    KL_LOGITS_COPIES,
     MEMORY_ENV,
     human_bytes,
     human_count,
@@ -201,10 +200,10 @@ def test_evaluations_count_their_batch_and_on_a_cpu_what_they_keep_between_sets(
     kl_log_probs = 4 * 255 * 128256 * 4  # kl keeps no states (prefix_memory_mb: 0), its dense log-probs
     assert p.host_bytes == 2**30 + 64 * 2**20 + kl_log_probs
     assert p.peak_bytes == p.weight_bytes + p.state_bytes + p.evaluation_activation_bytes + p.host_bytes
-    # KL holds three copies of its logits: 16 × 256 tokens a batch outweigh perplexity's 16 × 512 in one
+    # KL's batch of 64 × 256 tokens outweighs perplexity's 16 × 512: its knob is named
     (k,) = plan(parse_config(grid(models, calibration=small, perplexity=evaluations["perplexity"],
-                                  kl={**evaluations["kl"], "batch_size": 16, "max_windows": 16})))
-    assert k.evaluation_activation_bytes == 16 * 256 * 128256 * 4 * KL_LOGITS_COPIES
+                                  kl={**evaluations["kl"], "batch_size": 64, "max_windows": 64})))
+    assert k.evaluation_activation_bytes == 64 * 256 * 128256 * 4 + 2 * CHUNK_ROWS * 128256 * 4
     assert k.evaluation_knob == "kl.batch_size"
     monkeypatch.setenv(MEMORY_ENV, "400GB")
     with pytest.raises(ConfigError, match=r"activations 269 GB: perplexity\.batch_size, weights 141 GB.*"

@@ -44,40 +44,53 @@ class KLParams(Params):
 
 
 def next_token_log_probs(model: torch.nn.Module, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Float32 log-probabilities ``(W, T - 1, V)`` on the CPU of every next-token prediction."""
+    """Float32 log-probabilities ``(W, T - 1, V)`` on the CPU of every next-token prediction (formed
+    :data:`~algorithms.models.nll.CHUNK_ROWS` positions at a time, straight into the result)."""
     import torch
 
+    from algorithms.models.nll import CHUNK_ROWS, batch_logits
     from algorithms.models.placement import input_device
 
-
     device = input_device(model)
-    out = []
+    out: torch.Tensor | None = None
     with torch.inference_mode():
         for start in range(0, windows.shape[0], batch_size):
-            ids = windows[start : start + batch_size].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1, :].float()
-            out.append(torch.log_softmax(logits, dim=-1).cpu())
-    return torch.cat(out)
+            logits = batch_logits(model, windows[start : start + batch_size].to(device))
+            if out is None:
+                out = torch.empty((windows.shape[0], *logits.shape[1:]), dtype=torch.float32)
+            for b in range(logits.shape[0]):
+                for first in range(0, logits.shape[1], CHUNK_ROWS):
+                    rows = slice(first, first + CHUNK_ROWS)
+                    out[start + b, rows] = torch.log_softmax(logits[b, rows].float(), dim=-1).cpu()
+    assert out is not None
+    return out
 
 
 def kl_and_agreement(dense_log_probs: torch.Tensor, model: torch.nn.Module, windows: torch.Tensor,
                      batch_size: int) -> dict[str, float]:
-    """Mean KL(dense ‖ model) and top-1 agreement over every next-token position of ``windows``."""
+    """Mean KL(dense ‖ model) and top-1 agreement over every next-token position of ``windows``: each
+    position's KL summed over the vocabulary, :data:`~algorithms.models.nll.CHUNK_ROWS` positions at a
+    time, then the batch's positions summed in float64 (the numbers of one whole-batch computation, bit
+    for bit: ``tests/test_nll.py``)."""
     import torch
 
+    from algorithms.models.nll import CHUNK_ROWS, batch_logits
     from algorithms.models.placement import input_device
-
 
     device = input_device(model)
     kl_sum, agree, positions = 0.0, 0, 0
     with torch.inference_mode():
         for start in range(0, windows.shape[0], batch_size):
-            ids = windows[start : start + batch_size].to(device)
-            log_q = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1, :].float(), dim=-1)
-            log_p = dense_log_probs[start : start + ids.shape[0]].to(device)
-            kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+            logits = batch_logits(model, windows[start : start + batch_size].to(device))
+            kl = torch.empty(logits.shape[:2], dtype=torch.float32, device=logits.device)
+            for b in range(logits.shape[0]):
+                for first in range(0, logits.shape[1], CHUNK_ROWS):
+                    rows = slice(first, first + CHUNK_ROWS)
+                    log_q = torch.log_softmax(logits[b, rows].float(), dim=-1)
+                    log_p = dense_log_probs[start + b, rows].to(logits.device)
+                    kl[b, rows] = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+                    agree += int((log_p.argmax(dim=-1) == log_q.argmax(dim=-1)).sum())
             kl_sum += float(kl.double().sum())
-            agree += int((log_p.argmax(dim=-1) == log_q.argmax(dim=-1)).sum())
             positions += kl.numel()
     return {"kl": kl_sum / positions, "top1": agree / positions, "positions": positions}
 
