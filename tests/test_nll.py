@@ -108,6 +108,19 @@ def test_bfloat16_logits_are_promoted_chunk_by_chunk_to_the_same_bits(monkeypatc
     assert batch_nll(model, x) == straightforward(model, x)
 
 
+def test_log_prob_chunks_cover_every_position_once_in_order(monkeypatch):
+    """The chunks of 2 windows × 7 positions at 3 rows: (0, 0:3) (0, 3:6) (0, 6:7) (1, 0:3) … and each
+    chunk is the float32 log-softmax of its rows."""
+    monkeypatch.setattr(nll, "CHUNK_ROWS", 3)
+    logits = torch.randn(2, 7, 5, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    chunks = list(nll.log_prob_chunks(logits))
+    assert [(b, rows.start, rows.stop) for b, rows, _ in chunks] == [
+        (0, 0, 3), (0, 3, 6), (0, 6, 7), (1, 0, 3), (1, 3, 6), (1, 6, 7)]
+    for b, rows, log_probs in chunks:
+        assert log_probs.dtype == torch.float32
+        assert torch.equal(log_probs, torch.log_softmax(logits[b, rows].float(), dim=-1))
+
+
 def test_summed_nll_against_the_log_softmax_by_hand():
     """Known answer: uniform logits give ``log V`` per position; a logit ``a`` above ``V - 1`` zeros gives
     ``log(e^a + V - 1) - a`` for its token and ``log(e^a + V - 1)`` for the others."""

@@ -48,7 +48,7 @@ def next_token_log_probs(model: torch.nn.Module, windows: torch.Tensor, batch_si
     :data:`~algorithms.models.nll.CHUNK_ROWS` positions at a time, straight into the result)."""
     import torch
 
-    from algorithms.models.nll import CHUNK_ROWS, batch_logits
+    from algorithms.models.nll import batch_logits, log_prob_chunks
     from algorithms.models.placement import input_device
 
     device = input_device(model)
@@ -58,10 +58,8 @@ def next_token_log_probs(model: torch.nn.Module, windows: torch.Tensor, batch_si
             logits = batch_logits(model, windows[start : start + batch_size].to(device))
             if out is None:
                 out = torch.empty((windows.shape[0], *logits.shape[1:]), dtype=torch.float32)
-            for b in range(logits.shape[0]):
-                for first in range(0, logits.shape[1], CHUNK_ROWS):
-                    rows = slice(first, first + CHUNK_ROWS)
-                    out[start + b, rows] = torch.log_softmax(logits[b, rows].float(), dim=-1).cpu()
+            for b, rows, log_probs in log_prob_chunks(logits):
+                out[start + b, rows] = log_probs.cpu()
     assert out is not None
     return out
 
@@ -74,7 +72,7 @@ def kl_and_agreement(dense_log_probs: torch.Tensor, model: torch.nn.Module, wind
     for bit: ``tests/test_nll.py``)."""
     import torch
 
-    from algorithms.models.nll import CHUNK_ROWS, batch_logits
+    from algorithms.models.nll import batch_logits, log_prob_chunks
     from algorithms.models.placement import input_device
 
     device = input_device(model)
@@ -83,13 +81,10 @@ def kl_and_agreement(dense_log_probs: torch.Tensor, model: torch.nn.Module, wind
         for start in range(0, windows.shape[0], batch_size):
             logits = batch_logits(model, windows[start : start + batch_size].to(device))
             kl = torch.empty(logits.shape[:2], dtype=torch.float32, device=logits.device)
-            for b in range(logits.shape[0]):
-                for first in range(0, logits.shape[1], CHUNK_ROWS):
-                    rows = slice(first, first + CHUNK_ROWS)
-                    log_q = torch.log_softmax(logits[b, rows].float(), dim=-1)
-                    log_p = dense_log_probs[start + b, rows].to(logits.device)
-                    kl[b, rows] = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
-                    agree += int((log_p.argmax(dim=-1) == log_q.argmax(dim=-1)).sum())
+            for b, rows, log_q in log_prob_chunks(logits):
+                log_p = dense_log_probs[start + b, rows].to(logits.device)
+                kl[b, rows] = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+                agree += int((log_p.argmax(dim=-1) == log_q.argmax(dim=-1)).sum())
             kl_sum += float(kl.double().sum())
             positions += kl.numel()
     return {"kl": kl_sum / positions, "top1": agree / positions, "positions": positions}

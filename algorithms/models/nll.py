@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -47,17 +48,25 @@ def batch_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits[:, :-1, :]
 
 
+def log_prob_chunks(logits: torch.Tensor) -> Iterator[tuple[int, slice, torch.Tensor]]:
+    """``(b, rows, log_probs)`` over ``logits`` ``(B, P, V)``: the float32 log-softmax
+    ``(len(rows), V)`` of ``logits[b, rows]``, :data:`CHUNK_ROWS` positions at a time, windows in
+    order and positions in order within each (``rows`` has explicit ``start`` and ``stop``)."""
+    batch, positions, _ = logits.shape
+    for b in range(batch):
+        for first in range(0, positions, CHUNK_ROWS):
+            rows = slice(first, min(first + CHUNK_ROWS, positions))
+            yield b, rows, torch.log_softmax(logits[b, rows].float(), dim=-1)
+
+
 def summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """Summed NLL (float32 sum, returned as a float) of ``targets`` ``(B, P)`` under ``logits``
     ``(B, P, V)``, log-probabilities formed in float32, :data:`CHUNK_ROWS` positions at a time."""
-    batch, positions, vocab = logits.shape
+    batch, positions, _ = logits.shape
     picked = torch.empty((batch * positions, 1), dtype=torch.float32, device=logits.device)
     targets = targets.to(logits.device)
-    for b in range(batch):
-        for start in range(0, positions, CHUNK_ROWS):
-            stop = min(start + CHUNK_ROWS, positions)
-            rows = torch.log_softmax(logits[b, start:stop].float(), dim=-1)
-            picked[b * positions + start : b * positions + stop] = rows.gather(1, targets[b, start:stop, None])
+    for b, rows, log_probs in log_prob_chunks(logits):
+        picked[b * positions + rows.start : b * positions + rows.stop] = log_probs.gather(1, targets[b, rows, None])
     # nll_loss over the picked column adds them in the order and grouping it uses over the full rows
     zeros = torch.zeros(batch * positions, dtype=torch.long, device=logits.device)
     return float(torch.nn.functional.nll_loss(picked, zeros, reduction="sum").double())
