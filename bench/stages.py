@@ -574,9 +574,11 @@ class Pipeline:
         return StreamPlan(metrics=metrics, store=store) if metrics else None
 
     def _check_finite(self, states: torch.Tensor | None) -> None:
-        if states is None or torch.isfinite(states).all():
+        from algorithms.models.capture import nonfinite_depths
+
+        bad = [] if states is None else nonfinite_depths(states)
+        if not bad:
             return
-        bad = sorted({int(i) for i in (~torch.isfinite(states)).nonzero()[:, 0].tolist()})
         hint = (" (state_dtype: float16 overflows above 65504: use bfloat16 or float32)"
                 if states.dtype == torch.float16 else "")
         raise FloatingPointError(f"hidden states contain NaN or inf at depths {bad}{hint}")
@@ -1111,6 +1113,8 @@ def _unusable_states(tensors: dict[str, torch.Tensor], meta: dict[str, str], dep
                      ids_shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> str | None:
     """Why cached hidden states (``depths`` of them, in ``dtype``) cannot serve a calibration group (None:
     they can)."""
+    from algorithms.models.capture import nonfinite_depths
+
     states = tensors.get("states")
     if states is None:
         return "no 'states' tensor"
@@ -1119,7 +1123,7 @@ def _unusable_states(tensors: dict[str, torch.Tensor], meta: dict[str, str], dep
     if states.dim() != 4 or tuple(states.shape[:3]) != (depths, *ids_shape):
         return (f"states of shape {tuple(states.shape)}, expected ({depths}, {ids_shape[0]}, {ids_shape[1]}, "
                 "hidden)")
-    if not states.is_floating_point() or not torch.isfinite(states).all():
+    if nonfinite_depths(states):
         return "states that are not finite floats"
     for k, v in meta.items():
         try:

@@ -113,3 +113,14 @@ def _depth(current: dict, depth: int, sublayers: bool) -> torch.Tensor:
         return current[depth // 2]
     i = depth // 2
     return current[i] + current[("attention", i)]  # the attention branch's output: h_i = x_i + a_i
+
+
+def nonfinite_depths(states: torch.Tensor) -> list[int]:
+    """The depths (first index) of ``states`` holding a NaN or an infinity, checked one depth at a time:
+    ``torch.isfinite`` of the whole tensor builds about two float-sized temporaries of it (1.95 GB on
+    top of ``configs/full.yaml``'s 1.17 GB of states), one depth's worth instead. Not floating point:
+    every depth."""
+    if not states.is_floating_point():
+        return list(range(states.shape[0]))
+    return [depth for depth in range(states.shape[0]) if not bool(torch.isfinite(states[depth]).all())]
+
