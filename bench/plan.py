@@ -41,8 +41,9 @@ blocks, ``d`` width, ``F`` MLP width, ``V`` vocabulary, ``S`` calibration sample
   ``prompts × new_tokens`` decoding steps per set (the dense model included). Perplexity and KL
   keep their shared prefix on the host (above), not on a CUDA device.
 
-These are estimates: their point is the order of magnitude and the knob, not the byte. A model whose
-config is not on disk (a hub id, a zoo model not built yet) is "unknown until loaded" and not checked.
+These are estimates: their point is the order of magnitude and the knob, not the byte. A zoo model not
+built yet is planned from the sizes its recipe records (:class:`algorithms.models.zoo.ModelRecipe`); a
+model whose config is not on disk otherwise (a hub id) is "unknown until loaded" and not checked.
 
 Device memory: free CUDA memory (``torch.cuda.mem_get_info``) for a CUDA grid, otherwise the machine's
 available RAM (``MemAvailable`` of ``/proc/meminfo``, or ``psutil``); the environment variable
@@ -295,7 +296,12 @@ def plan(config: GridConfig, cells: list | None = None) -> list[ModelPlan]:
                 data = {}
         p.intermediate_size = _config_int(data, "intermediate_size", "n_inner", "ffn_dim")
         p.vocab_size = _config_int(data, "vocab_size")
-        if folder is None:
+        recipe = MODELS.get(model.name) if model.name in MODELS else None
+        if folder is None and recipe is not None and recipe.parameters is not None:
+            # a zoo model not built yet: its recipe records the sizes of the model it builds
+            p.intermediate_size, p.vocab_size = recipe.intermediate_size, recipe.vocab_size
+            p.parameters = recipe.parameters
+        elif folder is None:
             p.note = "unknown until built" if model.name in MODELS else "unknown until loaded"
         elif model.trust_remote_code:
             p.note = "unknown until loaded (the model ships its own code)"

@@ -274,6 +274,18 @@ def test_the_quick_grid_still_validates_with_its_plan(smollm2_on_disk):
     assert "plan: smollm2-135m" in out and "134,515,008" in out
 
 
+def test_a_zoo_model_not_built_yet_is_planned_from_its_recipe(smollm2_on_disk, tmp_path, monkeypatch):
+    """On a fresh machine (an empty cache) the plan of a zoo model is the plan of its built folder: the
+    recipe records the sizes config.json would give, so nothing is downloaded to plan."""
+    config = parse_config(yaml.safe_load(open("configs/full.yaml")))
+    (built,) = plan(config)
+    monkeypatch.setenv("BLOCKBENCH_CACHE", str(tmp_path))
+    (fresh,) = plan(config)
+    assert not (tmp_path / "models").exists()
+    assert fresh.note is None and fresh.parameters == 134_515_008 and fresh.peak_bytes is not None
+    assert fresh.to_json() == built.to_json()
+
+
 def test_run_prints_the_plan_first_and_its_json_has_it(models, cache, tmp_path, monkeypatch):
     monkeypatch.setenv(MEMORY_ENV, "1TB")
     path = write(tmp_path, grid(models, "tiny", budgets={"blocks": [1]}, calibration={"samples": 4, "seq_len": 32}))

@@ -8,6 +8,7 @@ Gemma-3-270M and Qwen2.5-Coder-1.5B run only with ``BLOCKBENCH_BIG_MODELS=1``.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import re
 import shutil
@@ -38,6 +39,25 @@ def test_registry_lists_the_three_recipes():
         recipe = zoo.MODELS.get(name)
         assert recipe.name == name and recipe.license and recipe.description
         assert len(recipe.wheels) == len(recipe.members) and recipe.sha256
+
+
+def recipe_facts_equal_the_build(name: str, folder) -> None:
+    """The sizes a recipe records for the cost plan are those of the folder it builds (config.json, and
+    the parameter count of the model built from it on the meta device)."""
+    from bench.plan import count_parameters
+
+    recipe, config = zoo.MODELS.get(name), json.loads((Path(folder) / "config.json").read_text())
+    config = config.get("text_config", config)
+    built = (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"], config["vocab_size"],
+             count_parameters(Path(folder)))
+    assert (recipe.n_blocks, recipe.hidden_size, recipe.intermediate_size, recipe.vocab_size,
+            recipe.parameters) == built
+
+
+@pytest.mark.download
+def test_smollm2_recipe_records_the_sizes_of_its_build(smollm2_on_disk):
+    recipe_facts_equal_the_build("smollm2-135m", smollm2_on_disk)
+    assert zoo.MODELS.get("smollm2-135m").parameters == 134_515_008  # 135M, the tied embedding counted once
 
 
 @pytest.mark.download
@@ -412,6 +432,7 @@ BIG = os.environ.get("BLOCKBENCH_BIG_MODELS") == "1"
 def test_big_zoo_models(name, width, architecture):
     model, tokenizer, info = zoo.load_model(name)
     assert info["n_blocks"] == zoo.MODELS.get(name).n_blocks and info["architecture"] == architecture
+    recipe_facts_equal_the_build(name, info["path"])
     assert model.config.hidden_size == width
     ids = tokenizer(TEXT, return_tensors="pt").input_ids
     with torch.no_grad():

