@@ -302,7 +302,7 @@ def plan(config: GridConfig, cells: list | None = None) -> list[ModelPlan]:
             p.intermediate_size, p.vocab_size = recipe.intermediate_size, recipe.vocab_size
             p.parameters = recipe.parameters
         elif folder is None:
-            p.note = "unknown until built" if model.name in MODELS else "unknown until loaded"
+            p.note = "unknown until built" if recipe is not None else "unknown until loaded"
         elif model.trust_remote_code:
             p.note = "unknown until loaded (the model ships its own code)"
         else:
