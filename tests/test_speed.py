@@ -6,6 +6,8 @@ what must hold on any machine: counts, sizes, ratios computed exactly, state res
 
 import json
 import math
+import statistics
+import types
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from algorithms.evaluations.timing import (
     decode_steps,
     expected_ceiling,
     measure_speed,
+    paired_speedup,
     speedup,
 )
 from algorithms.models.blocks import count_parameters, num_blocks, pruned_copy, weight_bytes
@@ -77,15 +80,16 @@ def test_decode_loop_is_greedy_decoding_with_the_cache():
     model = tiny_llama()
     prompt = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
-        reset, run, produced = decode_steps(model, prompt, steps=6, extra={})
-        reset()
-        run()
-        first = list(produced)
-        reset()
-        run()  # every repeat decodes the same tokens from the same cache state
-        assert produced == first and len(first) == 6
-        run()  # without reset(): still a fresh copy, never the cache the last run extended
-        assert produced == first
+        decoder = decode_steps(model, prompt, steps=6, extra={})
+        decoder.run()
+        first = list(decoder.produced)
+        decoder.reset()
+        for _ in range(6):  # step by step, as the timing does: the same tokens from the same cache state
+            decoder.step()
+        assert decoder.produced == first and len(first) == 6
+        for _ in range(6):  # without reset(): still a fresh copy, never the cache the last run extended
+            decoder.step()
+        assert decoder.produced == first
         reference = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                    max_new_tokens=7, min_new_tokens=7, pad_token_id=0)
     # the prefill predicts the first new token, each of the 6 decoding steps one more
@@ -119,7 +123,84 @@ def test_compare_speed_measures_the_model_without_the_blocks_and_restores_it():
     assert ratios["params"] == result["pruned"]["params"] / result["dense"]["params"] < 1
     assert set(ratios["prefill"]) == {"8", "16"}
     assert all(v > 0 and math.isfinite(v) for v in ratios["prefill"].values())
+    # each speedup is the median of its stored back-to-back ratios: one per round, one per decoding step
+    assert [len(ratios["ratios"]["prefill"][n]) for n in ("8", "16")] == [2, 2]
+    assert len(ratios["ratios"]["decode"]) == 2 * 4
+    for n in ("8", "16"):
+        assert ratios["prefill"][n] == statistics.median(ratios["ratios"]["prefill"][n])
+    assert ratios["decode"] == statistics.median(ratios["ratios"]["decode"])
+    assert ratios["prefill_mean"] == pytest.approx(math.sqrt(ratios["prefill"]["8"] * ratios["prefill"]["16"]))
     json.dumps(result)
+
+
+def test_dense_and_pruned_calls_alternate_back_to_back():
+    """Every timed call of the dense model is next to the pruned model's same call (the same prompt
+    length, or the same decoding step), and which goes first alternates from pair to pair."""
+    model = tiny_llama(layers=6)
+    calls = []
+    hook = model.register_forward_pre_hook(
+        lambda m, args: calls.append((len(m.model.layers), args[0].shape[1])))
+    try:
+        compare_speed(model, [1, 2], prompt_lengths=(8, 16), decode_tokens=3, repeats=2, warmup=1)
+    finally:
+        hook.remove()
+    build, timed = calls[:2], calls[2:]
+    assert build == [(6, 8), (4, 8)]  # each side's decoder prefills the first length's prompt, untimed
+    pairs = [timed[i:i + 2] for i in range(0, len(timed), 2)]
+    per_round = [(8,), (16,), (1,), (1,), (1,)]  # prefill 8, prefill 16, then 3 decoding steps
+    assert [p[0][1] for p in pairs] == [n for _ in range(1 + 2) for (n,) in per_round]
+    for i, (first, second) in enumerate(pairs):
+        assert first[1] == second[1]  # the same call
+        assert (first[0], second[0]) == ((6, 4) if i % 2 == 0 else (4, 6))  # dense first, then pruned first
+
+
+def test_paired_ratios_are_exact_when_the_machine_slows_down_in_bursts(monkeypatch):
+    """A fake clock: every forward pass costs 1 ms per block it runs, times a slowdown of 3x during
+    bursts of 5 calls that start every 15 calls, so some bursts begin or end between the two calls of
+    a pair. Those few pairs' ratios are off by 3x; the median of the pairs is exactly 6 / 4 blocks."""
+    import algorithms.evaluations.timing as timing
+
+    clock = {"now": 0.0, "calls": 0}
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    model = tiny_llama(layers=6)
+
+    def tick(m, _args):
+        slowdown = 3.0 if clock["calls"] % 15 < 5 else 1.0
+        clock["now"] += 1e-3 * len(m.model.layers) * slowdown
+        clock["calls"] += 1
+
+    hook = model.register_forward_pre_hook(tick)
+    try:
+        result = compare_speed(model, [1, 2], prompt_lengths=(8,), decode_tokens=5, repeats=3, warmup=1)
+    finally:
+        hook.remove()
+    ratios = result["speedup"]
+    # By hand: calls 0-1 build the decoders; then 12 calls per round (a prefill pair, 5 decoding
+    # pairs), pair p being calls 2p and 2p + 1, dense first when p is odd. Slow calls: 15-19, 30-34,
+    # 45-49 in the timed rounds. Split pairs: 7 = (14 dense fast, 15 pruned slow), round 1's prefill:
+    # 6 / 12 = 0.5; 17 = (34 dense slow, 35 pruned fast): 18 / 4 = 4.5; 22 = (44 pruned fast, 45 dense
+    # slow): 4.5. Every other pair is 6 / 4 = 1.5, and the medians with them.
+    assert ratios["ratios"]["prefill"]["8"] == pytest.approx([0.5, 1.5, 1.5])
+    split = [r for r in ratios["ratios"]["decode"] if r != pytest.approx(1.5)]
+    assert split == pytest.approx([4.5, 4.5]) and len(ratios["ratios"]["decode"]) == 15
+    assert ratios["decode"] == pytest.approx(1.5)
+    assert ratios["prefill"] == {"8": pytest.approx(1.5)}
+
+
+def test_paired_speedup_of_given_times():
+    from algorithms.evaluations.timing import Timings
+
+    sizes = {"params": 100, "weight_bytes": 400}
+    dense = Timings({"8": [0.2, 0.3, 0.9]}, [0.02, 0.05, 0.03, 0.04], [0.07, 0.07])
+    pruned = Timings({"8": [0.1, 0.2, 0.3]}, [0.01, 0.04, 0.03, 0.02], [0.05, 0.05])
+    ratios = paired_speedup(sizes, {"params": 80, "weight_bytes": 300}, dense, pruned)
+    assert ratios["ratios"]["prefill"]["8"] == pytest.approx([2.0, 1.5, 3.0])
+    assert ratios["prefill"]["8"] == pytest.approx(2.0) and ratios["prefill_mean"] == pytest.approx(2.0)
+    assert ratios["ratios"]["decode"] == pytest.approx([2.0, 1.25, 1.0, 2.0])
+    assert ratios["decode"] == pytest.approx(1.625)  # the median of four
+    assert (ratios["params"], ratios["weight_memory"]) == (pytest.approx(0.8), pytest.approx(0.75))
+    with pytest.raises(ValueError):  # unpaired lists are refused, never silently truncated
+        paired_speedup(sizes, sizes, dense, Timings({"8": [0.1]}, [0.01], [0.01]))
 
 
 def _fake(prefill, tps, params=100, nbytes=400, tokens=32):
