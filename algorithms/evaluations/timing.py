@@ -52,31 +52,20 @@ def _summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "iqr": q[2] - q[0]}
 
 
-def _timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int,
-           setup: Callable[[], Any] | None = None) -> list[float]:
-    """Seconds per call of ``fn`` after ``warmup`` untimed calls (CUDA events on GPU); ``setup``, when
-    given, runs untimed before every call."""
-    for _ in range(warmup):
-        if setup is not None:
-            setup()
+def _seconds(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes: CUDA events with synchronisation on either side on GPU,
+    ``time.perf_counter`` elsewhere."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
         fn()
-    times = []
-    for _ in range(repeats):
-        if setup is not None:
-            setup()
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1000.0)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return times
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1000.0
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def _prompt(model: torch.nn.Module, length: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -212,7 +201,7 @@ def _measure(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            seconds = _timed(fn, device, repeats=1, warmup=0)[0]
+            seconds = _seconds(fn, device)
             if device.type == "cuda":
                 peaks[name] = max(peaks[name], int(torch.cuda.max_memory_allocated(device)))
         return seconds
