@@ -389,8 +389,9 @@ def compare(baseline: dict[str, Any], board: pd.DataFrame, tolerances: list[Tole
             cells: dict[tuple, list[str]] | None = None) -> pd.DataFrame:
     """One row per (baseline cell, checked column): values, change, allowance and ``status`` (``ok``,
     ``regression``, ``missing``: the cell or the value is absent now, ``incomplete``: the current row
-    comes from only some of the baseline row's cells, ``improved``). Each column is checked under its own
-    key's tolerance, else its measure's; the direction is the one stored in the baseline.
+    comes from only some of the baseline row's cells, ``improved``: better by more than the tolerance).
+    Each column is checked under its own key's tolerance, else its measure's; the direction is the one
+    stored in the baseline.
 
     ``cells`` (:func:`row_cells` of the board's records) is checked against the cell ids the baseline
     rows keep (when they do). :class:`GateError` when a tolerance names neither a measure nor a column of
@@ -430,7 +431,8 @@ def compare(baseline: dict[str, Any], board: pd.DataFrame, tolerances: list[Tole
                 entry.update(change=math.nan, status="missing")
             else:
                 worse = (base - value) if stored["higher_is_better"] else (value - base)
-                status = "regression" if worse > entry["allowed"] else ("improved" if worse < 0 else "ok")
+                # symmetric: "improved" only past the tolerance too, so noise never reads as progress
+                status = "regression" if worse > entry["allowed"] else ("improved" if -worse > entry["allowed"] else "ok")
                 entry.update(change=value - base, status="incomplete" if incomplete else status)
             out.append(entry)
     if not out:

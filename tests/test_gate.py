@@ -76,11 +76,13 @@ def test_save_and_load_round_trip(tmp_path):
     ({"acc": 0.595}, "acc_pruned", "ok"),  # -0.8% of 0.60: within 1%
     ({"acc": 0.59}, "acc_pruned", "regression"),  # -1.7%
     ({"acc": 0.70}, "acc_pruned", "improved"),
+    ({"acc": 0.605}, "acc_pruned", "ok"),  # +0.8%: better, but within the tolerance, so not called improved
     ({"ppl": 41.9}, "ppl_pruned", "ok"),  # +4.75%
     ({"ppl": 42.5}, "ppl_pruned", "regression"),  # higher perplexity is worse
     ({"ppl": 30.0}, "ppl_pruned", "improved"),
     ({"decode": 1.15}, "decode_speedup", "regression"),  # slower is worse
     ({"prefill": 1.5}, "prefill_speedup", "improved"),
+    ({"decode": 1.30}, "decode_speedup", "ok"),  # +4% of 1.25: within 5%
 ])
 def test_only_the_harmful_direction_fails(change, measure, status):
     table = gate.compare(BASELINE, board(**change), gate.parse_fail("acc:1%,ppl:5%,speedup:5%"))
