@@ -191,8 +191,9 @@ def test_paired_speedup_of_given_times():
     from algorithms.evaluations.timing import Timings
 
     sizes = {"params": 100, "weight_bytes": 400}
-    dense = Timings({"8": [0.2, 0.3, 0.9]}, [0.02, 0.05, 0.03, 0.04], [0.07, 0.07])
-    pruned = Timings({"8": [0.1, 0.2, 0.3]}, [0.01, 0.04, 0.03, 0.02], [0.05, 0.05])
+    dense = Timings({"8": [0.2, 0.3, 0.9]}, [0.02, 0.05, 0.03, 0.04], tokens=2)
+    pruned = Timings({"8": [0.1, 0.2, 0.3]}, [0.01, 0.04, 0.03, 0.02], tokens=2)
+    assert dense.decode_runs() == pytest.approx([0.07, 0.07])  # each round's two steps summed
     ratios = paired_speedup(sizes, {"params": 80, "weight_bytes": 300}, dense, pruned)
     assert ratios["ratios"]["prefill"]["8"] == pytest.approx([2.0, 1.5, 3.0])
     assert ratios["prefill"]["8"] == pytest.approx(2.0) and ratios["prefill_mean"] == pytest.approx(2.0)
@@ -200,7 +201,7 @@ def test_paired_speedup_of_given_times():
     assert ratios["decode"] == pytest.approx(1.625)  # the median of four
     assert (ratios["params"], ratios["weight_memory"]) == (pytest.approx(0.8), pytest.approx(0.75))
     with pytest.raises(ValueError):  # unpaired lists are refused, never silently truncated
-        paired_speedup(sizes, sizes, dense, Timings({"8": [0.1]}, [0.01], [0.01]))
+        paired_speedup(sizes, sizes, dense, Timings({"8": [0.1]}, [0.01], tokens=1))
 
 
 def _fake(prefill, tps, params=100, nbytes=400, tokens=32):

@@ -148,11 +148,16 @@ def _check_options(prompt_lengths: Sequence[int], decode_tokens: int, repeats: i
 @dataclasses.dataclass
 class Timings:
     """Raw seconds of one variant, in the order measured: ``prefill[length]`` one per timed round,
-    ``decode_steps`` one per decoding step (round by round), ``decode_runs`` each round's steps summed."""
+    ``decode_steps`` one per decoding step (round by round, ``tokens`` per round)."""
 
     prefill: dict[str, list[float]]
     decode_steps: list[float]
-    decode_runs: list[float]
+    tokens: int
+
+    def decode_runs(self) -> list[float]:
+        """Each round's decoding time: the sum of its steps."""
+        steps = self.decode_steps
+        return [sum(steps[i : i + self.tokens]) for i in range(0, len(steps), self.tokens)]
 
 
 def _measure(
@@ -186,7 +191,7 @@ def _measure(
                 prefills[name][str(length)] = lambda m=m, ids=ids: m(ids, use_cache=True, **extra)
             decoders[name] = decode_steps(m, _prompt(m, lengths[0], seed, device), decode_tokens, extra)
             static[name] = {"params": count_parameters(m), "weight_bytes": weight_bytes(m)}
-    times = {name: Timings({str(n): [] for n in lengths}, [], []) for name in variants}
+    times = {name: Timings({str(n): [] for n in lengths}, [], decode_tokens) for name in variants}
     peaks: dict[str, int] = dict.fromkeys(variants, 0)
     order = list(variants)
     calls = 0
@@ -215,16 +220,11 @@ def _measure(
                     times[name].prefill[length].append(seconds)
         for name in variants:
             decoders[name].reset()  # untimed: a fresh copy of the cache after the prompt
-        run = dict.fromkeys(variants, 0.0)
         for _ in range(decode_tokens):
             for name in each_variant():
                 seconds = timed(name, decoders[name].step)
-                run[name] += seconds
                 if keep:
                     times[name].decode_steps.append(seconds)
-        if keep:
-            for name in variants:
-                times[name].decode_runs.append(run[name])
     out = {}
     for name in variants:
         produced = decoders[name].produced
@@ -241,7 +241,7 @@ def _measure(
             "prefill": {length: {f"{k}_s": v for k, v in _summary(t).items()}
                         for length, t in times[name].prefill.items()},
             "decode": {"prompt_length": lengths[0], "tokens": decode_tokens,
-                       "tokens_per_s": _summary([decode_tokens / t for t in times[name].decode_runs])},
+                       "tokens_per_s": _summary([decode_tokens / t for t in times[name].decode_runs()])},
             "repeats": repeats,
             "warmup": warmup,
         }
