@@ -337,7 +337,7 @@ def paired_speedup(dense: dict[str, Any], pruned: dict[str, Any], dense_times: T
     paired ratio. Why pairs: on a shared 2-core VM the CPU's own speed drifted by 20% over seconds
     (thread CPU time moved with wall time, so nothing was descheduled). Each side's fastest of 9 whole
     runs, a run a third of a second, gave decode speedups of 0.96-1.19 for one block set; the median of
-    paired steps, 1.11-1.13 (README, "Speed").
+    paired steps, 1.11-1.13 (README, "Grid files").
     """
     ratios = {
         "prefill": {length: [d / p for d, p in zip(dense_times.prefill[length], pruned_times.prefill[length], strict=True)]
